@@ -94,8 +94,11 @@ pub async fn run_reader(
             stream.close().await?;
             return Ok(());
         }
-        if current == Phase::Drain {
-            out = None; // closes the channel: the pipeline drains what it has
+        // Draining stops at a transaction boundary, so a clean stop never leaves half a
+        // transaction in Kafka (which a restart would send again).
+        let draining = current == Phase::Drain;
+        if draining && !in_tx && batch.items.is_empty() {
+            out = None; // closes the channel: the pipeline finishes what it has
             tokio::select! {
                 _ = phase.changed() => {}
                 _ = flushed.changed() => {}
@@ -109,7 +112,7 @@ pub async fn run_reader(
 
         // Take everything already buffered without waiting, up to a batch.
         let mut reply = false;
-        while batch.bytes < opts.max_batch_bytes {
+        while batch.bytes < opts.max_batch_bytes && !(draining && !in_tx) {
             let Some(m) = stream.try_next()? else { break };
             handle(m, &mut batch, &mut received, &mut in_tx, &mut last_idle, &mut reply)?;
         }
@@ -118,7 +121,10 @@ pub async fn run_reader(
             stream.send_status(received, f, false).await?;
         }
         if !batch.items.is_empty() {
-            let Some(tx) = out.as_ref() else { continue };
+            let Some(tx) = out.as_ref() else {
+                batch = Batch::default();
+                continue;
+            };
             // Wait for room downstream while keeping the server's timeout at bay.
             let permit = loop {
                 tokio::select! {
@@ -127,16 +133,20 @@ pub async fn run_reader(
                         let f = *flushed.borrow();
                         stream.send_status(received, f, false).await?;
                     }
-                    _ = phase.changed() => {}
-                }
-                if *phase.borrow() != Phase::Run {
-                    break None;
+                    _ = phase.changed() => {
+                        if *phase.borrow() == Phase::Done {
+                            break None;
+                        }
+                    }
                 }
             };
             match permit {
                 Some(p) => p.send(std::mem::take(&mut batch)),
                 None => batch = Batch::default(),
             }
+            continue;
+        }
+        if draining && !in_tx {
             continue;
         }
 

@@ -1,0 +1,199 @@
+//! The Kafka sink: an idempotent rdkafka producer with `acks=all`.
+//!
+//! Durability: a delivery report from librdkafka with success means the partition leader has
+//! written the message and all in-sync replicas have it (`acks=all`); only then is the change
+//! acked upstream. Idempotence makes librdkafka's own retries safe (no duplicates, no
+//! reordering within a partition), which keeps per-key order: a key always maps to one partition
+//! (`murmur2_random`, the Java client's partitioner, so other producers agree on placement).
+//!
+//! `message.timeout.ms = 0` (never give up): with a broker that is down, messages wait in
+//! librdkafka's bounded queue rather than failing; when the queue is full `send` waits, which
+//! stops the pipeline and, behind it, the replication reader. Memory stays bounded by
+//! `queue.buffering.max.kbytes`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cdc::progress::Progress;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSinkError {
+    #[error("kafka: cannot create the producer: {0}")]
+    Create(KafkaError),
+    #[error("kafka: cannot create topic {topic}: {reason}")]
+    Topic { topic: String, reason: String },
+    #[error("kafka: producing to {topic} failed: {source}")]
+    Produce { topic: String, source: KafkaError },
+    #[error("kafka: flush did not finish in {0:?}; {1} message(s) still in flight")]
+    FlushTimeout(Duration, i32),
+}
+
+/// Settings the sink needs; extra librdkafka properties pass through.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Bound of the producer's queue in bytes.
+    pub max_queue_bytes: usize,
+    pub extra: Vec<(String, String)>,
+}
+
+struct AckContext {
+    progress: Progress,
+}
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        match result {
+            Ok(_) => self.progress.ack(seq as u64),
+            Err((e, msg)) => {
+                // With infinite message timeout only permanent errors arrive here (message too
+                // large, topic deleted, authorization). Progress stops; the change is streamed
+                // again after a restart.
+                tracing::error!(topic = msg.topic(), error = %e, "kafka delivery failed");
+                self.progress.fail(format!("delivery to {} failed: {e}", msg.topic()));
+            }
+        }
+    }
+}
+
+/// One message to produce.
+pub struct Record<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: &'a [(&'a str, &'a [u8])],
+    /// The progress entry this message belongs to.
+    pub seq: u64,
+}
+
+pub struct KafkaSink {
+    producer: ThreadedProducer<AckContext>,
+    settings: KafkaSettings,
+}
+
+impl KafkaSink {
+    pub fn new(settings: KafkaSettings, progress: Progress) -> Result<Self, KafkaSinkError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &settings.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .set("batch.size", "1000000")
+            .set(
+                "queue.buffering.max.kbytes",
+                (settings.max_queue_bytes / 1024).max(1024).to_string(),
+            )
+            .set("queue.buffering.max.messages", "1000000");
+        for (k, v) in &settings.extra {
+            cfg.set(k, v);
+        }
+        let producer = cfg
+            .create_with_context(AckContext { progress })
+            .map_err(KafkaSinkError::Create)?;
+        Ok(KafkaSink { producer, settings })
+    }
+
+    /// Creates the topics that do not exist yet (existing ones are left as they are).
+    pub async fn ensure_topics(&self, topics: &[String]) -> Result<(), KafkaSinkError> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.settings.brokers);
+        for (k, v) in &self.settings.extra {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                cfg.set(k, v);
+            }
+        }
+        let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(KafkaSinkError::Create)?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    self.settings.partitions,
+                    TopicReplication::Fixed(self.settings.replication_factor),
+                )
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin
+            .create_topics(&new, &opts)
+            .await
+            .map_err(|e| KafkaSinkError::Topic { topic: topics.join(","), reason: e.to_string() })?;
+        for r in results {
+            match r {
+                Ok(t) => tracing::info!(topic = %t, "created topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(KafkaSinkError::Topic { topic, reason: code.to_string() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands one message to the producer, waiting while its queue is full.
+    pub async fn send(&self, r: &Record<'_>) -> Result<(), KafkaSinkError> {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in r.headers {
+            headers = headers.insert(Header { key: k, value: Some(*v) });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(r.topic, r.seq as usize).headers(headers);
+        if let Some(k) = r.key {
+            record = record.key(k);
+        }
+        if let Some(p) = r.payload {
+            record = record.payload(p);
+        }
+        let mut wait = Duration::from_millis(1);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec)) => {
+                    // Backpressure: librdkafka's queue is at its byte bound. Wait for deliveries.
+                    record = rec;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(50));
+                }
+                Err((e, _)) => {
+                    return Err(KafkaSinkError::Produce { topic: r.topic.to_owned(), source: e });
+                }
+            }
+        }
+    }
+
+    /// Waits until every queued message is delivered (or `timeout` passes).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaSinkError> {
+        self.producer
+            .flush(timeout)
+            .map_err(|_| KafkaSinkError::FlushTimeout(timeout, self.producer.in_flight_count()))
+    }
+
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}
+
+/// Parses `key=value` pairs as librdkafka takes them (used by config pass-through).
+pub fn to_pairs(map: &HashMap<String, String>) -> Vec<(String, String)> {
+    let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort();
+    v
+}
