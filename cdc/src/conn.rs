@@ -28,11 +28,18 @@ const READ_CHUNK: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
     #[error("cannot connect to Postgres at {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("replication connection I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("Postgres refused: {severity} {code}: {message}")]
-    Server { severity: String, code: String, message: String },
+    Server {
+        severity: String,
+        code: String,
+        message: String,
+    },
     #[error("authentication: {0}")]
     Auth(String),
     #[error("replication protocol: {0}")]
@@ -55,7 +62,11 @@ impl ConnError {
 #[derive(Debug)]
 pub enum StreamMessage {
     /// WAL data: one pgoutput message in `data`.
-    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
     /// The server's keepalive; `reply` asks for a status update right away.
     Keepalive { wal_end: Lsn, reply: bool },
 }
@@ -84,7 +95,10 @@ impl ReplicationConnection {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let addr = format!("{host}:{port}");
         let connect = TcpStream::connect(&addr);
-        let timeout = config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10));
+        let timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
         let stream = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(ConnError::Connect { addr, source }),
@@ -115,7 +129,10 @@ impl ReplicationConnection {
             ("user", user.as_str()),
             ("database", dbname.as_str()),
             ("replication", "database"),
-            ("application_name", config.get_application_name().unwrap_or("walbridge")),
+            (
+                "application_name",
+                config.get_application_name().unwrap_or("walbridge"),
+            ),
             ("client_encoding", "UTF8"),
             // Text output of timestamptz in UTC keeps decoding independent of server settings.
             ("TimeZone", "UTC"),
@@ -158,8 +175,11 @@ impl ReplicationConnection {
                         }
                         10 => {
                             let pw = password.as_deref().ok_or_else(no_password)?;
-                            let mechs: Vec<&[u8]> =
-                                b.chunk().split(|&c| c == 0).filter(|m| !m.is_empty()).collect();
+                            let mechs: Vec<&[u8]> = b
+                                .chunk()
+                                .split(|&c| c == 0)
+                                .filter(|m| !m.is_empty())
+                                .collect();
                             if !mechs.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
                                 return Err(ConnError::Auth(
                                     "server offers no SASL mechanism walbridge supports (SCRAM-SHA-256)"
@@ -179,8 +199,9 @@ impl ReplicationConnection {
                             let s = scram.as_mut().ok_or_else(|| {
                                 ConnError::Protocol("SASL continue without SASL start".into())
                             })?;
-                            s.update(b.chunk())
-                                .map_err(|e| ConnError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                            s.update(b.chunk()).map_err(|e| {
+                                ConnError::Auth(format!("SCRAM exchange failed: {e}"))
+                            })?;
                             frontend::sasl_response(s.message(), &mut self.wbuf)?;
                             self.flush().await?;
                         }
@@ -249,8 +270,10 @@ impl ReplicationConnection {
         start: Lsn,
         options: &[(&str, String)],
     ) -> Result<ReplicationStream, ConnError> {
-        let opts: Vec<String> =
-            options.iter().map(|(k, v)| format!("{} '{}'", k, v.replace('\'', "''"))).collect();
+        let opts: Vec<String> = options
+            .iter()
+            .map(|(k, v)| format!("{} '{}'", k, v.replace('\'', "''")))
+            .collect();
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} ({})",
             quote_ident(slot),
@@ -341,7 +364,11 @@ fn server_error(body: &Bytes) -> ConnError {
             _ => {}
         }
     }
-    ConnError::Server { severity, code, message }
+    ConnError::Server {
+        severity,
+        code,
+        message,
+    }
 }
 
 /// Quotes an SQL identifier.
@@ -369,7 +396,9 @@ impl ReplicationStream {
     /// The next message if one is already buffered; never waits.
     pub fn try_next(&mut self) -> Result<Option<StreamMessage>, ConnError> {
         loop {
-            let Some((tag, mut body)) = self.conn.try_frame()? else { return Ok(None) };
+            let Some((tag, mut body)) = self.conn.try_frame()? else {
+                return Ok(None);
+            };
             match tag {
                 b'd' => {
                     if body.is_empty() {
@@ -383,7 +412,11 @@ impl ReplicationStream {
                             let wal_start = Lsn(body.get_u64());
                             let wal_end = Lsn(body.get_u64());
                             let _send_time = body.get_i64();
-                            return Ok(Some(StreamMessage::XLogData { wal_start, wal_end, data: body }));
+                            return Ok(Some(StreamMessage::XLogData {
+                                wal_start,
+                                wal_end,
+                                data: body,
+                            }));
                         }
                         b'k' => {
                             if body.len() < 17 {
@@ -412,8 +445,15 @@ impl ReplicationStream {
 
     /// Sends a standby status update: `written` is what walbridge has received, `flushed` what
     /// is durable downstream (the slot's confirmed_flush_lsn follows it).
-    pub async fn send_status(&mut self, written: Lsn, flushed: Lsn, reply: bool) -> Result<(), ConnError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    pub async fn send_status(
+        &mut self,
+        written: Lsn,
+        flushed: Lsn,
+        reply: bool,
+    ) -> Result<(), ConnError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let pg_now = now.as_micros() as i64 - PG_EPOCH_OFFSET_MICROS;
         let mut body = BytesMut::with_capacity(34);
         body.put_u8(b'r');

@@ -78,7 +78,11 @@ impl ReplicaIdentity {
             b'n' => Self::Nothing,
             b'f' => Self::Full,
             b'i' => Self::Index,
-            other => return Err(DecodeError::Invalid(format!("replica identity byte {other:#x}"))),
+            other => {
+                return Err(DecodeError::Invalid(format!(
+                    "replica identity byte {other:#x}"
+                )));
+            }
         })
     }
 }
@@ -208,7 +212,10 @@ struct Reader {
 impl Reader {
     fn need(&self, n: usize, what: &'static str) -> Result<(), DecodeError> {
         if self.buf.remaining() < n {
-            Err(DecodeError::Truncated { what, needed: n - self.buf.remaining() })
+            Err(DecodeError::Truncated {
+                what,
+                needed: n - self.buf.remaining(),
+            })
         } else {
             Ok(())
         }
@@ -267,13 +274,20 @@ impl Reader {
                 b'u' => Value::UnchangedToast,
                 kind @ (b't' | b'b') => {
                     let len = self.i32("tuple value length")?;
-                    let len = usize::try_from(len)
-                        .map_err(|_| DecodeError::Invalid(format!("negative value length {len}")))?;
+                    let len = usize::try_from(len).map_err(|_| {
+                        DecodeError::Invalid(format!("negative value length {len}"))
+                    })?;
                     let data = self.bytes(len, "tuple value")?;
-                    if kind == b't' { Value::Text(data) } else { Value::Binary(data) }
+                    if kind == b't' {
+                        Value::Text(data)
+                    } else {
+                        Value::Binary(data)
+                    }
                 }
                 other => {
-                    return Err(DecodeError::Invalid(format!("tuple value kind {other:#04x}")));
+                    return Err(DecodeError::Invalid(format!(
+                        "tuple value kind {other:#04x}"
+                    )));
                 }
             };
             values.push(v);
@@ -281,7 +295,11 @@ impl Reader {
         Ok(values)
     }
     fn stream_xid(&mut self, in_stream: bool) -> Result<Option<u32>, DecodeError> {
-        if in_stream { self.u32("streamed transaction xid").map(Some) } else { Ok(None) }
+        if in_stream {
+            self.u32("streamed transaction xid").map(Some)
+        } else {
+            Ok(None)
+        }
     }
     fn expect(&mut self, want: u8, what: &'static str) -> Result<(), DecodeError> {
         let got = self.u8(what)?;
@@ -306,7 +324,10 @@ pub fn decode(buf: Bytes, in_stream: bool) -> Result<Message, DecodeError> {
             xid: r.u32("begin xid")?,
         }),
         b'C' => Message::Commit(commit_body(&mut r)?),
-        b'O' => Message::Origin { lsn: r.lsn("origin LSN")?, name: r.cstr("origin name")? },
+        b'O' => Message::Origin {
+            lsn: r.lsn("origin LSN")?,
+            name: r.cstr("origin name")?,
+        },
         b'R' => {
             let _xid = r.stream_xid(in_stream)?;
             let id = r.u32("relation id")?;
@@ -324,7 +345,13 @@ pub fn decode(buf: Bytes, in_stream: bool) -> Result<Message, DecodeError> {
                     type_modifier: r.i32("column type modifier")?,
                 });
             }
-            Message::Relation(Relation { id, namespace, name, replica_identity, columns })
+            Message::Relation(Relation {
+                id,
+                namespace,
+                name,
+                replica_identity,
+                columns,
+            })
         }
         b'Y' => {
             let _xid = r.stream_xid(in_stream)?;
@@ -338,7 +365,11 @@ pub fn decode(buf: Bytes, in_stream: bool) -> Result<Message, DecodeError> {
             let xid = r.stream_xid(in_stream)?;
             let relation_id = r.u32("insert relation id")?;
             r.expect(b'N', "insert tuple")?;
-            Message::Insert(Insert { xid, relation_id, new: r.tuple()? })
+            Message::Insert(Insert {
+                xid,
+                relation_id,
+                new: r.tuple()?,
+            })
         }
         b'U' => {
             let xid = r.stream_xid(in_stream)?;
@@ -356,10 +387,18 @@ pub fn decode(buf: Bytes, in_stream: bool) -> Result<Message, DecodeError> {
                 }
                 b'N' => None,
                 other => {
-                    return Err(DecodeError::Invalid(format!("update tuple kind {:?}", other as char)));
+                    return Err(DecodeError::Invalid(format!(
+                        "update tuple kind {:?}",
+                        other as char
+                    )));
                 }
             };
-            Message::Update(Update { xid, relation_id, old, new: r.tuple()? })
+            Message::Update(Update {
+                xid,
+                relation_id,
+                old,
+                new: r.tuple()?,
+            })
         }
         b'D' => {
             let xid = r.stream_xid(in_stream)?;
@@ -368,10 +407,17 @@ pub fn decode(buf: Bytes, in_stream: bool) -> Result<Message, DecodeError> {
                 b'K' => OldTuple::Key(r.tuple()?),
                 b'O' => OldTuple::Full(r.tuple()?),
                 other => {
-                    return Err(DecodeError::Invalid(format!("delete tuple kind {:?}", other as char)));
+                    return Err(DecodeError::Invalid(format!(
+                        "delete tuple kind {:?}",
+                        other as char
+                    )));
                 }
             };
-            Message::Delete(Delete { xid, relation_id, old })
+            Message::Delete(Delete {
+                xid,
+                relation_id,
+                old,
+            })
         }
         b'T' => {
             let xid = r.stream_xid(in_stream)?;
@@ -395,7 +441,13 @@ pub fn decode(buf: Bytes, in_stream: bool) -> Result<Message, DecodeError> {
             let prefix = r.cstr("message prefix")?;
             let len = r.u32("message length")? as usize;
             let content = r.bytes(len, "message content")?;
-            Message::Message(LogicalMessage { xid, transactional, lsn, prefix, content })
+            Message::Message(LogicalMessage {
+                xid,
+                transactional,
+                lsn,
+                prefix,
+                content,
+            })
         }
         b'S' => Message::StreamStart {
             xid: r.u32("stream start xid")?,
@@ -404,7 +456,10 @@ pub fn decode(buf: Bytes, in_stream: bool) -> Result<Message, DecodeError> {
         b'E' => Message::StreamStop,
         b'c' => {
             let xid = r.u32("stream commit xid")?;
-            Message::StreamCommit { xid, commit: commit_body(&mut r)? }
+            Message::StreamCommit {
+                xid,
+                commit: commit_body(&mut r)?,
+            }
         }
         b'A' => Message::StreamAbort {
             xid: r.u32("stream abort xid")?,
@@ -451,7 +506,9 @@ mod tests {
         cstr(&mut b, "status");
         b.put_u32(25);
         b.put_i32(-1);
-        let Message::Relation(rel) = decode(b.freeze(), false).unwrap() else { panic!() };
+        let Message::Relation(rel) = decode(b.freeze(), false).unwrap() else {
+            panic!()
+        };
         assert_eq!(rel.namespace, "oms");
         assert_eq!(rel.replica_identity, ReplicaIdentity::Default);
         assert!(rel.columns[0].key && !rel.columns[1].key);
@@ -471,8 +528,16 @@ mod tests {
         b.put_i32(1);
         b.put_slice(b"8");
         b.put_u8(b'u');
-        let Message::Update(u) = decode(b.freeze(), false).unwrap() else { panic!() };
-        assert_eq!(u.old, Some(OldTuple::Key(vec![Value::Text(Bytes::from_static(b"7")), Value::Null])));
+        let Message::Update(u) = decode(b.freeze(), false).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            u.old,
+            Some(OldTuple::Key(vec![
+                Value::Text(Bytes::from_static(b"7")),
+                Value::Null
+            ]))
+        );
         assert_eq!(u.new[1], Value::UnchangedToast);
         assert_eq!(u.new[0].as_str(), Some("8"));
     }
@@ -488,12 +553,21 @@ mod tests {
             b.put_i64(3);
             b.freeze()
         };
-        assert!(matches!(decode(full.clone(), false), Ok(Message::Commit(_))));
+        assert!(matches!(
+            decode(full.clone(), false),
+            Ok(Message::Commit(_))
+        ));
         // Every strict prefix of a valid message must fail cleanly.
         for n in 0..full.len() {
-            assert!(decode(full.slice(..n), false).is_err(), "prefix of {n} bytes decoded");
+            assert!(
+                decode(full.slice(..n), false).is_err(),
+                "prefix of {n} bytes decoded"
+            );
         }
-        assert_eq!(decode(Bytes::from_static(b"Z"), false), Err(DecodeError::UnknownTag(b'Z')));
+        assert_eq!(
+            decode(Bytes::from_static(b"Z"), false),
+            Err(DecodeError::UnknownTag(b'Z'))
+        );
     }
 
     #[test]
@@ -504,7 +578,9 @@ mod tests {
         b.put_u32(16384);
         b.put_u8(b'N');
         b.put_i16(0);
-        let Message::Insert(i) = decode(b.freeze(), true).unwrap() else { panic!() };
+        let Message::Insert(i) = decode(b.freeze(), true).unwrap() else {
+            panic!()
+        };
         assert_eq!((i.xid, i.relation_id), (Some(42), 16384));
     }
 

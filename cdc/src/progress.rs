@@ -64,8 +64,19 @@ impl Progress {
     /// Starts from the slot's confirmed flush LSN.
     pub fn new(start: Lsn) -> (Progress, watch::Receiver<Lsn>) {
         let (tx, rx) = watch::channel(start);
-        let state = State { front_seq: 0, entries: VecDeque::new(), confirmed: start, failed: None };
-        (Progress { state: Arc::new(Mutex::new(state)), tx: Arc::new(tx) }, rx)
+        let state = State {
+            front_seq: 0,
+            entries: VecDeque::new(),
+            confirmed: start,
+            failed: None,
+        };
+        (
+            Progress {
+                state: Arc::new(Mutex::new(state)),
+                tx: Arc::new(tx),
+            },
+            rx,
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -77,7 +88,10 @@ impl Progress {
     /// Opens an entry for a transaction; its changes follow with [`expect`](Self::expect).
     pub fn begin(&self) -> Seq {
         let mut s = self.lock();
-        s.entries.push_back(Entry { pending: 0, end: None });
+        s.entries.push_back(Entry {
+            pending: 0,
+            end: None,
+        });
         s.front_seq + s.entries.len() as u64 - 1
     }
 
@@ -179,7 +193,11 @@ mod tests {
         p.ack(b); // later commit acked first: nothing may be confirmed yet
         assert_eq!(p.confirmed(), Lsn(10));
         p.ack(a);
-        assert_eq!(p.confirmed(), Lsn(10), "one change of the first commit is still pending");
+        assert_eq!(
+            p.confirmed(),
+            Lsn(10),
+            "one change of the first commit is still pending"
+        );
         p.ack(a);
         assert_eq!(p.confirmed(), Lsn(200));
         assert_eq!(*rx.borrow(), Lsn(200));

@@ -16,14 +16,23 @@ use crate::lsn::Lsn;
 pub enum SlotError {
     #[error("{0}")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("wal_level is {0:?} on the source; logical replication needs `wal_level = logical` (ALTER SYSTEM SET wal_level = logical; then restart Postgres)")]
+    #[error(
+        "wal_level is {0:?} on the source; logical replication needs `wal_level = logical` (ALTER SYSTEM SET wal_level = logical; then restart Postgres)"
+    )]
     WalLevel(String),
-    #[error("configured table {0} does not exist in the source database; check `source.tables` in the config")]
+    #[error(
+        "configured table {0} does not exist in the source database; check `source.tables` in the config"
+    )]
     MissingTable(String),
     #[error("configured schema {0} has no tables in the source database; check `source.tables`")]
     EmptySchema(String),
-    #[error("publication {publication:?} does not include {missing}; add it with: ALTER PUBLICATION {publication} ADD TABLE {missing}")]
-    PublicationMissingTables { publication: String, missing: String },
+    #[error(
+        "publication {publication:?} does not include {missing}; add it with: ALTER PUBLICATION {publication} ADD TABLE {missing}"
+    )]
+    PublicationMissingTables {
+        publication: String,
+        missing: String,
+    },
     #[error("replication slot {slot:?} {problem}")]
     BadSlot { slot: String, problem: String },
 }
@@ -77,7 +86,10 @@ pub async fn ensure_publication(
         }
     }
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .is_some();
     let quoted: Vec<String> = tables
@@ -88,7 +100,11 @@ pub async fn ensure_publication(
         })
         .collect();
     if !exists {
-        let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(publication), quoted.join(", "));
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(publication),
+            quoted.join(", ")
+        );
         client.batch_execute(&sql).await?;
         tracing::info!(publication, tables = tables.len(), "created publication");
         return Ok(tables);
@@ -102,8 +118,11 @@ pub async fn ensure_publication(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let missing: Vec<&str> =
-        tables.iter().filter(|t| !published.contains(t)).map(String::as_str).collect();
+    let missing: Vec<&str> = tables
+        .iter()
+        .filter(|t| !published.contains(t))
+        .map(String::as_str)
+        .collect();
     if !missing.is_empty() {
         return Err(SlotError::PublicationMissingTables {
             publication: publication.to_owned(),
@@ -115,7 +134,10 @@ pub async fn ensure_publication(
 
 /// Creates the slot if it does not exist, otherwise checks that it is usable.
 pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotError> {
-    let bad = |problem: String| SlotError::BadSlot { slot: slot.to_owned(), problem };
+    let bad = |problem: String| SlotError::BadSlot {
+        slot: slot.to_owned(),
+        problem,
+    };
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid, \
@@ -132,9 +154,14 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotE
             )
             .await?;
         let lsn: String = r.get(0);
-        let confirmed_flush = lsn.parse().map_err(|e| bad(format!("returned a bad LSN: {e}")))?;
+        let confirmed_flush = lsn
+            .parse()
+            .map_err(|e| bad(format!("returned a bad LSN: {e}")))?;
         tracing::info!(slot, lsn = %confirmed_flush, "created replication slot");
-        return Ok(SlotState { created: true, confirmed_flush });
+        return Ok(SlotState {
+            created: true,
+            confirmed_flush,
+        });
     };
     let plugin: Option<String> = row.get(0);
     let slot_type: String = row.get(1);
@@ -170,5 +197,8 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotE
         .unwrap_or("0/0")
         .parse()
         .map_err(|e| bad(format!("has a bad confirmed_flush_lsn: {e}")))?;
-    Ok(SlotState { created: false, confirmed_flush })
+    Ok(SlotState {
+        created: false,
+        confirmed_flush,
+    })
 }

@@ -74,7 +74,9 @@ pub async fn run_reader(
         ("publication_names", pub_names),
         ("messages", "true".to_owned()),
     ];
-    let mut stream = conn.start_replication(&opts.slot, opts.start, &options).await?;
+    let mut stream = conn
+        .start_replication(&opts.slot, opts.start, &options)
+        .await?;
     tracing::info!(slot = %opts.slot, start = %opts.start, "replication started");
 
     let mut out = Some(out);
@@ -114,7 +116,14 @@ pub async fn run_reader(
         let mut reply = false;
         while batch.bytes < opts.max_batch_bytes && !(draining && !in_tx) {
             let Some(m) = stream.try_next()? else { break };
-            handle(m, &mut batch, &mut received, &mut in_tx, &mut last_idle, &mut reply)?;
+            handle(
+                m,
+                &mut batch,
+                &mut received,
+                &mut in_tx,
+                &mut last_idle,
+                &mut reply,
+            )?;
         }
         if reply {
             let f = *flushed.borrow();
@@ -177,10 +186,16 @@ fn handle(
     reply: &mut bool,
 ) -> Result<(), SourceError> {
     match m {
-        StreamMessage::XLogData { wal_start, wal_end, data } => {
+        StreamMessage::XLogData {
+            wal_start,
+            wal_end,
+            data,
+        } => {
             batch.bytes += data.len();
-            let msg = pgoutput::decode(data, false)
-                .map_err(|source| SourceError::Decode { lsn: wal_start, source })?;
+            let msg = pgoutput::decode(data, false).map_err(|source| SourceError::Decode {
+                lsn: wal_start,
+                source,
+            })?;
             match msg {
                 Message::Begin(_) => *in_tx = true,
                 Message::Commit(_) => *in_tx = false,
@@ -189,7 +204,10 @@ fn handle(
             if wal_end > *received {
                 *received = wal_end;
             }
-            batch.items.push(SourceItem::Data { lsn: wal_start, msg });
+            batch.items.push(SourceItem::Data {
+                lsn: wal_start,
+                msg,
+            });
         }
         StreamMessage::Keepalive { wal_end, reply: r } => {
             *reply |= r;

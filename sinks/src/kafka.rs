@@ -63,7 +63,8 @@ impl ProducerContext for AckContext {
                 // large, topic deleted, authorization). Progress stops; the change is streamed
                 // again after a restart.
                 tracing::error!(topic = msg.topic(), error = %e, "kafka delivery failed");
-                self.progress.fail(format!("delivery to {} failed: {e}", msg.topic()));
+                self.progress
+                    .fail(format!("delivery to {} failed: {e}", msg.topic()));
             }
         }
     }
@@ -120,7 +121,8 @@ impl KafkaSink {
                 cfg.set(k, v);
             }
         }
-        let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(KafkaSinkError::Create)?;
+        let admin: AdminClient<DefaultClientContext> =
+            cfg.create().map_err(KafkaSinkError::Create)?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
             .map(|t| {
@@ -132,16 +134,23 @@ impl KafkaSink {
             })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin
-            .create_topics(&new, &opts)
-            .await
-            .map_err(|e| KafkaSinkError::Topic { topic: topics.join(","), reason: e.to_string() })?;
+        let results =
+            admin
+                .create_topics(&new, &opts)
+                .await
+                .map_err(|e| KafkaSinkError::Topic {
+                    topic: topics.join(","),
+                    reason: e.to_string(),
+                })?;
         for r in results {
             match r {
                 Ok(t) => tracing::info!(topic = %t, "created topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((topic, code)) => {
-                    return Err(KafkaSinkError::Topic { topic, reason: code.to_string() });
+                    return Err(KafkaSinkError::Topic {
+                        topic,
+                        reason: code.to_string(),
+                    });
                 }
             }
         }
@@ -152,7 +161,10 @@ impl KafkaSink {
     pub async fn send(&self, r: &Record<'_>) -> Result<(), KafkaSinkError> {
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
         for (k, v) in r.headers {
-            headers = headers.insert(Header { key: k, value: Some(*v) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
         }
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(r.topic, r.seq as usize).headers(headers);
@@ -173,7 +185,10 @@ impl KafkaSink {
                     wait = (wait * 2).min(Duration::from_millis(50));
                 }
                 Err((e, _)) => {
-                    return Err(KafkaSinkError::Produce { topic: r.topic.to_owned(), source: e });
+                    return Err(KafkaSinkError::Produce {
+                        topic: r.topic.to_owned(),
+                        source: e,
+                    });
                 }
             }
         }

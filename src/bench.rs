@@ -1,0 +1,201 @@
+//! `walbridge bench`: walbridge against the physical limit, side by side in one run.
+//!
+//! 1. Throughput. N rows are inserted in 10k-row transactions into a fresh table while two slots
+//!    hold the same WAL. `pg_recvlogical` (pgoutput, to /dev/null) drains one slot, walbridge
+//!    drains the other into Kafka through the registry. Printed: rows/s of each and the ratio.
+//!    walbridge's time runs from start until the confirmed LSN reaches the end of the load, so it
+//!    includes start-up (topic creation, schema registration) and the wait for Kafka's acks.
+//! 2. Latency. Single-row transactions at a fixed offered rate while walbridge runs; for each, the
+//!    time from the client seeing COMMIT return to walbridge's confirmed LSN passing it (every
+//!    change of the transaction acked by Kafka). Printed: p50, p99, max.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cdc::Lsn;
+
+use crate::stack::{Broker, Postgres};
+
+const TX_ROWS: u64 = 10_000;
+
+fn config_yaml(
+    dsn: &str,
+    slot: &str,
+    brokers: &str,
+    registry_port: u16,
+    data_dir: &Path,
+) -> String {
+    format!(
+        "source:\n  dsn: \"{dsn}\"\n  publication: bench\n  slot: {slot}\n  tables: [public.bench]\n\
+         kafka:\n  brokers: \"{brokers}\"\n  topic_prefix: {slot}\n  partitions: 3\n\
+         registry:\n  url: \"http://127.0.0.1:{registry_port}\"\n  embedded:\n    listen: \"127.0.0.1:{registry_port}\"\n    data_dir: \"{}\"\n",
+        data_dir.display()
+    )
+}
+
+pub async fn run(rows: u64, latency_rate: f64, latency_for: Duration) -> anyhow::Result<()> {
+    let dir = tempdir()?;
+    let pg = Postgres::start(&dir)?;
+    pg.create_database("bench").await?;
+    let broker = Broker::start()?;
+    let dsn = pg.dsn("bench");
+    let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE TABLE bench (id bigint PRIMARY KEY, sku text NOT NULL, qty int NOT NULL, \
+               price numeric(12,2) NOT NULL, at timestamptz NOT NULL DEFAULT now(), note text);
+             CREATE PUBLICATION bench FOR TABLE bench;
+             SELECT pg_create_logical_replication_slot('recv', 'pgoutput');
+             SELECT pg_create_logical_replication_slot('wb', 'pgoutput');",
+        )
+        .await?;
+
+    println!("loading {rows} rows in {TX_ROWS}-row transactions ...");
+    let mut done = 0;
+    while done < rows {
+        let n = TX_ROWS.min(rows - done);
+        client
+            .execute(
+                "INSERT INTO bench (id, sku, qty, price, note) \
+                 SELECT g, 'SKU-' || (g % 10000), (g % 50)::int, (g % 1000) / 7.0, 'row ' || g \
+                 FROM generate_series($1::bigint, $2::bigint) g",
+                &[&(done as i64 + 1), &((done + n) as i64)],
+            )
+            .await?;
+        done += n;
+    }
+    let end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let end_lsn: Lsn = end.parse()?;
+
+    // pg_recvlogical: the physical limit of one walsender on this WAL.
+    let t = Instant::now();
+    let status =
+        std::process::Command::new(crate::stack::postgres_bin_dir()?.join("pg_recvlogical"))
+            .args([
+                "-d",
+                &dsn,
+                "--slot",
+                "recv",
+                "--start",
+                "-o",
+                "proto_version=1",
+                "-o",
+            ])
+            .arg("publication_names=bench")
+            .args(["--endpos", &end, "-f", "/dev/null", "--no-loop"])
+            .status()
+            .context("running pg_recvlogical")?;
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    let recv_secs = t.elapsed().as_secs_f64();
+
+    // walbridge into Kafka.
+    let reg_port = crate::stack::free_port();
+    let yaml = config_yaml(
+        &dsn,
+        "wb",
+        &broker.bootstrap(),
+        reg_port,
+        &dir.join("registry"),
+    );
+    let cfg = crate::config::from_str(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
+    let pipeline = tokio::spawn(crate::pipeline::run_observed(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(obs_tx),
+    ));
+    let mut confirmed = obs_rx.await.context("pipeline did not start")?;
+    while *confirmed.borrow() < end_lsn {
+        confirmed
+            .changed()
+            .await
+            .context("pipeline stopped before reaching the end of the load")?;
+    }
+    let wb_secs = t.elapsed().as_secs_f64();
+    let recv_rate = rows as f64 / recv_secs;
+    let wb_rate = rows as f64 / wb_secs;
+    println!("\nthroughput ({rows} rows, {TX_ROWS}-row transactions)");
+    println!(
+        "  pg_recvlogical (pgoutput → /dev/null): {recv_secs:>7.2} s  {recv_rate:>10.0} rows/s"
+    );
+    println!("  walbridge (pgoutput → Avro → Kafka):   {wb_secs:>7.2} s  {wb_rate:>10.0} rows/s");
+    println!(
+        "  ratio walbridge / pg_recvlogical:      {:>7.2}",
+        wb_rate / recv_rate
+    );
+
+    // Latency at a fixed offered rate of single-row transactions.
+    let period = Duration::from_secs_f64(1.0 / latency_rate);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut waiting: VecDeque<(Lsn, Instant)> = VecDeque::new();
+    let mut lat: Vec<Duration> = Vec::new();
+    let stmt = client
+        .prepare("INSERT INTO bench (id, sku, qty, price) VALUES ($1, 'SKU-L', 1, 1.00) RETURNING pg_current_wal_insert_lsn()::text")
+        .await?;
+    let t = Instant::now();
+    let mut id = rows as i64 + 1;
+    let drain = |waiting: &mut VecDeque<(Lsn, Instant)>, lat: &mut Vec<Duration>, c: Lsn| {
+        while waiting.front().is_some_and(|(l, _)| *l <= c) {
+            let (_, at) = waiting.pop_front().unwrap_or((Lsn::ZERO, Instant::now()));
+            lat.push(at.elapsed());
+        }
+    };
+    while t.elapsed() < latency_for {
+        tokio::select! {
+            _ = tick.tick() => {
+                let r = client.query_one(&stmt, &[&id]).await?;
+                let at = Instant::now();
+                let l: String = r.get(0);
+                waiting.push_back((l.parse()?, at));
+                id += 1;
+            }
+            _ = confirmed.changed() => {}
+        }
+        drain(&mut waiting, &mut lat, *confirmed.borrow());
+    }
+    let offered = (id - rows as i64 - 1) as f64 / t.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !waiting.is_empty() && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(200), confirmed.changed()).await;
+        drain(&mut waiting, &mut lat, *confirmed.borrow());
+    }
+    let _ = stop_tx.send(());
+    pipeline.await??;
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "\ncommit → Kafka ack latency ({} single-row transactions at {offered:.0} tx/s offered)",
+        lat.len()
+    );
+    println!(
+        "  p50 {:>8.1?}   p99 {:>8.1?}   max {:>8.1?}",
+        pct(0.50),
+        pct(0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+    drop(broker);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("walbridge-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}

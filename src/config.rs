@@ -1,0 +1,1616 @@
+//! `pipelines.yaml`: parsing and validation.
+//!
+//! Loading runs in phases so that a user fixing a file sees every problem at once:
+//!
+//! ```text
+//! text ──parse (serde, deny_unknown_fields)──▶ raw tree with spans ──validate all──▶ Config
+//!            │ first structural error                 │ every semantic error
+//!            ▼                                        ▼
+//!        ConfigErrors  (origin:line:column: key.path: what is wrong — what would be valid)
+//! ```
+//!
+//! The parse phase keeps the source location of every value (`serde_saphyr::Spanned`) so that
+//! semantic problems found later (a bad broker list, an out-of-range interval) still point at a
+//! line and column. Serde stops at the first structural problem (unknown key, wrong type, missing
+//! key), so those are reported one at a time; everything past parsing is reported together.
+//!
+//! `${VAR}` in any string value is replaced by the environment variable `VAR` (write `$${` for a
+//! literal `${`). Quote such values inside flow collections (`[ "${A}" ]`), where `{` is syntax.
+//!
+//! Secrets: the source DSN may carry a password. It is kept in [`Dsn`], whose `Debug` redacts it,
+//! and no error message ever echoes a DSN that is not redacted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+
+/// The validated contents of `pipelines.yaml`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+}
+
+/// The legacy Postgres database to capture changes from.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub dsn: Dsn,
+    pub publication: String,
+    pub slot: String,
+    pub tables: Vec<TableSelector>,
+    pub status_interval: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+impl SourceConfig {
+    /// Connection settings for tokio-postgres (snapshot and metadata connections).
+    pub fn pg_config(&self) -> tokio_postgres::Config {
+        self.dsn.pg_config().clone()
+    }
+}
+
+/// A Postgres connection string that may contain a password.
+///
+/// `Debug` and [`Dsn::redacted`] hide the password; [`Dsn::expose`] gives the full text for
+/// the code that actually connects.
+#[derive(Clone)]
+pub struct Dsn {
+    text: String,
+    config: tokio_postgres::Config,
+}
+
+impl Dsn {
+    /// Parses a libpq `key=value` string or a `postgres://` URL without connecting.
+    pub fn parse(text: &str) -> Result<Dsn, String> {
+        let config = tokio_postgres::Config::from_str(text).map_err(|e| {
+            // The parser's detail can quote a character of the input; drop it when the input
+            // carries a password.
+            if has_password(text) {
+                "invalid connection string".to_string()
+            } else {
+                e.to_string()
+            }
+        })?;
+        if config.get_hosts().is_empty() {
+            return Err("no host given: add host=... (e.g. host=127.0.0.1)".to_string());
+        }
+        if config.get_user().is_none() {
+            return Err("no user given: add user=... (e.g. user=postgres)".to_string());
+        }
+        Ok(Dsn {
+            text: text.to_string(),
+            config,
+        })
+    }
+
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// The connection string with its password, for connecting. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.text
+    }
+
+    /// The connection string with any password replaced by `***`, safe for logs and errors.
+    pub fn redacted(&self) -> String {
+        redact_dsn(&self.text)
+    }
+}
+
+impl fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Dsn").field(&self.redacted()).finish()
+    }
+}
+
+/// Which tables to capture: one table, or every table of a schema.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TableSelector {
+    Table { schema: String, table: String },
+    AllInSchema { schema: String },
+}
+
+impl TableSelector {
+    pub fn schema(&self) -> &str {
+        match self {
+            TableSelector::Table { schema, .. } | TableSelector::AllInSchema { schema } => schema,
+        }
+    }
+
+    pub fn matches(&self, schema: &str, table: &str) -> bool {
+        match self {
+            TableSelector::Table {
+                schema: s,
+                table: t,
+            } => s == schema && t == table,
+            TableSelector::AllInSchema { schema: s } => s == schema,
+        }
+    }
+}
+
+impl fmt::Display for TableSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TableSelector::Table { schema, table } => write!(f, "{schema}.{table}"),
+            TableSelector::AllInSchema { schema } => write!(f, "{schema}.*"),
+        }
+    }
+}
+
+/// Where change and event topics go.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port` entries, in the order given.
+    pub brokers: Vec<String>,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i16,
+    /// Extra librdkafka properties, passed through unchanged.
+    pub producer: BTreeMap<String, String>,
+    /// Bytes of produced-but-unacknowledged messages before the source stops reading.
+    pub max_in_flight_bytes: u64,
+}
+
+impl KafkaConfig {
+    /// The `bootstrap.servers` value for librdkafka.
+    pub fn bootstrap_servers(&self) -> String {
+        self.brokers.join(",")
+    }
+
+    /// `<prefix>.<schema>.<table>`.
+    pub fn topic_for(&self, schema: &str, table: &str) -> String {
+        format!("{}.{schema}.{table}", self.topic_prefix)
+    }
+}
+
+/// The Confluent-compatible schema registry.
+#[derive(Clone)]
+pub struct RegistryConfig {
+    pub url: url::Url,
+    /// When set, walbridge runs its own registry server.
+    pub embedded: Option<EmbeddedRegistry>,
+}
+
+impl fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("url", &redact_url(&self.url))
+            .field("embedded", &self.embedded)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmbeddedRegistry {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: String,
+    /// 1-based; 0 when the location is unknown (e.g. the file could not be read).
+    pub line: u64,
+    pub column: u64,
+    /// Dotted key path such as `kafka.brokers` or `source.tables[2]`; empty for the document.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin)?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a config file, in source order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        errors: vec![ConfigError {
+            origin: origin.clone(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }],
+    })?;
+    from_str(&text, &origin)
+}
+
+/// Parses and validates config text; `origin` names it in errors (usually the file path).
+pub fn from_str(src: &str, origin: &str) -> Result<Config, ConfigErrors> {
+    from_str_with_env(src, origin, &|name| std::env::var(name).ok())
+}
+
+/// Like [`from_str`], with `${VAR}` looked up through `env` (lets tests avoid the process env).
+pub fn from_str_with_env(
+    src: &str,
+    origin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let raw = parse(src, origin)?;
+    let mut v = Validator {
+        origin,
+        env,
+        errors: Vec::new(),
+    };
+    let config = v.config(&raw);
+    match config {
+        Some(config) if v.errors.is_empty() => Ok(config),
+        _ => {
+            v.errors.sort_by_key(|e| (e.line, e.column));
+            Err(ConfigErrors { errors: v.errors })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema: expected shape and an example for every key, used to explain parse errors.
+
+struct KeySpec {
+    path: &'static str,
+    expects: &'static str,
+    example: &'static str,
+}
+
+const fn key(path: &'static str, expects: &'static str, example: &'static str) -> KeySpec {
+    KeySpec {
+        path,
+        expects,
+        example,
+    }
+}
+
+const IDENT: &str = "an identifier matching [a-z_][a-z0-9_]*, at most 63 bytes";
+
+const KEYS: &[KeySpec] = &[
+    key(
+        "source",
+        "a mapping",
+        "source: { dsn: ..., publication: ..., slot: ..., tables: [...] }",
+    ),
+    key(
+        "source.dsn",
+        "a libpq key=value connection string or a postgres:// URL",
+        "host=127.0.0.1 port=5432 user=postgres dbname=legacy",
+    ),
+    key("source.publication", IDENT, "walbridge"),
+    key("source.slot", IDENT, "walbridge"),
+    key(
+        "source.tables",
+        "a non-empty list of \"schema.table\" or \"schema.*\"",
+        "[oms.orders, wms.*]",
+    ),
+    key(
+        "source.status_interval_ms",
+        "an integer number of milliseconds in 100..=60000",
+        "1000",
+    ),
+    key(
+        "source.heartbeat_interval_ms",
+        "an integer number of milliseconds in 100..=3600000",
+        "10000",
+    ),
+    key(
+        "kafka",
+        "a mapping",
+        "kafka: { brokers: ..., topic_prefix: ... }",
+    ),
+    key(
+        "kafka.brokers",
+        "\"host:port[,host:port]\"",
+        "127.0.0.1:9092",
+    ),
+    key(
+        "kafka.topic_prefix",
+        "Kafka topic-name characters [a-zA-Z0-9._-]",
+        "legacy",
+    ),
+    key("kafka.partitions", "an integer in 1..=10000", "3"),
+    key("kafka.replication_factor", "an integer in 1..=32767", "1"),
+    key(
+        "kafka.producer",
+        "a mapping of librdkafka property names to values",
+        "{ linger.ms: \"5\" }",
+    ),
+    key(
+        "kafka.max_in_flight_bytes",
+        "an integer number of bytes in 1048576..=68719476736",
+        "67108864",
+    ),
+    key("registry", "a mapping", "registry: { url: ... }"),
+    key(
+        "registry.url",
+        "an http:// or https:// URL",
+        "http://127.0.0.1:8081",
+    ),
+    key(
+        "registry.embedded",
+        "a mapping with listen and data_dir",
+        "{ listen: \"127.0.0.1:8081\", data_dir: .walbridge/registry }",
+    ),
+    key(
+        "registry.embedded.listen",
+        "an IP socket address \"ip:port\"",
+        "127.0.0.1:8081",
+    ),
+    key(
+        "registry.embedded.data_dir",
+        "a directory path",
+        ".walbridge/registry",
+    ),
+];
+
+fn spec(path: &str) -> Option<&'static KeySpec> {
+    KEYS.iter().find(|k| k.path == path)
+}
+
+/// Keys allowed directly under `section` ("" for the top level).
+fn keys_under(section: &str) -> Vec<&'static str> {
+    KEYS.iter()
+        .filter_map(|k| {
+            let rest = if section.is_empty() {
+                k.path
+            } else {
+                k.path.strip_prefix(section)?.strip_prefix('.')?
+            };
+            (!rest.contains('.')).then_some(rest)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: parse into a tree that keeps every value's location.
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: RawSource,
+    kafka: RawKafka,
+    registry: RawRegistry,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    dsn: S<String>,
+    publication: S<String>,
+    slot: S<String>,
+    tables: S<Vec<S<String>>>,
+    status_interval_ms: Option<S<i64>>,
+    heartbeat_interval_ms: Option<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: S<String>,
+    topic_prefix: S<String>,
+    partitions: Option<S<i64>>,
+    replication_factor: Option<S<i64>>,
+    producer: Option<S<BTreeMap<String, S<String>>>>,
+    max_in_flight_bytes: Option<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    url: S<String>,
+    embedded: Option<S<RawEmbedded>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbedded {
+    listen: S<String>,
+    data_dir: S<String>,
+}
+
+fn parse(src: &str, origin: &str) -> Result<RawConfig, ConfigErrors> {
+    let mut path = Vec::new();
+    let result = serde_saphyr::with_deserializer_from_str(src, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = key_path(e.path());
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| ConfigErrors {
+        errors: vec![explain_parse_error(&e, &path, origin)],
+    })
+}
+
+/// Key path segments of a parse error, without the `value` field that `Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Map { key } if key == "value" => None,
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Seq { index } => Some(format!("[{index}]")),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+fn join_path(segments: &[String]) -> String {
+    let mut out = String::new();
+    for s in segments {
+        if !out.is_empty() && !s.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(s);
+    }
+    out
+}
+
+/// Turns a serde/YAML error into "key.path: what is wrong; what is expected".
+fn explain_parse_error(e: &serde_saphyr::Error, path: &[String], origin: &str) -> ConfigError {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    // The plain message ends with " at line L, column C"; the location is shown separately.
+    let full = e.without_snippet().to_string();
+    let suffix = format!(" at line {line}, column {column}");
+    let msg = full.strip_suffix(&suffix).unwrap_or(&full).to_string();
+
+    let mut path = path.to_vec();
+    let message = if let Some(field) = backticked(&msg, "unknown field `") {
+        // The path ends with the unknown key itself; suggest from its section's keys.
+        let section = join_path(&path[..path.len().saturating_sub(1)]);
+        let valid = keys_under(&section);
+        let mut m = format!("unknown key `{field}`");
+        if let Some(best) = did_you_mean(&field, &valid) {
+            m.push_str(&format!(" — did you mean `{best}`?"));
+        }
+        m.push_str(&format!(" (valid keys here: {})", valid.join(", ")));
+        m
+    } else if path.is_empty() && msg.contains("end of input") {
+        format!(
+            "the document is empty; expected a mapping with keys {}",
+            keys_under("").join(", ")
+        )
+    } else if let Some(field) = backticked(&msg, "missing field `") {
+        path.push(field);
+        let p = join_path(&path);
+        match spec(&p) {
+            Some(k) => format!(
+                "missing required key; expected {}, e.g. {}: {}",
+                k.expects,
+                path.last().map(String::as_str).unwrap_or(""),
+                k.example
+            ),
+            None => "missing required key".to_string(),
+        }
+    } else if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
+        let name = rest.split(',').next().unwrap_or(rest);
+        format!("duplicate key `{name}`; each key may appear only once")
+    } else {
+        // Type errors: say what the key takes. Indices are dropped to find the list's spec.
+        let spec_path = join_path(
+            &path
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        match spec(&spec_path) {
+            Some(k) => format!("{msg}; expected {}, e.g. {}", k.expects, k.example),
+            None => msg.clone(),
+        }
+    };
+    ConfigError {
+        origin: origin.to_string(),
+        line,
+        column,
+        path: join_path(&path),
+        message,
+    }
+}
+
+/// The text between `prefix` and the next backtick.
+fn backticked(msg: &str, prefix: &str) -> Option<String> {
+    let rest = msg.strip_prefix(prefix)?;
+    Some(rest.split('`').next().unwrap_or(rest).to_string())
+}
+
+/// The closest valid key, if it is close enough to be a plausible typo.
+fn did_you_mean<'a>(given: &str, valid: &[&'a str]) -> Option<&'a str> {
+    valid
+        .iter()
+        .map(|v| (edit_distance(given, v), *v))
+        .filter(|(d, v)| *d <= 2.max(v.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, v)| v)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: validate everything, collecting all problems.
+
+struct Validator<'a> {
+    origin: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+/// Producer properties walbridge owns, and why.
+const FORBIDDEN_PRODUCER_KEYS: &[(&str, &str)] = &[
+    (
+        "enable.idempotence",
+        "walbridge always enables the idempotent producer (no duplicates or reordering on retry); remove this key",
+    ),
+    (
+        "acks",
+        "walbridge always uses acks=all: the replication slot only advances past durably written messages; remove this key",
+    ),
+    (
+        "bootstrap.servers",
+        "set kafka.brokers instead; remove this key",
+    ),
+];
+
+impl Validator<'_> {
+    fn error(&mut self, at: &Location, path: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            origin: self.origin.to_string(),
+            line: at.line(),
+            column: at.column(),
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// "expected X, got "v" — e.g. Y", from the key's spec.
+    fn invalid(&mut self, at: &Location, path: &str, got: &str, reason: Option<&str>) {
+        let k = spec(path);
+        let expects = k.map(|k| k.expects).unwrap_or("a valid value");
+        let example = k.map(|k| k.example).unwrap_or("");
+        let mut m = format!("expected {expects}, got {got:?}");
+        if let Some(r) = reason {
+            m.push_str(&format!(" ({r})"));
+        }
+        if !example.is_empty() {
+            m.push_str(&format!(" — e.g. {example}"));
+        }
+        self.error(at, path, m);
+    }
+
+    /// The string with `${VAR}` replaced; `None` (after reporting) if a variable is missing.
+    fn string(&mut self, s: &S<String>, path: &str) -> Option<String> {
+        let at = &s.referenced;
+        let mut out = String::with_capacity(s.value.len());
+        let mut rest = s.value.as_str();
+        let mut ok = true;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix("${") {
+                out.push_str("${");
+                rest = tail;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let Some(end) = body.find('}') else {
+                    self.error(
+                        at,
+                        path,
+                        "unterminated `${`: write `${NAME}` to use an environment variable, or `$${` for a literal `${`",
+                    );
+                    return None;
+                };
+                let name = &body[..end];
+                if !is_env_name(name) {
+                    self.error(
+                        at,
+                        path,
+                        format!("`${{{name}}}` is not a valid environment variable reference; names match [A-Za-z_][A-Za-z0-9_]*"),
+                    );
+                    ok = false;
+                } else if let Some(value) = (self.env)(name) {
+                    out.push_str(&value);
+                } else {
+                    self.error(
+                        at,
+                        path,
+                        format!("environment variable {name} is not set; export it or write the value literally"),
+                    );
+                    ok = false;
+                }
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        ok.then_some(out)
+    }
+
+    fn int_in(
+        &mut self,
+        v: &Option<S<i64>>,
+        path: &str,
+        range: std::ops::RangeInclusive<i64>,
+        default: i64,
+    ) -> Option<i64> {
+        match v {
+            None => Some(default),
+            Some(s) if range.contains(&s.value) => Some(s.value),
+            Some(s) => {
+                self.invalid(
+                    &s.referenced,
+                    path,
+                    &s.value.to_string(),
+                    Some("out of range"),
+                );
+                None
+            }
+        }
+    }
+
+    fn identifier(&mut self, s: &S<String>, path: &str) -> Option<String> {
+        let v = self.string(s, path)?;
+        match check_identifier(&v) {
+            Ok(()) => Some(v),
+            Err(reason) => {
+                self.invalid(&s.referenced, path, &v, Some(reason));
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: &RawConfig) -> Option<Config> {
+        // Validate every section before combining so that all problems are reported.
+        let source = self.source(&raw.source);
+        let kafka = self.kafka(&raw.kafka);
+        let registry = self.registry(&raw.registry);
+        let (source, kafka, registry) = (source?, kafka?, registry?);
+        self.topic_lengths(&raw.source, &source, &kafka);
+        Some(Config {
+            source,
+            kafka,
+            registry,
+        })
+    }
+
+    fn source(&mut self, raw: &RawSource) -> Option<SourceConfig> {
+        let dsn = self.dsn(&raw.dsn);
+        let publication = self.identifier(&raw.publication, "source.publication");
+        let slot = self.identifier(&raw.slot, "source.slot");
+        let tables = self.tables(&raw.tables);
+        let status = self.int_in(
+            &raw.status_interval_ms,
+            "source.status_interval_ms",
+            100..=60_000,
+            1000,
+        );
+        let heartbeat = self.int_in(
+            &raw.heartbeat_interval_ms,
+            "source.heartbeat_interval_ms",
+            100..=3_600_000,
+            10_000,
+        );
+        Some(SourceConfig {
+            dsn: dsn?,
+            publication: publication?,
+            slot: slot?,
+            tables: tables?,
+            status_interval: Duration::from_millis(status?.unsigned_abs()),
+            heartbeat_interval: Duration::from_millis(heartbeat?.unsigned_abs()),
+        })
+    }
+
+    fn dsn(&mut self, s: &S<String>) -> Option<Dsn> {
+        let path = "source.dsn";
+        let text = self.string(s, path)?;
+        match Dsn::parse(&text) {
+            Ok(dsn) => Some(dsn),
+            Err(reason) => {
+                let shown = redact_dsn(&text);
+                self.invalid(&s.referenced, path, &shown, Some(&reason));
+                None
+            }
+        }
+    }
+
+    fn tables(&mut self, raw: &S<Vec<S<String>>>) -> Option<Vec<TableSelector>> {
+        let path = "source.tables";
+        if raw.value.is_empty() {
+            self.error(
+                &raw.referenced,
+                path,
+                "no tables listed; list at least one \"schema.table\" or \"schema.*\" — e.g. [oms.orders, wms.*]",
+            );
+            return None;
+        }
+        let mut ok = true;
+        let mut seen: HashMap<TableSelector, u64> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, entry) in raw.value.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let Some(text) = self.string(entry, &p) else {
+                ok = false;
+                continue;
+            };
+            match parse_table(&text) {
+                Ok(sel) => {
+                    if let Some(line) = seen.get(&sel) {
+                        self.error(
+                            &entry.referenced,
+                            &p,
+                            format!("`{sel}` is listed twice (first on line {line}); remove one"),
+                        );
+                        ok = false;
+                    } else {
+                        seen.insert(sel.clone(), entry.referenced.line());
+                        out.push((sel, entry));
+                    }
+                }
+                Err(reason) => {
+                    let m = format!(
+                        "expected \"schema.table\" or \"schema.*\", got {text:?} ({reason}) — e.g. oms.orders"
+                    );
+                    self.error(&entry.referenced, &p, m);
+                    ok = false;
+                }
+            }
+        }
+        // A table also covered by its schema's wildcard is a duplicate in disguise.
+        for (i, (sel, entry)) in out.iter().enumerate() {
+            if let TableSelector::Table { schema, .. } = sel {
+                let wildcard = TableSelector::AllInSchema {
+                    schema: schema.clone(),
+                };
+                if let Some(line) = seen.get(&wildcard) {
+                    self.error(
+                        &entry.referenced,
+                        &format!("{path}[{i}]"),
+                        format!(
+                            "`{sel}` is already covered by `{wildcard}` (line {line}); remove one"
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then(|| out.into_iter().map(|(sel, _)| sel).collect())
+    }
+
+    fn kafka(&mut self, raw: &RawKafka) -> Option<KafkaConfig> {
+        let brokers =
+            self.string(&raw.brokers, "kafka.brokers").and_then(|text| {
+                match parse_brokers(&text) {
+                    Ok(brokers) => Some(brokers),
+                    Err(reason) => {
+                        self.invalid(
+                            &raw.brokers.referenced,
+                            "kafka.brokers",
+                            &text,
+                            Some(reason),
+                        );
+                        None
+                    }
+                }
+            });
+        let prefix = self
+            .string(&raw.topic_prefix, "kafka.topic_prefix")
+            .and_then(|text| match check_topic_part(&text) {
+                Ok(()) => Some(text),
+                Err(reason) => {
+                    self.invalid(
+                        &raw.topic_prefix.referenced,
+                        "kafka.topic_prefix",
+                        &text,
+                        Some(reason),
+                    );
+                    None
+                }
+            });
+        let partitions = self.int_in(&raw.partitions, "kafka.partitions", 1..=10_000, 3);
+        let replication = self.int_in(
+            &raw.replication_factor,
+            "kafka.replication_factor",
+            1..=32_767,
+            1,
+        );
+        let max_in_flight = self.int_in(
+            &raw.max_in_flight_bytes,
+            "kafka.max_in_flight_bytes",
+            1 << 20..=64 << 30,
+            64 << 20,
+        );
+        let producer = self.producer(&raw.producer);
+        Some(KafkaConfig {
+            brokers: brokers?,
+            topic_prefix: prefix?,
+            partitions: i32::try_from(partitions?).ok()?,
+            replication_factor: i16::try_from(replication?).ok()?,
+            producer: producer?,
+            max_in_flight_bytes: max_in_flight?.unsigned_abs(),
+        })
+    }
+
+    fn producer(
+        &mut self,
+        raw: &Option<S<BTreeMap<String, S<String>>>>,
+    ) -> Option<BTreeMap<String, String>> {
+        let Some(raw) = raw else {
+            return Some(BTreeMap::new());
+        };
+        let mut ok = true;
+        let mut out = BTreeMap::new();
+        for (k, v) in &raw.value {
+            let path = format!("kafka.producer.{k}");
+            if let Some((_, why)) = FORBIDDEN_PRODUCER_KEYS.iter().find(|(f, _)| f == k) {
+                self.error(&v.referenced, &path, *why);
+                ok = false;
+                continue;
+            }
+            match self.string(v, &path) {
+                Some(value) => {
+                    out.insert(k.clone(), value);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn registry(&mut self, raw: &RawRegistry) -> Option<RegistryConfig> {
+        let path = "registry.url";
+        let url = self.string(&raw.url, path).and_then(|text| {
+            // Never echo a URL that may carry credentials.
+            let shown = if text.contains('@') {
+                "<url with credentials, hidden>".to_string()
+            } else {
+                text.clone()
+            };
+            match url::Url::parse(&text) {
+                Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+                    self.invalid(
+                        &raw.url.referenced,
+                        path,
+                        &shown,
+                        Some("scheme must be http or https"),
+                    );
+                    None
+                }
+                Ok(u) if u.host().is_none() => {
+                    self.invalid(&raw.url.referenced, path, &shown, Some("no host"));
+                    None
+                }
+                Ok(u) => Some(u),
+                Err(e) => {
+                    let reason = e.to_string();
+                    self.invalid(&raw.url.referenced, path, &shown, Some(&reason));
+                    None
+                }
+            }
+        });
+        let embedded = match &raw.embedded {
+            None => Some(None),
+            Some(e) => self.embedded(&e.value).map(Some),
+        };
+        let (url, embedded) = (url?, embedded?);
+        if let Some(e) = &embedded {
+            // The pipeline talks to `url`; an embedded server elsewhere would sit unused.
+            if url.port_or_known_default() != Some(e.listen.port()) {
+                self.error(
+                    &raw.url.referenced,
+                    path,
+                    format!(
+                        "registry.embedded listens on port {} but registry.url points at port {}; make them match, e.g. url: \"http://127.0.0.1:{}\"",
+                        e.listen.port(),
+                        url.port_or_known_default().unwrap_or(0),
+                        e.listen.port()
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(RegistryConfig { url, embedded })
+    }
+
+    fn embedded(&mut self, raw: &RawEmbedded) -> Option<EmbeddedRegistry> {
+        let lpath = "registry.embedded.listen";
+        let listen =
+            self.string(&raw.listen, lpath)
+                .and_then(|text| match text.parse::<SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.invalid(&raw.listen.referenced, lpath, &text, None);
+                        None
+                    }
+                });
+        let dpath = "registry.embedded.data_dir";
+        let data_dir = self.string(&raw.data_dir, dpath).and_then(|text| {
+            if text.trim().is_empty() {
+                self.invalid(&raw.data_dir.referenced, dpath, &text, Some("empty"));
+                None
+            } else {
+                Some(PathBuf::from(text))
+            }
+        });
+        Some(EmbeddedRegistry {
+            listen: listen?,
+            data_dir: data_dir?,
+        })
+    }
+
+    /// Kafka topic names are at most 249 bytes: `<prefix>.<schema>.<table>` must fit.
+    fn topic_lengths(&mut self, raw: &RawSource, source: &SourceConfig, kafka: &KafkaConfig) {
+        for (i, sel) in source.tables.iter().enumerate() {
+            if let TableSelector::Table { schema, table } = sel {
+                let topic = kafka.topic_for(schema, table);
+                if topic.len() > 249
+                    && let Some(entry) = raw.tables.value.get(i)
+                {
+                    self.error(
+                        &entry.referenced,
+                        &format!("source.tables[{i}]"),
+                        format!(
+                            "topic name `{topic}` is {} bytes; Kafka allows 249 — shorten kafka.topic_prefix",
+                            topic.len()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value rules.
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Lower-case unquoted Postgres identifiers; these also make valid topic-name parts.
+fn check_identifier(s: &str) -> Result<(), &'static str> {
+    let mut chars = s.chars();
+    match chars.next() {
+        None => return Err("empty"),
+        Some(c) if c.is_ascii_lowercase() || c == '_' => {}
+        Some(_) => return Err("must start with a lower-case letter or _"),
+    }
+    if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        return Err("only lower-case letters, digits and _ are allowed");
+    }
+    if s.len() > 63 {
+        return Err("longer than 63 bytes");
+    }
+    Ok(())
+}
+
+fn parse_table(s: &str) -> Result<TableSelector, &'static str> {
+    let Some((schema, table)) = s.split_once('.') else {
+        return Err("no schema: write schema.table");
+    };
+    check_identifier(schema).map_err(|_| "the schema is not an identifier [a-z_][a-z0-9_]*")?;
+    if table == "*" {
+        return Ok(TableSelector::AllInSchema {
+            schema: schema.to_string(),
+        });
+    }
+    check_identifier(table).map_err(|_| "the table is not an identifier [a-z_][a-z0-9_]* or *")?;
+    Ok(TableSelector::Table {
+        schema: schema.to_string(),
+        table: table.to_string(),
+    })
+}
+
+fn parse_brokers(s: &str) -> Result<Vec<String>, &'static str> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err("empty entry");
+        }
+        let Some((host, port)) = part.rsplit_once(':') else {
+            return Err("no port");
+        };
+        let host_ok = if let Some(inner) = host.strip_prefix('[') {
+            inner
+                .strip_suffix(']')
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        } else {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        };
+        if !host_ok {
+            return Err("bad host");
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err("port must be 1..=65535"),
+        }
+        out.push(part.to_string());
+    }
+    Ok(out)
+}
+
+fn check_topic_part(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("empty");
+    }
+    if s == "." || s == ".." {
+        return Err("Kafka forbids . and .. as names");
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err("only [a-zA-Z0-9._-] are allowed");
+    }
+    if s.len() > 200 {
+        return Err("longer than 200 bytes");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redaction.
+
+/// Whether a DSN text names a password (libpq `password=` or URL `user:pass@`).
+fn has_password(text: &str) -> bool {
+    redact_dsn(text) != text
+}
+
+/// The DSN with passwords replaced by `***`. Unparseable key=value text is hidden entirely.
+fn redact_dsn(text: &str) -> String {
+    let t = text.trim();
+    if let Some(rest) = t
+        .strip_prefix("postgres://")
+        .or_else(|| t.strip_prefix("postgresql://"))
+    {
+        let scheme = &t[..t.len() - rest.len()];
+        let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(auth_end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{hosts}"),
+                None => format!("{userinfo}@{hosts}"),
+            },
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let q: Vec<String> = query
+                    .split('&')
+                    .map(|kv| match kv.split_once('=') {
+                        Some(("password", _)) => "password=***".to_string(),
+                        _ => kv.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", q.join("&"))
+            }
+            None => tail.to_string(),
+        };
+        return format!("{scheme}{authority}{tail}");
+    }
+    match split_key_values(t) {
+        Some(pairs) => pairs
+            .iter()
+            .map(|(k, v)| {
+                if *k == "password" {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => "<unparseable connection string, hidden>".to_string(),
+    }
+}
+
+/// libpq `key = value` pairs as written (quoted values keep their quotes).
+fn split_key_values(s: &str) -> Option<Vec<(&str, &str)>> {
+    let mut out = Vec::new();
+    let mut rest = s.trim_start();
+    while !rest.is_empty() {
+        let key_end = rest.find(|c: char| c == '=' || c.is_whitespace())?;
+        let key = &rest[..key_end];
+        rest = rest[key_end..].trim_start().strip_prefix('=')?.trim_start();
+        let value_end = if rest.starts_with('\'') {
+            let mut escaped = false;
+            let mut end = None;
+            for (i, c) in rest.char_indices().skip(1) {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '\'' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            end?
+        } else {
+            rest.find(char::is_whitespace).unwrap_or(rest.len())
+        };
+        out.push((key, &rest[..value_end]));
+        rest = rest[value_end..].trim_start();
+    }
+    Some(out)
+}
+
+fn redact_url(u: &url::Url) -> String {
+    let mut u = u.clone();
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    u.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"source:
+  dsn: "host=127.0.0.1 port=5432 user=postgres dbname=legacy"
+  publication: walbridge
+  slot: walbridge
+  tables: [oms.orders, oms.order_lines, wms.stock_levels]
+  status_interval_ms: 1000
+  heartbeat_interval_ms: 10000
+kafka:
+  brokers: "127.0.0.1:9092"
+  topic_prefix: legacy
+  partitions: 3
+  replication_factor: 1
+  producer: {}
+  max_in_flight_bytes: 67108864
+registry:
+  url: "http://127.0.0.1:8081"
+  embedded:
+    listen: "127.0.0.1:8081"
+    data_dir: ".walbridge/registry"
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn errors_of(src: &str) -> ConfigErrors {
+        match from_str_with_env(src, "pipelines.yaml", &no_env) {
+            Ok(c) => panic!("expected errors, got {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Replaces the first occurrence of `from` in the valid example.
+    fn with(from: &str, to: &str) -> String {
+        assert!(VALID.contains(from), "test bug: {from:?} not in VALID");
+        VALID.replacen(from, to, 1)
+    }
+
+    /// Asserts exactly one error, on `line`, naming `path`, whose text contains `needle`.
+    fn one_error(src: &str, line: u64, path: &str, needle: &str) -> ConfigError {
+        let errs = errors_of(src);
+        assert_eq!(errs.errors.len(), 1, "{errs}");
+        let e = errs.errors[0].clone();
+        assert_eq!(e.line, line, "{e}");
+        assert_eq!(e.path, path, "{e}");
+        assert!(e.message.contains(needle), "{e}");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("pipelines.yaml:{line}:")),
+            "{shown}"
+        );
+        e
+    }
+
+    #[test]
+    fn valid_example_parses_with_defaults_applied() {
+        let c = from_str_with_env(VALID, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.source.publication, "walbridge");
+        assert_eq!(c.source.tables.len(), 3);
+        assert_eq!(
+            c.source.tables[2],
+            TableSelector::Table {
+                schema: "wms".into(),
+                table: "stock_levels".into()
+            }
+        );
+        assert_eq!(c.source.status_interval, Duration::from_millis(1000));
+        assert_eq!(c.source.pg_config().get_dbname(), Some("legacy"));
+        assert_eq!(c.kafka.bootstrap_servers(), "127.0.0.1:9092");
+        assert_eq!(c.kafka.topic_for("oms", "orders"), "legacy.oms.orders");
+        assert_eq!(c.kafka.max_in_flight_bytes, 64 << 20);
+        assert_eq!(
+            c.registry.embedded.unwrap().listen,
+            "127.0.0.1:8081".parse().unwrap()
+        );
+
+        let minimal = "source:\n  dsn: host=h user=u\n  publication: p\n  slot: s\n  tables: [a.*]\nkafka:\n  brokers: h:1\n  topic_prefix: t\nregistry:\n  url: https://r.example\n";
+        let c = from_str_with_env(minimal, "m.yaml", &no_env).unwrap();
+        assert_eq!(c.source.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.kafka.partitions, 3);
+        assert_eq!(c.kafka.replication_factor, 1);
+        assert!(c.registry.embedded.is_none());
+        assert!(c.source.tables[0].matches("a", "anything"));
+    }
+
+    #[test]
+    fn repo_pipelines_yaml_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml");
+        let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.source.pg_config().get_ports(), &[54329]);
+        assert_eq!(c.kafka.bootstrap_servers(), "127.0.0.1:19092");
+    }
+
+    #[test]
+    fn invalid_yaml_syntax_points_at_the_line() {
+        let src = with("tables: [oms.orders,", "tables: [oms.orders, {");
+        let errs = errors_of(&src);
+        assert_eq!(errs.errors.len(), 1, "{errs}");
+        assert!(errs.errors[0].line >= 5, "{errs}");
+        assert!(errs.to_string().starts_with("pipelines.yaml:"), "{errs}");
+
+        let errs = errors_of("");
+        assert!(
+            errs.to_string().contains(
+                "the document is empty; expected a mapping with keys source, kafka, registry"
+            ),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_right_one() {
+        let e = one_error(
+            &with("  slot: walbridge", "  slto: walbridge"),
+            4,
+            "source.slto",
+            "did you mean `slot`?",
+        );
+        assert!(
+            e.message.contains("(valid keys here: dsn, publication"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_says_what_the_key_takes() {
+        one_error(
+            &with("partitions: 3", "partitions: three"),
+            11,
+            "kafka.partitions",
+            "expected an integer in 1..=10000",
+        );
+    }
+
+    #[test]
+    fn missing_required_key_is_named_with_an_example() {
+        let src = with("  slot: walbridge\n", "");
+        // Serde notices a missing key when its mapping ends: the last line of `source`.
+        let e = one_error(&src, 6, "source.slot", "missing required key");
+        assert!(e.message.contains("e.g. slot: walbridge"), "{e}");
+    }
+
+    #[test]
+    fn empty_tables_is_rejected() {
+        one_error(
+            &with("[oms.orders, oms.order_lines, wms.stock_levels]", "[]"),
+            5,
+            "source.tables",
+            "no tables listed",
+        );
+    }
+
+    #[test]
+    fn bad_table_name_is_rejected() {
+        one_error(
+            &with("oms.order_lines", "order_lines"),
+            5,
+            "source.tables[1]",
+            "no schema",
+        );
+        one_error(
+            &with("oms.order_lines", "oms.Order-Lines"),
+            5,
+            "source.tables[1]",
+            "not an identifier",
+        );
+    }
+
+    #[test]
+    fn duplicate_and_covered_tables_are_rejected() {
+        let errs = errors_of(&with(
+            "[oms.orders, oms.order_lines, wms.stock_levels]",
+            "[oms.orders, oms.orders, wms.*, wms.stock_levels]",
+        ));
+        let text = errs.to_string();
+        assert_eq!(errs.errors.len(), 2, "{text}");
+        assert!(
+            text.contains("`oms.orders` is listed twice (first on line 5)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("`wms.stock_levels` is already covered by `wms.*`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_broker_list_shows_the_expected_form() {
+        let e = one_error(
+            &with("\"127.0.0.1:9092\"", "\"localhost\""),
+            9,
+            "kafka.brokers",
+            "expected \"host:port[,host:port]\", got \"localhost\"",
+        );
+        assert!(e.message.contains("e.g. 127.0.0.1:9092"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "pipelines.yaml:9:12: kafka.brokers: expected \"host:port[,host:port]\", got \"localhost\" (no port) — e.g. 127.0.0.1:9092"
+        );
+        one_error(
+            &with("\"127.0.0.1:9092\"", "\"a:1,,b:2\""),
+            9,
+            "kafka.brokers",
+            "empty entry",
+        );
+    }
+
+    #[test]
+    fn bad_identifier_is_rejected() {
+        one_error(
+            &with("publication: walbridge", "publication: Wal-Bridge"),
+            3,
+            "source.publication",
+            "must start with a lower-case letter",
+        );
+        let long = "s".repeat(64);
+        one_error(
+            &with("slot: walbridge", &format!("slot: {long}")),
+            4,
+            "source.slot",
+            "longer than 63 bytes",
+        );
+    }
+
+    #[test]
+    fn bad_registry_url_is_rejected() {
+        one_error(
+            &with(
+                "url: \"http://127.0.0.1:8081\"",
+                "url: \"ftp://127.0.0.1:8081\"",
+            ),
+            16,
+            "registry.url",
+            "scheme must be http or https",
+        );
+        one_error(
+            &with("url: \"http://127.0.0.1:8081\"", "url: \"not a url\""),
+            16,
+            "registry.url",
+            "expected an http:// or https:// URL",
+        );
+        one_error(
+            &with(
+                "url: \"http://127.0.0.1:8081\"",
+                "url: \"http://127.0.0.1:9999\"",
+            ),
+            16,
+            "registry.url",
+            "make them match",
+        );
+    }
+
+    #[test]
+    fn out_of_range_interval_is_rejected() {
+        one_error(
+            &with("status_interval_ms: 1000", "status_interval_ms: 50"),
+            6,
+            "source.status_interval_ms",
+            "expected an integer number of milliseconds in 100..=60000, got \"50\" (out of range)",
+        );
+    }
+
+    #[test]
+    fn missing_env_var_is_named() {
+        let src = with(
+            "\"host=127.0.0.1 port=5432 user=postgres dbname=legacy\"",
+            "\"${WALBRIDGE_TEST_UNSET_DSN}\"",
+        );
+        one_error(
+            &src,
+            2,
+            "source.dsn",
+            "environment variable WALBRIDGE_TEST_UNSET_DSN is not set",
+        );
+    }
+
+    #[test]
+    fn env_vars_are_substituted() {
+        let src = with("topic_prefix: legacy", "topic_prefix: ${PREFIX}-x$${y}");
+        let env = |n: &str| (n == "PREFIX").then(|| "shop".to_string());
+        let errs = from_str_with_env(&src, "p.yaml", &env).unwrap_err();
+        // `${` is not a topic character, so the literal escape shows up as a topic error.
+        assert!(errs.to_string().contains("got \"shop-x${y}\""), "{errs}");
+
+        let src = with("topic_prefix: legacy", "topic_prefix: ${PREFIX}");
+        let c = from_str_with_env(&src, "p.yaml", &env).unwrap();
+        assert_eq!(c.kafka.topic_prefix, "shop");
+    }
+
+    #[test]
+    fn forbidden_producer_override_explains_why() {
+        one_error(
+            &with("producer: {}", "producer:\n    acks: \"1\""),
+            14,
+            "kafka.producer.acks",
+            "walbridge always uses acks=all",
+        );
+        one_error(
+            &with(
+                "producer: {}",
+                "producer: { enable.idempotence: \"false\" }",
+            ),
+            13,
+            "kafka.producer.enable.idempotence",
+            "idempotent producer",
+        );
+        let c = from_str_with_env(
+            &with("producer: {}", "producer: { linger.ms: 5 }"),
+            "p.yaml",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka.producer.get("linger.ms").map(String::as_str),
+            Some("5")
+        );
+    }
+
+    #[test]
+    fn all_semantic_problems_are_reported_at_once() {
+        let src = VALID
+            .replace("publication: walbridge", "publication: 9pub")
+            .replace("\"127.0.0.1:9092\"", "\"localhost\"")
+            .replace("partitions: 3", "partitions: 0")
+            .replace("url: \"http://127.0.0.1:8081\"", "url: \"gopher://x\"");
+        let errs = errors_of(&src);
+        let paths: Vec<&str> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "source.publication",
+                "kafka.brokers",
+                "kafka.partitions",
+                "registry.url"
+            ],
+            "{errs}"
+        );
+        // One line per problem, each with its location.
+        assert_eq!(errs.to_string().lines().count(), 4);
+        assert!(
+            errs.to_string()
+                .lines()
+                .all(|l| l.starts_with("pipelines.yaml:"))
+        );
+    }
+
+    #[test]
+    fn dsn_password_never_appears_in_errors_or_debug() {
+        let secret = "s3cr3t-pa55";
+        // Invalid DSN with a password: the error shows it redacted.
+        let src = with(
+            "\"host=127.0.0.1 port=5432 user=postgres dbname=legacy\"",
+            &format!("\"host=127.0.0.1 port=notaport user=postgres password={secret}\""),
+        );
+        let errs = errors_of(&src);
+        let text = errs.to_string();
+        assert!(text.contains("source.dsn"), "{text}");
+        assert!(text.contains("password=***"), "{text}");
+        assert!(!text.contains(secret), "{text}");
+        assert!(!format!("{errs:?}").contains(secret));
+
+        // Malformed key=value text with a password: the parser's detail is dropped too.
+        let src = with(
+            "\"host=127.0.0.1 port=5432 user=postgres dbname=legacy\"",
+            &format!("\"host=127.0.0.1 password={secret} junk\""),
+        );
+        let text = errors_of(&src).to_string();
+        assert!(!text.contains(secret) && !text.contains("junk"), "{text}");
+
+        // Valid DSN (from the environment, as URL): Debug of the whole config redacts it.
+        let src = with(
+            "\"host=127.0.0.1 port=5432 user=postgres dbname=legacy\"",
+            "\"${DSN}\"",
+        );
+        let env = |_: &str| Some(format!("postgres://app:{secret}@db.internal:5432/legacy"));
+        let c = from_str_with_env(&src, "p.yaml", &env).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains(secret), "{dbg}");
+        assert!(
+            dbg.contains("postgres://app:***@db.internal:5432/legacy"),
+            "{dbg}"
+        );
+        assert_eq!(c.source.pg_config().get_password(), Some(secret.as_bytes()));
+        assert!(c.source.dsn.expose().contains(secret));
+    }
+
+    #[test]
+    fn redaction_covers_quoted_and_query_passwords() {
+        assert_eq!(
+            redact_dsn("host=h password='a b\\' c' user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(
+            redact_dsn("postgresql://u@h/db?sslmode=disable&password=x"),
+            "postgresql://u@h/db?sslmode=disable&password=***"
+        );
+        assert_eq!(redact_dsn("host = h user = u"), "host=h user=u");
+    }
+
+    #[test]
+    fn missing_file_is_reported_with_its_path() {
+        let errs = load(Path::new("/nonexistent/walbridge.yaml")).unwrap_err();
+        assert!(
+            errs.to_string()
+                .starts_with("/nonexistent/walbridge.yaml: cannot read the config file"),
+            "{errs}"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! walbridge: the binary's library half, so that tests and benchmarks drive the same code the
+//! CLI runs.
+
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod pipeline;
+pub mod stack;
+pub mod tail;

@@ -1,0 +1,271 @@
+//! The `walbridge` command line. Errors are reported here, at the edge, with their context.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "walbridge",
+    version,
+    about = "Stream a legacy Postgres monolith's changes into Kafka as Avro events"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream changes from the source into Kafka until SIGINT/SIGTERM.
+    Run {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the config and exit, starting nothing.
+    Check {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+    },
+    /// The simulated legacy OMS/WMS monolith.
+    Legacy {
+        #[command(subcommand)]
+        command: LegacyCommand,
+    },
+    /// Run walbridge's Confluent-compatible schema registry on its own.
+    Registry {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = ".walbridge/registry")]
+        data_dir: PathBuf,
+    },
+    /// Print the events in the pipeline's topics, decoded through the registry.
+    Tail {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+        /// Only this table (`schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// How many events to print (the last ones).
+        #[arg(long, default_value_t = 5)]
+        limit: usize,
+    },
+    /// The demo: a throwaway legacy database, broker and registry, the pipeline, and a workload.
+    Demo {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+    },
+    /// Throughput and latency against pg_recvlogical on the same WAL.
+    Bench {
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 500.0)]
+        latency_rate: f64,
+        #[arg(long, default_value_t = 10)]
+        latency_seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum LegacyCommand {
+    /// Create the oms/wms schemas (dropping existing ones) and load seed data.
+    Init {
+        #[arg(long)]
+        dsn: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        products: u32,
+        #[arg(long, default_value_t = 50_000)]
+        customers: u32,
+        #[arg(long, default_value_t = 20)]
+        locations: u32,
+    },
+    /// Drive the monolith through its own SQL at a chosen rate.
+    Simulate {
+        #[arg(long)]
+        dsn: String,
+        /// Transactions per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = ProfileArg::Steady)]
+        profile: ProfileArg,
+        /// Stop after this many transactions (for reproducible runs).
+        #[arg(long)]
+        max_transactions: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProfileArg {
+    Steady,
+    Spike,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<walbridge::config::Config> {
+    walbridge::config::load(path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Run { config } => {
+            let cfg = load_config(&config)?;
+            walbridge::pipeline::run(cfg, shutdown_signal()).await
+        }
+        Command::Check { config } => {
+            let cfg = load_config(&config)?;
+            println!(
+                "{}: ok — source {}, {} table selector(s), topics {}.<schema>.<table> on {}",
+                config.display(),
+                cfg.source.dsn.redacted(),
+                cfg.source.tables.len(),
+                cfg.kafka.topic_prefix,
+                cfg.kafka.bootstrap_servers()
+            );
+            Ok(())
+        }
+        Command::Legacy { command } => legacy(command).await,
+        Command::Registry { listen, data_dir } => {
+            let server = avro::RegistryServer::open(&data_dir)
+                .with_context(|| format!("opening the registry store in {}", data_dir.display()))?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let running = server.spawn(listener)?;
+            println!("schema registry listening on {}", running.url());
+            shutdown_signal().await;
+            Ok(())
+        }
+        Command::Tail {
+            config,
+            table,
+            limit,
+        } => {
+            let cfg = load_config(&config)?;
+            walbridge::demo::print_tail(&cfg, table.as_deref(), limit).await
+        }
+        Command::Demo { seconds, rate } => {
+            walbridge::demo::run(Duration::from_secs(seconds), rate).await
+        }
+        Command::Bench {
+            rows,
+            latency_rate,
+            latency_seconds,
+        } => walbridge::bench::run(rows, latency_rate, Duration::from_secs(latency_seconds)).await,
+    }
+}
+
+async fn legacy(cmd: LegacyCommand) -> anyhow::Result<()> {
+    let connect = |dsn: String| async move {
+        let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .context("connecting to the legacy database")?;
+        tokio::spawn(conn);
+        anyhow::Ok(client)
+    };
+    match cmd {
+        LegacyCommand::Init {
+            dsn,
+            seed,
+            products,
+            customers,
+            locations,
+        } => {
+            let client = connect(dsn).await?;
+            let opts = legacy_fixtures::InitOptions {
+                seed,
+                products,
+                customers,
+                locations,
+            };
+            let report = legacy_fixtures::init(&client, &opts).await?;
+            for (table, rows) in &report.rows {
+                println!("{table:<24} {rows:>9} rows");
+            }
+            println!(
+                "loaded {} rows in {:.1?}",
+                report.total_rows(),
+                report.elapsed
+            );
+        }
+        LegacyCommand::Simulate {
+            dsn,
+            rate,
+            duration,
+            seed,
+            profile,
+            max_transactions,
+        } => {
+            let client = connect(dsn).await?;
+            let opts = legacy_fixtures::SimulateOptions {
+                seed,
+                rate,
+                duration: Duration::from_secs(duration),
+                profile: match profile {
+                    ProfileArg::Steady => legacy_fixtures::Profile::Steady,
+                    ProfileArg::Spike => legacy_fixtures::Profile::Spike,
+                },
+                max_transactions,
+            };
+            let report = legacy_fixtures::simulate(&client, &opts).await?;
+            for (kind, n) in &report.counts {
+                println!("{:<24} {n:>9}", kind.as_str());
+            }
+            println!(
+                "{} transactions ({} skipped) in {:.1?}: {:.0} tx/s",
+                report.transactions, report.skipped, report.elapsed, report.achieved_rate
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

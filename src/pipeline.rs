@@ -1,0 +1,538 @@
+//! `walbridge run`: wires the stages together and nothing more.
+//!
+//! ```text
+//!  reader thread (current-thread runtime)          main runtime
+//!  ┌──────────────────────────┐  Batch (bounded)  ┌───────────────────────────────┐
+//!  │ WAL → frame → pgoutput   │ ────────────────▶ │ relations → Avro schemas      │
+//!  │ status updates (flush ◀──┼── watch<Lsn> ◀──┐ │ encode → KafkaSink.send(seq)  │
+//!  └──────────────────────────┘                 │ └───────────────────────────────┘
+//!                                    Progress ◀─┴── delivery callbacks (librdkafka thread)
+//! ```
+//!
+//! Event ids: every message carries `walbridge.event_id` = `<commit LSN>:<index in transaction>`.
+//! Postgres re-sends a transaction with the same commit LSN and the same change order after a
+//! restart, so a re-delivered change has the same id (invariant 2).
+//!
+//! Keys: the primary key (from the catalog, so REPLICA IDENTITY FULL tables still get a proper
+//! key); a table without one gets the replica identity columns, or no key at all. One key always
+//! lands on one partition, in commit order (invariant 3). An UPDATE that changes the key is sent
+//! as a delete of the old key followed by a create of the new one, as Debezium does, so each key's
+//! history stays complete on its own partition.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use avro::{Change, Op, RegistryClient, Source, TableSchema, TypeNames};
+use cdc::Lsn;
+use cdc::conn::ReplicationConnection;
+use cdc::pgoutput::{Message, OldTuple, Relation, ReplicaIdentity, Tuple, pg_ts_to_unix_ms};
+use cdc::progress::{Progress, Seq};
+use cdc::slot;
+use cdc::source::{Batch, Phase, ReaderOptions, SourceItem};
+use sinks::kafka::{KafkaSettings, KafkaSink, Record};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, TableSelector};
+
+/// Prefix of the heartbeat messages walbridge writes with `pg_logical_emit_message`.
+pub const HEARTBEAT_PREFIX: &str = "walbridge.heartbeat";
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// A table as the pipeline knows it after its Relation message.
+struct TableState {
+    rel: Relation,
+    topic: String,
+    schema: TableSchema,
+    key_id: Option<u32>,
+    value_id: u32,
+}
+
+struct OpenTx {
+    seq: Seq,
+    commit_lsn: Lsn,
+    xid: u32,
+    commit_ms: i64,
+    index: u32,
+    /// Header texts that are the same for every change of the transaction.
+    lsn_text: String,
+    xid_text: String,
+}
+
+pub struct Pipeline {
+    cfg: Config,
+    db: String,
+    meta: tokio_postgres::Client,
+    registry: RegistryClient,
+    sink: KafkaSink,
+    progress: Progress,
+    types: TypeNames,
+    tables: HashMap<u32, TableState>,
+    tx: Option<OpenTx>,
+    key_buf: Vec<u8>,
+    val_buf: Vec<u8>,
+    key_frame: Vec<u8>,
+    val_frame: Vec<u8>,
+    event_id: String,
+}
+
+/// Runs the pipeline until `shutdown` resolves, then drains: everything read is delivered and
+/// confirmed before returning.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_observed(cfg, shutdown, None).await
+}
+
+/// [`run`], also handing out a receiver of the confirmed LSN (benchmarks time commit → ack with
+/// it; tests wait on it instead of sleeping).
+pub async fn run_observed(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    observer: Option<tokio::sync::oneshot::Sender<watch::Receiver<Lsn>>>,
+) -> anyhow::Result<()> {
+    let pg = cfg.source.pg_config();
+    let (meta, conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to the source {}", cfg.source.dsn.redacted()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "metadata connection ended");
+        }
+    });
+    let selectors: Vec<slot::TableSelector> = cfg
+        .source
+        .tables
+        .iter()
+        .map(|t| match t {
+            TableSelector::Table { schema, table } => slot::TableSelector {
+                schema: schema.clone(),
+                table: Some(table.clone()),
+            },
+            TableSelector::AllInSchema { schema } => slot::TableSelector {
+                schema: schema.clone(),
+                table: None,
+            },
+        })
+        .collect();
+    let tables = slot::ensure_publication(&meta, &cfg.source.publication, &selectors).await?;
+    let slot_state = slot::ensure_slot(&meta, &cfg.source.slot).await?;
+    tracing::info!(slot = %cfg.source.slot, confirmed = %slot_state.confirmed_flush, created = slot_state.created, tables = tables.len(), "source ready");
+
+    let _embedded = match &cfg.registry.embedded {
+        Some(e) => {
+            let server = avro::RegistryServer::open(&e.data_dir).with_context(|| {
+                format!("opening the registry store in {}", e.data_dir.display())
+            })?;
+            let listener = tokio::net::TcpListener::bind(e.listen)
+                .await
+                .with_context(|| format!("binding the embedded registry to {}", e.listen))?;
+            Some(server.spawn(listener)?)
+        }
+        None => None,
+    };
+    let registry = RegistryClient::new(cfg.registry.url.as_str())?;
+
+    let (progress, flushed_rx) = Progress::new(slot_state.confirmed_flush);
+    if let Some(o) = observer {
+        let _ = o.send(flushed_rx.clone());
+    }
+    let sink = KafkaSink::new(
+        KafkaSettings {
+            brokers: cfg.kafka.bootstrap_servers(),
+            partitions: cfg.kafka.partitions,
+            replication_factor: i32::from(cfg.kafka.replication_factor),
+            max_queue_bytes: cfg.kafka.max_in_flight_bytes as usize,
+            extra: cfg
+                .kafka
+                .producer
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        },
+        progress.clone(),
+    )?;
+    let topics: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            let (s, n) = t.split_once('.').unwrap_or(("public", t));
+            cfg.kafka.topic_for(s, n)
+        })
+        .collect();
+    sink.ensure_topics(&topics).await?;
+
+    // The reader runs on its own thread with a current-thread runtime (see cdc::source).
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(8);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    let reader_opts = ReaderOptions {
+        slot: cfg.source.slot.clone(),
+        publication: cfg.source.publication.clone(),
+        start: slot_state.confirmed_flush,
+        status_interval: cfg.source.status_interval,
+        max_batch_bytes: MAX_BATCH_BYTES,
+    };
+    let repl_conn = ReplicationConnection::connect(&pg).await.with_context(|| {
+        format!(
+            "opening the replication connection to {}",
+            cfg.source.dsn.redacted()
+        )
+    })?;
+    let reader = std::thread::Builder::new()
+        .name("cdc-reader".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(cdc::source::run_reader(
+                repl_conn,
+                reader_opts,
+                batch_tx,
+                flushed_rx,
+                phase_rx,
+            ))
+            .map_err(anyhow::Error::from)
+        })?;
+
+    let heartbeat = spawn_heartbeat(&cfg);
+    let db = pg.get_dbname().unwrap_or("postgres").to_owned();
+    let mut p = Pipeline {
+        cfg,
+        db,
+        meta,
+        registry,
+        sink,
+        progress,
+        types: TypeNames::new(),
+        tables: HashMap::new(),
+        tx: None,
+        key_buf: Vec::with_capacity(256),
+        val_buf: Vec::with_capacity(4096),
+        key_frame: Vec::with_capacity(256),
+        val_frame: Vec::with_capacity(4096),
+        event_id: String::with_capacity(32),
+    };
+    let outcome = p.process(batch_rx, shutdown, &phase_tx).await;
+    heartbeat.abort();
+
+    // Drain: deliver what was handed to Kafka, let the confirmed LSN catch up, tell the server.
+    let _ = phase_tx.send(Phase::Drain);
+    let drained = tokio::task::block_in_place(|| p.sink.flush(Duration::from_secs(60)));
+    let _ = phase_tx.send(Phase::Done);
+    let reader_result = tokio::task::spawn_blocking(move || reader.join())
+        .await?
+        .map_err(|_| anyhow!("the replication reader thread panicked"))?;
+    tracing::info!(confirmed = %p.progress.confirmed(), "pipeline stopped");
+    outcome?;
+    drained?;
+    if let Some(f) = p.progress.failure() {
+        bail!("a sink failed: {f}");
+    }
+    reader_result
+}
+
+fn spawn_heartbeat(cfg: &Config) -> tokio::task::JoinHandle<()> {
+    let pg = cfg.source.pg_config();
+    let every = cfg.source.heartbeat_interval;
+    tokio::spawn(async move {
+        // A non-transactional logical message moves the WAL and reaches the slot even when only
+        // unpublished tables change, so the slot can be advanced (invariant 6).
+        let Ok((client, conn)) = pg.connect(tokio_postgres::NoTls).await else {
+            tracing::warn!("heartbeat connection failed; the slot advances on keepalives only");
+            return;
+        };
+        tokio::spawn(conn);
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = client
+                .execute(
+                    "SELECT pg_logical_emit_message(false, $1, '')",
+                    &[&HEARTBEAT_PREFIX],
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    })
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Pipeline {
+    async fn process(
+        &mut self,
+        mut rx: mpsc::Receiver<Batch>,
+        shutdown: impl Future<Output = ()>,
+        phase: &watch::Sender<Phase>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        let mut stopping = false;
+        loop {
+            let batch = tokio::select! {
+                b = rx.recv() => b,
+                _ = &mut shutdown, if !stopping => {
+                    tracing::info!("shutdown requested; draining");
+                    stopping = true;
+                    let _ = phase.send(Phase::Drain);
+                    continue;
+                }
+            };
+            let Some(batch) = batch else { return Ok(()) };
+            for item in batch.items {
+                self.item(item).await?;
+            }
+            if let Some(f) = self.progress.failure() {
+                bail!("a sink failed: {f}");
+            }
+        }
+    }
+
+    async fn item(&mut self, item: SourceItem) -> anyhow::Result<()> {
+        let msg = match item {
+            SourceItem::Idle(lsn) => {
+                self.progress.mark(lsn);
+                return Ok(());
+            }
+            SourceItem::Data { msg, .. } => msg,
+        };
+        match msg {
+            Message::Begin(b) => {
+                let seq = self.progress.begin();
+                self.tx = Some(OpenTx {
+                    seq,
+                    commit_lsn: b.final_lsn,
+                    xid: b.xid,
+                    commit_ms: pg_ts_to_unix_ms(b.commit_ts),
+                    index: 0,
+                    lsn_text: b.final_lsn.to_string(),
+                    xid_text: b.xid.to_string(),
+                });
+            }
+            Message::Commit(c) => {
+                let tx = self
+                    .tx
+                    .take()
+                    .ok_or_else(|| anyhow!("commit without begin at {}", c.commit_lsn))?;
+                self.progress.commit(tx.seq, c.end_lsn);
+            }
+            Message::Relation(rel) => self.relation(rel).await?,
+            Message::Type(t) => self.types.insert(&t),
+            Message::Insert(i) => {
+                self.change(i.relation_id, Op::Create, None, Some(&i.new))
+                    .await?
+            }
+            Message::Update(u) => {
+                let old = u.old.as_ref().map(OldTuple::tuple);
+                self.update(u.relation_id, old, &u.new).await?
+            }
+            Message::Delete(d) => {
+                self.change(d.relation_id, Op::Delete, Some(d.old.tuple()), None)
+                    .await?
+            }
+            Message::Truncate(t) => {
+                for rel in t.relation_ids {
+                    self.change(rel, Op::Truncate, None, None).await?;
+                }
+            }
+            Message::Message(m) => {
+                if !m.transactional && m.prefix == HEARTBEAT_PREFIX {
+                    self.progress.mark(m.lsn);
+                }
+            }
+            Message::Origin { .. } => {}
+            Message::StreamStart { .. }
+            | Message::StreamStop
+            | Message::StreamCommit { .. }
+            | Message::StreamAbort { .. } => {
+                bail!("streamed transaction messages arrived but protocol version 1 was requested")
+            }
+        }
+        Ok(())
+    }
+
+    /// A Relation message: (re)build the table's schemas and register them.
+    async fn relation(&mut self, rel: Relation) -> anyhow::Result<()> {
+        if let Some(known) = self.tables.get(&rel.id) {
+            if known.rel == rel {
+                return Ok(());
+            }
+        }
+        let topic = self.cfg.kafka.topic_for(&rel.namespace, &rel.name);
+        let pk = primary_key(&self.meta, &rel).await?;
+        let schema = if !pk.is_empty() {
+            let cols: Vec<&str> = pk.iter().map(String::as_str).collect();
+            TableSchema::with_key(&topic, &rel, &self.types, &cols)?
+        } else if rel.replica_identity == ReplicaIdentity::Full {
+            // No primary key and every column is "identity": no usable key.
+            TableSchema::with_key(&topic, &rel, &self.types, &[])?
+        } else {
+            TableSchema::new(&topic, &rel, &self.types)?
+        };
+        let key_id = if schema.has_key() {
+            Some(
+                self.registry
+                    .register(&format!("{topic}-key"), schema.key_schema_json())
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let value_id = self
+            .registry
+            .register(&format!("{topic}-value"), schema.value_schema_json())
+            .await?;
+        tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), topic = %topic, value_schema_id = value_id, "table mapped");
+        self.tables.insert(
+            rel.id,
+            TableState {
+                rel,
+                topic,
+                schema,
+                key_id,
+                value_id,
+            },
+        );
+        Ok(())
+    }
+
+    async fn update(
+        &mut self,
+        rel_id: u32,
+        old: Option<&Tuple>,
+        new: &Tuple,
+    ) -> anyhow::Result<()> {
+        let key_changed = match (old, self.tables.get(&rel_id)) {
+            (Some(old), Some(t)) => {
+                t.schema.has_key() && {
+                    let mut a = Vec::new();
+                    let mut b = Vec::new();
+                    t.schema.encode_key(old, &mut a)?;
+                    t.schema.encode_key(new, &mut b)?;
+                    a != b
+                }
+            }
+            _ => false,
+        };
+        if key_changed {
+            self.change(rel_id, Op::Delete, old, None).await?;
+            self.change(rel_id, Op::Create, None, Some(new)).await
+        } else {
+            self.change(rel_id, Op::Update, old, Some(new)).await
+        }
+    }
+
+    async fn change(
+        &mut self,
+        rel_id: u32,
+        op: Op,
+        before: Option<&Tuple>,
+        after: Option<&Tuple>,
+    ) -> anyhow::Result<()> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or_else(|| anyhow!("row change outside a transaction"))?;
+        let t = self
+            .tables
+            .get(&rel_id)
+            .ok_or_else(|| anyhow!("change for relation {rel_id} before its Relation message"))?;
+        let index = tx.index;
+        tx.index += 1;
+        let (seq, commit_lsn, xid, commit_ms) = (tx.seq, tx.commit_lsn, tx.xid, tx.commit_ms);
+        self.event_id.clear();
+        {
+            use std::fmt::Write;
+            let _ = write!(self.event_id, "{}:{index}", tx.lsn_text);
+        }
+
+        let change = Change {
+            op,
+            before,
+            after,
+            source: Source {
+                name: &self.cfg.kafka.topic_prefix,
+                db: &self.db,
+                schema: &t.rel.namespace,
+                table: &t.rel.name,
+                ts_ms: commit_ms,
+                tx_id: xid,
+                lsn: commit_lsn.0,
+                snapshot: false,
+            },
+            ts_ms: now_ms(),
+        };
+        self.val_buf.clear();
+        t.schema.encode_value(&change, &mut self.val_buf)?;
+        self.val_frame.clear();
+        avro::frame(t.value_id, &self.val_buf, &mut self.val_frame);
+        let key_row = after.or(before);
+        let has_key = match (t.key_id, key_row) {
+            (Some(kid), Some(row)) => {
+                self.key_buf.clear();
+                t.schema.encode_key(row, &mut self.key_buf)?;
+                self.key_frame.clear();
+                avro::frame(kid, &self.key_buf, &mut self.key_frame);
+                true
+            }
+            _ => false,
+        };
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| anyhow!("row change outside a transaction"))?;
+        let headers: [(&str, &[u8]); 4] = [
+            ("walbridge.event_id", self.event_id.as_bytes()),
+            ("walbridge.lsn", tx.lsn_text.as_bytes()),
+            ("walbridge.txid", tx.xid_text.as_bytes()),
+            ("walbridge.op", op.code().as_bytes()),
+        ];
+        let key = has_key.then_some(self.key_frame.as_slice());
+        // Expect before send: the ack may arrive before `send` even returns.
+        let tombstone = op == Op::Delete && has_key;
+        self.progress.expect(seq, if tombstone { 2 } else { 1 });
+        let topic = t.topic.as_str();
+        self.sink
+            .send(&Record {
+                topic,
+                key,
+                payload: Some(&self.val_frame),
+                headers: &headers,
+                seq,
+            })
+            .await?;
+        if tombstone {
+            // Debezium's tombstone: lets a compacted topic forget the deleted key.
+            self.sink
+                .send(&Record {
+                    topic,
+                    key,
+                    payload: None,
+                    headers: &headers,
+                    seq,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The table's primary key columns, in key order.
+async fn primary_key(meta: &tokio_postgres::Client, rel: &Relation) -> anyhow::Result<Vec<String>> {
+    let rows = meta
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1::oid AND i.indisprimary \
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&rel.id],
+        )
+        .await
+        .with_context(|| format!("reading the primary key of {}.{}", rel.namespace, rel.name))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

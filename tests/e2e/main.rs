@@ -1,0 +1,389 @@
+//! End-to-end tests: the legacy database, walbridge as a process, the tansu broker and the
+//! registry, all real. See `harness.rs` for how the stack is shared and how tests wait.
+
+mod harness;
+mod replication;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{TestDb, event_commit_lsn, field, shared};
+use walbridge::tail::Event;
+
+fn topic(db: &TestDb, table: &str) -> String {
+    format!("{}.{table}", db.name)
+}
+
+fn on<'a>(events: &'a [Event], topic: &str) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| e.topic == topic && e.value.is_some())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
+    let db = TestDb::new("changes").await;
+    let mut wb = db.start();
+    db.client
+        .batch_execute(
+            "INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points)
+               VALUES (900001, 'ada@example.com', 'Ada', 'Lovelace', 10);
+             UPDATE oms.customers SET loyalty_points = 25, city = 'London' WHERE id = 900001;
+             UPDATE oms.customers SET id = 900002 WHERE id = 900001;
+             DELETE FROM oms.customers WHERE id = 900002;
+             UPDATE oms.prices SET price = 12.34 WHERE sku = (SELECT min(sku) FROM oms.prices) AND currency = 'GBP';
+             TRUNCATE wms.stock_movements;",
+        )
+        .await
+        .unwrap();
+    let end = db.current_lsn().await;
+    db.wait_confirmed(end, &mut wb).await;
+    let events = db.events().await;
+
+    let customers: Vec<&Event> = on(&events, &topic(&db, "oms.customers"))
+        .into_iter()
+        .filter(|e| {
+            [field(e, "before", "id"), field(e, "after", "id")]
+                .iter()
+                .flatten()
+                .any(|v| v.as_i64().is_some_and(|id| id >= 900001))
+        })
+        .collect();
+    let ops: Vec<&str> = customers.iter().map(|e| e.op().unwrap()).collect();
+    // insert, update, key change (delete old key + create new key), delete
+    assert_eq!(ops, ["c", "u", "d", "c", "d"], "ops in commit order");
+    let c = customers[0];
+    assert_eq!(field(c, "after", "email").unwrap(), "ada@example.com");
+    assert!(
+        field(c, "before", "id").is_none(),
+        "an insert has no before"
+    );
+    let u = customers[1];
+    assert_eq!(field(u, "after", "loyalty_points").unwrap(), 25);
+    assert_eq!(field(u, "after", "city").unwrap(), "London");
+    assert_eq!(
+        field(customers[2], "before", "id").unwrap(),
+        900001,
+        "old key deleted"
+    );
+    assert_eq!(
+        field(customers[3], "after", "id").unwrap(),
+        900002,
+        "new key created"
+    );
+    let d = customers[4];
+    assert_eq!(field(d, "before", "id").unwrap(), 900002);
+    assert!(field(d, "after", "id").is_none(), "a delete has no after");
+    assert_eq!(d.value.as_ref().unwrap()["source"]["table"], "customers");
+    assert_eq!(d.value.as_ref().unwrap()["source"]["schema"], "oms");
+    // The key is the primary key, as Avro.
+    assert_eq!(d.key.as_ref().unwrap()["id"], 900002);
+    // Debezium tombstone after a delete, same key.
+    let tomb = events.iter().find(|e| {
+        e.topic == topic(&db, "oms.customers")
+            && e.value.is_none()
+            && e.key.as_ref().is_some_and(|k| k["id"] == 900002)
+    });
+    assert!(tomb.is_some(), "tombstone after delete");
+
+    let price = on(&events, &topic(&db, "oms.prices"));
+    assert_eq!(price.len(), 1);
+    assert_eq!(field(price[0], "after", "price").unwrap(), "12.34");
+    let trunc = on(&events, &topic(&db, "wms.stock_movements"));
+    assert_eq!(
+        trunc.iter().map(|e| e.op().unwrap()).collect::<Vec<_>>(),
+        ["t"]
+    );
+
+    // Event ids are unique and carry the commit LSN.
+    let ids: HashSet<&str> = events
+        .iter()
+        .filter(|e| e.value.is_some())
+        .map(|e| e.event_id().unwrap())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        events.iter().filter(|e| e.value.is_some()).count()
+    );
+    assert!(wb.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_of_one_key_stay_in_commit_order() {
+    let db = TestDb::new("order").await;
+    let mut wb = db.start();
+    // 20 customers, each updated 15 times, interleaved across transactions.
+    for round in 1..=15 {
+        db.client
+            .execute(
+                "UPDATE oms.customers SET loyalty_points = $1 WHERE id <= 20",
+                &[&round],
+            )
+            .await
+            .unwrap();
+    }
+    let end = db.current_lsn().await;
+    db.wait_confirmed(end, &mut wb).await;
+    let events = db.events().await;
+    let mut per_key: BTreeMap<i64, Vec<(i32, i64, i64)>> = BTreeMap::new();
+    for e in on(&events, &topic(&db, "oms.customers")) {
+        let id = e.key.as_ref().unwrap()["id"].as_i64().unwrap();
+        let pts = field(e, "after", "loyalty_points")
+            .unwrap()
+            .as_i64()
+            .unwrap();
+        per_key
+            .entry(id)
+            .or_default()
+            .push((e.partition, e.offset, pts));
+    }
+    assert_eq!(per_key.len(), 20);
+    for (id, seen) in per_key {
+        let partitions: HashSet<i32> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(
+            partitions.len(),
+            1,
+            "key {id} spread over partitions {partitions:?}"
+        );
+        let mut by_offset = seen.clone();
+        by_offset.sort_by_key(|s| s.1);
+        let values: Vec<i64> = by_offset.iter().map(|s| s.2).collect();
+        assert_eq!(
+            values,
+            (1..=15).collect::<Vec<i64>>(),
+            "key {id} out of commit order"
+        );
+    }
+    assert!(wb.stop().success());
+}
+
+/// Inserts `n` customers with ids from `first`, one transaction each.
+async fn insert_customers(db: &TestDb, first: i64, n: i64) {
+    for id in first..first + n {
+        db.client
+            .execute(
+                "INSERT INTO oms.customers (id, email, first_name, last_name) VALUES ($1, 'x@example.com', 'X', 'Y')",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn inserted_ids(events: &[Event], topic: &str) -> Vec<i64> {
+    events
+        .iter()
+        .filter(|e| e.topic == topic && e.op() == Some("c"))
+        .filter_map(|e| field(e, "after", "id")?.as_i64())
+        .filter(|id| *id >= 1_000_000)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_stop_and_restart_loses_nothing_and_duplicates_nothing() {
+    let db = TestDb::new("restart").await;
+    let mut wb = db.start();
+    insert_customers(&db, 1_000_000, 200).await;
+    let end = db.current_lsn().await;
+    db.wait_confirmed(end, &mut wb).await;
+    assert!(wb.stop().success(), "SIGTERM exits 0");
+    // Written while walbridge is down.
+    insert_customers(&db, 1_000_200, 200).await;
+    let mut wb = db.start();
+    let end = db.current_lsn().await;
+    db.wait_confirmed(end, &mut wb).await;
+    assert!(wb.stop().success());
+
+    let events = db.events().await;
+    let mut ids = inserted_ids(&events, &topic(&db, "oms.customers"));
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids,
+        (1_000_000..1_000_400).collect::<Vec<_>>(),
+        "every change arrived"
+    );
+    assert_eq!(n, 400, "no change arrived twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_unacked_changes() {
+    let db = TestDb::new("kill9").await;
+    let mut wb = db.start();
+    insert_customers(&db, 1_000_000, 50).await;
+    let first = db.current_lsn().await;
+    db.wait_confirmed(first, &mut wb).await;
+    // Keep writing while walbridge is killed.
+    let writer = {
+        let dsn = db.dsn.clone();
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            for id in 1_000_050..1_003_000i64 {
+                c.execute(
+                    "INSERT INTO oms.customers (id, email, first_name, last_name) VALUES ($1, 'k@example.com', 'K', 'L')",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    // Kill once the writer is well under way and walbridge has confirmed some of it.
+    loop {
+        let c = db.confirmed().await.unwrap();
+        if c > first {
+            break;
+        }
+        if let Some(s) = wb.try_exit() {
+            panic!("walbridge exited early: {s}\n{}", wb.log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wb.kill9();
+    let confirmed_at_kill = db.confirmed().await.unwrap();
+    writer.await.unwrap();
+
+    let mut wb = db.start();
+    let end = db.current_lsn().await;
+    db.wait_confirmed(end, &mut wb).await;
+    assert!(wb.stop().success());
+
+    let events = db.events().await;
+    let t = topic(&db, "oms.customers");
+    let mut ids = inserted_ids(&events, &t);
+    ids.sort();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(
+        ids,
+        (1_000_000..1_003_000).collect::<Vec<_>>(),
+        "no change lost"
+    );
+    let mut seen: HashMap<&str, &Event> = HashMap::new();
+    let mut dups = 0;
+    for e in events.iter().filter(|e| e.topic == t && e.value.is_some()) {
+        if let Some(prev) = seen.insert(e.event_id().unwrap(), e) {
+            dups += 1;
+            assert!(
+                event_commit_lsn(e) > confirmed_at_kill,
+                "event {} was confirmed ({confirmed_at_kill}) before the kill yet delivered twice",
+                e.event_id().unwrap()
+            );
+            assert_eq!(prev.key, e.key, "a duplicate is the same change");
+            assert_eq!(field(prev, "after", "id"), field(e, "after", "id"));
+        }
+    }
+    assert_eq!(
+        total - ids.len(),
+        dups,
+        "every duplicate is recognisable by its event id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_broker_holds_back_the_slot_and_nothing_is_lost() {
+    let broker = walbridge::stack::Broker::start().expect("own broker");
+    let db = TestDb::with_broker("paused", &broker.bootstrap()).await;
+    let mut wb = db.start();
+    insert_customers(&db, 1_000_000, 20).await;
+    let before = db.current_lsn().await;
+    db.wait_confirmed(before, &mut wb).await;
+
+    broker.pause().unwrap();
+    insert_customers(&db, 1_000_020, 100).await;
+    let end = db.current_lsn().await;
+    // For a few status intervals (100 ms each), the slot must not pass the un-acked changes.
+    for _ in 0..30 {
+        let c = db.confirmed().await.unwrap();
+        assert!(
+            c < end,
+            "slot confirmed {c} while the broker was paused (end {end})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.resume().unwrap();
+    db.wait_confirmed(end, &mut wb).await;
+    assert!(wb.stop().success());
+    let events = db.events().await;
+    let mut ids = inserted_ids(&events, &topic(&db, "oms.customers"));
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids, (1_000_000..1_000_120).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_config_is_refused_before_anything_starts() {
+    let s = shared();
+    let db_dsn = s.pg.dsn("postgres");
+    let dir = harness::scratch("badcfg");
+    let good = format!(
+        "source:\n  dsn: \"{db_dsn}\"\n  publication: badcfg\n  slot: badcfg_slot\n  tables: [oms.orders]\n\
+         kafka:\n  brokers: \"{}\"\n  topic_prefix: badcfg\n\
+         registry:\n  url: \"{}\"\n",
+        s.broker.bootstrap(),
+        s.registry_url
+    );
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown key",
+            good.replace("  partitions", "  partitions")
+                .replace("topic_prefix", "topic_prefx"),
+            "topic_prefx",
+        ),
+        (
+            "bad broker list",
+            good.replace(&s.broker.bootstrap(), "localhost"),
+            "kafka.brokers",
+        ),
+        (
+            "bad table name",
+            good.replace("[oms.orders]", "[orders]"),
+            "source.tables",
+        ),
+        (
+            "missing registry",
+            good.split("registry:").next().unwrap().to_owned(),
+            "registry",
+        ),
+        ("not yaml", "source: [unclosed\n".to_owned(), "line"),
+    ];
+    for (what, yaml, needle) in cases {
+        let path = dir.join("bad.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_walbridge"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: exit status {}", out.status);
+        assert!(
+            stderr.contains(needle),
+            "{what}: stderr does not name {needle:?}:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("bad.yaml"),
+            "{what}: stderr does not name the file:\n{stderr}"
+        );
+    }
+    // Nothing was started: no slot was created.
+    let (c, conn) = tokio_postgres::connect(&db_dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'badcfg_slot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "a bad config must not create a slot");
+}
