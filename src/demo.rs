@@ -106,14 +106,7 @@ pub async fn print_tail(cfg: &Config, table: Option<&str>, limit: usize) -> anyh
     let brokers = cfg.kafka.bootstrap_servers();
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
     let topics = tail::topics_with_prefix(&brokers, &format!("{}.", cfg.kafka.topic_prefix))?;
-    let events = tail::read_all(
-        &brokers,
-        &registry,
-        &topics,
-        Duration::from_secs(3),
-        Duration::from_secs(120),
-    )
-    .await?;
+    let events = tail::read_all(&brokers, &registry, &topics, Duration::from_secs(120)).await?;
     let mut counts: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for e in &events {
         let c = counts.entry(e.topic.as_str()).or_default();

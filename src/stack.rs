@@ -248,7 +248,7 @@ impl Postgres {
         }
         let client = self.connect("postgres").await?;
         client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .await
             .map_err(|source| StackError::Sql {
                 what: format!("create database {name}"),

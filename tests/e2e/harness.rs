@@ -1,9 +1,11 @@
 //! The test harness: real Postgres, real tansu broker, walbridge's own registry, and walbridge
 //! itself as a subprocess (so tests can SIGTERM and `kill -9` it as an operator would).
 //!
-//! One Postgres, one broker and one registry serve the whole test process; each test gets its own
-//! database, slot, publication and topic prefix, so tests run in parallel without seeing each
-//! other. A test that pauses the broker starts its own.
+//! One Postgres and one registry serve the whole test process; each test gets its own database,
+//! slot, publication, topic prefix and broker, so tests run in parallel without seeing each other.
+//!
+//! A broker per test keeps tests from sharing anything a test may pause or that another test's
+//! load could slow down; tansu starts in a fraction of a second.
 //!
 //! Waiting is done on observable state (the slot's `confirmed_flush_lsn`, a process exit) with a
 //! deadline, never with a fixed sleep.
@@ -19,7 +21,6 @@ use walbridge::tail::{self, Event};
 
 pub struct Shared {
     pub pg: Postgres,
-    pub broker: Broker,
     pub registry_url: String,
     _registry: Child,
     _dir: PathBuf,
@@ -34,7 +35,6 @@ pub fn shared() -> &'static Shared {
     SHARED.get_or_init(|| {
         let dir = scratch("shared");
         let pg = Postgres::start(&dir).expect("start postgres");
-        let broker = Broker::start().expect("start tansu broker");
         let port = walbridge::stack::free_port();
         let registry = Command::new(env!("CARGO_BIN_EXE_walbridge"))
             .args([
@@ -51,7 +51,6 @@ pub fn shared() -> &'static Shared {
         wait_port(port);
         Shared {
             pg,
-            broker,
             registry_url: format!("http://127.0.0.1:{port}"),
             _registry: registry,
             _dir: dir,
@@ -88,15 +87,13 @@ pub struct TestDb {
     pub dir: PathBuf,
     pub brokers: String,
     pub registry_url: String,
+    pub broker: Broker,
 }
 
 impl TestDb {
     pub async fn new(name: &str) -> TestDb {
-        Self::with_broker(name, &shared().broker.bootstrap()).await
-    }
-
-    pub async fn with_broker(name: &str, brokers: &str) -> TestDb {
         let s = shared();
+        let broker = Broker::start().expect("start tansu broker");
         s.pg.create_database(name).await.expect("create database");
         let dsn = s.pg.dsn(name);
         let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
@@ -117,8 +114,9 @@ impl TestDb {
             dsn,
             client,
             dir: scratch(name),
-            brokers: brokers.to_owned(),
+            brokers: broker.bootstrap(),
             registry_url: s.registry_url.clone(),
+            broker,
         }
     }
 
@@ -140,8 +138,41 @@ impl TestDb {
         p
     }
 
-    pub fn start(&self) -> Walbridge {
-        Walbridge::start(&self.write_config(), &self.dir.join("walbridge.log"))
+    /// Starts walbridge and waits until a walsender streams its slot. Changes committed before
+    /// the slot's consistent point are not streamed (that is the snapshot's job), so tests write
+    /// only after this. The slot's `active` flag is not enough: it is already set while
+    /// `pg_create_logical_replication_slot` waits for its consistent point, and a change made in
+    /// that window lies before it.
+    pub async fn start(&self) -> Walbridge {
+        let mut wb = Walbridge::start(&self.write_config(), &self.dir.join("walbridge.log"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let streaming = self
+                .client
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1",
+                    &[&self.name],
+                )
+                .await
+                .unwrap()
+                .is_some();
+            if streaming {
+                return wb;
+            }
+            if let Some(status) = wb.try_exit() {
+                panic!(
+                    "walbridge exited ({status}) before streaming; log:\n{}",
+                    wb.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "walbridge not streaming after 60 s; log:\n{}",
+                wb.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn current_lsn(&self) -> Lsn {
@@ -188,19 +219,23 @@ impl TestDb {
         }
     }
 
-    /// Every event of this test's topics, decoded through the registry.
-    pub async fn events(&self) -> Vec<Event> {
+    /// Every event of this test's topics, decoded through the registry: reads the topics until `complete` holds for what was read, or 60 s pass (then returns the
+    /// last read, and the test's assertions say what is missing). Needed because the reader's
+    /// only end signal with tansu is a quiet period (see `tail::read_all`), which a slow fetch
+    /// under load can outlast.
+    pub async fn events_until(&self, complete: impl Fn(&[Event]) -> bool) -> Vec<Event> {
         let registry = avro::RegistryClient::new(&self.registry_url).unwrap();
         let topics = tail::topics_with_prefix(&self.brokers, &format!("{}.", self.name)).unwrap();
-        tail::read_all(
-            &self.brokers,
-            &registry,
-            &topics,
-            Duration::from_secs(2),
-            Duration::from_secs(120),
-        )
-        .await
-        .unwrap()
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let events =
+                tail::read_all(&self.brokers, &registry, &topics, Duration::from_secs(120))
+                    .await
+                    .unwrap();
+            if complete(&events) || Instant::now() > deadline {
+                return events;
+            }
+        }
     }
 }
 
@@ -285,10 +320,14 @@ pub fn signal(pid: u32, sig: &str) {
 
 /// The commit LSN in an event id (`<commit LSN>:<index>`).
 pub fn event_commit_lsn(e: &Event) -> Lsn {
-    e.event_id()
-        .and_then(|id| id.split(':').next())
-        .and_then(|l| l.parse().ok())
-        .expect("event id")
+    event_position(e).0
+}
+
+/// (commit LSN, index in transaction) from the event id: the change's place in commit order.
+pub fn event_position(e: &Event) -> (Lsn, u32) {
+    let id = e.event_id().expect("event id");
+    let (lsn, idx) = id.split_once(':').expect("event id is <lsn>:<index>");
+    (lsn.parse().expect("lsn"), idx.parse().expect("index"))
 }
 
 /// Field `name` of the envelope's `before` or `after` row (`which`); `None` when that row is
@@ -299,4 +338,31 @@ pub fn field<'a>(e: &'a Event, which: &str, name: &str) -> Option<&'a serde_json
         return None;
     }
     row.get(name)
+}
+
+/// Asserts that `ids` (deduplicated, any order) are exactly `want`, naming what is missing or
+/// unexpected rather than printing both lists.
+pub fn assert_same_ids(ids: &[i64], want: std::ops::Range<i64>, what: &str) {
+    let got: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    let missing: Vec<i64> = want.clone().filter(|i| !got.contains(i)).collect();
+    let extra: Vec<&i64> = got.iter().filter(|i| !want.contains(i)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} missing {:?}{}, {} unexpected {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)],
+        if missing.len() > 20 { " …" } else { "" },
+        extra.len(),
+        &extra[..extra.len().min(20)]
+    );
+}
+
+/// True when every id of `want` was inserted (op `c`) on `topic`.
+pub fn has_inserts(events: &[Event], topic: &str, want: std::ops::Range<i64>) -> bool {
+    let got: std::collections::HashSet<i64> = events
+        .iter()
+        .filter(|e| e.topic == topic && e.op() == Some("c"))
+        .filter_map(|e| field(e, "after", "id")?.as_i64())
+        .collect();
+    want.into_iter().all(|i| got.contains(&i))
 }

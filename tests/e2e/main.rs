@@ -25,7 +25,7 @@ fn on<'a>(events: &'a [Event], topic: &str) -> Vec<&'a Event> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
     let db = TestDb::new("changes").await;
-    let mut wb = db.start();
+    let mut wb = db.start().await;
     db.client
         .batch_execute(
             "INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points)
@@ -33,16 +33,29 @@ async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
              UPDATE oms.customers SET loyalty_points = 25, city = 'London' WHERE id = 900001;
              UPDATE oms.customers SET id = 900002 WHERE id = 900001;
              DELETE FROM oms.customers WHERE id = 900002;
-             UPDATE oms.prices SET price = 12.34 WHERE sku = (SELECT min(sku) FROM oms.prices) AND currency = 'GBP';
+             UPDATE oms.prices SET price = 12.34 WHERE sku = (SELECT min(sku) FROM oms.prices) AND currency = 'EUR';
              TRUNCATE wms.stock_movements;",
         )
         .await
         .unwrap();
     let end = db.current_lsn().await;
     db.wait_confirmed(end, &mut wb).await;
-    let events = db.events().await;
+    // Complete when the last change of each table is there.
+    let (tc, tm) = (
+        topic(&db, "oms.customers"),
+        topic(&db, "wms.stock_movements"),
+    );
+    let events = db
+        .events_until(|ev| {
+            ev.iter().any(|e| e.topic == tm && e.op() == Some("t"))
+                && ev.iter().any(|e| e.topic == tc && e.value.is_none())
+                && ev.iter().any(|e| e.topic.ends_with("oms.prices"))
+        })
+        .await;
 
-    let customers: Vec<&Event> = on(&events, &topic(&db, "oms.customers"))
+    // Two keys (900001, 900002) live on different partitions; commit order across them is the
+    // event id's order (commit LSN, then position in the transaction).
+    let mut customers: Vec<&Event> = on(&events, &topic(&db, "oms.customers"))
         .into_iter()
         .filter(|e| {
             [field(e, "before", "id"), field(e, "after", "id")]
@@ -51,6 +64,7 @@ async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
                 .any(|v| v.as_i64().is_some_and(|id| id >= 900001))
         })
         .collect();
+    customers.sort_by_key(|e| harness::event_position(e));
     let ops: Vec<&str> = customers.iter().map(|e| e.op().unwrap()).collect();
     // insert, update, key change (delete old key + create new key), delete
     assert_eq!(ops, ["c", "u", "d", "c", "d"], "ops in commit order");
@@ -112,8 +126,8 @@ async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_of_one_key_stay_in_commit_order() {
-    let db = TestDb::new("order").await;
-    let mut wb = db.start();
+    let db = TestDb::new("keyorder").await;
+    let mut wb = db.start().await;
     // 20 customers, each updated 15 times, interleaved across transactions.
     for round in 1..=15 {
         db.client
@@ -126,7 +140,10 @@ async fn changes_of_one_key_stay_in_commit_order() {
     }
     let end = db.current_lsn().await;
     db.wait_confirmed(end, &mut wb).await;
-    let events = db.events().await;
+    let t = topic(&db, "oms.customers");
+    let events = db
+        .events_until(|ev| ev.iter().filter(|e| e.topic == t).count() >= 300)
+        .await;
     let mut per_key: BTreeMap<i64, Vec<(i32, i64, i64)>> = BTreeMap::new();
     for e in on(&events, &topic(&db, "oms.customers")) {
         let id = e.key.as_ref().unwrap()["id"].as_i64().unwrap();
@@ -184,35 +201,34 @@ fn inserted_ids(events: &[Event], topic: &str) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_stop_and_restart_loses_nothing_and_duplicates_nothing() {
     let db = TestDb::new("restart").await;
-    let mut wb = db.start();
+    let mut wb = db.start().await;
     insert_customers(&db, 1_000_000, 200).await;
     let end = db.current_lsn().await;
     db.wait_confirmed(end, &mut wb).await;
     assert!(wb.stop().success(), "SIGTERM exits 0");
     // Written while walbridge is down.
     insert_customers(&db, 1_000_200, 200).await;
-    let mut wb = db.start();
+    let mut wb = db.start().await;
     let end = db.current_lsn().await;
     db.wait_confirmed(end, &mut wb).await;
     assert!(wb.stop().success());
 
-    let events = db.events().await;
-    let mut ids = inserted_ids(&events, &topic(&db, "oms.customers"));
+    let t = topic(&db, "oms.customers");
+    let events = db
+        .events_until(|e| harness::has_inserts(e, &t, 1_000_000..1_000_400))
+        .await;
+    let mut ids = inserted_ids(&events, &t);
     let n = ids.len();
     ids.sort();
     ids.dedup();
-    assert_eq!(
-        ids,
-        (1_000_000..1_000_400).collect::<Vec<_>>(),
-        "every change arrived"
-    );
+    harness::assert_same_ids(&ids, 1_000_000..1_000_400, "every change arrived");
     assert_eq!(n, 400, "no change arrived twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_unacked_changes() {
     let db = TestDb::new("kill9").await;
-    let mut wb = db.start();
+    let mut wb = db.start().await;
     insert_customers(&db, 1_000_000, 50).await;
     let first = db.current_lsn().await;
     db.wait_confirmed(first, &mut wb).await;
@@ -249,22 +265,20 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_unacked_changes() {
     let confirmed_at_kill = db.confirmed().await.unwrap();
     writer.await.unwrap();
 
-    let mut wb = db.start();
+    let mut wb = db.start().await;
     let end = db.current_lsn().await;
     db.wait_confirmed(end, &mut wb).await;
     assert!(wb.stop().success());
 
-    let events = db.events().await;
     let t = topic(&db, "oms.customers");
+    let events = db
+        .events_until(|e| harness::has_inserts(e, &t, 1_000_000..1_003_000))
+        .await;
     let mut ids = inserted_ids(&events, &t);
     ids.sort();
     let total = ids.len();
     ids.dedup();
-    assert_eq!(
-        ids,
-        (1_000_000..1_003_000).collect::<Vec<_>>(),
-        "no change lost"
-    );
+    harness::assert_same_ids(&ids, 1_000_000..1_003_000, "no change lost");
     let mut seen: HashMap<&str, &Event> = HashMap::new();
     let mut dups = 0;
     for e in events.iter().filter(|e| e.topic == t && e.value.is_some()) {
@@ -272,8 +286,12 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_unacked_changes() {
             dups += 1;
             assert!(
                 event_commit_lsn(e) > confirmed_at_kill,
-                "event {} was confirmed ({confirmed_at_kill}) before the kill yet delivered twice",
-                e.event_id().unwrap()
+                "event {} was confirmed ({confirmed_at_kill}) before the kill yet delivered twice \
+                 (partition {} offsets {} and {})",
+                e.event_id().unwrap(),
+                e.partition,
+                prev.offset,
+                e.offset
             );
             assert_eq!(prev.key, e.key, "a duplicate is the same change");
             assert_eq!(field(prev, "after", "id"), field(e, "after", "id"));
@@ -288,9 +306,9 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_unacked_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_broker_holds_back_the_slot_and_nothing_is_lost() {
-    let broker = walbridge::stack::Broker::start().expect("own broker");
-    let db = TestDb::with_broker("paused", &broker.bootstrap()).await;
-    let mut wb = db.start();
+    let db = TestDb::new("paused").await;
+    let broker = &db.broker;
+    let mut wb = db.start().await;
     insert_customers(&db, 1_000_000, 20).await;
     let before = db.current_lsn().await;
     db.wait_confirmed(before, &mut wb).await;
@@ -310,23 +328,27 @@ async fn paused_broker_holds_back_the_slot_and_nothing_is_lost() {
     broker.resume().unwrap();
     db.wait_confirmed(end, &mut wb).await;
     assert!(wb.stop().success());
-    let events = db.events().await;
-    let mut ids = inserted_ids(&events, &topic(&db, "oms.customers"));
+    let t = topic(&db, "oms.customers");
+    let events = db
+        .events_until(|e| harness::has_inserts(e, &t, 1_000_000..1_000_120))
+        .await;
+    let mut ids = inserted_ids(&events, &t);
     ids.sort();
     ids.dedup();
-    assert_eq!(ids, (1_000_000..1_000_120).collect::<Vec<_>>());
+    harness::assert_same_ids(&ids, 1_000_000..1_000_120, "all arrived after resume");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_config_is_refused_before_anything_starts() {
     let s = shared();
+    let broker = walbridge::stack::Broker::start().expect("start tansu broker");
     let db_dsn = s.pg.dsn("postgres");
     let dir = harness::scratch("badcfg");
     let good = format!(
         "source:\n  dsn: \"{db_dsn}\"\n  publication: badcfg\n  slot: badcfg_slot\n  tables: [oms.orders]\n\
          kafka:\n  brokers: \"{}\"\n  topic_prefix: badcfg\n\
          registry:\n  url: \"{}\"\n",
-        s.broker.bootstrap(),
+        broker.bootstrap(),
         s.registry_url
     );
     let cases: Vec<(&str, String, &str)> = vec![
@@ -338,7 +360,7 @@ async fn bad_config_is_refused_before_anything_starts() {
         ),
         (
             "bad broker list",
-            good.replace(&s.broker.bootstrap(), "localhost"),
+            good.replace(&broker.bootstrap(), "localhost"),
             "kafka.brokers",
         ),
         (
@@ -351,7 +373,7 @@ async fn bad_config_is_refused_before_anything_starts() {
             good.split("registry:").next().unwrap().to_owned(),
             "registry",
         ),
-        ("not yaml", "source: [unclosed\n".to_owned(), "line"),
+        ("not yaml", "source: [unclosed\n".to_owned(), "bad.yaml:1:"),
     ];
     for (what, yaml, needle) in cases {
         let path = dir.join("bad.yaml");

@@ -17,34 +17,34 @@ async fn every_pgoutput_v1_message_kind_decodes_from_a_real_server() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    c.batch_execute(
-        "CREATE TYPE mood AS ENUM ('calm', 'busy');
-         CREATE TABLE t (id int PRIMARY KEY, v text, m mood);
-         CREATE TABLE full_t (id int PRIMARY KEY, v text);
-         ALTER TABLE full_t REPLICA IDENTITY FULL;
-         CREATE PUBLICATION p FOR TABLE t, full_t;
-         SELECT pg_create_logical_replication_slot('s', 'pgoutput');",
-    )
-    .await
-    .unwrap();
-    c.batch_execute(
-        "INSERT INTO t VALUES (1, 'one', 'calm');
-         UPDATE t SET v = 'uno' WHERE id = 1;
-         UPDATE t SET id = 2 WHERE id = 1;
-         DELETE FROM t WHERE id = 2;
-         INSERT INTO full_t VALUES (7, 'x');
-         UPDATE full_t SET v = 'y';
-         TRUNCATE t;
-         SELECT pg_logical_emit_message(true, 'acme', 'in-tx');
-         SELECT pg_logical_emit_message(false, 'acme', 'no-tx');
-         SELECT pg_replication_origin_create('upstream');
-         SELECT pg_replication_origin_session_setup('upstream');
-         INSERT INTO t VALUES (3, 'from upstream', 'busy');
-         SELECT pg_replication_origin_session_reset();
-         INSERT INTO t VALUES (4, 'last', NULL);",
-    )
-    .await
-    .unwrap();
+    // One statement per call: a multi-statement string runs as one transaction, and a slot
+    // cannot be created in a transaction that has written.
+    for sql in [
+        "CREATE TYPE mood AS ENUM ('calm', 'busy')",
+        "CREATE TABLE t (id int PRIMARY KEY, v text, m mood)",
+        "CREATE TABLE full_t (id int PRIMARY KEY, v text)",
+        "ALTER TABLE full_t REPLICA IDENTITY FULL",
+        "CREATE PUBLICATION p FOR TABLE t, full_t",
+        "SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
+        "INSERT INTO t VALUES (1, 'one', 'calm')",
+        "UPDATE t SET v = 'uno' WHERE id = 1",
+        "UPDATE t SET id = 2 WHERE id = 1",
+        "DELETE FROM t WHERE id = 2",
+        "INSERT INTO full_t VALUES (7, 'x')",
+        "UPDATE full_t SET v = 'y'",
+        "TRUNCATE t",
+        "SELECT pg_logical_emit_message(true, 'acme', 'in-tx')",
+        "SELECT pg_logical_emit_message(false, 'acme', 'no-tx')",
+        "SELECT pg_replication_origin_create('upstream')",
+        "SELECT pg_replication_origin_session_setup('upstream')",
+        "INSERT INTO t VALUES (3, 'from upstream', 'busy')",
+        "SELECT pg_replication_origin_session_reset()",
+        "INSERT INTO t VALUES (4, 'last', NULL)",
+    ] {
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
 
     let cfg: tokio_postgres::Config = dsn.parse().unwrap();
     let conn = ReplicationConnection::connect(&cfg).await.unwrap();
