@@ -68,7 +68,7 @@ pub async fn run(rows: u64, latency_rate: f64, latency_for: Duration) -> anyhow:
         done += n;
     }
     let end: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await?
         .get(0);
     let end_lsn: Lsn = end.parse()?;

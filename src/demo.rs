@@ -80,7 +80,7 @@ pub async fn run(seconds: Duration, rate: f64) -> anyhow::Result<()> {
         sim.transactions, sim.achieved_rate
     );
     let end: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await?
         .get(0);
     let end: cdc::Lsn = end.parse()?;

@@ -296,6 +296,7 @@ impl Pipeline {
     async fn item(&mut self, item: SourceItem) -> anyhow::Result<()> {
         let msg = match item {
             SourceItem::Idle(lsn) => {
+                tracing::debug!(lsn = %lsn, "idle position");
                 self.progress.mark(lsn);
                 return Ok(());
             }
@@ -319,6 +320,7 @@ impl Pipeline {
                     .tx
                     .take()
                     .ok_or_else(|| anyhow!("commit without begin at {}", c.commit_lsn))?;
+                tracing::debug!(commit = %c.commit_lsn, end = %c.end_lsn, changes = tx.index, "commit");
                 self.progress.commit(tx.seq, c.end_lsn);
             }
             Message::Relation(rel) => self.relation(rel).await?,
@@ -342,6 +344,7 @@ impl Pipeline {
             }
             Message::Message(m) => {
                 if !m.transactional && m.prefix == HEARTBEAT_PREFIX {
+                    tracing::debug!(lsn = %m.lsn, "heartbeat position");
                     self.progress.mark(m.lsn);
                 }
             }

@@ -175,10 +175,13 @@ impl TestDb {
         }
     }
 
+    /// The WAL insert position: at or past the end of every transaction committed so far. (Not
+    /// `pg_current_wal_lsn()`, the write position: with `synchronous_commit = off`, as the test
+    /// cluster runs, a commit can return before its WAL is written.)
     pub async fn current_lsn(&self) -> Lsn {
         let s: String = self
             .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .unwrap()
             .get(0);
@@ -195,6 +198,12 @@ impl TestDb {
             .await
             .unwrap()?;
         row.get::<_, Option<String>>(0).map(|s| s.parse().unwrap())
+    }
+
+    /// Waits until everything committed so far is confirmed by the slot.
+    pub async fn wait_caught_up(&self, wb: &mut Walbridge) {
+        let end = self.current_lsn().await;
+        self.wait_confirmed(end, wb).await;
     }
 
     /// Waits until the slot has confirmed `lsn` (everything up to it is acked by Kafka).
@@ -255,7 +264,10 @@ impl Walbridge {
         let child = Command::new(env!("CARGO_BIN_EXE_walbridge"))
             .args(["run", "-c"])
             .arg(config)
-            .env("RUST_LOG", "info,rdkafka=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("WALBRIDGE_TEST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
+            )
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()

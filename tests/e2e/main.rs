@@ -38,8 +38,7 @@ async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
         )
         .await
         .unwrap();
-    let end = db.current_lsn().await;
-    db.wait_confirmed(end, &mut wb).await;
+    db.wait_caught_up(&mut wb).await;
     // Complete when the last change of each table is there.
     let (tc, tm) = (
         topic(&db, "oms.customers"),
@@ -138,8 +137,7 @@ async fn changes_of_one_key_stay_in_commit_order() {
             .await
             .unwrap();
     }
-    let end = db.current_lsn().await;
-    db.wait_confirmed(end, &mut wb).await;
+    db.wait_caught_up(&mut wb).await;
     let t = topic(&db, "oms.customers");
     let events = db
         .events_until(|ev| ev.iter().filter(|e| e.topic == t).count() >= 300)
@@ -203,14 +201,12 @@ async fn clean_stop_and_restart_loses_nothing_and_duplicates_nothing() {
     let db = TestDb::new("restart").await;
     let mut wb = db.start().await;
     insert_customers(&db, 1_000_000, 200).await;
-    let end = db.current_lsn().await;
-    db.wait_confirmed(end, &mut wb).await;
+    db.wait_caught_up(&mut wb).await;
     assert!(wb.stop().success(), "SIGTERM exits 0");
     // Written while walbridge is down.
     insert_customers(&db, 1_000_200, 200).await;
     let mut wb = db.start().await;
-    let end = db.current_lsn().await;
-    db.wait_confirmed(end, &mut wb).await;
+    db.wait_caught_up(&mut wb).await;
     assert!(wb.stop().success());
 
     let t = topic(&db, "oms.customers");
@@ -266,8 +262,7 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_only_unacked_changes() {
     writer.await.unwrap();
 
     let mut wb = db.start().await;
-    let end = db.current_lsn().await;
-    db.wait_confirmed(end, &mut wb).await;
+    db.wait_caught_up(&mut wb).await;
     assert!(wb.stop().success());
 
     let t = topic(&db, "oms.customers");
