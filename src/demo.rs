@@ -92,11 +92,13 @@ pub async fn run(seconds: Duration, rate: f64) -> anyhow::Result<()> {
         "▶ all changes acked by Kafka and confirmed to Postgres (flush LSN {})",
         *confirmed.borrow()
     );
+    // Read back while the pipeline (and its embedded registry) still runs.
+    let shown = print_tail(&cfg, Some("oms.orders"), 1).await;
     let _ = stop_tx.send(());
     pipeline.await??;
-
-    print_tail(&cfg, Some("oms.orders"), 1).await?;
+    shown?;
     println!("\n▶ done. The stack stops now; `walbridge demo` starts a fresh one each time.");
+    drop(client);
     drop(pg);
     Ok(())
 }
