@@ -11,7 +11,6 @@
 //! stops the pipeline and, behind it, the replication reader. Memory stays bounded by
 //! `queue.buffering.max.kbytes`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use cdc::progress::Progress;
@@ -200,15 +199,4 @@ impl KafkaSink {
             .flush(timeout)
             .map_err(|_| KafkaSinkError::FlushTimeout(timeout, self.producer.in_flight_count()))
     }
-
-    pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
-    }
-}
-
-/// Parses `key=value` pairs as librdkafka takes them (used by config pass-through).
-pub fn to_pairs(map: &HashMap<String, String>) -> Vec<(String, String)> {
-    let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort();
-    v
 }
