@@ -83,12 +83,146 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     run_observed(cfg, shutdown, None).await
 }
 
+/// First wait after a transient failure; doubles up to `MAX_BACKOFF`.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// An attempt that ran this long was healthy: the next failure starts the backoff afresh.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
 /// [`run`], also handing out a receiver of the confirmed LSN (benchmarks time commit → ack with
 /// it; tests wait on it instead of sleeping).
+///
+/// Resilience: the pipeline runs in attempts. An attempt that fails with a transient error (the
+/// source restarted, a connection dropped, the registry did not answer) is torn down and a new one
+/// starts after a backoff, exactly as if the process had been restarted: new connections, and
+/// progress from the slot's confirmed LSN. Nothing more is needed for correctness, because what
+/// the failed attempt had not confirmed is streamed again (at-least-once; re-sent changes keep
+/// their event ids). A definite error (bad config for this source, a sink rejecting a record)
+/// stops the process instead, since retrying cannot fix it.
 pub async fn run_observed(
     cfg: Config,
     shutdown: impl Future<Output = ()>,
     observer: Option<tokio::sync::oneshot::Sender<watch::Receiver<Lsn>>>,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopper = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(stopper);
+
+    // The embedded registry outlives attempts: a reconnect to the source must not take it down.
+    let _embedded = match &cfg.registry.embedded {
+        Some(e) => {
+            let server = avro::RegistryServer::open(&e.data_dir).with_context(|| {
+                format!("opening the registry store in {}", e.data_dir.display())
+            })?;
+            let listener = tokio::net::TcpListener::bind(e.listen)
+                .await
+                .with_context(|| format!("binding the embedded registry to {}", e.listen))?;
+            Some(server.spawn(listener)?)
+        }
+        None => None,
+    };
+    let (confirmed_tx, confirmed_rx) = watch::channel(Lsn::ZERO);
+    if let Some(o) = observer {
+        let _ = o.send(confirmed_rx);
+    }
+
+    let mut backoff = MIN_BACKOFF;
+    let mut attempt = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        let result = tokio::select! {
+            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx) => r,
+            _ = &mut stopper => unreachable!("the stopper never completes"),
+        };
+        let err = match result {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if *stop_rx.borrow() || !is_transient(&err, attempt > 0) {
+            return Err(err);
+        }
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = MIN_BACKOFF;
+        }
+        let wait = jittered(backoff);
+        tracing::warn!(error = %format!("{err:#}"), retry_in_ms = wait.as_millis() as u64, attempt, "transient failure; restarting the pipeline");
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = &mut stopper => unreachable!("the stopper never completes"),
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        attempt += 1;
+    }
+}
+
+/// Full jitter in [d/2, d], so that many walbridge instances do not retry in lockstep.
+fn jittered(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let frac = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(frac)
+}
+
+/// Whether retrying can help. Connection-level failures and a server that is shutting down or
+/// starting up are transient; so is a slot still held by our own previous connection (`retrying`)
+/// while the server notices that connection is gone. Everything else is definite.
+fn is_transient(err: &anyhow::Error, retrying: bool) -> bool {
+    fn transient_sqlstate(code: &str) -> bool {
+        // 08: connection exception; 57P01-03: admin/crash shutdown, cannot connect now;
+        // 53: insufficient resources; 55006: object in use (a slot still held by a dying walsender).
+        code.starts_with("08")
+            || code.starts_with("57P")
+            || code.starts_with("53")
+            || code == "55006"
+    }
+    fn conn_transient(e: &cdc::conn::ConnError) -> bool {
+        use cdc::conn::ConnError;
+        match e {
+            ConnError::Server { code, .. } => transient_sqlstate(code),
+            ConnError::Auth(_) | ConnError::Protocol(_) => false,
+            ConnError::Connect { .. } | ConnError::Io(_) | ConnError::Closed => true,
+        }
+    }
+    err.chain().any(|cause| {
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        // SourceError::Conn is transparent: its source() skips the ConnError, so look inside.
+        if let Some(e) = cause.downcast_ref::<cdc::source::SourceError>() {
+            return match e {
+                cdc::source::SourceError::Conn(c) => conn_transient(c),
+                cdc::source::SourceError::Decode { .. } => false,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<cdc::conn::ConnError>() {
+            return conn_transient(e);
+        }
+        if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
+            return e.is_closed() || e.code().is_some_and(|c| transient_sqlstate(c.code()));
+        }
+        if let Some(slot::SlotError::InUse { .. }) = cause.downcast_ref::<slot::SlotError>() {
+            return retrying;
+        }
+        if let Some(e) = cause.downcast_ref::<avro::RegistryError>() {
+            return e.is_transient();
+        }
+        false
+    })
+}
+
+/// One attempt: connect, check the source, stream until stopped or failed, drain.
+async fn run_attempt(
+    cfg: &Config,
+    mut stop: watch::Receiver<bool>,
+    confirmed_out: &watch::Sender<Lsn>,
 ) -> anyhow::Result<()> {
     let pg = cfg.source.pg_config();
     let (meta, conn) = pg
@@ -119,24 +253,29 @@ pub async fn run_observed(
     let slot_state = slot::ensure_slot(&meta, &cfg.source.slot).await?;
     tracing::info!(slot = %cfg.source.slot, confirmed = %slot_state.confirmed_flush, created = slot_state.created, tables = tables.len(), "source ready");
 
-    let _embedded = match &cfg.registry.embedded {
-        Some(e) => {
-            let server = avro::RegistryServer::open(&e.data_dir).with_context(|| {
-                format!("opening the registry store in {}", e.data_dir.display())
-            })?;
-            let listener = tokio::net::TcpListener::bind(e.listen)
-                .await
-                .with_context(|| format!("binding the embedded registry to {}", e.listen))?;
-            Some(server.spawn(listener)?)
-        }
-        None => None,
-    };
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
 
     let (progress, flushed_rx) = Progress::new(slot_state.confirmed_flush);
-    if let Some(o) = observer {
-        let _ = o.send(flushed_rx.clone());
-    }
+    // Observers see one confirmed LSN across attempts, never moving backwards.
+    let forward = {
+        let mut rx = flushed_rx.clone();
+        let out = confirmed_out.clone();
+        tokio::spawn(async move {
+            loop {
+                let v = *rx.borrow_and_update();
+                out.send_if_modified(|cur| {
+                    let newer = v > *cur;
+                    if newer {
+                        *cur = v;
+                    }
+                    newer
+                });
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let sink = KafkaSink::new(
         KafkaSettings {
             brokers: cfg.kafka.bootstrap_servers(),
@@ -196,7 +335,7 @@ pub async fn run_observed(
     let heartbeat = spawn_heartbeat(&cfg);
     let db = pg.get_dbname().unwrap_or("postgres").to_owned();
     let mut p = Pipeline {
-        cfg,
+        cfg: cfg.clone(),
         db,
         meta,
         registry,
@@ -211,7 +350,10 @@ pub async fn run_observed(
         val_frame: Vec::with_capacity(4096),
         event_id: String::with_capacity(32),
     };
-    let outcome = p.process(batch_rx, shutdown, &phase_tx).await;
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let outcome = p.process(batch_rx, stopped, &phase_tx).await;
     heartbeat.abort();
 
     // Drain: deliver what was handed to Kafka, let the confirmed LSN catch up, tell the server.
@@ -222,6 +364,7 @@ pub async fn run_observed(
         .await?
         .map_err(|_| anyhow!("the replication reader thread panicked"))?;
     tracing::info!(confirmed = %p.progress.confirmed(), "pipeline stopped");
+    forward.abort();
     outcome?;
     drained?;
     if let Some(f) = p.progress.failure() {

@@ -35,6 +35,10 @@ pub enum SlotError {
     },
     #[error("replication slot {slot:?} {problem}")]
     BadSlot { slot: String, problem: String },
+    #[error(
+        "replication slot {slot:?} is in use by another consumer (pid {pid}); stop it, or choose another `source.slot` name"
+    )]
+    InUse { slot: String, pid: String },
 }
 
 /// A table chosen in the config: `schema.table`, or `schema.*` for all tables of a schema.
@@ -182,10 +186,10 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotE
         )));
     }
     if active {
-        return Err(bad(format!(
-            "is in use by another consumer (pid {}); stop it, or choose another `source.slot` name",
-            active_pid.map_or("unknown".into(), |p| p.to_string())
-        )));
+        return Err(SlotError::InUse {
+            slot: slot.to_owned(),
+            pid: active_pid.map_or("unknown".into(), |p| p.to_string()),
+        });
     }
     if wal_status.as_deref() == Some("lost") {
         return Err(bad(

@@ -88,14 +88,29 @@ pub struct TestDb {
     pub brokers: String,
     pub registry_url: String,
     pub broker: Broker,
+    /// A Postgres of the test's own, for tests that restart it.
+    own_pg: Option<Postgres>,
 }
 
 impl TestDb {
+    /// A database on the shared Postgres.
     pub async fn new(name: &str) -> TestDb {
+        Self::create(name, false).await
+    }
+
+    /// A database on a Postgres of its own, which the test may restart.
+    pub async fn with_own_postgres(name: &str) -> TestDb {
+        Self::create(name, true).await
+    }
+
+    async fn create(name: &str, own: bool) -> TestDb {
         let s = shared();
+        let dir = scratch(name);
+        let own_pg = own.then(|| Postgres::start(&dir.join("pg")).expect("start own postgres"));
+        let pg = own_pg.as_ref().unwrap_or(&s.pg);
         let broker = Broker::start().expect("start tansu broker");
-        s.pg.create_database(name).await.expect("create database");
-        let dsn = s.pg.dsn(name);
+        pg.create_database(name).await.expect("create database");
+        let dsn = pg.dsn(name);
         let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
             .await
             .expect("connect");
@@ -113,11 +128,33 @@ impl TestDb {
             name: name.to_owned(),
             dsn,
             client,
-            dir: scratch(name),
+            dir,
             brokers: broker.bootstrap(),
             registry_url: s.registry_url.clone(),
             broker,
+            own_pg,
         }
+    }
+
+    /// Restarts the test's own Postgres (`pg_ctl restart -m fast`: every connection is cut) and
+    /// reconnects the test's client.
+    pub async fn restart_postgres(&mut self) {
+        let mut pg = self
+            .own_pg
+            .take()
+            .expect("restart_postgres needs with_own_postgres");
+        let pg = tokio::task::spawn_blocking(move || {
+            pg.restart().expect("restart postgres");
+            pg
+        })
+        .await
+        .unwrap();
+        self.own_pg = Some(pg);
+        let (client, conn) = tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls)
+            .await
+            .expect("reconnect");
+        tokio::spawn(conn);
+        self.client = client;
     }
 
     pub fn config_yaml(&self) -> String {
