@@ -8,6 +8,8 @@
 //! 2. Latency. Single-row transactions at a fixed offered rate while walbridge runs; for each, the
 //!    time from the client seeing COMMIT return to walbridge's confirmed LSN passing it (every
 //!    change of the transaction acked by Kafka). Printed: p50, p99, max.
+//! 3. Memory (`--big-tx-rows`). One transaction of that many rows, streamed into Kafka; printed:
+//!    the time and the process's peak RSS while draining it (VmHWM, reset just before).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -35,7 +37,12 @@ fn config_yaml(
     )
 }
 
-pub async fn run(rows: u64, latency_rate: f64, latency_for: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    rows: u64,
+    latency_rate: f64,
+    latency_for: Duration,
+    big_tx_rows: u64,
+) -> anyhow::Result<()> {
     let dir = tempdir()?;
     let pg = Postgres::start(&dir)?;
     pg.create_database("bench").await?;
@@ -54,6 +61,7 @@ pub async fn run(rows: u64, latency_rate: f64, latency_for: Duration) -> anyhow:
         "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('wb', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('recv2', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('wbbig', 'pgoutput')",
     ] {
         client
             .batch_execute(sql)
@@ -179,10 +187,93 @@ pub async fn run(rows: u64, latency_rate: f64, latency_for: Duration) -> anyhow:
         pct(0.99),
         lat.last().copied().unwrap_or_default()
     );
+    if big_tx_rows > 0 {
+        big_transaction(&client, &dsn, &broker, &dir, id, big_tx_rows).await?;
+    }
     drop(broker);
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// One transaction of `n` rows through walbridge, with the process's peak RSS while it drains.
+/// The slot `wbbig` was created before any load, so it skips the earlier (already measured)
+/// transactions quickly and then has the big one to stream.
+async fn big_transaction(
+    client: &tokio_postgres::Client,
+    dsn: &str,
+    broker: &Broker,
+    dir: &Path,
+    first_id: i64,
+    n: u64,
+) -> anyhow::Result<()> {
+    println!("\nloading one transaction of {n} rows ...");
+    let t = Instant::now();
+    client
+        .execute(
+            "INSERT INTO bench (id, sku, qty, price, note) \
+             SELECT g, 'SKU-' || (g % 10000), (g % 50)::int, (g % 1000) / 7.0, 'big ' || g \
+             FROM generate_series($1::bigint, $2::bigint) g",
+            &[&first_id, &(first_id + n as i64 - 1)],
+        )
+        .await?;
+    println!("  loaded in {:.1?}", t.elapsed());
+    let end: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    let end_lsn: Lsn = end.parse()?;
+    let rss_before = proc_status_kib("VmRSS:");
+    // Reset the kernel's peak-RSS counter (VmHWM) so it covers only the drain.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let reg_port = crate::stack::free_port();
+    let yaml = config_yaml(
+        dsn,
+        "wbbig",
+        &broker.bootstrap(),
+        reg_port,
+        &dir.join("registry-big"),
+    );
+    let cfg = crate::config::from_str(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
+    let pipeline = tokio::spawn(crate::pipeline::run_observed(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(obs_tx),
+    ));
+    let mut confirmed = obs_rx.await.context("pipeline did not start")?;
+    while *confirmed.borrow() < end_lsn {
+        confirmed
+            .changed()
+            .await
+            .context("pipeline stopped before the end of the transaction")?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let peak = proc_status_kib("VmHWM:");
+    let _ = stop_tx.send(());
+    pipeline.await??;
+    println!("one {n}-row transaction through walbridge into Kafka");
+    println!(
+        "  {secs:.1} s, {:.0} rows/s (includes the server decoding the whole transaction)",
+        n as f64 / secs
+    );
+    println!(
+        "  peak RSS of the walbridge process while draining: {:.0} MiB (before: {:.0} MiB)",
+        peak.unwrap_or(0) as f64 / 1024.0,
+        rss_before.unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// A `/proc/self/status` field in KiB.
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Drains `slot` up to `end` with pg_recvlogical; returns the seconds it took.
