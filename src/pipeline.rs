@@ -27,7 +27,7 @@ use anyhow::{Context, anyhow, bail};
 use avro::{Change, Op, RegistryClient, Source, TableSchema, TypeNames};
 use cdc::Lsn;
 use cdc::conn::ReplicationConnection;
-use cdc::pgoutput::{Message, OldTuple, Relation, ReplicaIdentity, Tuple, pg_ts_to_unix_ms};
+use cdc::pgoutput::{Message, OldTuple, Relation, ReplicaIdentity, Tuple, Value, pg_ts_to_unix_ms};
 use cdc::progress::{Progress, Seq};
 use cdc::slot;
 use cdc::source::{Batch, Phase, ReaderOptions, SourceItem};
@@ -567,7 +567,27 @@ impl Pipeline {
         };
         if key_changed {
             self.change(rel_id, Op::Delete, old, None).await?;
-            self.change(rel_id, Op::Create, None, Some(new)).await
+            // The create has no `before` to take unchanged TOAST values from, so take them from
+            // the old row here (REPLICA IDENTITY FULL sends it whole). Key changes are rare;
+            // the copy is of `Bytes` handles only.
+            let filled: Option<Tuple> = old
+                .filter(|_| new.iter().any(|v| *v == Value::UnchangedToast))
+                .map(|old| {
+                    new.iter()
+                        .zip(old)
+                        .map(|(n, o)| match (n, o) {
+                            (Value::UnchangedToast, Value::Text(_) | Value::Binary(_)) => o.clone(),
+                            _ => n.clone(),
+                        })
+                        .collect()
+                });
+            self.change(
+                rel_id,
+                Op::Create,
+                None,
+                Some(filled.as_ref().unwrap_or(new)),
+            )
+            .await
         } else {
             self.change(rel_id, Op::Update, old, Some(new)).await
         }

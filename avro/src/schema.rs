@@ -24,20 +24,41 @@
 //! | `time` | `long`, logicalType `time-micros` |
 //! | `timestamp` | `long`, logicalType `local-timestamp-micros` |
 //! | `timestamptz` | `long`, logicalType `timestamp-micros` (UTC) |
-//! | `timetz`, `interval` | `string` (Postgres text output) |
+//! | `timetz` | `string` (Postgres text output, `12:34:56+05:30`) |
+//! | `interval` | `string`, ISO 8601 duration (`P1Y2M3DT4H5M6.789S`: the cdc connection sets `IntervalStyle=iso_8601`) |
 //! | `uuid` | `string`, logicalType `uuid` |
 //! | `json`, `jsonb` | `string`, `connect.name` = `io.debezium.data.Json` |
 //! | one-dimensional arrays of the above | `array` of `["null", item]` |
-//! | anything else (enums, domains, extension types) | `string`, with `pg.type` naming user types |
+//! | domains over the types above | as the base type (pgoutput names a domain by its base type and does not send the base's typmod, so a domain over `numeric(p,s)` is an unconstrained `numeric`) |
+//! | anything else (enums, extension types, domains over those) | `string`, with `pg.type` naming the type |
 //!
 //! Value fields are all `["null", T]` with default null: pgoutput does not say which columns
 //! are NOT NULL. Key fields are not nullable. Dates and timestamps BC are encoded (negative
 //! values); `infinity` has no Avro form and is an [`EncodeError`].
 //!
+//! # Unchanged TOAST values
+//!
+//! When an UPDATE leaves a TOASTed (large, stored out of line) value alone, pgoutput does not
+//! send it: the column arrives as `u` ([`Value::UnchangedToast`]). walbridge never invents a
+//! value for it, neither a placeholder string (Debezium's `__debezium_unavailable_value`, which
+//! a consumer can mistake for data) nor a silent null. Instead:
+//!
+//! - If the old row carries the value (`REPLICA IDENTITY FULL`: Postgres writes the whole old
+//!   row to the WAL with every TOASTed value inlined), the unchanged new value *is* the old one,
+//!   so `after` gets it from `before` and the event is complete.
+//! - Otherwise the field is null in `after`, and its Avro field name is listed in the envelope's
+//!   top-level `unavailable_columns` (`["null", {"type": "array", "items": "string"}]`, null
+//!   when every value is present). A consumer tests membership in that list to tell "not sent,
+//!   keep the value you have" from a real NULL. An old tuple with a `u` (which Postgres does not
+//!   produce, since it inlines TOASTed values in the old row) is treated the same way: null in
+//!   `before`, and listed.
+//!
+//! The field comes last and defaults to null, so the envelope stays backward compatible with
+//! schemas registered before it existed, and Debezium consumers that do not know it ignore it.
+//! Filling and listing happen while encoding, with no allocation.
+//!
 //! # Limitations
 //!
-//! - TODO(toast): a TOASTed column an UPDATE left unchanged (`Value::UnchangedToast`) is encoded
-//!   as null in `after`; consumers cannot yet tell it from a real NULL.
 //! - Values in pgoutput binary format are rejected: walbridge uses text mode.
 //! - Arrays of user-defined types and multi-dimensional arrays: the former are sent as their
 //!   array literal string, the latter are an [`EncodeError`].
@@ -228,6 +249,8 @@ enum Kind {
 #[derive(Debug, Clone)]
 struct ColumnPlan {
     name: String,
+    /// Avro field name (`name` sanitized), as listed in `unavailable_columns`.
+    field: String,
     pg_type: String,
     kind: Kind,
 }
@@ -293,7 +316,6 @@ impl TableSchema {
         let namespace = avro_namespace(topic);
 
         let mut columns = Vec::with_capacity(rel.columns.len());
-        let mut field_names: Vec<String> = Vec::with_capacity(rel.columns.len());
         let mut value_fields = Vec::with_capacity(rel.columns.len());
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, col) in rel.columns.iter().enumerate() {
@@ -313,9 +335,9 @@ impl TableSchema {
                 "type": ["null", avro_type],
                 "default": null,
             }));
-            field_names.push(field);
             columns.push(ColumnPlan {
                 name: col.name.clone(),
+                field,
                 pg_type,
                 kind,
             });
@@ -325,7 +347,7 @@ impl TableSchema {
             .map(|&i| {
                 let col = &rel.columns[i];
                 let (_, _, avro_type) = map_type(col.type_oid, col.type_modifier, types);
-                json!({ "name": field_names[i], "type": avro_type })
+                json!({ "name": columns[i].field, "type": avro_type })
             })
             .collect();
 
@@ -356,6 +378,12 @@ impl TableSchema {
                 { "name": "op", "type": "string" },
                 { "name": "ts_ms", "type": ["null", "long"], "default": null },
                 { "name": "transaction", "type": ["null", transaction_schema()], "default": null },
+                // Last and defaulted, so adding it kept the envelope backward compatible.
+                {
+                    "name": "unavailable_columns",
+                    "type": ["null", { "type": "array", "items": "string" }],
+                    "default": null,
+                },
             ],
             "connect.name": envelope_name,
         })
@@ -445,12 +473,13 @@ impl TableSchema {
     }
 
     fn encode_envelope(&self, change: &Change<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        for row in [change.before, change.after] {
+        // `after` may take unchanged TOAST values from `before` (see the module doc).
+        for (row, fill) in [(change.before, None), (change.after, change.before)] {
             match row {
                 None => put_union_branch(out, 0),
                 Some(row) => {
                     put_union_branch(out, 1);
-                    self.encode_row(row, out)?;
+                    self.encode_row(row, fill, out)?;
                 }
             }
         }
@@ -479,14 +508,28 @@ impl TableSchema {
         put_union_branch(out, 1);
         put_long(out, change.ts_ms);
         put_union_branch(out, 0); // transaction
+        self.encode_unavailable(change.before, change.after, out);
         Ok(())
     }
 
-    fn encode_row(&self, row: &Tuple, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    /// Writes `row`; an unchanged TOAST value is taken from `fill` (the old row) when that has
+    /// it, and is null otherwise.
+    fn encode_row(
+        &self,
+        row: &Tuple,
+        fill: Option<&Tuple>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         self.check_width(row)?;
-        for (col, value) in self.columns.iter().zip(row) {
+        for (i, (col, value)) in self.columns.iter().zip(row).enumerate() {
+            let value = match value {
+                Value::UnchangedToast => match fill.and_then(|f| f.get(i)) {
+                    Some(old @ (Value::Text(_) | Value::Binary(_))) => old,
+                    _ => value,
+                },
+                _ => value,
+            };
             match value {
-                // TODO(toast): unchanged TOAST is indistinguishable from NULL for now.
                 Value::Null | Value::UnchangedToast => put_union_branch(out, 0),
                 Value::Text(text) => {
                     put_union_branch(out, 1);
@@ -496,6 +539,35 @@ impl TableSchema {
             }
         }
         Ok(())
+    }
+
+    /// The `unavailable_columns` field: Avro names of the columns that `encode_row` left null
+    /// because pgoutput did not send their value. Both rows were width-checked already.
+    fn encode_unavailable(&self, before: Option<&Tuple>, after: Option<&Tuple>, out: &mut Vec<u8>) {
+        let unavailable = |i: usize| {
+            let old = before.and_then(|t| t.get(i));
+            let new = after.and_then(|t| t.get(i));
+            match (old, new) {
+                (Some(Value::UnchangedToast), _) => true,
+                (Some(Value::Text(_) | Value::Binary(_)), Some(Value::UnchangedToast)) => false,
+                (_, Some(Value::UnchangedToast)) => true,
+                _ => false,
+            }
+        };
+        // Counting first keeps this allocation-free: the array's block length comes first.
+        let count = (0..self.columns.len()).filter(|&i| unavailable(i)).count();
+        if count == 0 {
+            put_union_branch(out, 0);
+            return;
+        }
+        put_union_branch(out, 1);
+        put_long(out, count as i64);
+        for (i, col) in self.columns.iter().enumerate() {
+            if unavailable(i) {
+                put_bytes(out, col.field.as_bytes());
+            }
+        }
+        put_long(out, 0);
     }
 
     fn check_width(&self, row: &Tuple) -> Result<(), EncodeError> {
@@ -594,26 +666,78 @@ fn encode_kind(kind: &Kind, text: &[u8], out: &mut Vec<u8>) -> Result<(), Encode
 
 /// Chooses the encoding, a readable type name for errors, and the Avro type JSON of a column.
 fn map_type(oid: u32, typmod: i32, types: &TypeNames) -> (Kind, String, Json) {
-    if let Some((item, elem_name)) = array_element(oid) {
-        let (kind, pg_type, avro) = map_scalar(item, typmod)
-            .unwrap_or_else(|| (Kind::String, elem_name.to_owned(), json!("string")));
-        return (
-            Kind::Array(Box::new(kind)),
-            format!("{pg_type}[]"),
-            json!({ "type": "array", "items": ["null", avro] }),
-        );
-    }
-    if let Some(mapped) = map_scalar(oid, typmod) {
+    if let Some(mapped) = map_builtin(oid, typmod) {
         return mapped;
     }
     match types.get(oid) {
         Some((ns, name)) => {
+            // pgoutput writes the pg_catalog namespace as "", and names a domain by its base
+            // type: a domain over a builtin is encoded as that builtin (its text output is the
+            // base type's). The base's typmod is not sent, so a domain over numeric(p,s) is an
+            // unconstrained numeric.
+            let ns = if ns.is_empty() { "pg_catalog" } else { ns };
+            if ns == "pg_catalog"
+                && let Some(mapped) = builtin_oid(name).and_then(|b| map_builtin(b, -1))
+            {
+                return mapped;
+            }
             let qualified = format!("{ns}.{name}");
             let avro = json!({ "type": "string", "pg.type": qualified });
             (Kind::String, qualified, avro)
         }
         None => (Kind::String, format!("type oid {oid}"), json!("string")),
     }
+}
+
+/// Builtin scalars and one-dimensional arrays of them.
+fn map_builtin(oid: u32, typmod: i32) -> Option<(Kind, String, Json)> {
+    if let Some((item, elem_name)) = array_element(oid) {
+        let (kind, pg_type, avro) = map_scalar(item, typmod)
+            .unwrap_or_else(|| (Kind::String, elem_name.to_owned(), json!("string")));
+        return Some((
+            Kind::Array(Box::new(kind)),
+            format!("{pg_type}[]"),
+            json!({ "type": "array", "items": ["null", avro] }),
+        ));
+    }
+    map_scalar(oid, typmod)
+}
+
+/// Oid of a pg_catalog type that [`map_builtin`] knows, by its `typname` (arrays are `_name`).
+fn builtin_oid(name: &str) -> Option<u32> {
+    if let Some(elem) = name.strip_prefix('_') {
+        let elem = builtin_oid(elem)?;
+        return ARRAY_ELEMENTS
+            .iter()
+            .find(|(_, item, _)| *item == elem)
+            .map(|(array, _, _)| *array);
+    }
+    Some(match name {
+        "bool" => 16,
+        "int2" => 21,
+        "int4" => 23,
+        "int8" => 20,
+        "oid" => 26,
+        "float4" => 700,
+        "float8" => 701,
+        "numeric" => 1700,
+        "text" => 25,
+        "varchar" => 1043,
+        "bpchar" => 1042,
+        "name" => 19,
+        "char" => 18,
+        "bytea" => 17,
+        "date" => 1082,
+        "time" => 1083,
+        "timestamp" => 1114,
+        "timestamptz" => 1184,
+        "timetz" => 1266,
+        "interval" => 1186,
+        "uuid" => 2950,
+        "json" => 114,
+        "jsonb" => 3802,
+        _ => return None,
+    })
 }
 
 fn map_scalar(oid: u32, typmod: i32) -> Option<(Kind, String, Json)> {
@@ -707,34 +831,39 @@ fn map_numeric(typmod: i32) -> (Kind, String, Json) {
     (Kind::String, "numeric".to_owned(), json!("string"))
 }
 
+/// Builtin array types: (array oid, element oid, element name).
+const ARRAY_ELEMENTS: &[(u32, u32, &str)] = &[
+    (1000, 16, "bool"),
+    (1005, 21, "int2"),
+    (1007, 23, "int4"),
+    (1016, 20, "int8"),
+    (1028, 26, "oid"),
+    (1021, 700, "float4"),
+    (1022, 701, "float8"),
+    (1231, 1700, "numeric"),
+    (1009, 25, "text"),
+    (1015, 1043, "varchar"),
+    (1014, 1042, "bpchar"),
+    (1003, 19, "name"),
+    (1002, 18, "char"),
+    (1001, 17, "bytea"),
+    (1182, 1082, "date"),
+    (1183, 1083, "time"),
+    (1115, 1114, "timestamp"),
+    (1185, 1184, "timestamptz"),
+    (1270, 1266, "timetz"),
+    (1187, 1186, "interval"),
+    (2951, 2950, "uuid"),
+    (199, 114, "json"),
+    (3807, 3802, "jsonb"),
+];
+
 /// Element type of the builtin array types.
 fn array_element(oid: u32) -> Option<(u32, &'static str)> {
-    Some(match oid {
-        1000 => (16, "bool"),
-        1005 => (21, "int2"),
-        1007 => (23, "int4"),
-        1016 => (20, "int8"),
-        1028 => (26, "oid"),
-        1021 => (700, "float4"),
-        1022 => (701, "float8"),
-        1231 => (1700, "numeric"),
-        1009 => (25, "text"),
-        1015 => (1043, "varchar"),
-        1014 => (1042, "bpchar"),
-        1003 => (19, "name"),
-        1002 => (18, "char"),
-        1001 => (17, "bytea"),
-        1182 => (1082, "date"),
-        1183 => (1083, "time"),
-        1115 => (1114, "timestamp"),
-        1185 => (1184, "timestamptz"),
-        1270 => (1266, "timetz"),
-        1187 => (1186, "interval"),
-        2951 => (2950, "uuid"),
-        199 => (114, "json"),
-        3807 => (3802, "jsonb"),
-        _ => return None,
-    })
+    ARRAY_ELEMENTS
+        .iter()
+        .find(|(array, _, _)| *array == oid)
+        .map(|(_, item, name)| (*item, *name))
 }
 
 /// The Source record, as Debezium's Postgres connector declares it.

@@ -120,6 +120,19 @@ fn every_mapped_type_decodes_back_to_the_expected_avro_value() {
         namespace: "oms".into(),
         name: "order_status".into(),
     });
+    // Domains: pgoutput's Type message names the base type, pg_catalog as "".
+    for (oid, name) in [
+        (16600, "int4"),
+        (16601, "_text"),
+        (16602, "numeric"),
+        (16603, "inet"),
+    ] {
+        types.insert(&TypeInfo {
+            oid,
+            namespace: String::new(),
+            name: name.into(),
+        });
+    }
     #[rustfmt::skip]
     let cases: Vec<(Column, &str, Avro)> = vec![
         (col("b", 16, -1, false), "t", Avro::Boolean(true)),
@@ -173,6 +186,11 @@ fn every_mapped_type_decodes_back_to_the_expected_avro_value() {
             Avro::Array(vec![some(Avro::Date(19844)), null()])),
         (col("status", 16500, -1, false), "shipped", Avro::String("shipped".into())),
         (col("mystery", 99999, -1, false), "(1,2)", Avro::String("(1,2)".into())),
+        (col("dom_int", 16600, -1, false), "42", Avro::Int(42)),
+        (col("dom_tags", 16601, -1, false), "{x,NULL}",
+            Avro::Array(vec![some(Avro::String("x".into())), null()])),
+        (col("dom_num", 16602, -1, false), "1.50", Avro::String("1.50".into())),
+        (col("dom_inet", 16603, -1, false), "10.0.0.1", Avro::String("10.0.0.1".into())),
     ];
     let rel = relation(cases.iter().map(|(c, _, _)| c.clone()).collect());
     let schema = TableSchema::new(TOPIC, &rel, &types).unwrap();
@@ -194,6 +212,12 @@ fn every_mapped_type_decodes_back_to_the_expected_avro_value() {
             .value_schema_json()
             .contains(r#""connect.name":"io.debezium.data.Json""#)
     );
+    // A domain over a type walbridge does not map keeps a readable name.
+    assert!(
+        schema
+            .value_schema_json()
+            .contains(r#""pg.type":"pg_catalog.inet""#)
+    );
 }
 
 #[test]
@@ -202,10 +226,9 @@ fn nan_floats_and_nulls_survive() {
         col("f4", 700, -1, false),
         col("f8", 701, -1, false),
         col("n", 25, -1, false),
-        col("toast", 25, -1, false),
     ]);
     let schema = TableSchema::new(TOPIC, &rel, &TypeNames::new()).unwrap();
-    let row = vec![text("NaN"), text("NaN"), Value::Null, Value::UnchangedToast];
+    let row = vec![text("NaN"), text("NaN"), Value::Null];
     let after = after_fields(&schema, &row);
     assert!(
         matches!(&after[0].1, Avro::Union(1, v) if matches!(**v, Avro::Float(f) if f.is_nan()))
@@ -214,8 +237,6 @@ fn nan_floats_and_nulls_survive() {
         matches!(&after[1].1, Avro::Union(1, v) if matches!(**v, Avro::Double(f) if f.is_nan()))
     );
     assert_eq!(after[2].1, null());
-    // TODO(toast) limitation: an unchanged TOAST value reads as null.
-    assert_eq!(after[3].1, null());
 }
 
 #[test]
@@ -273,6 +294,7 @@ fn update_envelope_carries_before_after_source_and_op() {
         ("op".into(), Avro::String("u".into())),
         ("ts_ms".into(), some(Avro::Long(1_714_566_897_000))),
         ("transaction".into(), null()),
+        ("unavailable_columns".into(), null()),
     ]);
     assert_eq!(got, want);
 
@@ -517,4 +539,184 @@ fn added_column_is_backward_compatible_and_old_data_reads_as_null() {
     // Same relation, same schema text: the registry will hand out the same id.
     let again = TableSchema::new(TOPIC, &v1, &TypeNames::new()).unwrap();
     assert_eq!(again.value_schema_json(), s1.value_schema_json());
+}
+
+/// Columns for the TOAST tests: a key, a small column, two TOASTable ones (one whose name needs
+/// sanitizing, so the list is seen to hold Avro field names) and a nullable one.
+fn toast_schema() -> TableSchema {
+    let rel = relation(vec![
+        col("id", 20, -1, true),
+        col("qty", 23, -1, false),
+        col("long note", 25, -1, false),
+        col("doc", 3802, -1, false),
+        col("memo", 25, -1, false),
+    ]);
+    TableSchema::new(TOPIC, &rel, &TypeNames::new()).unwrap()
+}
+
+/// Encodes the change and returns the envelope's fields.
+fn envelope(
+    schema: &TableSchema,
+    op: Op,
+    before: Option<&Tuple>,
+    after: Option<&Tuple>,
+) -> Vec<(String, Avro)> {
+    let change = Change {
+        op,
+        before,
+        after,
+        source: source(),
+        ts_ms: 0,
+    };
+    let mut out = Vec::new();
+    schema.encode_value(&change, &mut out).expect("encodes");
+    record_fields(decode(schema.value_schema(), &out))
+}
+
+fn row_fields(envelope: &[(String, Avro)], which: &str) -> Vec<(String, Avro)> {
+    match field(envelope, which) {
+        Avro::Union(1, v) => record_fields(*v),
+        other => panic!("{which} is {other:?}"),
+    }
+}
+
+fn listed(names: &[&str]) -> Avro {
+    some(Avro::Array(
+        names.iter().map(|n| Avro::String((*n).into())).collect(),
+    ))
+}
+
+#[test]
+fn unchanged_toast_without_old_value_is_null_and_listed_unavailable() {
+    let schema = toast_schema();
+    // REPLICA IDENTITY DEFAULT, key unchanged: no old tuple at all.
+    let after = vec![
+        text("7"),
+        text("3"),
+        Value::UnchangedToast,
+        Value::UnchangedToast,
+        Value::Null,
+    ];
+    let env = envelope(&schema, Op::Update, None, Some(&after));
+    let row = row_fields(&env, "after");
+    assert_eq!(field(&row, "qty"), some(Avro::Int(3)));
+    assert_eq!(field(&row, "long_note"), null());
+    assert_eq!(field(&row, "doc"), null());
+    // A real NULL is not listed: that is how a consumer tells the two apart.
+    assert_eq!(field(&row, "memo"), null());
+    assert_eq!(
+        field(&env, "unavailable_columns"),
+        listed(&["long_note", "doc"])
+    );
+
+    // Key change under DEFAULT: the old tuple has only the key, so nothing to fill from.
+    let key_only = vec![
+        text("6"),
+        Value::Null,
+        Value::Null,
+        Value::Null,
+        Value::Null,
+    ];
+    let env = envelope(&schema, Op::Update, Some(&key_only), Some(&after));
+    assert_eq!(field(&row_fields(&env, "after"), "long_note"), null());
+    assert_eq!(
+        field(&env, "unavailable_columns"),
+        listed(&["long_note", "doc"])
+    );
+
+    // Every value sent: the field is null, not an empty list.
+    let full = vec![text("7"), text("3"), text("n"), text("{}"), Value::Null];
+    let env = envelope(&schema, Op::Update, None, Some(&full));
+    assert_eq!(field(&env, "unavailable_columns"), null());
+}
+
+#[test]
+fn unchanged_toast_is_taken_from_a_full_old_row_and_not_listed() {
+    let schema = toast_schema();
+    let big = "x".repeat(10_000);
+    // REPLICA IDENTITY FULL: the old row carries every value, TOASTed ones inlined.
+    let before = vec![
+        text("7"),
+        text("2"),
+        text(&big),
+        text(r#"{"a": 1}"#),
+        Value::Null,
+    ];
+    let after = vec![
+        text("7"),
+        text("3"),
+        Value::UnchangedToast,
+        Value::UnchangedToast,
+        Value::Null,
+    ];
+    let env = envelope(&schema, Op::Update, Some(&before), Some(&after));
+    let row = row_fields(&env, "after");
+    assert_eq!(field(&row, "qty"), some(Avro::Int(3)));
+    assert_eq!(field(&row, "long_note"), some(Avro::String(big.clone())));
+    assert_eq!(field(&row, "doc"), some(Avro::String(r#"{"a": 1}"#.into())));
+    assert_eq!(field(&row, "memo"), null());
+    assert_eq!(
+        field(&row_fields(&env, "before"), "qty"),
+        some(Avro::Int(2))
+    );
+    assert_eq!(field(&env, "unavailable_columns"), null());
+}
+
+#[test]
+fn unchanged_toast_in_the_old_row_is_listed_too() {
+    // Postgres inlines TOASTed values in the old row, but should a `u` ever arrive there, it is
+    // marked like one in the new row rather than read as NULL.
+    let schema = toast_schema();
+    let before = vec![
+        text("7"),
+        text("2"),
+        Value::UnchangedToast,
+        text("{}"),
+        Value::Null,
+    ];
+    let env = envelope(&schema, Op::Delete, Some(&before), None);
+    assert_eq!(field(&row_fields(&env, "before"), "long_note"), null());
+    assert_eq!(field(&env, "unavailable_columns"), listed(&["long_note"]));
+}
+
+#[test]
+fn unavailable_columns_keeps_the_envelope_compatible_both_ways() {
+    // The envelope as registered before the field existed.
+    let schema = toast_schema();
+    let mut old: serde_json::Value = serde_json::from_str(schema.value_schema_json()).unwrap();
+    let fields = old["fields"].as_array_mut().unwrap();
+    assert_eq!(fields.last().unwrap()["name"], "unavailable_columns");
+    fields.pop();
+    let old = Schema::parse_str(&old.to_string()).unwrap();
+    SchemaCompatibility::can_read(&old, schema.value_schema())
+        .expect("new consumers read events written before the field existed");
+    SchemaCompatibility::can_read(schema.value_schema(), &old)
+        .expect("old consumers read new events");
+
+    // And an old reader really does skip the list.
+    let after = vec![
+        text("7"),
+        text("3"),
+        Value::UnchangedToast,
+        text("{}"),
+        Value::Null,
+    ];
+    let change = Change {
+        op: Op::Update,
+        before: None,
+        after: Some(&after),
+        source: source(),
+        ts_ms: 0,
+    };
+    let mut out = Vec::new();
+    schema.encode_value(&change, &mut out).unwrap();
+    let mut reader = &out[..];
+    let read = GenericDatumReader::builder(schema.value_schema())
+        .reader_schema(&old)
+        .build()
+        .and_then(|r| r.read_value(&mut reader))
+        .unwrap();
+    let fields = record_fields(read);
+    assert!(fields.iter().all(|(n, _)| n != "unavailable_columns"));
+    assert_eq!(field(&fields, "op"), Avro::String("u".into()));
 }

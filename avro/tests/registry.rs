@@ -174,6 +174,7 @@ async fn change_round_trips_through_registry_and_survives_restart() {
         "op": "u",
         "ts_ms": 1_714_566_897_000_i64,
         "transaction": null,
+        "unavailable_columns": null,
     });
     assert_eq!(client.decode(&framed).await.unwrap(), expected);
 

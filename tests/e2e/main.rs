@@ -3,6 +3,7 @@
 
 mod harness;
 mod replication;
+mod types;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;

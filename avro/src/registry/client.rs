@@ -89,6 +89,8 @@ impl RegistryClient {
     ///
     /// Unions become their value (or null), `bytes` an array of numbers, and decimals a string
     /// in plain notation (`"-12.30"`), which is what a person reading `tail` output expects.
+    /// JSON has no NaN or infinity: such floats become the strings Postgres prints for them
+    /// (`"NaN"`, `"Infinity"`, `"-Infinity"`), as Postgres' own `to_json` does.
     pub async fn decode(&self, framed: &[u8]) -> Result<Json, RegistryError> {
         let (id, _) = wire::unframe(framed)?;
         let decoded = self
@@ -168,8 +170,21 @@ fn to_json(value: Avro, schema: &Schema, names: &HashMap<Name, &Schema>) -> Resu
             let unscaled: Vec<u8> = Vec::try_from(&d).map_err(|e| e.to_string())?;
             Ok(Json::String(decimal_string(&unscaled, ds.scale)))
         }
+        (Avro::Float(f), _) if !f.is_finite() => Ok(non_finite(f64::from(f))),
+        (Avro::Double(d), _) if !d.is_finite() => Ok(non_finite(d)),
         (v, _) => Json::try_from(v).map_err(|e| e.to_string()),
     }
+}
+
+fn non_finite(v: f64) -> Json {
+    let text = if v.is_nan() {
+        "NaN"
+    } else if v > 0.0 {
+        "Infinity"
+    } else {
+        "-Infinity"
+    };
+    Json::String(text.to_owned())
 }
 
 /// Big-endian two's complement unscaled value at `scale` → plain decimal notation.
@@ -215,7 +230,36 @@ fn decimal_string(unscaled: &[u8], scale: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::decimal_string;
+    use std::collections::HashMap;
+
+    use apache_avro::Schema;
+    use apache_avro::types::Value as Avro;
+    use serde_json::json;
+
+    use super::{decimal_string, to_json};
+
+    #[test]
+    fn non_finite_floats_decode_to_postgres_spellings() {
+        let names = HashMap::new();
+        let cases = [
+            (Avro::Double(f64::NAN), Schema::Double, json!("NaN")),
+            (
+                Avro::Double(f64::INFINITY),
+                Schema::Double,
+                json!("Infinity"),
+            ),
+            (
+                Avro::Float(f32::NEG_INFINITY),
+                Schema::Float,
+                json!("-Infinity"),
+            ),
+            (Avro::Double(1e300), Schema::Double, json!(1e300)),
+            (Avro::Float(1.5), Schema::Float, json!(1.5)),
+        ];
+        for (value, schema, want) in cases {
+            assert_eq!(to_json(value, &schema, &names).unwrap(), want);
+        }
+    }
 
     #[test]
     fn decimal_strings_keep_scale_and_sign() {
