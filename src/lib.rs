@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod doctor;
 pub mod pipeline;
 pub mod stack;
 pub mod tail;

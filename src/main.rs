@@ -30,6 +30,11 @@ enum Command {
         #[arg(short, long, default_value = "pipelines.yaml")]
         config: PathBuf,
     },
+    /// Inspect the source and say what to change and why (read-only).
+    Doctor {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+    },
     /// The simulated legacy OMS/WMS monolith.
     Legacy {
         #[command(subcommand)]
@@ -167,6 +172,18 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Legacy { command } => legacy(command).await,
+        Command::Doctor { config } => {
+            let cfg = load_config(&config)?;
+            let findings = walbridge::doctor::inspect(&cfg).await?;
+            print!("{}", walbridge::doctor::render(&findings));
+            if findings
+                .iter()
+                .any(|f| f.level == walbridge::doctor::Level::Fail)
+            {
+                anyhow::bail!("the source is not ready for walbridge (see the FAIL lines)");
+            }
+            Ok(())
+        }
         Command::Registry { listen, data_dir } => {
             let server = avro::RegistryServer::open(&data_dir)
                 .with_context(|| format!("opening the registry store in {}", data_dir.display()))?;
