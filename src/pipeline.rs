@@ -19,7 +19,7 @@
 //! as a delete of the old key followed by a create of the new one, as Debezium does, so each key's
 //! history stays complete on its own partition.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -69,6 +69,9 @@ pub struct Pipeline {
     progress: Progress,
     types: TypeNames,
     tables: HashMap<u32, TableState>,
+    /// Topics known to exist: created at start for the tables published then, and on the first
+    /// Relation message of a table that joined the publication later (see `relation`).
+    topics: HashSet<String>,
     tx: Option<OpenTx>,
     key_buf: Vec<u8>,
     val_buf: Vec<u8>,
@@ -332,7 +335,7 @@ async fn run_attempt(
             .map_err(anyhow::Error::from)
         })?;
 
-    let heartbeat = spawn_heartbeat(&cfg);
+    let heartbeat = spawn_heartbeat(cfg);
     let db = pg.get_dbname().unwrap_or("postgres").to_owned();
     let mut p = Pipeline {
         cfg: cfg.clone(),
@@ -343,6 +346,7 @@ async fn run_attempt(
         progress,
         types: TypeNames::new(),
         tables: HashMap::new(),
+        topics: topics.into_iter().collect(),
         tx: None,
         key_buf: Vec::with_capacity(256),
         val_buf: Vec::with_capacity(4096),
@@ -503,13 +507,32 @@ impl Pipeline {
     }
 
     /// A Relation message: (re)build the table's schemas and register them.
+    ///
+    /// pgoutput sends one before a table's first change in the session and again before the
+    /// first change after any DDL on it (ADD/DROP/RENAME COLUMN, a type change), always ahead of
+    /// the rows written under the new shape. So rebuilding here, in stream order, encodes every
+    /// row with the schema of its own time, and the registry gets a new subject version. Value
+    /// fields are nullable with default null, so adding or dropping a column stays backward
+    /// compatible; a rename is a drop plus an add; widening (int → bigint) is an Avro promotion.
     async fn relation(&mut self, rel: Relation) -> anyhow::Result<()> {
-        if let Some(known) = self.tables.get(&rel.id) {
-            if known.rel == rel {
-                return Ok(());
-            }
+        if self
+            .tables
+            .get(&rel.id)
+            .is_some_and(|known| known.rel == rel)
+        {
+            return Ok(());
         }
         let topic = self.cfg.kafka.topic_for(&rel.namespace, &rel.name);
+        if !self.topics.contains(&topic) {
+            // A table created (or added to the publication) while streaming: the broker may not
+            // auto-create topics (tansu does not), and librdkafka fails a produce to a missing
+            // topic after 30 s, which stops the pipeline. Rare, so one admin round-trip is fine.
+            self.sink
+                .ensure_topics(std::slice::from_ref(&topic))
+                .await?;
+            tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), topic = %topic, "new table joined the stream");
+            self.topics.insert(topic.clone());
+        }
         let pk = primary_key(&self.meta, &rel).await?;
         let schema = if !pk.is_empty() {
             let cols: Vec<&str> = pk.iter().map(String::as_str).collect();
@@ -570,17 +593,19 @@ impl Pipeline {
             // The create has no `before` to take unchanged TOAST values from, so take them from
             // the old row here (REPLICA IDENTITY FULL sends it whole). Key changes are rare;
             // the copy is of `Bytes` handles only.
-            let filled: Option<Tuple> = old
-                .filter(|_| new.iter().any(|v| *v == Value::UnchangedToast))
-                .map(|old| {
-                    new.iter()
-                        .zip(old)
-                        .map(|(n, o)| match (n, o) {
-                            (Value::UnchangedToast, Value::Text(_) | Value::Binary(_)) => o.clone(),
-                            _ => n.clone(),
-                        })
-                        .collect()
-                });
+            let filled: Option<Tuple> =
+                old.filter(|_| new.contains(&Value::UnchangedToast))
+                    .map(|old| {
+                        new.iter()
+                            .zip(old)
+                            .map(|(n, o)| match (n, o) {
+                                (Value::UnchangedToast, Value::Text(_) | Value::Binary(_)) => {
+                                    o.clone()
+                                }
+                                _ => n.clone(),
+                            })
+                            .collect()
+                    });
             self.change(
                 rel_id,
                 Op::Create,

@@ -105,10 +105,11 @@ pub async fn read_all(
         };
         last_message = Instant::now();
         let part = (m.topic().to_owned(), m.partition());
-        if let Some(high) = remaining.get(&part) {
-            if m.offset() + 1 >= *high {
-                remaining.remove(&part);
-            }
+        if remaining
+            .get(&part)
+            .is_some_and(|high| m.offset() + 1 >= *high)
+        {
+            remaining.remove(&part);
         }
         let mut headers = BTreeMap::new();
         if let Some(h) = m.headers() {

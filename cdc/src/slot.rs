@@ -6,8 +6,13 @@
 //! from such a slot would silently skip or mix changes. A publication that lacks a configured
 //! table is reported with the statement that fixes it rather than altered behind the
 //! legacy team's back.
+//!
+//! A publication walbridge creates publishes `schema.*` selectors as `TABLES IN SCHEMA`, so a
+//! table created mid-stream is captured from its first row without a restart; the pipeline
+//! creates its topic when the table's first Relation message arrives.
 
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 use crate::conn::quote_ident;
 use crate::lsn::Lsn;
@@ -36,6 +41,11 @@ pub enum SlotError {
     #[error("replication slot {slot:?} {problem}")]
     BadSlot { slot: String, problem: String },
     #[error(
+        "{tables} would break the legacy application if published: with no primary key and no replica identity, Postgres rejects UPDATE and DELETE on a published table. \
+         Give each a primary key, or run ALTER TABLE <table> REPLICA IDENTITY FULL, or leave it out of `source.tables` (a `schema.*` selector includes it)"
+    )]
+    NoReplicaIdentity { tables: String },
+    #[error(
         "replication slot {slot:?} is in use by another consumer (pid {pid}); stop it, or choose another `source.slot` name"
     )]
     InUse { slot: String, pid: String },
@@ -58,6 +68,12 @@ pub struct SlotState {
 
 /// Verifies `wal_level`, resolves the selectors to existing tables, and makes sure the
 /// publication exists and covers them. Returns the tables as `schema.table`.
+///
+/// A `schema.*` selector becomes `TABLES IN SCHEMA` (Postgres 15+), so a table created in that
+/// schema later joins the publication by itself and its changes are streamed from its first
+/// insert. Where that is not possible (Postgres 14 or older, or a user who is not superuser,
+/// which `TABLES IN SCHEMA` requires), the publication lists today's tables and a warning gives
+/// the statement that would make new tables follow.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
@@ -67,6 +83,11 @@ pub async fn ensure_publication(
     if wal_level != "logical" {
         return Err(SlotError::WalLevel(wal_level));
     }
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let schema_publications = version >= 150_000;
     let mut tables = Vec::new();
     for sel in selectors {
         let rows = client
@@ -77,10 +98,15 @@ pub async fn ensure_publication(
             )
             .await?;
         if rows.is_empty() {
-            return Err(match &sel.table {
-                Some(t) => SlotError::MissingTable(format!("{}.{}", sel.schema, t)),
-                None => SlotError::EmptySchema(sel.schema.clone()),
-            });
+            match &sel.table {
+                Some(t) => return Err(SlotError::MissingTable(format!("{}.{}", sel.schema, t))),
+                // An empty schema is fine when its future tables are captured; a schema that
+                // does not exist is a typo in the config.
+                None if !schema_publications || !schema_exists(client, &sel.schema).await? => {
+                    return Err(SlotError::EmptySchema(sel.schema.clone()));
+                }
+                None => {}
+            }
         }
         for r in rows {
             let name = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
@@ -89,6 +115,17 @@ pub async fn ensure_publication(
             }
         }
     }
+    refuse_tables_without_identity(client, &tables).await?;
+    let schemas: Vec<&str> = selectors
+        .iter()
+        .filter(|s| s.table.is_none())
+        .map(|s| s.schema.as_str())
+        .fold(Vec::new(), |mut v, s| {
+            if !v.contains(&s) {
+                v.push(s);
+            }
+            v
+        });
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
@@ -96,21 +133,8 @@ pub async fn ensure_publication(
         )
         .await?
         .is_some();
-    let quoted: Vec<String> = tables
-        .iter()
-        .map(|t| {
-            let (s, n) = t.split_once('.').unwrap_or(("public", t));
-            format!("{}.{}", quote_ident(s), quote_ident(n))
-        })
-        .collect();
     if !exists {
-        let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(publication),
-            quoted.join(", ")
-        );
-        client.batch_execute(&sql).await?;
-        tracing::info!(publication, tables = tables.len(), "created publication");
+        create_publication(client, publication, &tables, &schemas, schema_publications).await?;
         return Ok(tables);
     }
     let published: Vec<String> = client
@@ -133,7 +157,151 @@ pub async fn ensure_publication(
             missing: missing.join(", "),
         });
     }
+    // Today's tables are covered; say so when tomorrow's would not be. Not an error: a
+    // publication the legacy team keeps by hand may list tables on purpose.
+    for schema in schemas {
+        if !schema_published(client, publication, schema, schema_publications).await? {
+            tracing::warn!(
+                publication,
+                schema,
+                fix = %format!("ALTER PUBLICATION {} ADD TABLES IN SCHEMA {}", quote_ident(publication), quote_ident(schema)),
+                "publication lists the schema's tables one by one; tables created in it later will not be streamed"
+            );
+        }
+    }
     Ok(tables)
+}
+
+async fn schema_exists(client: &Client, schema: &str) -> Result<bool, SlotError> {
+    Ok(client
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await?
+        .is_some())
+}
+
+/// Whether tables created in `schema` later join `publication` by themselves.
+async fn schema_published(
+    client: &Client,
+    publication: &str,
+    schema: &str,
+    schema_publications: bool,
+) -> Result<bool, SlotError> {
+    let sql = if schema_publications {
+        "SELECT 1 FROM pg_publication p WHERE p.pubname = $1 AND (p.puballtables OR EXISTS ( \
+           SELECT 1 FROM pg_publication_namespace pn JOIN pg_namespace n ON n.oid = pn.pnnspid \
+           WHERE pn.pnpubid = p.oid AND n.nspname = $2))"
+    } else {
+        "SELECT 1 FROM pg_publication p WHERE p.pubname = $1 AND p.puballtables AND $2::text IS NOT NULL"
+    };
+    Ok(client
+        .query_opt(sql, &[&publication, &schema])
+        .await?
+        .is_some())
+}
+
+/// `CREATE PUBLICATION … FOR TABLES IN SCHEMA s, …, TABLE t, …`; tables of a listed schema are
+/// not named again. Falls back to naming every table where schemas cannot be published.
+async fn create_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[String],
+    schemas: &[&str],
+    schema_publications: bool,
+) -> Result<(), SlotError> {
+    let quote_table = |t: &String| {
+        let (s, n) = t.split_once('.').unwrap_or(("public", t));
+        format!("{}.{}", quote_ident(s), quote_ident(n))
+    };
+    let by_table = format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        quote_ident(publication),
+        tables
+            .iter()
+            .map(quote_table)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if schema_publications && !schemas.is_empty() {
+        let others: Vec<String> = tables
+            .iter()
+            .filter(|t| {
+                let s = t.split_once('.').map_or("public", |(s, _)| s);
+                !schemas.contains(&s)
+            })
+            .map(quote_table)
+            .collect();
+        let mut sql = format!(
+            "CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}",
+            quote_ident(publication),
+            schemas
+                .iter()
+                .map(|s| quote_ident(s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if !others.is_empty() {
+            sql.push_str(", TABLE ");
+            sql.push_str(&others.join(", "));
+        }
+        match client.batch_execute(&sql).await {
+            Ok(()) => {
+                tracing::info!(
+                    publication,
+                    schemas = schemas.len(),
+                    tables = others.len(),
+                    "created publication"
+                );
+                return Ok(());
+            }
+            // TABLES IN SCHEMA needs a superuser; a table owner can still publish by table.
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) && !tables.is_empty() => {
+                tracing::warn!(
+                    publication,
+                    fix = %format!("ALTER PUBLICATION {} ADD TABLES IN SCHEMA {}", quote_ident(publication), schemas.iter().map(|s| quote_ident(s)).collect::<Vec<_>>().join(", ")),
+                    "not allowed to publish whole schemas; publishing today's tables only, so tables created later will not be streamed until a superuser runs the fix"
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else if !schemas.is_empty() {
+        tracing::warn!(
+            publication,
+            "postgres before 15 cannot publish whole schemas; publishing today's tables only, so tables created later need ALTER PUBLICATION … ADD TABLE"
+        );
+    }
+    client.batch_execute(&by_table).await?;
+    tracing::info!(publication, tables = tables.len(), "created publication");
+    Ok(())
+}
+
+/// Publishing a table without a replica identity makes Postgres refuse the application's UPDATE
+/// and DELETE on it, which is the one thing walbridge must never do to the monolith. Such tables
+/// are refused before any publication is created or used.
+async fn refuse_tables_without_identity(
+    client: &Client,
+    tables: &[String],
+) -> Result<(), SlotError> {
+    let bad: Vec<String> = client
+        .query(
+            "SELECT n.nspname::text || '.' || c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname::text || '.' || c.relname::text = ANY($1) \
+               AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS \
+                    (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))) \
+             ORDER BY 1",
+            &[&tables],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(SlotError::NoReplicaIdentity {
+            tables: bad.join(", "),
+        })
+    }
 }
 
 /// Creates the slot if it does not exist, otherwise checks that it is usable.

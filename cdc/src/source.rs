@@ -114,7 +114,8 @@ pub async fn run_reader(
 
         // Take everything already buffered without waiting, up to a batch.
         let mut reply = false;
-        while batch.bytes < opts.max_batch_bytes && !(draining && !in_tx) {
+        // While draining, read only to the end of the open transaction.
+        while batch.bytes < opts.max_batch_bytes && (in_tx || !draining) {
             let Some(m) = stream.try_next()? else { break };
             handle(
                 m,

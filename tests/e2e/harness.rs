@@ -335,7 +335,8 @@ impl Walbridge {
         let _ = self.child.wait();
     }
 
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = self.try_exit() {

@@ -4,6 +4,7 @@
 mod doctor;
 mod harness;
 mod replication;
+mod schema_change;
 mod types;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -351,8 +352,7 @@ async fn bad_config_is_refused_before_anything_starts() {
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "unknown key",
-            good.replace("  partitions", "  partitions")
-                .replace("topic_prefix", "topic_prefx"),
+            good.replace("topic_prefix", "topic_prefx"),
             "topic_prefx",
         ),
         (
@@ -466,4 +466,41 @@ async fn slot_advances_when_only_unpublished_tables_change() {
         "nothing of public.churn is published: {} events",
         events.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_table_is_refused_so_the_legacy_app_keeps_working() {
+    let db = TestDb::new("noident").await;
+    db.client
+        .batch_execute("CREATE TABLE oms.audit_log (at timestamptz, line text)")
+        .await
+        .unwrap();
+    db.client
+        .batch_execute("INSERT INTO oms.audit_log VALUES (now(), 'a')")
+        .await
+        .unwrap();
+    let mut wb = harness::Walbridge::start(&db.write_config(), &db.dir.join("walbridge.log"));
+    let status = wb.wait(Duration::from_secs(60));
+    assert!(!status.success(), "walbridge must refuse to start");
+    let log = wb.log();
+    assert!(log.contains("oms.audit_log"), "names the table:\n{log}");
+    assert!(
+        log.contains("REPLICA IDENTITY FULL"),
+        "says how to fix it:\n{log}"
+    );
+    // Nothing was published, so the monolith's UPDATE on the table still works.
+    let pubs: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'noident'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pubs, 0);
+    db.client
+        .batch_execute("UPDATE oms.audit_log SET line = 'b'")
+        .await
+        .expect("the legacy application's UPDATE still works");
 }
