@@ -29,10 +29,12 @@ fn config_yaml(
     registry_port: u16,
     data_dir: &Path,
 ) -> String {
+    let state_dir = data_dir.with_file_name(format!("state-{slot}"));
     format!(
-        "source:\n  dsn: \"{dsn}\"\n  publication: bench\n  slot: {slot}\n  tables: [public.bench]\n\
+        "source:\n  dsn: \"{dsn}\"\n  publication: bench\n  slot: {slot}\n  tables: [public.bench]\n  state_dir: \"{}\"\n\
          kafka:\n  brokers: \"{brokers}\"\n  topic_prefix: {slot}\n  partitions: 3\n\
          registry:\n  url: \"http://127.0.0.1:{registry_port}\"\n  embedded:\n    listen: \"127.0.0.1:{registry_port}\"\n    data_dir: \"{}\"\n",
+        state_dir.display(),
         data_dir.display()
     )
 }

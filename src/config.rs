@@ -47,6 +47,19 @@ pub struct SourceConfig {
     pub tables: Vec<TableSelector>,
     pub status_interval: Duration,
     pub heartbeat_interval: Duration,
+    /// Where walbridge keeps its own record of the confirmed source position.
+    pub state_dir: PathBuf,
+    pub snapshot: SnapshotMode,
+}
+
+/// When to copy the tables' existing rows before streaming (`source.snapshot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// When walbridge creates the slot: the rows as of the slot's consistent point arrive as
+    /// `op = r` events, then the stream continues from exactly that point.
+    Initial,
+    /// Never: only changes committed after the slot's creation are streamed.
+    Never,
 }
 
 impl SourceConfig {
@@ -328,6 +341,8 @@ const KEYS: &[KeySpec] = &[
         "an integer number of milliseconds in 100..=3600000",
         "10000",
     ),
+    key("source.state_dir", "a directory path", ".walbridge/state"),
+    key("source.snapshot", "initial or never", "initial"),
     key(
         "kafka",
         "a mapping",
@@ -418,6 +433,8 @@ struct RawSource {
     tables: S<Vec<S<String>>>,
     status_interval_ms: Option<S<i64>>,
     heartbeat_interval_ms: Option<S<i64>>,
+    state_dir: Option<S<String>>,
+    snapshot: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -742,7 +759,33 @@ impl Validator<'_> {
             100..=3_600_000,
             10_000,
         );
+        let state_dir = match &raw.state_dir {
+            None => Some(PathBuf::from(".walbridge/state")),
+            Some(d) => self.string(d, "source.state_dir").and_then(|text| {
+                if text.trim().is_empty() {
+                    self.invalid(&d.referenced, "source.state_dir", &text, Some("empty"));
+                    None
+                } else {
+                    Some(PathBuf::from(text))
+                }
+            }),
+        };
+        let snapshot = match &raw.snapshot {
+            None => Some(SnapshotMode::Initial),
+            Some(m) => self
+                .string(m, "source.snapshot")
+                .and_then(|text| match text.as_str() {
+                    "initial" => Some(SnapshotMode::Initial),
+                    "never" => Some(SnapshotMode::Never),
+                    _ => {
+                        self.invalid(&m.referenced, "source.snapshot", &text, None);
+                        None
+                    }
+                }),
+        };
         Some(SourceConfig {
+            snapshot: snapshot?,
+            state_dir: state_dir?,
             dsn: dsn?,
             publication: publication?,
             slot: slot?,

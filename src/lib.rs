@@ -6,5 +6,6 @@ pub mod config;
 pub mod demo;
 pub mod doctor;
 pub mod pipeline;
+pub mod resume;
 pub mod stack;
 pub mod tail;

@@ -34,7 +34,7 @@ use cdc::source::{Batch, Phase, ReaderOptions, SourceItem};
 use sinks::kafka::{KafkaSettings, KafkaSink, Record};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, TableSelector};
+use crate::config::{Config, SnapshotMode, TableSelector};
 
 /// Prefix of the heartbeat messages walbridge writes with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "walbridge.heartbeat";
@@ -58,6 +58,9 @@ struct OpenTx {
     /// Header texts that are the same for every change of the transaction.
     lsn_text: String,
     xid_text: String,
+    /// Set while the initial snapshot runs: the table being copied (`schema.table`), which
+    /// goes into the event id since snapshot rows have no commit of their own.
+    snapshot_of: Option<String>,
 }
 
 pub struct Pipeline {
@@ -253,12 +256,61 @@ async fn run_attempt(
         })
         .collect();
     let tables = slot::ensure_publication(&meta, &cfg.source.publication, &selectors).await?;
-    let slot_state = slot::ensure_slot(&meta, &cfg.source.slot).await?;
-    tracing::info!(slot = %cfg.source.slot, confirmed = %slot_state.confirmed_flush, created = slot_state.created, tables = tables.len(), "source ready");
+    let existing = slot::check_slot(&meta, &cfg.source.slot).await?;
+    let mut repl_conn = ReplicationConnection::connect(&pg).await.with_context(|| {
+        format!(
+            "opening the replication connection to {}",
+            cfg.source.dsn.redacted()
+        )
+    })?;
+    // A new slot exports its snapshot, which lives only while `repl_conn` stays idle: import it
+    // at once; the copy itself runs later in that transaction (see cdc::snapshot).
+    let slot_existed = existing.is_some();
+    // Check walbridge's own position record against this server before creating anything.
+    let slot_confirmed = existing.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
+    let mut resume = crate::resume::resume_point(&meta, &cfg.source, slot_confirmed).await?;
+    if slot_existed && cfg.source.snapshot == SnapshotMode::Initial && resume.stored.is_none() {
+        // The slot exists but walbridge has no record of ever confirming anything from it: its
+        // initial snapshot may not have finished (a crash mid-snapshot leaves the slot behind).
+        // Streaming from it would silently skip the rows the snapshot did not deliver.
+        bail!(
+            "slot {:?} exists but {} does not: walbridge cannot tell whether the slot's initial snapshot finished. \
+             To take a new snapshot, drop the slot (SELECT pg_drop_replication_slot('{}')); to stream without one, set source.snapshot: never",
+            cfg.source.slot,
+            resume.file.path().display(),
+            cfg.source.slot
+        );
+    }
+    let (start, snapshot) = match existing {
+        Some(s) => (s.confirmed_flush, None),
+        None => {
+            let created = slot::create_slot_with_snapshot(&mut repl_conn, &cfg.source.slot).await?;
+            let snap = match cfg.source.snapshot {
+                SnapshotMode::Initial => match open_snapshot(cfg, &created.snapshot_name).await {
+                    Ok(client) => Some(client),
+                    Err(e) => {
+                        abandon_slot(&mut repl_conn, &cfg.source.slot).await;
+                        return Err(e);
+                    }
+                },
+                SnapshotMode::Never => None,
+            };
+            (created.consistent_point, snap)
+        }
+    };
+    // A new slot starts at its consistent point; an existing one where the later record is.
+    let start = if slot_existed { resume.start } else { start };
+    resume.start = start;
+    tracing::info!(slot = %cfg.source.slot, start = %start, snapshot = snapshot.is_some(), tables = tables.len(), "source ready");
 
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
 
-    let (progress, flushed_rx) = Progress::new(slot_state.confirmed_flush);
+    let (progress, flushed_rx) = Progress::new(start);
+    let position_writer = crate::resume::spawn_position_writer(
+        &resume,
+        flushed_rx.clone(),
+        cfg.source.status_interval,
+    );
     // Observers see one confirmed LSN across attempts, never moving backwards.
     let forward = {
         let mut rx = flushed_rx.clone();
@@ -309,33 +361,10 @@ async fn run_attempt(
     let reader_opts = ReaderOptions {
         slot: cfg.source.slot.clone(),
         publication: cfg.source.publication.clone(),
-        start: slot_state.confirmed_flush,
+        start,
         status_interval: cfg.source.status_interval,
         max_batch_bytes: MAX_BATCH_BYTES,
     };
-    let repl_conn = ReplicationConnection::connect(&pg).await.with_context(|| {
-        format!(
-            "opening the replication connection to {}",
-            cfg.source.dsn.redacted()
-        )
-    })?;
-    let reader = std::thread::Builder::new()
-        .name("cdc-reader".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(cdc::source::run_reader(
-                repl_conn,
-                reader_opts,
-                batch_tx,
-                flushed_rx,
-                phase_rx,
-            ))
-            .map_err(anyhow::Error::from)
-        })?;
-
-    let heartbeat = spawn_heartbeat(cfg);
     let db = pg.get_dbname().unwrap_or("postgres").to_owned();
     let mut p = Pipeline {
         cfg: cfg.clone(),
@@ -354,6 +383,38 @@ async fn run_attempt(
         val_frame: Vec::with_capacity(4096),
         event_id: String::with_capacity(32),
     };
+    if let Some(client) = snapshot
+        && let Err(e) = p.snapshot(&client, &tables, start, &stop).await
+    {
+        // Leave no slot behind: it would make the next start stream from the consistent point
+        // without the rows this snapshot did not deliver. The next start takes a new snapshot
+        // (rows already in Kafka arrive again, under the new snapshot's event ids).
+        abandon_slot(&mut repl_conn, &cfg.source.slot).await;
+        forward.abort();
+        position_writer.abort();
+        if *stop.borrow() {
+            tracing::info!("stopped during the initial snapshot; it starts over next time");
+            return Ok(());
+        }
+        return Err(e);
+    }
+    let reader = std::thread::Builder::new()
+        .name("cdc-reader".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(cdc::source::run_reader(
+                repl_conn,
+                reader_opts,
+                batch_tx,
+                flushed_rx,
+                phase_rx,
+            ))
+            .map_err(anyhow::Error::from)
+        })?;
+
+    let heartbeat = spawn_heartbeat(cfg);
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -369,12 +430,46 @@ async fn run_attempt(
         .map_err(|_| anyhow!("the replication reader thread panicked"))?;
     tracing::info!(confirmed = %p.progress.confirmed(), "pipeline stopped");
     forward.abort();
+    position_writer.abort();
+    resume.store_final(p.progress.confirmed());
     outcome?;
     drained?;
     if let Some(f) = p.progress.failure() {
         bail!("a sink failed: {f}");
     }
     reader_result
+}
+
+/// A connection whose open transaction reads the slot's exported snapshot.
+async fn open_snapshot(
+    cfg: &Config,
+    snapshot_name: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = cfg
+        .source
+        .pg_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| {
+            format!(
+                "opening the snapshot connection to {}",
+                cfg.source.dsn.redacted()
+            )
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "snapshot connection ended");
+        }
+    });
+    cdc::snapshot::import(&client, snapshot_name).await?;
+    Ok(client)
+}
+
+/// Drops a slot whose initial snapshot did not complete, so the next start takes a new one.
+async fn abandon_slot(conn: &mut ReplicationConnection, slot: &str) {
+    if let Err(e) = slot::drop_slot(conn, slot).await {
+        tracing::error!(slot, error = %e, fix = %format!("SELECT pg_drop_replication_slot('{slot}')"), "could not drop the slot of an unfinished snapshot; drop it by hand, or the next start streams without the snapshot's rows");
+    }
 }
 
 fn spawn_heartbeat(cfg: &Config) -> tokio::task::JoinHandle<()> {
@@ -460,6 +555,7 @@ impl Pipeline {
                     index: 0,
                     lsn_text: b.final_lsn.to_string(),
                     xid_text: b.xid.to_string(),
+                    snapshot_of: None,
                 });
             }
             Message::Commit(c) => {
@@ -503,6 +599,70 @@ impl Pipeline {
                 bail!("streamed transaction messages arrived but protocol version 1 was requested")
             }
         }
+        Ok(())
+    }
+
+    /// The initial snapshot: every row of `tables` as of the consistent point `at`, as `r`
+    /// events, read through `client`'s snapshot transaction (see cdc::snapshot).
+    ///
+    /// All rows share one progress entry that ends at `at`, so no streamed transaction (they
+    /// all commit after `at`) is confirmed before every snapshot row is acked. Rows are sent
+    /// one by one as COPY yields them; the sink's queue bound is the backpressure.
+    async fn snapshot(
+        &mut self,
+        client: &tokio_postgres::Client,
+        tables: &[String],
+        at: Lsn,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let seq = self.progress.begin();
+        self.tx = Some(OpenTx {
+            seq,
+            commit_lsn: at,
+            xid: 0,
+            commit_ms: now_ms(),
+            index: 0,
+            lsn_text: at.to_string(),
+            xid_text: "0".to_owned(),
+            snapshot_of: None,
+        });
+        let mut total = 0u64;
+        for table in tables {
+            let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+            let (rel, types) = cdc::snapshot::catalog_relation(client, schema, name).await?;
+            for t in &types {
+                self.types.insert(t);
+            }
+            let rel_id = rel.id;
+            self.relation(rel).await?;
+            let rel = &self
+                .tables
+                .get(&rel_id)
+                .ok_or_else(|| anyhow!("{table} was not mapped"))?
+                .rel;
+            let mut rows = cdc::snapshot::copy_table(client, rel).await?;
+            if let Some(tx) = self.tx.as_mut() {
+                tx.index = 0;
+                tx.snapshot_of = Some(table.clone());
+            }
+            while let Some(row) = rows.next().await? {
+                self.change(rel_id, Op::Read, None, Some(&row)).await?;
+                if *stop.borrow() {
+                    bail!("stopped during the initial snapshot of {table}");
+                }
+                if let Some(f) = self.progress.failure() {
+                    bail!("a sink failed during the snapshot of {table}: {f}");
+                }
+            }
+            tracing::info!(table = %table, rows = rows.rows(), "table snapshot read");
+            total += rows.rows();
+        }
+        cdc::snapshot::finish(client).await?;
+        self.tx = None;
+        self.progress.commit(seq, at);
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(rows = total, tables = tables.len(), secs = format!("{secs:.2}"), rows_per_sec = (total as f64 / secs.max(1e-6)) as u64, consistent_point = %at, "initial snapshot read; streaming from its consistent point");
         Ok(())
     }
 
@@ -639,8 +799,12 @@ impl Pipeline {
         self.event_id.clear();
         {
             use std::fmt::Write;
-            let _ = write!(self.event_id, "{}:{index}", tx.lsn_text);
+            let _ = match &tx.snapshot_of {
+                Some(table) => write!(self.event_id, "snapshot:{}:{table}:{index}", tx.lsn_text),
+                None => write!(self.event_id, "{}:{index}", tx.lsn_text),
+            };
         }
+        let snapshot = tx.snapshot_of.is_some();
 
         let change = Change {
             op,
@@ -654,7 +818,7 @@ impl Pipeline {
                 ts_ms: commit_ms,
                 tx_id: xid,
                 lsn: commit_lsn.0,
-                snapshot: false,
+                snapshot,
             },
             ts_ms: now_ms(),
         };

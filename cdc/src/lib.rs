@@ -7,8 +7,10 @@
 pub mod conn;
 pub mod lsn;
 pub mod pgoutput;
+pub mod position;
 pub mod progress;
 pub mod slot;
+pub mod snapshot;
 pub mod source;
 
 pub use lsn::Lsn;

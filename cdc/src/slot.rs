@@ -14,7 +14,7 @@
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use crate::conn::quote_ident;
+use crate::conn::{ConnError, ReplicationConnection, quote_ident};
 use crate::lsn::Lsn;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,8 @@ pub enum SlotError {
          Give each a primary key, or run ALTER TABLE <table> REPLICA IDENTITY FULL, or leave it out of `source.tables` (a `schema.*` selector includes it)"
     )]
     NoReplicaIdentity { tables: String },
+    #[error("replication connection: {0}")]
+    Conn(#[from] ConnError),
     #[error(
         "replication slot {slot:?} is in use by another consumer (pid {pid}); stop it, or choose another `source.slot` name"
     )]
@@ -304,8 +306,9 @@ async fn refuse_tables_without_identity(
     }
 }
 
-/// Creates the slot if it does not exist, otherwise checks that it is usable.
-pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotError> {
+/// Checks an existing slot: `None` when there is none (create it with
+/// [`create_slot_with_snapshot`]), otherwise its state once it is known to be usable.
+pub async fn check_slot(client: &Client, slot: &str) -> Result<Option<SlotState>, SlotError> {
     let bad = |problem: String| SlotError::BadSlot {
         slot: slot.to_owned(),
         problem,
@@ -319,21 +322,7 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotE
         )
         .await?;
     let Some(row) = row else {
-        let r = client
-            .query_one(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await?;
-        let lsn: String = r.get(0);
-        let confirmed_flush = lsn
-            .parse()
-            .map_err(|e| bad(format!("returned a bad LSN: {e}")))?;
-        tracing::info!(slot, lsn = %confirmed_flush, "created replication slot");
-        return Ok(SlotState {
-            created: true,
-            confirmed_flush,
-        });
+        return Ok(None);
     };
     let plugin: Option<String> = row.get(0);
     let slot_type: String = row.get(1);
@@ -369,8 +358,66 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotE
         .unwrap_or("0/0")
         .parse()
         .map_err(|e| bad(format!("has a bad confirmed_flush_lsn: {e}")))?;
-    Ok(SlotState {
+    Ok(Some(SlotState {
         created: false,
         confirmed_flush,
+    }))
+}
+
+/// A slot just created on a replication connection, with the snapshot it exported.
+#[derive(Debug, Clone)]
+pub struct CreatedSlot {
+    /// The first LSN the slot streams: every transaction committed before it is in the snapshot,
+    /// every one committed after it is streamed.
+    pub consistent_point: Lsn,
+    /// Name for `SET TRANSACTION SNAPSHOT`; valid only while the creating connection stays idle.
+    pub snapshot_name: String,
+}
+
+/// Creates the slot on the replication connection and has it export its snapshot
+/// (`CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`, Postgres 15 syntax). The caller must import
+/// the snapshot before sending anything else on `conn`.
+pub async fn create_slot_with_snapshot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<CreatedSlot, SlotError> {
+    let bad = |problem: String| SlotError::BadSlot {
+        slot: slot.to_owned(),
+        problem,
+    };
+    let rows = conn
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+            quote_ident(slot)
+        ))
+        .await?;
+    // Columns: slot_name, consistent_point, snapshot_name, output_plugin.
+    let row = rows
+        .first()
+        .ok_or_else(|| bad("was created but the server returned no row".into()))?;
+    let field = |i: usize, what: &str| {
+        row.get(i)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| bad(format!("was created but the server returned no {what}")))
+    };
+    let consistent_point = field(1, "consistent point")?
+        .parse()
+        .map_err(|e| bad(format!("returned a bad consistent point: {e}")))?;
+    let snapshot_name = field(2, "snapshot name")?;
+    tracing::info!(slot, lsn = %consistent_point, "created replication slot with an exported snapshot");
+    Ok(CreatedSlot {
+        consistent_point,
+        snapshot_name,
     })
+}
+
+/// Drops the slot from the replication connection that created it. Used when the initial
+/// snapshot could not be completed: a slot left behind would make the next start skip the
+/// snapshot, losing every row it had not yet delivered.
+pub async fn drop_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<(), SlotError> {
+    conn.simple_query(&format!("DROP_REPLICATION_SLOT {}", quote_ident(slot)))
+        .await?;
+    tracing::info!(slot, "dropped replication slot of an unfinished snapshot");
+    Ok(())
 }

@@ -90,6 +90,9 @@ pub struct TestDb {
     pub broker: Broker,
     /// A Postgres of the test's own, for tests that restart it.
     own_pg: Option<Postgres>,
+    /// `source.snapshot` for walbridge: `never` unless a test is about the snapshot, so that
+    /// tests see only the changes they make.
+    pub snapshot: &'static str,
 }
 
 impl TestDb {
@@ -133,6 +136,7 @@ impl TestDb {
             registry_url: s.registry_url.clone(),
             broker,
             own_pg,
+            snapshot: "never",
         }
     }
 
@@ -159,13 +163,15 @@ impl TestDb {
 
     pub fn config_yaml(&self) -> String {
         format!(
-            "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n\
+            "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n\
              kafka:\n  brokers: \"{}\"\n  topic_prefix: {n}\n  partitions: 3\n\
              registry:\n  url: \"{}\"\n",
             self.dsn,
             self.brokers,
             self.registry_url,
-            n = self.name
+            n = self.name,
+            state = self.dir.join("state").display(),
+            snapshot = self.snapshot
         )
     }
 
@@ -177,9 +183,10 @@ impl TestDb {
 
     /// Starts walbridge and waits until a walsender streams its slot. Changes committed before
     /// the slot's consistent point are not streamed (that is the snapshot's job), so tests write
-    /// only after this. The slot's `active` flag is not enough: it is already set while
-    /// `pg_create_logical_replication_slot` waits for its consistent point, and a change made in
-    /// that window lies before it.
+    /// only after this. The slot's `active` flag, or a walsender holding it, is not enough: both
+    /// are there while `CREATE_REPLICATION_SLOT` waits for its consistent point, and a change
+    /// made in that window lies before it. A walsender in state `streaming` (or `catchup`) has
+    /// run `START_REPLICATION`.
     pub async fn start(&self) -> Walbridge {
         let mut wb = Walbridge::start(&self.write_config(), &self.dir.join("walbridge.log"));
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -188,7 +195,7 @@ impl TestDb {
                 .client
                 .query_opt(
                     "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
-                     WHERE s.slot_name = $1",
+                     WHERE s.slot_name = $1 AND r.state IN ('streaming', 'catchup')",
                     &[&self.name],
                 )
                 .await
@@ -241,6 +248,35 @@ impl TestDb {
     pub async fn wait_caught_up(&self, wb: &mut Walbridge) {
         let end = self.current_lsn().await;
         self.wait_confirmed(end, wb).await;
+    }
+
+    /// Waits until walbridge's position record holds at least `lsn`.
+    pub async fn wait_position_file(&self, lsn: Lsn, wb: &mut Walbridge) {
+        let file = self
+            .dir
+            .join("state")
+            .join(format!("{}.position", self.name));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stored = std::fs::read_to_string(&file).ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("confirmed_lsn="))
+                    .and_then(|v| v.parse::<Lsn>().ok())
+            });
+            if stored.is_some_and(|s| s >= lsn) {
+                return;
+            }
+            assert!(
+                wb.try_exit().is_none(),
+                "walbridge exited; log:\n{}",
+                wb.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "position file did not reach {lsn}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until the slot has confirmed `lsn` (everything up to it is acked by Kafka).

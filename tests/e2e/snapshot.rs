@@ -1,0 +1,201 @@
+//! The initial snapshot meets the stream: with the application writing all along, the snapshot
+//! rows (`r`) followed by the streamed changes rebuild exactly the table's final state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde_json::Value as Json;
+
+use crate::harness::{TestDb, field};
+
+/// (email, loyalty_points) per customer id.
+type State = BTreeMap<i64, (String, i64)>;
+
+/// Folds the events of `topic` per key, in Kafka order per partition (a key lives on one
+/// partition): `r`/`c`/`u` put the `after` row, `d` removes the key.
+fn fold(events: &[walbridge::tail::Event], topic: &str) -> State {
+    let mut ordered: Vec<_> = events
+        .iter()
+        .filter(|e| e.topic == topic && e.value.is_some())
+        .collect();
+    ordered.sort_by_key(|e| (e.partition, e.offset));
+    let mut state = State::new();
+    for e in ordered {
+        let id = e
+            .key
+            .as_ref()
+            .and_then(|k| k["id"].as_i64())
+            .expect("key id");
+        match e.op() {
+            Some("r" | "c" | "u") => {
+                let email = field(e, "after", "email").and_then(Json::as_str);
+                let points = field(e, "after", "loyalty_points").and_then(Json::as_i64);
+                state.insert(id, (email.unwrap().to_owned(), points.unwrap()));
+            }
+            Some("d") => {
+                state.remove(&id);
+            }
+            other => panic!("unexpected op {other:?} on {topic}"),
+        }
+    }
+    state
+}
+
+async fn table_state(db: &TestDb) -> State {
+    db.client
+        .query(
+            "SELECT id, email::text, loyalty_points::int8 FROM oms.customers",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Inserts, updates (also of seeded rows, also with text that COPY must escape) and deletes
+/// customers, one small transaction at a time, until `stop`.
+fn spawn_writer(
+    dsn: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut i: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let new_id = 2_000_000 + i;
+            let seeded = 1 + (i * 7) % 300;
+            c.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points)
+                   VALUES ({new_id}, 'w{i}@example.com', 'W', 'R', {i});
+                 UPDATE oms.customers SET loyalty_points = loyalty_points + 1,
+                   email = E'tab\\there\\\\back\\nline{i}@example.com' WHERE id = {seeded};
+                 UPDATE oms.customers SET loyalty_points = loyalty_points + 5 WHERE id = {new_id} - 1;
+                 DELETE FROM oms.customers WHERE id = {new_id} - 3;
+                 COMMIT;"
+            ))
+            .await
+            .unwrap();
+            i += 1;
+            done.store(i as u64, Ordering::Relaxed);
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
+async fn wait_writes(done: &AtomicU64, at_least: u64) {
+    while done.load(Ordering::Relaxed) < at_least {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_snapshot_meets_the_stream_without_loss_or_duplicates() {
+    let mut db = TestDb::new("snapshot").await;
+    db.snapshot = "initial";
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = spawn_writer(db.dsn.clone(), stop.clone(), done.clone());
+    // Writing before, while and after the slot is created and the tables are copied.
+    wait_writes(&done, 30).await;
+    let mut wb = db.start().await;
+    let started_at = done.load(Ordering::Relaxed);
+    wait_writes(&done, started_at + 150).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    db.wait_caught_up(&mut wb).await;
+
+    let want = table_state(&db).await;
+    let topic = format!("{}.oms.customers", db.name);
+    let events = db.events_until(|ev| fold(ev, &topic) == want).await;
+    assert!(wb.stop().success());
+
+    let got = fold(&events, &topic);
+    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(k)).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(k)).collect();
+    let differ: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(k).is_some_and(|g| g != *v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty() && differ.is_empty(),
+        "snapshot + stream != table: missing {missing:?}, extra {extra:?}, different {differ:?}"
+    );
+
+    let on_topic: Vec<_> = events
+        .iter()
+        .filter(|e| e.topic == topic && e.value.is_some())
+        .collect();
+    let reads: Vec<_> = on_topic.iter().filter(|e| e.op() == Some("r")).collect();
+    let read_keys: HashSet<i64> = reads
+        .iter()
+        .map(|e| e.key.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        read_keys.len(),
+        reads.len(),
+        "a row was read twice by the snapshot"
+    );
+    // The writer inserted before the slot existed: the snapshot holds the seeds and those.
+    assert!(
+        reads.len() > 300,
+        "{} snapshot rows; the 300 seeded customers and the early inserts expected",
+        reads.len()
+    );
+    for r in &reads {
+        let v = r.value.as_ref().unwrap();
+        assert_eq!(
+            v["source"]["snapshot"], "true",
+            "source.snapshot of a snapshot row"
+        );
+        assert!(v["before"].is_null(), "a snapshot row has no before");
+    }
+    // A row created after the consistent point is streamed, never also in the snapshot; a
+    // streamed insert of a key the snapshot holds would mean the two overlap.
+    let created_twice: Vec<i64> = on_topic
+        .iter()
+        .filter(|e| e.op() == Some("c"))
+        .map(|e| e.key.as_ref().unwrap()["id"].as_i64().unwrap())
+        .filter(|id| read_keys.contains(id))
+        .collect();
+    assert!(
+        created_twice.is_empty(),
+        "inserted after the snapshot yet read by it: {created_twice:?}"
+    );
+    // Snapshot events come before every streamed event of their key.
+    let mut first_streamed: HashMap<i64, i64> = HashMap::new();
+    for e in on_topic.iter().filter(|e| e.op() != Some("r")) {
+        let id = e.key.as_ref().unwrap()["id"].as_i64().unwrap();
+        let o = first_streamed.entry(id).or_insert(e.offset);
+        *o = (*o).min(e.offset);
+    }
+    for r in &reads {
+        let id = r.key.as_ref().unwrap()["id"].as_i64().unwrap();
+        if let Some(o) = first_streamed.get(&id) {
+            assert!(
+                r.offset < *o,
+                "key {id}: snapshot row after a streamed change"
+            );
+        }
+    }
+
+    let mut ids = HashSet::new();
+    for e in events.iter().filter(|e| e.value.is_some()) {
+        let id = e.event_id().unwrap();
+        assert!(ids.insert(id), "event id {id} delivered twice");
+    }
+    assert!(
+        reads
+            .iter()
+            .all(|e| e.event_id().unwrap().starts_with("snapshot:")),
+        "snapshot event ids are distinct from streamed ones"
+    );
+}
