@@ -539,3 +539,34 @@ async fn a_keyless_table_is_refused_so_the_legacy_app_keeps_working() {
         .await
         .expect("the legacy application's UPDATE still works");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_without_a_finished_snapshot_is_refused() {
+    // As a crash in the middle of the initial snapshot would leave it: the slot, and no record
+    // of anything confirmed from it.
+    let mut db = TestDb::new("halfsnap").await;
+    db.snapshot = "initial";
+    db.client
+        .batch_execute("SELECT pg_create_logical_replication_slot('halfsnap', 'pgoutput')")
+        .await
+        .unwrap();
+    let mut wb = harness::Walbridge::start(&db.write_config(), &db.dir.join("walbridge.log"));
+    let status = wb.wait(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "streaming from it would skip the rows never copied"
+    );
+    let log = wb.log();
+    assert!(
+        log.contains("cannot tell whether the slot's initial snapshot finished"),
+        "{log}"
+    );
+    assert!(
+        log.contains("pg_drop_replication_slot('halfsnap')"),
+        "says how to fix it:\n{log}"
+    );
+    assert!(
+        log.contains("snapshot: never"),
+        "and the alternative:\n{log}"
+    );
+}
