@@ -47,7 +47,7 @@ pub async fn run(seconds: Duration, rate: f64) -> anyhow::Result<()> {
     }
 
     println!(
-        "▶ starting walbridge (registry embedded at {})",
+        "▶ starting walbridge (registry embedded at {}): it snapshots the existing rows (op r), then streams",
         cfg.registry.url
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -109,23 +109,31 @@ pub async fn print_tail(cfg: &Config, table: Option<&str>, limit: usize) -> anyh
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
     let topics = tail::topics_with_prefix(&brokers, &format!("{}.", cfg.kafka.topic_prefix))?;
     let events = tail::read_all(&brokers, &registry, &topics, Duration::from_secs(120)).await?;
-    let mut counts: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    // Per topic: snapshot rows (op r), streamed changes, tombstones.
+    let mut counts: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
     for e in &events {
         let c = counts.entry(e.topic.as_str()).or_default();
-        if e.value.is_some() {
-            c.0 += 1
-        } else {
-            c.1 += 1
+        match e.op() {
+            Some("r") => c.0 += 1,
+            Some(_) => c.1 += 1,
+            None => c.2 += 1,
         }
     }
-    println!("\n{:<36} {:>9} {:>11}", "topic", "events", "tombstones");
-    for (topic, (n, t)) in &counts {
-        println!("{topic:<36} {n:>9} {t:>11}");
+    println!(
+        "\n{:<36} {:>10} {:>10} {:>11}",
+        "topic", "snapshot", "changes", "tombstones"
+    );
+    for (topic, (r, n, t)) in &counts {
+        println!("{topic:<36} {r:>10} {n:>10} {t:>11}");
     }
     let wanted = table.map(|t| format!("{}.{t}", cfg.kafka.topic_prefix));
     let chosen: Vec<&tail::Event> = events
         .iter()
-        .filter(|e| e.value.is_some() && wanted.as_deref().is_none_or(|w| e.topic == w))
+        .filter(|e| {
+            e.value.is_some()
+                && e.op() != Some("r")
+                && wanted.as_deref().is_none_or(|w| e.topic == w)
+        })
         .collect();
     for e in chosen.iter().rev().take(limit).rev() {
         println!(
