@@ -22,6 +22,8 @@ use crate::stack::{Broker, Postgres};
 
 const TX_ROWS: u64 = 10_000;
 
+/// The bench creates its slots itself, before the load, so that both readers see the same WAL:
+/// walbridge streams them without a snapshot.
 fn config_yaml(
     dsn: &str,
     slot: &str,
@@ -31,7 +33,7 @@ fn config_yaml(
 ) -> String {
     let state_dir = data_dir.with_file_name(format!("state-{slot}"));
     format!(
-        "source:\n  dsn: \"{dsn}\"\n  publication: bench\n  slot: {slot}\n  tables: [public.bench]\n  state_dir: \"{}\"\n\
+        "source:\n  dsn: \"{dsn}\"\n  publication: bench\n  slot: {slot}\n  tables: [public.bench]\n  state_dir: \"{}\"\n  snapshot: never\n\
          kafka:\n  brokers: \"{brokers}\"\n  topic_prefix: {slot}\n  partitions: 3\n\
          registry:\n  url: \"http://127.0.0.1:{registry_port}\"\n  embedded:\n    listen: \"127.0.0.1:{registry_port}\"\n    data_dir: \"{}\"\n",
         state_dir.display(),
