@@ -8,6 +8,8 @@
 //! 2. Latency. Single-row transactions at a fixed offered rate while walbridge runs; for each, the
 //!    time from the client seeing COMMIT return to walbridge's confirmed LSN passing it (every
 //!    change of the transaction acked by Kafka). Printed: p50, p99, max.
+//! 4. Snapshot (`--snapshot-rows`). One table copied by walbridge's initial snapshot into Kafka,
+//!    against `COPY (SELECT * FROM t) TO STDOUT` of the same table; printed: rows/s and ratio.
 //! 3. Memory (`--big-tx-rows`). One transaction of that many rows, streamed into Kafka; printed:
 //!    the time and the process's peak RSS while draining it (VmHWM, reset just before).
 
@@ -22,18 +24,33 @@ use crate::stack::{Broker, Postgres};
 
 const TX_ROWS: u64 = 10_000;
 
-/// The bench creates its slots itself, before the load, so that both readers see the same WAL:
-/// walbridge streams them without a snapshot.
+/// A pipeline config for one bench table. The throughput and latency runs create their slots
+/// themselves, before the load, so that both readers see the same WAL: those stream without a
+/// snapshot. The snapshot run lets walbridge create its slot and snapshot the table.
+/// Which bench pipeline a config is for.
+struct Target<'a> {
+    slot: &'a str,
+    publication: &'a str,
+    table: &'a str,
+    snapshot: &'a str,
+}
+
 fn config_yaml(
     dsn: &str,
-    slot: &str,
+    t: &Target<'_>,
     brokers: &str,
     registry_port: u16,
     data_dir: &Path,
 ) -> String {
+    let Target {
+        slot,
+        publication,
+        table,
+        snapshot,
+    } = t;
     let state_dir = data_dir.with_file_name(format!("state-{slot}"));
     format!(
-        "source:\n  dsn: \"{dsn}\"\n  publication: bench\n  slot: {slot}\n  tables: [public.bench]\n  state_dir: \"{}\"\n  snapshot: never\n\
+        "source:\n  dsn: \"{dsn}\"\n  heartbeat_interval_ms: 100\n  publication: {publication}\n  slot: {slot}\n  tables: [public.{table}]\n  state_dir: \"{}\"\n  snapshot: {snapshot}\n\
          kafka:\n  brokers: \"{brokers}\"\n  topic_prefix: {slot}\n  partitions: 3\n\
          registry:\n  url: \"http://127.0.0.1:{registry_port}\"\n  embedded:\n    listen: \"127.0.0.1:{registry_port}\"\n    data_dir: \"{}\"\n",
         state_dir.display(),
@@ -46,6 +63,7 @@ pub async fn run(
     latency_rate: f64,
     latency_for: Duration,
     big_tx_rows: u64,
+    snapshot_rows: u64,
 ) -> anyhow::Result<()> {
     let dir = tempdir()?;
     let pg = Postgres::start(&dir)?;
@@ -100,7 +118,12 @@ pub async fn run(
     let reg_port = crate::stack::free_port();
     let yaml = config_yaml(
         &dsn,
-        "wb",
+        &Target {
+            slot: "wb",
+            publication: "bench",
+            table: "bench",
+            snapshot: "never",
+        },
         &broker.bootstrap(),
         reg_port,
         &dir.join("registry"),
@@ -194,6 +217,9 @@ pub async fn run(
     if big_tx_rows > 0 {
         big_transaction(&client, &dsn, &broker, &dir, id, big_tx_rows).await?;
     }
+    if snapshot_rows > 0 {
+        snapshot_vs_copy(&client, &dsn, &broker, &dir, snapshot_rows).await?;
+    }
     drop(broker);
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);
@@ -233,7 +259,12 @@ async fn big_transaction(
     let reg_port = crate::stack::free_port();
     let yaml = config_yaml(
         dsn,
-        "wbbig",
+        &Target {
+            slot: "wbbig",
+            publication: "bench",
+            table: "bench",
+            snapshot: "never",
+        },
         &broker.bootstrap(),
         reg_port,
         &dir.join("registry-big"),
@@ -269,6 +300,111 @@ async fn big_transaction(
         "  peak RSS of the walbridge process while draining: {:.0} MiB (before: {:.0} MiB)",
         peak.unwrap_or(0) as f64 / 1024.0,
         rss_before.unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// The initial snapshot of one table against `COPY (SELECT * FROM t) TO STDOUT` of the same table.
+/// walbridge's time runs from start until its first confirmed LSN, which is the snapshot's
+/// consistent point: every snapshot row has been acked by Kafka then.
+async fn snapshot_vs_copy(
+    client: &tokio_postgres::Client,
+    dsn: &str,
+    broker: &Broker,
+    dir: &Path,
+    n: u64,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    println!("\nloading {n} rows into snap_bench ...");
+    client
+        .batch_execute(
+            "CREATE TABLE snap_bench (id bigint PRIMARY KEY, sku text NOT NULL, qty int NOT NULL, \
+             price numeric(12,2) NOT NULL, at timestamptz NOT NULL DEFAULT now(), note text)",
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO snap_bench (id, sku, qty, price, note) \
+             SELECT g, 'SKU-' || (g % 10000), (g % 50)::int, (g % 1000) / 7.0, 'row ' || g \
+             FROM generate_series(1, $1::bigint) g",
+            &[&(n as i64)],
+        )
+        .await?;
+    client.batch_execute("VACUUM ANALYZE snap_bench").await?;
+
+    let t = Instant::now();
+    let stream = client
+        .copy_out("COPY (SELECT * FROM snap_bench) TO STDOUT")
+        .await?;
+    futures_util::pin_mut!(stream);
+    let mut bytes = 0usize;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk?.len();
+    }
+    let copy_secs = t.elapsed().as_secs_f64();
+
+    let reg_port = crate::stack::free_port();
+    let yaml = config_yaml(
+        dsn,
+        &Target {
+            slot: "wbsnap",
+            publication: "pub_snap",
+            table: "snap_bench",
+            snapshot: "initial",
+        },
+        &broker.bootstrap(),
+        reg_port,
+        &dir.join("registry-snap"),
+    );
+    let cfg = crate::config::from_str(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
+    let pipeline = tokio::spawn(crate::pipeline::run_observed(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(obs_tx),
+    ));
+    let mut confirmed = obs_rx.await.context("pipeline did not start")?;
+    // The snapshot is complete in Kafka once walbridge confirms a position past the slot's
+    // consistent point (a heartbeat after the snapshot; every 100 ms in this config).
+    let consistent_point: Lsn = loop {
+        let row = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'wbsnap'",
+                &[],
+            )
+            .await?;
+        if let Some(Some(l)) = row.map(|r| r.get::<_, Option<String>>(0)) {
+            break l.parse()?;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    while *confirmed.borrow() <= consistent_point {
+        confirmed
+            .changed()
+            .await
+            .context("pipeline stopped during the snapshot")?;
+    }
+    let snap_secs = t.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    pipeline.await??;
+    let (copy_rate, snap_rate) = (n as f64 / copy_secs, n as f64 / snap_secs);
+    println!(
+        "\nsnapshot of {n} rows ({:.0} MiB as COPY text)",
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "  COPY (SELECT * FROM t) TO STDOUT:       {copy_secs:>7.2} s  {copy_rate:>10.0} rows/s"
+    );
+    println!(
+        "  walbridge snapshot → Avro → Kafka:      {snap_secs:>7.2} s  {snap_rate:>10.0} rows/s"
+    );
+    println!(
+        "  ratio walbridge / COPY:                 {:>7.2}",
+        snap_rate / copy_rate
     );
     Ok(())
 }

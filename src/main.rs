@@ -77,6 +77,9 @@ enum Command {
         /// (0 skips it; 5000000 is the figure the design asks about).
         #[arg(long, default_value_t = 0)]
         big_tx_rows: u64,
+        /// Also snapshot a table of this many rows and compare with COPY (0 skips it).
+        #[arg(long, default_value_t = 0)]
+        snapshot_rows: u64,
     },
 }
 
@@ -211,12 +214,14 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             latency_rate,
             latency_seconds,
             big_tx_rows,
+            snapshot_rows,
         } => {
             walbridge::bench::run(
                 rows,
                 latency_rate,
                 Duration::from_secs(latency_seconds),
                 big_tx_rows,
+                snapshot_rows,
             )
             .await
         }

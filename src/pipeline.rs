@@ -383,20 +383,26 @@ async fn run_attempt(
         val_frame: Vec::with_capacity(4096),
         event_id: String::with_capacity(32),
     };
-    if let Some(client) = snapshot
-        && let Err(e) = p.snapshot(&client, &tables, start, &stop).await
-    {
-        // Leave no slot behind: it would make the next start stream from the consistent point
-        // without the rows this snapshot did not deliver. The next start takes a new snapshot
-        // (rows already in Kafka arrive again, under the new snapshot's event ids).
-        abandon_slot(&mut repl_conn, &cfg.source.slot).await;
-        forward.abort();
-        position_writer.abort();
-        if *stop.borrow() {
-            tracing::info!("stopped during the initial snapshot; it starts over next time");
-            return Ok(());
+    if let Some(client) = snapshot {
+        let copied = p.snapshot(&client, &tables, start, &stop).await;
+        if copied.is_ok() {
+            // The snapshot's transaction only read; ending it releases the exported snapshot.
+            let _ = client.batch_execute("COMMIT").await;
         }
-        return Err(e);
+        drop(client);
+        if let Err(e) = copied {
+            // Leave no slot behind: it would make the next start stream from the consistent
+            // point without the rows this snapshot did not deliver. The next start takes a new
+            // snapshot (rows already in Kafka arrive again, under the new snapshot's event ids).
+            abandon_slot(&mut repl_conn, &cfg.source.slot).await;
+            forward.abort();
+            position_writer.abort();
+            if *stop.borrow() {
+                tracing::info!("stopped during the initial snapshot; it starts over next time");
+                return Ok(());
+            }
+            return Err(e);
+        }
     }
     let reader = std::thread::Builder::new()
         .name("cdc-reader".into())
