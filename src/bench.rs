@@ -115,8 +115,8 @@ pub async fn run(
     // once after walbridge, so a warm or cold cache favours neither side.
     let recv_secs = recv_logical(&dsn, "recv", &end)?;
     // walbridge into Kafka.
-    let reg_port = crate::stack::free_port();
-    let yaml = config_yaml(
+    let t = Instant::now();
+    let mut running = Running::start(
         &dsn,
         &Target {
             slot: "wb",
@@ -124,22 +124,11 @@ pub async fn run(
             table: "bench",
             snapshot: "never",
         },
-        &broker.bootstrap(),
-        reg_port,
+        &broker,
         &dir.join("registry"),
-    );
-    let cfg = crate::config::from_str(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let t = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
-    let pipeline = tokio::spawn(crate::pipeline::run_observed(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        Some(obs_tx),
-    ));
-    let mut confirmed = obs_rx.await.context("pipeline did not start")?;
+    )
+    .await?;
+    let confirmed = &mut running.confirmed;
     while *confirmed.borrow() < end_lsn {
         confirmed
             .changed()
@@ -196,8 +185,7 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_millis(200), confirmed.changed()).await;
         drain(&mut waiting, &mut lat, *confirmed.borrow());
     }
-    let _ = stop_tx.send(());
-    pipeline.await??;
+    running.stop().await?;
     lat.sort();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -256,8 +244,8 @@ async fn big_transaction(
     let rss_before = proc_status_kib("VmRSS:");
     // Reset the kernel's peak-RSS counter (VmHWM) so it covers only the drain.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let reg_port = crate::stack::free_port();
-    let yaml = config_yaml(
+    let t = Instant::now();
+    let mut running = Running::start(
         dsn,
         &Target {
             slot: "wbbig",
@@ -265,22 +253,11 @@ async fn big_transaction(
             table: "bench",
             snapshot: "never",
         },
-        &broker.bootstrap(),
-        reg_port,
+        broker,
         &dir.join("registry-big"),
-    );
-    let cfg = crate::config::from_str(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let t = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
-    let pipeline = tokio::spawn(crate::pipeline::run_observed(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        Some(obs_tx),
-    ));
-    let mut confirmed = obs_rx.await.context("pipeline did not start")?;
+    )
+    .await?;
+    let confirmed = &mut running.confirmed;
     while *confirmed.borrow() < end_lsn {
         confirmed
             .changed()
@@ -289,8 +266,7 @@ async fn big_transaction(
     }
     let secs = t.elapsed().as_secs_f64();
     let peak = proc_status_kib("VmHWM:");
-    let _ = stop_tx.send(());
-    pipeline.await??;
+    running.stop().await?;
     println!("one {n}-row transaction through walbridge into Kafka");
     println!(
         "  {secs:.1} s, {:.0} rows/s (includes the server decoding the whole transaction)",
@@ -343,8 +319,8 @@ async fn snapshot_vs_copy(
     }
     let copy_secs = t.elapsed().as_secs_f64();
 
-    let reg_port = crate::stack::free_port();
-    let yaml = config_yaml(
+    let t = Instant::now();
+    let mut running = Running::start(
         dsn,
         &Target {
             slot: "wbsnap",
@@ -352,22 +328,11 @@ async fn snapshot_vs_copy(
             table: "snap_bench",
             snapshot: "initial",
         },
-        &broker.bootstrap(),
-        reg_port,
+        broker,
         &dir.join("registry-snap"),
-    );
-    let cfg = crate::config::from_str(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let t = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
-    let pipeline = tokio::spawn(crate::pipeline::run_observed(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        Some(obs_tx),
-    ));
-    let mut confirmed = obs_rx.await.context("pipeline did not start")?;
+    )
+    .await?;
+    let confirmed = &mut running.confirmed;
     // The snapshot is complete in Kafka once walbridge confirms a position past the slot's
     // consistent point (a heartbeat after the snapshot; every 100 ms in this config).
     let consistent_point: Lsn = loop {
@@ -389,8 +354,7 @@ async fn snapshot_vs_copy(
             .context("pipeline stopped during the snapshot")?;
     }
     let snap_secs = t.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    pipeline.await??;
+    running.stop().await?;
     let (copy_rate, snap_rate) = (n as f64 / copy_secs, n as f64 / snap_secs);
     println!(
         "\nsnapshot of {n} rows ({:.0} MiB as COPY text)",
@@ -407,6 +371,51 @@ async fn snapshot_vs_copy(
         snap_rate / copy_rate
     );
     Ok(())
+}
+
+/// walbridge's pipeline running in this process for one bench target.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    confirmed: tokio::sync::watch::Receiver<Lsn>,
+}
+
+impl Running {
+    async fn start(
+        dsn: &str,
+        target: &Target<'_>,
+        broker: &Broker,
+        registry_dir: &Path,
+    ) -> anyhow::Result<Running> {
+        let yaml = config_yaml(
+            dsn,
+            target,
+            &broker.bootstrap(),
+            crate::stack::free_port(),
+            registry_dir,
+        );
+        let cfg = crate::config::from_str(&yaml, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(crate::pipeline::run_observed(
+            cfg,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(obs_tx),
+        ));
+        let confirmed = obs_rx.await.context("pipeline did not start")?;
+        Ok(Running {
+            stop,
+            handle,
+            confirmed,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.handle.await?
+    }
 }
 
 /// A `/proc/self/status` field in KiB.

@@ -219,6 +219,17 @@ impl TestDb {
         }
     }
 
+    /// Runs each statement on its own, so DDL and DML do not share a transaction (a statement
+    /// may still say BEGIN … COMMIT itself).
+    pub async fn exec(&self, sqls: &[&str]) {
+        for sql in sqls {
+            self.client
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
+
     /// The WAL insert position: at or past the end of every transaction committed so far. (Not
     /// `pg_current_wal_lsn()`, the write position: with `synchronous_commit = off`, as the test
     /// cluster runs, a commit can return before its WAL is written.)

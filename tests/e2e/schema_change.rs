@@ -10,16 +10,6 @@ use walbridge::tail::Event;
 
 use crate::harness::{self, TestDb, field};
 
-/// Runs each statement on its own (its own transaction unless it says BEGIN … COMMIT).
-async fn exec(db: &TestDb, sqls: &[&str]) {
-    for sql in sqls {
-        db.client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-}
-
 /// `GET {base}{path}` against the registry, as JSON. HTTP/1.0 keeps the answer unchunked and
 /// closes the connection at its end, which is all this needs.
 async fn registry_get(base: &str, path: &str) -> Json {
@@ -97,34 +87,30 @@ fn after_field_type(value_schema: &Json, name: &str) -> Json {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn column_changes_mid_stream_register_new_versions_and_lose_nothing() {
     let db = TestDb::new("ddl").await;
-    exec(
-        &db,
-        &["CREATE TABLE oms.shapeshift (id int PRIMARY KEY, qty int, code varchar(10), note text)"],
-    )
+    db.exec(&[
+        "CREATE TABLE oms.shapeshift (id int PRIMARY KEY, qty int, code varchar(10), note text)",
+    ])
     .await;
     let mut wb = db.start().await;
-    exec(
-        &db,
-        &[
-            "INSERT INTO oms.shapeshift VALUES (1, 1, 'a', 'first')",
-            "ALTER TABLE oms.shapeshift ADD COLUMN color text NOT NULL DEFAULT 'red'",
-            "INSERT INTO oms.shapeshift (id, qty, code, note) VALUES (2, 2, 'b', 'second')",
-            "INSERT INTO oms.shapeshift VALUES (3, 3, 'c', 'third', 'blue')",
-            "ALTER TABLE oms.shapeshift DROP COLUMN note",
-            "INSERT INTO oms.shapeshift VALUES (4, 4, 'd', 'green')",
-            "ALTER TABLE oms.shapeshift RENAME COLUMN code TO sku",
-            "INSERT INTO oms.shapeshift VALUES (5, 5, 'e', 'green')",
-            // DDL between rows of one transaction: row 6 has the old types, row 7 the new.
-            "BEGIN;
+    db.exec(&[
+        "INSERT INTO oms.shapeshift VALUES (1, 1, 'a', 'first')",
+        "ALTER TABLE oms.shapeshift ADD COLUMN color text NOT NULL DEFAULT 'red'",
+        "INSERT INTO oms.shapeshift (id, qty, code, note) VALUES (2, 2, 'b', 'second')",
+        "INSERT INTO oms.shapeshift VALUES (3, 3, 'c', 'third', 'blue')",
+        "ALTER TABLE oms.shapeshift DROP COLUMN note",
+        "INSERT INTO oms.shapeshift VALUES (4, 4, 'd', 'green')",
+        "ALTER TABLE oms.shapeshift RENAME COLUMN code TO sku",
+        "INSERT INTO oms.shapeshift VALUES (5, 5, 'e', 'green')",
+        // DDL between rows of one transaction: row 6 has the old types, row 7 the new.
+        "BEGIN;
              INSERT INTO oms.shapeshift VALUES (6, 6, 'f', 'grey');
              ALTER TABLE oms.shapeshift ALTER COLUMN qty TYPE bigint;
              ALTER TABLE oms.shapeshift ALTER COLUMN sku TYPE text;
              INSERT INTO oms.shapeshift VALUES (7, 1099511627776, 'longer than ten', 'black');
              COMMIT",
-            // A row written before all the DDL, updated after it: its event has today's shape.
-            "UPDATE oms.shapeshift SET qty = 10 WHERE id = 1",
-        ],
-    )
+        // A row written before all the DDL, updated after it: its event has today's shape.
+        "UPDATE oms.shapeshift SET qty = 10 WHERE id = 1",
+    ])
     .await;
     db.wait_caught_up(&mut wb).await;
     let topic = format!("{}.oms.shapeshift", db.name);
@@ -225,20 +211,17 @@ async fn column_changes_mid_stream_register_new_versions_and_lose_nothing() {
 async fn a_table_created_mid_stream_is_captured() {
     let db = TestDb::new("newtable").await;
     let mut wb = db.start().await;
-    exec(
-        &db,
-        &[
-            // Created and filled in one transaction: the first rows must not be missed.
-            "BEGIN;
+    db.exec(&[
+        // Created and filled in one transaction: the first rows must not be missed.
+        "BEGIN;
              CREATE TABLE oms.new_thing (id bigint PRIMARY KEY, label text);
              INSERT INTO oms.new_thing SELECT g, 'early ' || g FROM generate_series(1, 10) g;
              COMMIT",
-            "INSERT INTO oms.new_thing SELECT g, 'later ' || g FROM generate_series(11, 20) g",
-            "UPDATE oms.new_thing SET label = 'changed' WHERE id = 20",
-            // Tables known from the start keep flowing.
-            "UPDATE oms.customers SET loyalty_points = 4242 WHERE id = 1",
-        ],
-    )
+        "INSERT INTO oms.new_thing SELECT g, 'later ' || g FROM generate_series(11, 20) g",
+        "UPDATE oms.new_thing SET label = 'changed' WHERE id = 20",
+        // Tables known from the start keep flowing.
+        "UPDATE oms.customers SET loyalty_points = 4242 WHERE id = 1",
+    ])
     .await;
     db.wait_caught_up(&mut wb).await;
     let topic = format!("{}.oms.new_thing", db.name);
@@ -296,21 +279,15 @@ async fn a_publication_naming_tables_one_by_one_is_used_and_its_gap_reported() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    exec(
-        &db,
-        &[&format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            db.name,
-            tables.join(", ")
-        )],
-    )
+    db.exec(&[&format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        db.name,
+        tables.join(", ")
+    )])
     .await;
     let mut wb = db.start().await;
-    exec(
-        &db,
-        &["UPDATE oms.customers SET loyalty_points = 77 WHERE id = 1"],
-    )
-    .await;
+    db.exec(&["UPDATE oms.customers SET loyalty_points = 77 WHERE id = 1"])
+        .await;
     db.wait_caught_up(&mut wb).await;
     let customers = format!("{}.oms.customers", db.name);
     let events = db

@@ -8,16 +8,6 @@ use walbridge::tail::Event;
 
 use crate::harness::{TestDb, field};
 
-/// Runs each statement on its own (DDL and DML that must not share a transaction).
-async fn exec(db: &TestDb, sqls: &[&str]) {
-    for sql in sqls {
-        db.client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-}
-
 /// `SELECT <json expression>` rows as `(id, json)`.
 async fn json_rows(db: &TestDb, sql: &str) -> Vec<(i64, Json)> {
     db.client
@@ -98,12 +88,10 @@ SELECT id, json_build_object(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_common_type_round_trips_through_kafka() {
     let db = TestDb::new("types").await;
-    exec(
-        &db,
-        &[
-            "CREATE TYPE oms.mood AS ENUM ('calm', 'busy', 'on fire')",
-            "CREATE DOMAIN oms.positive_int AS int CHECK (VALUE > 0)",
-            "CREATE TABLE oms.type_zoo (
+    db.exec(&[
+        "CREATE TYPE oms.mood AS ENUM ('calm', 'busy', 'on fire')",
+        "CREATE DOMAIN oms.positive_int AS int CHECK (VALUE > 0)",
+        "CREATE TABLE oms.type_zoo (
                 id bigint PRIMARY KEY,
                 i2 int2, i4 int4, i8 int8,
                 amount numeric(12,2), free numeric,
@@ -112,16 +100,12 @@ async fn every_common_type_round_trips_through_kafka() {
                 day date, tod time, todtz timetz, ts timestamp, tstz timestamptz,
                 iv interval, u uuid, j json, jb jsonb, m oms.mood,
                 ints int4[], tags text[], pos oms.positive_int)",
-        ],
-    )
+    ])
     .await;
     let mut wb = db.start().await;
-    exec(
-        &db,
-        &[&format!(
-            "INSERT INTO oms.type_zoo ({ZOO_COLUMNS}) VALUES {ZOO_ROWS}"
-        )],
-    )
+    db.exec(&[&format!(
+        "INSERT INTO oms.type_zoo ({ZOO_COLUMNS}) VALUES {ZOO_ROWS}"
+    )])
     .await;
     db.wait_caught_up(&mut wb).await;
     let topic = format!("{}.oms.type_zoo", db.name);
@@ -132,7 +116,7 @@ async fn every_common_type_round_trips_through_kafka() {
     assert_eq!(inserts.len(), 4, "one create per row");
 
     // walbridge's replication connection prints intervals as ISO 8601 durations.
-    exec(&db, &["SET IntervalStyle = iso_8601"]).await;
+    db.exec(&["SET IntervalStyle = iso_8601"]).await;
     let expected = json_rows(&db, ZOO_EXPECTED).await;
     assert_eq!(expected.len(), 4);
     let mut mismatches = Vec::new();
@@ -225,32 +209,26 @@ const BIG_TEXT: &str = "(SELECT string_agg(md5(random()::text), '') FROM generat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_is_marked_not_faked() {
     let db = TestDb::new("toast").await;
-    exec(
-        &db,
-        &[
-            "CREATE TABLE oms.toast_default (id bigint PRIMARY KEY, n int, body text)",
-            "CREATE TABLE oms.toast_full (id bigint PRIMARY KEY, n int, body text)",
-            "ALTER TABLE oms.toast_full REPLICA IDENTITY FULL",
-        ],
-    )
+    db.exec(&[
+        "CREATE TABLE oms.toast_default (id bigint PRIMARY KEY, n int, body text)",
+        "CREATE TABLE oms.toast_full (id bigint PRIMARY KEY, n int, body text)",
+        "ALTER TABLE oms.toast_full REPLICA IDENTITY FULL",
+    ])
     .await;
     let mut wb = db.start().await;
-    exec(
-        &db,
-        &[
-            &format!("INSERT INTO oms.toast_default VALUES (1, 1, {BIG_TEXT}), (2, 1, {BIG_TEXT})"),
-            &format!("INSERT INTO oms.toast_full VALUES (1, 1, {BIG_TEXT})"),
-            // Only the small column changes: pgoutput sends `u` for body.
-            "UPDATE oms.toast_default SET n = 2 WHERE id = 1",
-            "UPDATE oms.toast_full SET n = 2 WHERE id = 1",
-            // A key change under FULL: sent as delete + create, and the create must still carry
-            // the unchanged body (from the old row), not a null.
-            &format!("INSERT INTO oms.toast_full VALUES (10, 1, {BIG_TEXT})"),
-            "UPDATE oms.toast_full SET id = 11 WHERE id = 10",
-            // A real NULL, for contrast.
-            "UPDATE oms.toast_default SET n = 2, body = NULL WHERE id = 2",
-        ],
-    )
+    db.exec(&[
+        &format!("INSERT INTO oms.toast_default VALUES (1, 1, {BIG_TEXT}), (2, 1, {BIG_TEXT})"),
+        &format!("INSERT INTO oms.toast_full VALUES (1, 1, {BIG_TEXT})"),
+        // Only the small column changes: pgoutput sends `u` for body.
+        "UPDATE oms.toast_default SET n = 2 WHERE id = 1",
+        "UPDATE oms.toast_full SET n = 2 WHERE id = 1",
+        // A key change under FULL: sent as delete + create, and the create must still carry
+        // the unchanged body (from the old row), not a null.
+        &format!("INSERT INTO oms.toast_full VALUES (10, 1, {BIG_TEXT})"),
+        "UPDATE oms.toast_full SET id = 11 WHERE id = 10",
+        // A real NULL, for contrast.
+        "UPDATE oms.toast_default SET n = 2, body = NULL WHERE id = 2",
+    ])
     .await;
     db.wait_caught_up(&mut wb).await;
     let body = |table: &'static str| {
