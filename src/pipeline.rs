@@ -300,6 +300,16 @@ async fn run_attempt(
     };
     // A new slot starts at its consistent point; an existing one where the later record is.
     let start = if slot_existed { resume.start } else { start };
+    if let (false, None, Some(stored)) = (slot_existed, &snapshot, resume.stored) {
+        // walbridge streamed from a slot of this name before, and it is gone: what was committed
+        // between the record and the new slot is not in the stream, and no snapshot covers it.
+        tracing::warn!(
+            slot = %cfg.source.slot,
+            recorded = %stored,
+            new_start = %start,
+            "the slot was created anew without a snapshot: changes committed between the recorded position and the new slot are not streamed; set source.snapshot: initial and recreate the slot to copy the tables"
+        );
+    }
     resume.start = start;
     tracing::info!(slot = %cfg.source.slot, start = %start, snapshot = snapshot.is_some(), tables = tables.len(), "source ready");
 

@@ -570,3 +570,25 @@ async fn a_slot_without_a_finished_snapshot_is_refused() {
         "and the alternative:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_slot_without_snapshot_is_called_out() {
+    let db = TestDb::new("recreated").await;
+    let mut wb = db.start().await;
+    insert_customers(&db, 1_000_000, 5).await;
+    db.wait_caught_up(&mut wb).await;
+    assert!(wb.stop().success());
+    // Someone drops the slot; what is committed now is in no slot's stream.
+    db.client
+        .batch_execute("SELECT pg_drop_replication_slot('recreated')")
+        .await
+        .unwrap();
+    insert_customers(&db, 1_000_005, 5).await;
+    let wb = db.start().await;
+    let log = wb.log();
+    assert!(
+        log.contains("the slot was created anew without a snapshot"),
+        "the gap is named, not silent:\n{log}"
+    );
+    assert!(wb.stop().success());
+}
