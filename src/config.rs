@@ -124,39 +124,7 @@ impl fmt::Debug for Dsn {
     }
 }
 
-/// Which tables to capture: one table, or every table of a schema.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum TableSelector {
-    Table { schema: String, table: String },
-    AllInSchema { schema: String },
-}
-
-impl TableSelector {
-    pub fn schema(&self) -> &str {
-        match self {
-            TableSelector::Table { schema, .. } | TableSelector::AllInSchema { schema } => schema,
-        }
-    }
-
-    pub fn matches(&self, schema: &str, table: &str) -> bool {
-        match self {
-            TableSelector::Table {
-                schema: s,
-                table: t,
-            } => s == schema && t == table,
-            TableSelector::AllInSchema { schema: s } => s == schema,
-        }
-    }
-}
-
-impl fmt::Display for TableSelector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TableSelector::Table { schema, table } => write!(f, "{schema}.{table}"),
-            TableSelector::AllInSchema { schema } => write!(f, "{schema}.*"),
-        }
-    }
-}
+pub use cdc::slot::TableSelector;
 
 /// Where change and event topics go.
 #[derive(Clone, Debug)]

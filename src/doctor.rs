@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use anyhow::Context;
 use tokio_postgres::Client;
 
-use crate::config::{Config, TableSelector};
+use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -186,10 +186,7 @@ async fn tables(
 ) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     for sel in &cfg.source.tables {
-        let (schema, table) = match sel {
-            TableSelector::Table { schema, table } => (schema.as_str(), Some(table.as_str())),
-            TableSelector::AllInSchema { schema } => (schema.as_str(), None),
-        };
+        let (schema, table) = (sel.schema(), sel.table());
         let rows = client
             .query(
                 "SELECT c.oid, n.nspname::text || '.' || c.relname::text, c.relreplident::text \

@@ -34,7 +34,7 @@ use cdc::source::{Batch, Phase, ReaderOptions, SourceItem};
 use sinks::kafka::{KafkaSettings, KafkaSink, Record};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, SnapshotMode, TableSelector};
+use crate::config::{Config, SnapshotMode};
 
 /// Prefix of the heartbeat messages walbridge writes with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "walbridge.heartbeat";
@@ -240,22 +240,8 @@ async fn run_attempt(
             tracing::warn!(error = %e, "metadata connection ended");
         }
     });
-    let selectors: Vec<slot::TableSelector> = cfg
-        .source
-        .tables
-        .iter()
-        .map(|t| match t {
-            TableSelector::Table { schema, table } => slot::TableSelector {
-                schema: schema.clone(),
-                table: Some(table.clone()),
-            },
-            TableSelector::AllInSchema { schema } => slot::TableSelector {
-                schema: schema.clone(),
-                table: None,
-            },
-        })
-        .collect();
-    let tables = slot::ensure_publication(&meta, &cfg.source.publication, &selectors).await?;
+    let tables =
+        slot::ensure_publication(&meta, &cfg.source.publication, &cfg.source.tables).await?;
     let existing = slot::check_slot(&meta, &cfg.source.slot).await?;
     let mut repl_conn = ReplicationConnection::connect(&pg).await.with_context(|| {
         format!(

@@ -53,12 +53,47 @@ pub enum SlotError {
     InUse { slot: String, pid: String },
 }
 
-/// A table chosen in the config: `schema.table`, or `schema.*` for all tables of a schema.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableSelector {
-    pub schema: String,
-    /// `None` means every table of the schema.
-    pub table: Option<String>,
+/// Which tables to capture (`source.tables`): `schema.table`, or `schema.*` for every table of
+/// a schema.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TableSelector {
+    Table { schema: String, table: String },
+    AllInSchema { schema: String },
+}
+
+impl TableSelector {
+    pub fn schema(&self) -> &str {
+        match self {
+            TableSelector::Table { schema, .. } | TableSelector::AllInSchema { schema } => schema,
+        }
+    }
+
+    /// The table's name; `None` for every table of the schema.
+    pub fn table(&self) -> Option<&str> {
+        match self {
+            TableSelector::Table { table, .. } => Some(table),
+            TableSelector::AllInSchema { .. } => None,
+        }
+    }
+
+    pub fn matches(&self, schema: &str, table: &str) -> bool {
+        match self {
+            TableSelector::Table {
+                schema: s,
+                table: t,
+            } => s == schema && t == table,
+            TableSelector::AllInSchema { schema: s } => s == schema,
+        }
+    }
+}
+
+impl std::fmt::Display for TableSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableSelector::Table { schema, table } => write!(f, "{schema}.{table}"),
+            TableSelector::AllInSchema { schema } => write!(f, "{schema}.*"),
+        }
+    }
 }
 
 /// What the slot looks like when streaming starts.
@@ -96,16 +131,16 @@ pub async fn ensure_publication(
             .query(
                 "SELECT schemaname::text, tablename::text FROM pg_tables \
                  WHERE schemaname = $1 AND ($2::text IS NULL OR tablename = $2) ORDER BY 2",
-                &[&sel.schema, &sel.table],
+                &[&sel.schema(), &sel.table()],
             )
             .await?;
         if rows.is_empty() {
-            match &sel.table {
-                Some(t) => return Err(SlotError::MissingTable(format!("{}.{}", sel.schema, t))),
+            match sel.table() {
+                Some(t) => return Err(SlotError::MissingTable(format!("{}.{}", sel.schema(), t))),
                 // An empty schema is fine when its future tables are captured; a schema that
                 // does not exist is a typo in the config.
-                None if !schema_publications || !schema_exists(client, &sel.schema).await? => {
-                    return Err(SlotError::EmptySchema(sel.schema.clone()));
+                None if !schema_publications || !schema_exists(client, sel.schema()).await? => {
+                    return Err(SlotError::EmptySchema(sel.schema().to_owned()));
                 }
                 None => {}
             }
@@ -120,8 +155,8 @@ pub async fn ensure_publication(
     refuse_tables_without_identity(client, &tables).await?;
     let schemas: Vec<&str> = selectors
         .iter()
-        .filter(|s| s.table.is_none())
-        .map(|s| s.schema.as_str())
+        .filter(|s| s.table().is_none())
+        .map(|s| s.schema())
         .fold(Vec::new(), |mut v, s| {
             if !v.contains(&s) {
                 v.push(s);
