@@ -316,52 +316,38 @@ async fn publication(
 }
 
 async fn slot(client: &Client, name: &str, out: &mut Vec<Finding>) -> anyhow::Result<()> {
-    let row = client
-        .query_opt(
-            "SELECT plugin::text, database::text, active, wal_status, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, current_database()::text \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
-        .await?;
-    let Some(r) = row else {
+    let Some(facts) = cdc::slot::slot_facts(client, name).await? else {
         out.push(ok(
             "slot",
             format!("{name} does not exist yet; walbridge creates it on start"),
         ));
         return Ok(());
     };
-    let (plugin, db, active): (Option<String>, Option<String>, bool) =
-        (r.get(0), r.get(1), r.get(2));
-    let (wal_status, retained, current_db): (Option<String>, Option<i64>, String) =
-        (r.get(3), r.get(4), r.get(5));
-    if plugin.as_deref() != Some("pgoutput") || db.as_deref() != Some(current_db.as_str()) {
-        out.push(fail(
-            "slot",
-            format!("{name} is plugin {plugin:?} in database {db:?}: not usable by walbridge here"),
-            "choose another `source.slot` name".into(),
-        ));
-    } else if wal_status.as_deref() == Some("lost") {
-        out.push(fail(
-            "slot",
-            format!("{name} has lost WAL it needs"),
-            format!("SELECT pg_drop_replication_slot('{name}'); then start again (a new snapshot is needed)"),
-        ));
-    } else {
-        let mib = retained.unwrap_or(0) as f64 / (1024.0 * 1024.0);
-        let msg = format!(
-            "{name}: {}, retaining {mib:.1} MiB of WAL",
-            if active { "in use" } else { "idle" }
-        );
-        if mib > 1024.0 {
-            out.push(warn(
-                "slot",
-                msg,
-                "is walbridge running and keeping up? `walbridge run` advances it".into(),
-            ));
-        } else {
-            out.push(ok("slot", msg));
+    // The same judgment `walbridge run` makes; a slot in use is expected while walbridge runs.
+    match facts.usable() {
+        Ok(_) | Err(cdc::slot::SlotError::InUse { .. }) => {
+            let mib = facts.retained_bytes.unwrap_or(0) as f64 / (1024.0 * 1024.0);
+            let msg = format!(
+                "{name}: {}, retaining {mib:.1} MiB of WAL",
+                if facts.active { "in use" } else { "idle" }
+            );
+            if mib > 1024.0 {
+                out.push(warn(
+                    "slot",
+                    msg,
+                    "is walbridge running and keeping up? `walbridge run` advances it".into(),
+                ));
+            } else {
+                out.push(ok("slot", msg));
+            }
         }
+        // The error already says what to do.
+        Err(e) => out.push(Finding {
+            level: Level::Fail,
+            topic: "slot".into(),
+            message: e.to_string(),
+            fix: None,
+        }),
     }
     Ok(())
 }

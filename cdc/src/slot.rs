@@ -99,7 +99,6 @@ impl std::fmt::Display for TableSelector {
 /// What the slot looks like when streaming starts.
 #[derive(Debug, Clone)]
 pub struct SlotState {
-    pub created: bool,
     pub confirmed_flush: Lsn,
 }
 
@@ -341,62 +340,95 @@ async fn refuse_tables_without_identity(
     }
 }
 
-/// Checks an existing slot: `None` when there is none (create it with
-/// [`create_slot_with_snapshot`]), otherwise its state once it is known to be usable.
-pub async fn check_slot(client: &Client, slot: &str) -> Result<Option<SlotState>, SlotError> {
-    let bad = |problem: String| SlotError::BadSlot {
-        slot: slot.to_owned(),
-        problem,
-    };
+/// What the catalog says of a slot: read once, judged by [`SlotFacts::usable`] when starting
+/// and reported as is by `walbridge doctor`.
+#[derive(Debug, Clone)]
+pub struct SlotFacts {
+    pub name: String,
+    pub plugin: Option<String>,
+    pub slot_type: String,
+    pub database: Option<String>,
+    pub current_database: String,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush: Option<String>,
+    pub wal_status: Option<String>,
+    /// WAL the slot keeps from being recycled (current WAL position − restart_lsn).
+    pub retained_bytes: Option<i64>,
+}
+
+/// Reads the slot's row of `pg_replication_slots`; `None` when there is no such slot.
+pub async fn slot_facts(client: &Client, slot: &str) -> Result<Option<SlotFacts>, SlotError> {
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid, \
-                    confirmed_flush_lsn::text, wal_status, current_database()::text \
+                    confirmed_flush_lsn::text, wal_status, current_database()::text, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let plugin: Option<String> = row.get(0);
-    let slot_type: String = row.get(1);
-    let database: Option<String> = row.get(2);
-    let active: bool = row.get(3);
-    let active_pid: Option<i32> = row.get(4);
-    let confirmed: Option<String> = row.get(5);
-    let wal_status: Option<String> = row.get(6);
-    let current_db: String = row.get(7);
-    if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
-        return Err(bad(format!(
-            "is a {slot_type} slot with plugin {plugin:?}; walbridge needs a logical pgoutput slot — choose another `source.slot` name"
-        )));
-    }
-    if database.as_deref() != Some(current_db.as_str()) {
-        return Err(bad(format!(
-            "belongs to database {database:?}, not {current_db:?}; choose another `source.slot` name"
-        )));
-    }
-    if active {
-        return Err(SlotError::InUse {
-            slot: slot.to_owned(),
-            pid: active_pid.map_or("unknown".into(), |p| p.to_string()),
-        });
-    }
-    if wal_status.as_deref() == Some("lost") {
-        return Err(bad(
-            "has lost WAL it needs (wal_status = lost, max_slot_wal_keep_size exceeded); drop it with SELECT pg_drop_replication_slot('<slot>') and start again with a new snapshot".into(),
-        ));
-    }
-    let confirmed_flush = confirmed
-        .as_deref()
-        .unwrap_or("0/0")
-        .parse()
-        .map_err(|e| bad(format!("has a bad confirmed_flush_lsn: {e}")))?;
-    Ok(Some(SlotState {
-        created: false,
-        confirmed_flush,
+    Ok(row.map(|row| SlotFacts {
+        name: slot.to_owned(),
+        plugin: row.get(0),
+        slot_type: row.get(1),
+        database: row.get(2),
+        active: row.get(3),
+        active_pid: row.get(4),
+        confirmed_flush: row.get(5),
+        wal_status: row.get(6),
+        current_database: row.get(7),
+        retained_bytes: row.get(8),
     }))
+}
+
+impl SlotFacts {
+    /// Whether walbridge can stream from this slot now, and from where.
+    pub fn usable(&self) -> Result<SlotState, SlotError> {
+        let bad = |problem: String| SlotError::BadSlot {
+            slot: self.name.clone(),
+            problem,
+        };
+        let (plugin, slot_type) = (&self.plugin, &self.slot_type);
+        if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
+            return Err(bad(format!(
+                "is a {slot_type} slot with plugin {plugin:?}; walbridge needs a logical pgoutput slot — choose another `source.slot` name"
+            )));
+        }
+        if self.database.as_deref() != Some(self.current_database.as_str()) {
+            return Err(bad(format!(
+                "belongs to database {:?}, not {:?}; choose another `source.slot` name",
+                self.database, self.current_database
+            )));
+        }
+        if self.active {
+            return Err(SlotError::InUse {
+                slot: self.name.clone(),
+                pid: self.active_pid.map_or("unknown".into(), |p| p.to_string()),
+            });
+        }
+        if self.wal_status.as_deref() == Some("lost") {
+            return Err(bad(format!(
+                "has lost WAL it needs (wal_status = lost, max_slot_wal_keep_size exceeded); drop it with SELECT pg_drop_replication_slot('{}') and start again with a new snapshot",
+                self.name
+            )));
+        }
+        let confirmed_flush = self
+            .confirmed_flush
+            .as_deref()
+            .unwrap_or("0/0")
+            .parse()
+            .map_err(|e| bad(format!("has a bad confirmed_flush_lsn: {e}")))?;
+        Ok(SlotState { confirmed_flush })
+    }
+}
+
+/// Checks an existing slot before streaming from it; `None` when there is no such slot.
+pub async fn check_slot(client: &Client, slot: &str) -> Result<Option<SlotState>, SlotError> {
+    slot_facts(client, slot)
+        .await?
+        .map(|f| f.usable())
+        .transpose()
 }
 
 /// A slot just created on a replication connection, with the snapshot it exported.
