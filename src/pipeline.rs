@@ -81,6 +81,9 @@ pub struct Pipeline {
     key_frame: Vec<u8>,
     val_frame: Vec<u8>,
     event_id: String,
+    /// Processing time for the envelope's `ts_ms`, read once per batch (or per 4096 snapshot
+    /// rows) rather than once per change: a clock read per change was 4 % of the profile.
+    now_ms: i64,
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains: everything read is delivered and
@@ -378,6 +381,7 @@ async fn run_attempt(
         key_frame: Vec::with_capacity(256),
         val_frame: Vec::with_capacity(4096),
         event_id: String::with_capacity(32),
+        now_ms: now_ms(),
     };
     if let Some(client) = snapshot {
         let copied = p.snapshot(&client, &tables, start, &stop).await;
@@ -528,6 +532,7 @@ impl Pipeline {
                 }
             };
             let Some(batch) = batch else { return Ok(()) };
+            self.now_ms = now_ms();
             for item in batch.items {
                 self.item(item).await?;
             }
@@ -649,6 +654,9 @@ impl Pipeline {
                 tx.snapshot_of = Some(table.clone());
             }
             while let Some(row) = rows.next().await? {
+                if rows.rows() % 4096 == 0 {
+                    self.now_ms = now_ms();
+                }
                 self.change(rel_id, Op::Read, None, Some(&row)).await?;
                 if *stop.borrow() {
                     bail!("stopped during the initial snapshot of {table}");
@@ -822,7 +830,7 @@ impl Pipeline {
                 lsn: commit_lsn.0,
                 snapshot,
             },
-            ts_ms: now_ms(),
+            ts_ms: self.now_ms,
         };
         self.val_buf.clear();
         t.schema.encode_value(&change, &mut self.val_buf)?;
