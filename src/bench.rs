@@ -33,6 +33,8 @@ struct Target<'a> {
     publication: &'a str,
     table: &'a str,
     snapshot: &'a str,
+    /// Encode everything, send nothing (walbridge's own cost, without the broker's).
+    discard: bool,
 }
 
 fn config_yaml(
@@ -47,6 +49,7 @@ fn config_yaml(
         publication,
         table,
         snapshot,
+        ..
     } = t;
     let state_dir = data_dir.with_file_name(format!("state-{slot}"));
     format!(
@@ -84,6 +87,7 @@ pub async fn run(
         "SELECT pg_create_logical_replication_slot('wb', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('recv2', 'pgoutput')",
         "SELECT pg_create_logical_replication_slot('wbbig', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('wbnull', 'pgoutput')",
     ] {
         client
             .batch_execute(sql)
@@ -123,6 +127,7 @@ pub async fn run(
             publication: "bench",
             table: "bench",
             snapshot: "never",
+            discard: false,
         },
         &broker,
         &dir.join("registry"),
@@ -137,16 +142,39 @@ pub async fn run(
     }
     let wb_secs = t.elapsed().as_secs_f64();
     let recv_secs = recv_secs.min(recv_logical(&dsn, "recv2", &end)?);
+    // walbridge into the null sink: everything up to the producer, without the broker's cost.
+    let t = Instant::now();
+    let null = Running::start(
+        &dsn,
+        &Target {
+            slot: "wbnull",
+            publication: "bench",
+            table: "bench",
+            snapshot: "never",
+            discard: true,
+        },
+        &broker,
+        &dir.join("registry-null"),
+    )
+    .await?;
+    null.wait_for(end_lsn).await?;
+    let null_secs = t.elapsed().as_secs_f64();
+    null.stop().await?;
     let recv_rate = rows as f64 / recv_secs;
     let wb_rate = rows as f64 / wb_secs;
+    let null_rate = rows as f64 / null_secs;
     println!("\nthroughput ({rows} rows, {TX_ROWS}-row transactions)");
     println!(
         "  pg_recvlogical (best of 2 runs):        {recv_secs:>7.2} s  {recv_rate:>10.0} rows/s"
     );
     println!("  walbridge (pgoutput → Avro → Kafka):   {wb_secs:>7.2} s  {wb_rate:>10.0} rows/s");
     println!(
-        "  ratio walbridge / pg_recvlogical:      {:>7.2}",
-        wb_rate / recv_rate
+        "  walbridge (pgoutput → Avro → null):    {null_secs:>7.2} s  {null_rate:>10.0} rows/s"
+    );
+    println!(
+        "  ratio walbridge / pg_recvlogical:      {:>7.2} (Kafka)  {:>7.2} (null sink)",
+        wb_rate / recv_rate,
+        null_rate / recv_rate
     );
 
     // Latency at a fixed offered rate of single-row transactions.
@@ -252,6 +280,7 @@ async fn big_transaction(
             publication: "bench",
             table: "bench",
             snapshot: "never",
+            discard: false,
         },
         broker,
         &dir.join("registry-big"),
@@ -319,43 +348,13 @@ async fn snapshot_vs_copy(
     }
     let copy_secs = t.elapsed().as_secs_f64();
 
-    let t = Instant::now();
-    let mut running = Running::start(
-        dsn,
-        &Target {
-            slot: "wbsnap",
-            publication: "pub_snap",
-            table: "snap_bench",
-            snapshot: "initial",
-        },
-        broker,
-        &dir.join("registry-snap"),
-    )
-    .await?;
-    let confirmed = &mut running.confirmed;
-    // The snapshot is complete in Kafka once walbridge confirms a position past the slot's
-    // consistent point (a heartbeat after the snapshot; every 100 ms in this config).
-    let consistent_point: Lsn = loop {
-        let row = client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'wbsnap'",
-                &[],
-            )
-            .await?;
-        if let Some(Some(l)) = row.map(|r| r.get::<_, Option<String>>(0)) {
-            break l.parse()?;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    while *confirmed.borrow() <= consistent_point {
-        confirmed
-            .changed()
-            .await
-            .context("pipeline stopped during the snapshot")?;
-    }
-    let snap_secs = t.elapsed().as_secs_f64();
-    running.stop().await?;
-    let (copy_rate, snap_rate) = (n as f64 / copy_secs, n as f64 / snap_secs);
+    let kafka_secs = snapshot_run(client, dsn, broker, dir, "wbsnap", false).await?;
+    let null_secs = snapshot_run(client, dsn, broker, dir, "wbsnapnull", true).await?;
+    let (copy_rate, kafka_rate, null_rate) = (
+        n as f64 / copy_secs,
+        n as f64 / kafka_secs,
+        n as f64 / null_secs,
+    );
     println!(
         "\nsnapshot of {n} rows ({:.0} MiB as COPY text)",
         bytes as f64 / (1024.0 * 1024.0)
@@ -364,13 +363,60 @@ async fn snapshot_vs_copy(
         "  COPY (SELECT * FROM t) TO STDOUT:       {copy_secs:>7.2} s  {copy_rate:>10.0} rows/s"
     );
     println!(
-        "  walbridge snapshot → Avro → Kafka:      {snap_secs:>7.2} s  {snap_rate:>10.0} rows/s"
+        "  walbridge snapshot → Avro → Kafka:      {kafka_secs:>7.2} s  {kafka_rate:>10.0} rows/s"
     );
     println!(
-        "  ratio walbridge / COPY:                 {:>7.2}",
-        snap_rate / copy_rate
+        "  walbridge snapshot → Avro → null:       {null_secs:>7.2} s  {null_rate:>10.0} rows/s"
+    );
+    println!(
+        "  ratio walbridge / COPY:                 {:>7.2} (Kafka)  {:>7.2} (null sink)",
+        kafka_rate / copy_rate,
+        null_rate / copy_rate
     );
     Ok(())
+}
+
+/// One walbridge initial snapshot of snap_bench through a new slot; returns the seconds from
+/// start until walbridge confirms a position past the slot's consistent point, which is when
+/// every snapshot row has been acked (a heartbeat after the snapshot; every 100 ms here).
+async fn snapshot_run(
+    client: &tokio_postgres::Client,
+    dsn: &str,
+    broker: &Broker,
+    dir: &Path,
+    slot: &str,
+    discard: bool,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let running = Running::start(
+        dsn,
+        &Target {
+            slot,
+            publication: "pub_snap",
+            table: "snap_bench",
+            snapshot: "initial",
+            discard,
+        },
+        broker,
+        &dir.join(format!("registry-{slot}")),
+    )
+    .await?;
+    let consistent_point: Lsn = loop {
+        let row = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        if let Some(Some(l)) = row.map(|r| r.get::<_, Option<String>>(0)) {
+            break l.parse()?;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    running.wait_for(Lsn(consistent_point.0 + 1)).await?;
+    let secs = t.elapsed().as_secs_f64();
+    running.stop().await?;
+    Ok(secs)
 }
 
 /// walbridge's pipeline running in this process for one bench target.
@@ -402,7 +448,10 @@ impl Running {
             async move {
                 let _ = stop_rx.await;
             },
-            Some(obs_tx),
+            crate::pipeline::Observe {
+                confirmed: Some(obs_tx),
+                discard: target.discard,
+            },
         ));
         let confirmed = obs_rx.await.context("pipeline did not start")?;
         Ok(Running {
@@ -410,6 +459,18 @@ impl Running {
             handle,
             confirmed,
         })
+    }
+
+    /// Waits until the pipeline has confirmed `lsn`.
+    async fn wait_for(&self, lsn: Lsn) -> anyhow::Result<()> {
+        let mut confirmed = self.confirmed.clone();
+        while *confirmed.borrow_and_update() < lsn {
+            confirmed
+                .changed()
+                .await
+                .context("pipeline stopped before reaching the end of the load")?;
+        }
+        Ok(())
     }
 
     async fn stop(self) -> anyhow::Result<()> {

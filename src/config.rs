@@ -50,6 +50,10 @@ pub struct SourceConfig {
     /// Where walbridge keeps its own record of the confirmed source position.
     pub state_dir: PathBuf,
     pub snapshot: SnapshotMode,
+    /// Parallel connections copying snapshot chunks (`source.snapshot_workers`).
+    pub snapshot_workers: usize,
+    /// Size of one snapshot chunk of a table's heap (`source.snapshot_chunk_mb`).
+    pub snapshot_chunk_bytes: u64,
 }
 
 /// When to copy the tables' existing rows before streaming (`source.snapshot`).
@@ -60,6 +64,14 @@ pub enum SnapshotMode {
     Initial,
     /// Never: only changes committed after the slot's creation are streamed.
     Never,
+    /// As `initial`, and also whenever streaming alone would miss rows: the slot is gone after
+    /// walbridge had streamed from it, it was invalidated (`wal_status = lost`), or it exists
+    /// without walbridge's record of a finished snapshot. The slot is then recreated and the
+    /// tables copied again.
+    WhenNeeded,
+    /// Copy the tables as `initial` does, then stop without streaming (and drop the slot, which
+    /// would otherwise hold WAL for nobody).
+    InitialOnly,
 }
 
 impl SourceConfig {
@@ -310,7 +322,13 @@ const KEYS: &[KeySpec] = &[
         "10000",
     ),
     key("source.state_dir", "a directory path", ".walbridge/state"),
-    key("source.snapshot", "initial or never", "initial"),
+    key(
+        "source.snapshot",
+        "initial, never, when_needed or initial_only",
+        "initial",
+    ),
+    key("source.snapshot_workers", "an integer in 1..=64", "4"),
+    key("source.snapshot_chunk_mb", "an integer in 1..=65536", "16"),
     key(
         "kafka",
         "a mapping",
@@ -403,6 +421,8 @@ struct RawSource {
     heartbeat_interval_ms: Option<S<i64>>,
     state_dir: Option<S<String>>,
     snapshot: Option<S<String>>,
+    snapshot_workers: Option<S<i64>>,
+    snapshot_chunk_mb: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -745,14 +765,25 @@ impl Validator<'_> {
                 .and_then(|text| match text.as_str() {
                     "initial" => Some(SnapshotMode::Initial),
                     "never" => Some(SnapshotMode::Never),
+                    "when_needed" => Some(SnapshotMode::WhenNeeded),
+                    "initial_only" => Some(SnapshotMode::InitialOnly),
                     _ => {
                         self.invalid(&m.referenced, "source.snapshot", &text, None);
                         None
                     }
                 }),
         };
+        let workers = self.int_in(&raw.snapshot_workers, "source.snapshot_workers", 1..=64, 4);
+        let chunk_mb = self.int_in(
+            &raw.snapshot_chunk_mb,
+            "source.snapshot_chunk_mb",
+            1..=65_536,
+            16,
+        );
         Some(SourceConfig {
             snapshot: snapshot?,
+            snapshot_workers: workers?.unsigned_abs() as usize,
+            snapshot_chunk_bytes: chunk_mb?.unsigned_abs() << 20,
             state_dir: state_dir?,
             dsn: dsn?,
             publication: publication?,

@@ -57,7 +57,10 @@ pub async fn run(seconds: Duration, rate: f64) -> anyhow::Result<()> {
         async move {
             let _ = stop_rx.await;
         },
-        Some(obs_tx),
+        crate::pipeline::Observe {
+            confirmed: Some(obs_tx),
+            discard: false,
+        },
     ));
     let mut confirmed = obs_rx.await.context("the pipeline did not start")?;
 

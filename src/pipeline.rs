@@ -21,33 +21,26 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use avro::{Change, Op, RegistryClient, Source, TableSchema, TypeNames};
+use avro::{Op, RegistryClient, TableSchema, TypeNames};
 use cdc::Lsn;
 use cdc::conn::ReplicationConnection;
 use cdc::pgoutput::{Message, OldTuple, Relation, ReplicaIdentity, Tuple, Value, pg_ts_to_unix_ms};
 use cdc::progress::{Progress, Seq};
 use cdc::slot;
 use cdc::source::{Batch, Phase, ReaderOptions, SourceItem};
-use sinks::kafka::{KafkaSettings, KafkaSink, Record};
+use sinks::kafka::{KafkaSettings, KafkaSink};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, SnapshotMode};
+use crate::emit::{Emitter, EventMeta, Out, Sink, TableState};
 
 /// Prefix of the heartbeat messages walbridge writes with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "walbridge.heartbeat";
 const MAX_BATCH_BYTES: usize = 1 << 20;
-
-/// A table as the pipeline knows it after its Relation message.
-struct TableState {
-    rel: Relation,
-    topic: String,
-    schema: TableSchema,
-    key_id: Option<u32>,
-    value_id: u32,
-}
 
 struct OpenTx {
     seq: Seq,
@@ -64,32 +57,36 @@ struct OpenTx {
 }
 
 pub struct Pipeline {
-    cfg: Config,
-    db: String,
-    meta: tokio_postgres::Client,
+    pub(crate) cfg: Config,
+    pub(crate) meta: tokio_postgres::Client,
     registry: RegistryClient,
-    sink: KafkaSink,
-    progress: Progress,
-    types: TypeNames,
-    tables: HashMap<u32, TableState>,
+    pub(crate) out: Out,
+    pub(crate) progress: Progress,
+    pub(crate) types: TypeNames,
+    pub(crate) tables: HashMap<u32, Arc<TableState>>,
     /// Topics known to exist: created at start for the tables published then, and on the first
     /// Relation message of a table that joined the publication later (see `relation`).
     topics: HashSet<String>,
     tx: Option<OpenTx>,
-    key_buf: Vec<u8>,
-    val_buf: Vec<u8>,
-    key_frame: Vec<u8>,
-    val_frame: Vec<u8>,
-    event_id: String,
+    emitter: Emitter,
     /// Processing time for the envelope's `ts_ms`, read once per batch (or per 4096 snapshot
     /// rows) rather than once per change: a clock read per change was 4 % of the profile.
-    now_ms: i64,
+    pub(crate) now_ms: i64,
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains: everything read is delivered and
 /// confirmed before returning.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_observed(cfg, shutdown, None).await
+    run_observed(cfg, shutdown, Observe::default()).await
+}
+
+/// What an in-process caller (benchmark, demo) wants from [`run_observed`].
+#[derive(Default)]
+pub struct Observe {
+    /// Receives a watch of the confirmed LSN once the pipeline starts.
+    pub confirmed: Option<tokio::sync::oneshot::Sender<watch::Receiver<Lsn>>>,
+    /// Encode everything but send nothing, acking at once (benchmarks of walbridge's own cost).
+    pub discard: bool,
 }
 
 /// First wait after a transient failure; doubles up to `MAX_BACKOFF`.
@@ -111,7 +108,7 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 pub async fn run_observed(
     cfg: Config,
     shutdown: impl Future<Output = ()>,
-    observer: Option<tokio::sync::oneshot::Sender<watch::Receiver<Lsn>>>,
+    observe: Observe,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopper = async move {
@@ -135,7 +132,7 @@ pub async fn run_observed(
         None => None,
     };
     let (confirmed_tx, confirmed_rx) = watch::channel(Lsn::ZERO);
-    if let Some(o) = observer {
+    if let Some(o) = observe.confirmed {
         let _ = o.send(confirmed_rx);
     }
 
@@ -144,7 +141,7 @@ pub async fn run_observed(
     loop {
         let started = std::time::Instant::now();
         let result = tokio::select! {
-            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx) => r,
+            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx, observe.discard) => r,
             _ = &mut stopper => unreachable!("the stopper never completes"),
         };
         let err = match result {
@@ -232,6 +229,7 @@ async fn run_attempt(
     cfg: &Config,
     mut stop: watch::Receiver<bool>,
     confirmed_out: &watch::Sender<Lsn>,
+    discard: bool,
 ) -> anyhow::Result<()> {
     let pg = cfg.source.pg_config();
     let (meta, conn) = pg
@@ -245,44 +243,72 @@ async fn run_attempt(
     });
     let tables =
         slot::ensure_publication(&meta, &cfg.source.publication, &cfg.source.tables).await?;
-    let existing = slot::check_slot(&meta, &cfg.source.slot).await?;
+    let mode = cfg.source.snapshot;
+    let mut facts = slot::slot_facts(&meta, &cfg.source.slot).await?;
     let mut repl_conn = ReplicationConnection::connect(&pg).await.with_context(|| {
         format!(
             "opening the replication connection to {}",
             cfg.source.dsn.redacted()
         )
     })?;
-    // A new slot exports its snapshot, which lives only while `repl_conn` stays idle: import it
-    // at once; the copy itself runs later in that transaction (see cdc::snapshot).
-    let slot_existed = existing.is_some();
     // Check walbridge's own position record against this server before creating anything.
-    let slot_confirmed = existing.as_ref().map_or(Lsn::ZERO, |s| s.confirmed_flush);
+    let slot_confirmed = facts
+        .as_ref()
+        .and_then(|f| f.confirmed_flush.as_deref())
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(Lsn::ZERO);
     let mut resume = crate::resume::resume_point(&meta, &cfg.source, slot_confirmed).await?;
-    if slot_existed && cfg.source.snapshot == SnapshotMode::Initial && resume.stored.is_none() {
+    if let Some(f) = &facts {
         // The slot exists but walbridge has no record of ever confirming anything from it: its
         // initial snapshot may not have finished (a crash mid-snapshot leaves the slot behind).
         // Streaming from it would silently skip the rows the snapshot did not deliver.
-        bail!(
-            "slot {:?} exists but {} does not: walbridge cannot tell whether the slot's initial snapshot finished. \
-             To take a new snapshot, drop the slot (SELECT pg_drop_replication_slot('{}')); to stream without one, set source.snapshot: never",
-            cfg.source.slot,
-            resume.file.path().display(),
-            cfg.source.slot
-        );
+        let unfinished = resume.stored.is_none();
+        let lost = f.wal_status.as_deref() == Some("lost");
+        match mode {
+            SnapshotMode::WhenNeeded
+                if (unfinished || lost)
+                    && !f.active
+                    && f.database.as_deref() == Some(f.current_database.as_str()) =>
+            {
+                tracing::warn!(slot = %cfg.source.slot, lost, unfinished_snapshot = unfinished, "the slot cannot be streamed from without missing rows; dropping it and taking a new snapshot (source.snapshot: when_needed)");
+                slot::drop_slot(&mut repl_conn, &cfg.source.slot).await?;
+                facts = None;
+            }
+            SnapshotMode::Initial if unfinished => bail!(
+                "slot {:?} exists but {} does not: walbridge cannot tell whether the slot's initial snapshot finished. \
+                 To take a new snapshot, drop the slot (SELECT pg_drop_replication_slot('{}')) or set source.snapshot: when_needed; \
+                 to stream without one, set source.snapshot: never",
+                cfg.source.slot,
+                resume.file.path().display(),
+                cfg.source.slot
+            ),
+            SnapshotMode::InitialOnly => bail!(
+                "slot {:?} exists; source.snapshot: initial_only copies the tables through a new slot and drops it afterwards. \
+                 Choose another source.slot, or drop this one (SELECT pg_drop_replication_slot('{}'))",
+                cfg.source.slot,
+                cfg.source.slot
+            ),
+            _ => {}
+        }
     }
+    let existing = facts.map(|f| f.usable()).transpose()?;
+    // A new slot exports its snapshot, which lives only while `repl_conn` stays idle: import it
+    // at once; the copy itself runs later in that transaction (see cdc::snapshot).
+    let slot_existed = existing.is_some();
     let (start, snapshot) = match existing {
         Some(s) => (s.confirmed_flush, None),
         None => {
             let created = slot::create_slot_with_snapshot(&mut repl_conn, &cfg.source.slot).await?;
-            let snap = match cfg.source.snapshot {
-                SnapshotMode::Initial => match open_snapshot(cfg, &created.snapshot_name).await {
-                    Ok(client) => Some(client),
+            let snap = if mode == SnapshotMode::Never {
+                None
+            } else {
+                match open_snapshot(cfg, &created.snapshot_name).await {
+                    Ok(client) => Some((client, created.snapshot_name.clone())),
                     Err(e) => {
                         abandon_slot(&mut repl_conn, &cfg.source.slot).await;
                         return Err(e);
                     }
-                },
-                SnapshotMode::Never => None,
+                }
             };
             (created.consistent_point, snap)
         }
@@ -330,21 +356,25 @@ async fn run_attempt(
             }
         })
     };
-    let sink = KafkaSink::new(
-        KafkaSettings {
-            brokers: cfg.kafka.bootstrap_servers(),
-            partitions: cfg.kafka.partitions,
-            replication_factor: i32::from(cfg.kafka.replication_factor),
-            max_queue_bytes: cfg.kafka.max_in_flight_bytes as usize,
-            extra: cfg
-                .kafka
-                .producer
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        },
-        progress.clone(),
-    )?;
+    let sink = if discard {
+        Sink::Discard(progress.clone())
+    } else {
+        Sink::Kafka(KafkaSink::new(
+            KafkaSettings {
+                brokers: cfg.kafka.bootstrap_servers(),
+                partitions: cfg.kafka.partitions,
+                replication_factor: i32::from(cfg.kafka.replication_factor),
+                max_queue_bytes: cfg.kafka.max_in_flight_bytes as usize,
+                extra: cfg
+                    .kafka
+                    .producer
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            },
+            progress.clone(),
+        )?)
+    };
     let topics: Vec<String> = tables
         .iter()
         .map(|t| {
@@ -364,32 +394,27 @@ async fn run_attempt(
         status_interval: cfg.source.status_interval,
         max_batch_bytes: MAX_BATCH_BYTES,
     };
-    let db = pg.get_dbname().unwrap_or("postgres").to_owned();
+    let db = pg.get_dbname().unwrap_or("postgres");
     let mut p = Pipeline {
         cfg: cfg.clone(),
-        db,
         meta,
         registry,
-        sink,
+        out: Out {
+            sink: Arc::new(sink),
+            progress: progress.clone(),
+            name: cfg.kafka.topic_prefix.as_str().into(),
+            db: db.into(),
+        },
         progress,
         types: TypeNames::new(),
         tables: HashMap::new(),
         topics: topics.into_iter().collect(),
         tx: None,
-        key_buf: Vec::with_capacity(256),
-        val_buf: Vec::with_capacity(4096),
-        key_frame: Vec::with_capacity(256),
-        val_frame: Vec::with_capacity(4096),
-        event_id: String::with_capacity(32),
+        emitter: Emitter::default(),
         now_ms: now_ms(),
     };
-    if let Some(client) = snapshot {
-        let copied = p.snapshot(&client, &tables, start, &stop).await;
-        if copied.is_ok() {
-            // The snapshot's transaction only read; ending it releases the exported snapshot.
-            let _ = client.batch_execute("COMMIT").await;
-        }
-        drop(client);
+    if let Some((client, name)) = snapshot {
+        let copied = crate::snapshot::initial(&mut p, client, &name, &tables, start, &stop).await;
         if let Err(e) = copied {
             // Leave no slot behind: it would make the next start stream from the consistent
             // point without the rows this snapshot did not deliver. The next start takes a new
@@ -403,6 +428,19 @@ async fn run_attempt(
             }
             return Err(e);
         }
+    }
+    if mode == SnapshotMode::InitialOnly {
+        // Nothing streams after the copy: wait for every row to be acked, then give the slot
+        // back so it holds no WAL for nobody.
+        tokio::task::block_in_place(|| p.out.sink.flush(Duration::from_secs(600)))?;
+        if let Some(f) = p.progress.failure() {
+            bail!("a sink failed during the snapshot: {f}");
+        }
+        forward.abort();
+        position_writer.abort();
+        slot::drop_slot(&mut repl_conn, &cfg.source.slot).await?;
+        tracing::info!(slot = %cfg.source.slot, "initial_only: snapshot delivered; slot dropped, not streaming");
+        return Ok(());
     }
     let reader = std::thread::Builder::new()
         .name("cdc-reader".into())
@@ -429,7 +467,7 @@ async fn run_attempt(
 
     // Drain: deliver what was handed to Kafka, let the confirmed LSN catch up, tell the server.
     let _ = phase_tx.send(Phase::Drain);
-    let drained = tokio::task::block_in_place(|| p.sink.flush(Duration::from_secs(60)));
+    let drained = tokio::task::block_in_place(|| p.out.sink.flush(Duration::from_secs(60)));
     let _ = phase_tx.send(Phase::Done);
     let reader_result = tokio::task::spawn_blocking(move || reader.join())
         .await?
@@ -447,7 +485,7 @@ async fn run_attempt(
 }
 
 /// A connection whose open transaction reads the slot's exported snapshot.
-async fn open_snapshot(
+pub(crate) async fn open_snapshot(
     cfg: &Config,
     snapshot_name: &str,
 ) -> anyhow::Result<tokio_postgres::Client> {
@@ -505,7 +543,7 @@ fn spawn_heartbeat(cfg: &Config) -> tokio::task::JoinHandle<()> {
     })
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -609,73 +647,6 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The initial snapshot: every row of `tables` as of the consistent point `at`, as `r`
-    /// events, read through `client`'s snapshot transaction (see cdc::snapshot).
-    ///
-    /// All rows share one progress entry that ends at `at`, so no streamed transaction (they
-    /// all commit after `at`) is confirmed before every snapshot row is acked. Rows are sent
-    /// one by one as COPY yields them; the sink's queue bound is the backpressure.
-    async fn snapshot(
-        &mut self,
-        client: &tokio_postgres::Client,
-        tables: &[String],
-        at: Lsn,
-        stop: &watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let started = std::time::Instant::now();
-        let seq = self.progress.begin();
-        self.tx = Some(OpenTx {
-            seq,
-            commit_lsn: at,
-            xid: 0,
-            commit_ms: now_ms(),
-            index: 0,
-            lsn_text: at.to_string(),
-            xid_text: "0".to_owned(),
-            snapshot_of: None,
-        });
-        let mut total = 0u64;
-        for table in tables {
-            let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-            let (rel, types) = cdc::snapshot::catalog_relation(client, schema, name).await?;
-            for t in &types {
-                self.types.insert(t);
-            }
-            let rel_id = rel.id;
-            self.relation(rel).await?;
-            let rel = &self
-                .tables
-                .get(&rel_id)
-                .ok_or_else(|| anyhow!("{table} was not mapped"))?
-                .rel;
-            let mut rows = cdc::snapshot::copy_table(client, rel).await?;
-            if let Some(tx) = self.tx.as_mut() {
-                tx.index = 0;
-                tx.snapshot_of = Some(table.clone());
-            }
-            while let Some(row) = rows.next().await? {
-                if rows.rows() % 4096 == 0 {
-                    self.now_ms = now_ms();
-                }
-                self.change(rel_id, Op::Read, None, Some(&row)).await?;
-                if *stop.borrow() {
-                    bail!("stopped during the initial snapshot of {table}");
-                }
-                if let Some(f) = self.progress.failure() {
-                    bail!("a sink failed during the snapshot of {table}: {f}");
-                }
-            }
-            tracing::info!(table = %table, rows = rows.rows(), "table snapshot read");
-            total += rows.rows();
-        }
-        cdc::snapshot::finish(client).await?;
-        self.tx = None;
-        self.progress.commit(seq, at);
-        let secs = started.elapsed().as_secs_f64();
-        tracing::info!(rows = total, tables = tables.len(), secs = format!("{secs:.2}"), rows_per_sec = (total as f64 / secs.max(1e-6)) as u64, consistent_point = %at, "initial snapshot read; streaming from its consistent point");
-        Ok(())
-    }
-
     /// A Relation message: (re)build the table's schemas and register them.
     ///
     /// pgoutput sends one before a table's first change in the session and again before the
@@ -684,7 +655,7 @@ impl Pipeline {
     /// row with the schema of its own time, and the registry gets a new subject version. Value
     /// fields are nullable with default null, so adding or dropping a column stays backward
     /// compatible; a rename is a drop plus an add; widening (int → bigint) is an Avro promotion.
-    async fn relation(&mut self, rel: Relation) -> anyhow::Result<()> {
+    pub(crate) async fn relation(&mut self, rel: Relation) -> anyhow::Result<()> {
         if self
             .tables
             .get(&rel.id)
@@ -697,7 +668,8 @@ impl Pipeline {
             // A table created (or added to the publication) while streaming: the broker may not
             // auto-create topics (tansu does not), and librdkafka fails a produce to a missing
             // topic after 30 s, which stops the pipeline. Rare, so one admin round-trip is fine.
-            self.sink
+            self.out
+                .sink
                 .ensure_topics(std::slice::from_ref(&topic))
                 .await?;
             tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), topic = %topic, "new table joined the stream");
@@ -729,13 +701,13 @@ impl Pipeline {
         tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), topic = %topic, value_schema_id = value_id, "table mapped");
         self.tables.insert(
             rel.id,
-            TableState {
+            Arc::new(TableState {
                 rel,
                 topic,
                 schema,
                 key_id,
                 value_id,
-            },
+            }),
         );
         Ok(())
     }
@@ -805,85 +777,25 @@ impl Pipeline {
             .ok_or_else(|| anyhow!("change for relation {rel_id} before its Relation message"))?;
         let index = tx.index;
         tx.index += 1;
-        let (seq, commit_lsn, xid, commit_ms) = (tx.seq, tx.commit_lsn, tx.xid, tx.commit_ms);
-        self.event_id.clear();
-        {
-            use std::fmt::Write;
-            let _ = match &tx.snapshot_of {
-                Some(table) => write!(self.event_id, "snapshot:{}:{table}:{index}", tx.lsn_text),
-                None => write!(self.event_id, "{}:{index}", tx.lsn_text),
-            };
+        match &tx.snapshot_of {
+            Some(table) => self
+                .emitter
+                .id(format_args!("snapshot:{}:{table}:{index}", tx.lsn_text)),
+            None => self.emitter.id(format_args!("{}:{index}", tx.lsn_text)),
         }
-        let snapshot = tx.snapshot_of.is_some();
-
-        let change = Change {
-            op,
-            before,
-            after,
-            source: Source {
-                name: &self.cfg.kafka.topic_prefix,
-                db: &self.db,
-                schema: &t.rel.namespace,
-                table: &t.rel.name,
-                ts_ms: commit_ms,
-                tx_id: xid,
-                lsn: commit_lsn.0,
-                snapshot,
-            },
-            ts_ms: self.now_ms,
+        let meta = EventMeta {
+            seq: tx.seq,
+            commit_lsn: tx.commit_lsn,
+            xid: tx.xid,
+            commit_ms: tx.commit_ms,
+            now_ms: self.now_ms,
+            lsn_text: &tx.lsn_text,
+            xid_text: &tx.xid_text,
+            snapshot: tx.snapshot_of.is_some(),
         };
-        self.val_buf.clear();
-        t.schema.encode_value(&change, &mut self.val_buf)?;
-        self.val_frame.clear();
-        avro::frame(t.value_id, &self.val_buf, &mut self.val_frame);
-        let key_row = after.or(before);
-        let has_key = match (t.key_id, key_row) {
-            (Some(kid), Some(row)) => {
-                self.key_buf.clear();
-                t.schema.encode_key(row, &mut self.key_buf)?;
-                self.key_frame.clear();
-                avro::frame(kid, &self.key_buf, &mut self.key_frame);
-                true
-            }
-            _ => false,
-        };
-        let tx = self
-            .tx
-            .as_ref()
-            .ok_or_else(|| anyhow!("row change outside a transaction"))?;
-        let headers: [(&str, &[u8]); 4] = [
-            ("walbridge.event_id", self.event_id.as_bytes()),
-            ("walbridge.lsn", tx.lsn_text.as_bytes()),
-            ("walbridge.txid", tx.xid_text.as_bytes()),
-            ("walbridge.op", op.code().as_bytes()),
-        ];
-        let key = has_key.then_some(self.key_frame.as_slice());
-        // Expect before send: the ack may arrive before `send` even returns.
-        let tombstone = op == Op::Delete && has_key;
-        self.progress.expect(seq, if tombstone { 2 } else { 1 });
-        let topic = t.topic.as_str();
-        self.sink
-            .send(&Record {
-                topic,
-                key,
-                payload: Some(&self.val_frame),
-                headers: &headers,
-                seq,
-            })
-            .await?;
-        if tombstone {
-            // Debezium's tombstone: lets a compacted topic forget the deleted key.
-            self.sink
-                .send(&Record {
-                    topic,
-                    key,
-                    payload: None,
-                    headers: &headers,
-                    seq,
-                })
-                .await?;
-        }
-        Ok(())
+        self.emitter
+            .emit(&self.out, t, &meta, op, before, after)
+            .await
     }
 }
 

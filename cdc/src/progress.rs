@@ -149,6 +149,18 @@ impl Progress {
         self.lock().confirmed
     }
 
+    /// Whether every change of `seq` is acked and it has been committed (whether or not entries
+    /// before it are). The snapshot uses it to record which chunks are safely in the sinks.
+    pub fn is_done(&self, seq: Seq) -> bool {
+        let s = self.lock();
+        if seq < s.front_seq {
+            return true;
+        }
+        s.entries
+            .get((seq - s.front_seq) as usize)
+            .is_some_and(|e| e.pending == 0 && e.end.is_some())
+    }
+
     /// Number of transactions (and positions) not yet confirmed.
     pub fn in_flight(&self) -> usize {
         self.lock().entries.len()
@@ -202,6 +214,31 @@ mod tests {
         assert_eq!(p.confirmed(), Lsn(200));
         assert_eq!(*rx.borrow(), Lsn(200));
         assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_chunk_is_done_when_its_own_changes_are_acked_whatever_came_before() {
+        let (p, _rx) = Progress::new(Lsn(0));
+        let a = p.begin();
+        p.expect(a, 1);
+        let b = p.begin();
+        p.expect(b, 1);
+        p.commit(b, Lsn(50));
+        assert!(!p.is_done(b), "not acked yet");
+        p.ack(b);
+        assert!(
+            p.is_done(b),
+            "acked and committed, though entry a is still open"
+        );
+        assert!(!p.is_done(a), "a has neither its ack nor its commit");
+        p.ack(a);
+        assert!(
+            !p.is_done(a),
+            "acked but not committed: more changes may follow"
+        );
+        p.commit(a, Lsn(50));
+        assert!(p.is_done(a) && p.is_done(b));
+        assert_eq!(p.confirmed(), Lsn(50));
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct TestDb {
     /// `source.snapshot` for walbridge: `never` unless a test is about the snapshot, so that
     /// tests see only the changes they make.
     pub snapshot: &'static str,
+    /// More `source` settings, as YAML lines indented by two spaces.
+    pub source_extra: String,
 }
 
 impl TestDb {
@@ -137,6 +139,7 @@ impl TestDb {
             broker,
             own_pg,
             snapshot: "never",
+            source_extra: String::new(),
         }
     }
 
@@ -163,7 +166,7 @@ impl TestDb {
 
     pub fn config_yaml(&self) -> String {
         format!(
-            "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n\
+            "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n{extra}\
              kafka:\n  brokers: \"{}\"\n  topic_prefix: {n}\n  partitions: 3\n\
              registry:\n  url: \"{}\"\n",
             self.dsn,
@@ -171,7 +174,8 @@ impl TestDb {
             self.registry_url,
             n = self.name,
             state = self.dir.join("state").display(),
-            snapshot = self.snapshot
+            snapshot = self.snapshot,
+            extra = self.source_extra
         )
     }
 

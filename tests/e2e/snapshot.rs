@@ -100,6 +100,14 @@ async fn wait_writes(done: &AtomicU64, at_least: u64) {
 async fn initial_snapshot_meets_the_stream_without_loss_or_duplicates() {
     let mut db = TestDb::new("snapshot").await;
     db.snapshot = "initial";
+    // Enough customers for several 1 MiB chunks, copied by three workers at once.
+    db.exec(&[
+        "INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points) \
+         SELECT g, 'bulk' || g || '@example.com', repeat('F', 40), repeat('L', 40), g % 1000 \
+         FROM generate_series(1000000, 1029999) g",
+    ])
+    .await;
+    db.source_extra = "  snapshot_workers: 3\n  snapshot_chunk_mb: 1\n".into();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let writer = spawn_writer(db.dsn.clone(), stop.clone(), done.clone());
@@ -146,10 +154,16 @@ async fn initial_snapshot_meets_the_stream_without_loss_or_duplicates() {
     );
     // The writer inserted before the slot existed: the snapshot holds the seeds and those.
     assert!(
-        reads.len() > 300,
-        "{} snapshot rows; the 300 seeded customers and the early inserts expected",
+        reads.len() > 30_300,
+        "{} snapshot rows; the 30,300 seeded customers and the early inserts expected",
         reads.len()
     );
+    // The copy really was split: chunk numbers appear in the event ids.
+    let chunks: HashSet<&str> = reads
+        .iter()
+        .filter_map(|e| e.event_id().unwrap().rsplit(':').nth(1))
+        .collect();
+    assert!(chunks.len() >= 3, "snapshot chunks seen: {chunks:?}");
     for r in &reads {
         let v = r.value.as_ref().unwrap();
         assert_eq!(
