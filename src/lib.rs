@@ -8,6 +8,6 @@ pub mod doctor;
 pub mod emit;
 pub mod pipeline;
 pub mod resume;
-mod snapshot;
+pub mod snapshot;
 pub mod stack;
 pub mod tail;

@@ -30,6 +30,14 @@ enum Command {
         #[arg(short, long, default_value = "pipelines.yaml")]
         config: PathBuf,
     },
+    /// Copy tables again while the pipeline streams (rows arrive as op r, in stream order).
+    Snapshot {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+        /// A captured table, as schema.table (repeat for more).
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+    },
     /// Inspect the source and say what to change and why (read-only).
     Doctor {
         #[arg(short, long, default_value = "pipelines.yaml")]
@@ -175,6 +183,16 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Legacy { command } => legacy(command).await,
+        Command::Snapshot { config, tables } => {
+            let cfg = load_config(&config)?;
+            let id = walbridge::snapshot::request(&cfg, &tables).await?;
+            println!(
+                "snapshot of {} requested (signal {id}); the pipeline on slot {} copies it at its current stream position",
+                tables.join(", "),
+                cfg.source.slot
+            );
+            Ok(())
+        }
         Command::Doctor { config } => {
             let cfg = load_config(&config)?;
             let findings = walbridge::doctor::inspect(&cfg).await?;

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, SnapshotMode};
 use crate::emit::{Emitter, EventMeta, Out, Sink, TableState};
+use crate::snapshot::{Pending, PendingFile};
 
 /// Prefix of the heartbeat messages walbridge writes with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "walbridge.heartbeat";
@@ -69,6 +70,7 @@ pub struct Pipeline {
     topics: HashSet<String>,
     tx: Option<OpenTx>,
     emitter: Emitter,
+    pub(crate) points: crate::snapshot::Points,
     /// Processing time for the envelope's `ts_ms`, read once per batch (or per 4096 snapshot
     /// rows) rather than once per change: a clock read per change was 4 % of the profile.
     pub(crate) now_ms: i64,
@@ -258,11 +260,15 @@ async fn run_attempt(
         .and_then(|l| l.parse().ok())
         .unwrap_or(Lsn::ZERO);
     let mut resume = crate::resume::resume_point(&meta, &cfg.source, slot_confirmed).await?;
+    // Snapshot work an earlier run did not finish (see crate::snapshot::Points).
+    let pending_file = PendingFile::new(&cfg.source.state_dir, &cfg.source.slot);
+    let mut pending = pending_file.load(&resume.identity)?;
     if let Some(f) = &facts {
         // The slot exists but walbridge has no record of ever confirming anything from it: its
         // initial snapshot may not have finished (a crash mid-snapshot leaves the slot behind).
         // Streaming from it would silently skip the rows the snapshot did not deliver.
-        let unfinished = resume.stored.is_none();
+        // With a pending-snapshot record the rest is known and is copied while streaming.
+        let unfinished = resume.stored.is_none() && pending.is_none();
         let lost = f.wal_status.as_deref() == Some("lost");
         match mode {
             SnapshotMode::WhenNeeded
@@ -292,6 +298,18 @@ async fn run_attempt(
         }
     }
     let existing = facts.map(|f| f.usable()).transpose()?;
+    if existing.is_none() && pending.take().is_some() {
+        // The record belongs to a slot that is gone; a new slot starts with a new snapshot.
+        pending_file.store(&Pending::default())?;
+    }
+    if let Some(p) = &pending {
+        let left: usize = p
+            .tables
+            .iter()
+            .map(|t| t.ranges.as_ref().map_or(1, Vec::len))
+            .sum();
+        tracing::info!(tables = p.tables.len(), chunks = left, file = %pending_file.path().display(), "resuming an unfinished snapshot while streaming");
+    }
     // A new slot exports its snapshot, which lives only while `repl_conn` stays idle: import it
     // at once; the copy itself runs later in that transaction (see cdc::snapshot).
     let slot_existed = existing.is_some();
@@ -411,22 +429,46 @@ async fn run_attempt(
         topics: topics.into_iter().collect(),
         tx: None,
         emitter: Emitter::default(),
+        points: crate::snapshot::Points::new(
+            cfg,
+            pending_file.clone(),
+            pending.unwrap_or_else(|| Pending {
+                system_identifier: resume.identity.system_identifier.clone(),
+                database: resume.identity.database.clone(),
+                slot: cfg.source.slot.clone(),
+                ..Pending::default()
+            }),
+            tables.clone(),
+            start,
+        ),
         now_ms: now_ms(),
     };
-    if let Some((client, name)) = snapshot {
-        let copied = crate::snapshot::initial(&mut p, client, &name, &tables, start, &stop).await;
-        if let Err(e) = copied {
-            // Leave no slot behind: it would make the next start stream from the consistent
-            // point without the rows this snapshot did not deliver. The next start takes a new
-            // snapshot (rows already in Kafka arrive again, under the new snapshot's event ids).
+    if let Some(first) = snapshot {
+        let copied = crate::snapshot::initial(
+            &mut p,
+            first,
+            &tables,
+            start,
+            &stop,
+            &pending_file,
+            &resume.identity,
+        )
+        .await;
+        if mode == SnapshotMode::InitialOnly && !matches!(copied, Ok(true)) {
+            // Nothing would stream the rest: start over next time.
             abandon_slot(&mut repl_conn, &cfg.source.slot).await;
+            pending_file.store(&Pending::default())?;
+        }
+        if !matches!(copied, Ok(true)) {
+            // The slot and the pending record stay: the next start copies the chunks left
+            // while streaming from the consistent point.
             forward.abort();
             position_writer.abort();
-            if *stop.borrow() {
-                tracing::info!("stopped during the initial snapshot; it starts over next time");
-                return Ok(());
-            }
-            return Err(e);
+        }
+        match copied {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
     if mode == SnapshotMode::InitialOnly {
@@ -574,6 +616,7 @@ impl Pipeline {
             for item in batch.items {
                 self.item(item).await?;
             }
+            self.points.poll(&self.progress)?;
             if let Some(f) = self.progress.failure() {
                 bail!("a sink failed: {f}");
             }
@@ -581,6 +624,22 @@ impl Pipeline {
     }
 
     async fn item(&mut self, item: SourceItem) -> anyhow::Result<()> {
+        // Stream positions between transactions, where a snapshot point may be due.
+        let pos = match &item {
+            SourceItem::Idle(lsn) => Some((*lsn, false)),
+            SourceItem::Data {
+                msg: Message::Begin(b),
+                ..
+            } => Some((b.final_lsn, true)),
+            SourceItem::Data {
+                msg: Message::Message(m),
+                ..
+            } if !m.transactional => Some((m.lsn, false)),
+            SourceItem::Data { .. } => None,
+        };
+        if let Some((pos, commit)) = pos {
+            self.snapshot_point(pos, commit).await?;
+        }
         let msg = match item {
             SourceItem::Idle(lsn) => {
                 tracing::debug!(lsn = %lsn, "idle position");
@@ -631,6 +690,9 @@ impl Pipeline {
                 }
             }
             Message::Message(m) => {
+                if m.transactional && m.prefix == crate::snapshot::SIGNAL_PREFIX {
+                    self.points.signal(&m.content)?;
+                }
                 if !m.transactional && m.prefix == HEARTBEAT_PREFIX {
                     tracing::debug!(lsn = %m.lsn, "heartbeat position");
                     self.progress.mark(m.lsn);

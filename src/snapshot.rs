@@ -21,6 +21,7 @@
 //! written to the snapshot's state file as they complete (see [`SnapshotState`]).
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use avro::Op;
 use cdc::Lsn;
+use cdc::position::Position;
 use cdc::progress::Seq;
 use cdc::snapshot::BlockRange;
 use tokio::sync::{mpsc, watch};
@@ -61,20 +63,30 @@ struct ChunkRead {
 
 /// Copies `tables` as of the consistent point `at`: `first` is a connection whose transaction
 /// already reads the exported snapshot `snapshot_name`; more workers import it too.
+///
+/// Returns `false` when stopped before the end: the chunks not yet acked stay in `file`, and
+/// the next start copies them (see [`Points`]).
 pub(crate) async fn initial(
     p: &mut Pipeline,
-    first: tokio_postgres::Client,
-    snapshot_name: &str,
+    (first, snapshot_name): (tokio_postgres::Client, String),
     tables: &[String],
     at: Lsn,
     stop: &watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+    file: &PendingFile,
+    identity: &Position,
+) -> anyhow::Result<bool> {
     let started = Instant::now();
     let ranges = cdc::snapshot::supports_block_ranges(&first).await?;
     let chunk_pages = (p.cfg.source.snapshot_chunk_bytes / 8192).max(1) as u32;
     let mut states: Vec<Arc<TableState>> = Vec::with_capacity(tables.len());
     let mut progress: Vec<TableProgress> = Vec::with_capacity(tables.len());
     let mut queue = VecDeque::new();
+    let mut pending = Pending {
+        system_identifier: identity.system_identifier.clone(),
+        database: identity.database.clone(),
+        slot: identity.slot.clone(),
+        ..Pending::default()
+    };
     for (i, table) in tables.iter().enumerate() {
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));
         let (rel, types) = cdc::snapshot::catalog_relation(&first, schema, name).await?;
@@ -101,16 +113,21 @@ pub(crate) async fn initial(
             chunks: chunks.len() as u32,
             chunks_read: AtomicU64::new(0),
         });
-        for (index, range) in chunks.into_iter().enumerate() {
+        pending.tables.push(PendingTable {
+            table: table.clone(),
+            ranges: Some(chunks.iter().map(|r| (r.lo, r.hi)).collect()),
+        });
+        for range in chunks {
             queue.push_back(Chunk {
                 table: i,
-                index: index as u32,
+                index: range.lo,
                 range,
             });
         }
         states.push(state);
     }
     let total_chunks = queue.len();
+    file.store(&pending)?;
     let workers = p.cfg.source.snapshot_workers.clamp(1, total_chunks.max(1));
     tracing::info!(tables = tables.len(), chunks = total_chunks, workers, consistent_point = %at, "initial snapshot planned");
 
@@ -127,7 +144,7 @@ pub(crate) async fn initial(
     let mut set = tokio::task::JoinSet::new();
     let mut clients = vec![first];
     for _ in 1..workers {
-        clients.push(crate::pipeline::open_snapshot(&p.cfg, snapshot_name).await?);
+        clients.push(crate::pipeline::open_snapshot(&p.cfg, &snapshot_name).await?);
     }
     for client in clients {
         set.spawn(worker(
@@ -139,37 +156,71 @@ pub(crate) async fn initial(
     }
     drop(done_tx);
 
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    tick.tick().await;
+    // Acked chunks are recorded a few times a second (a crash repeats at most that much work);
+    // progress is logged every few seconds.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_report = Instant::now();
     let mut unacked: Vec<ChunkRead> = Vec::new();
     let mut acked = 0usize;
-    loop {
+    let failed = loop {
         tokio::select! {
             joined = set.join_next() => match joined {
                 Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => { set.abort_all(); return Err(e); }
-                Some(Err(e)) => { set.abort_all(); return Err(anyhow!("a snapshot worker panicked: {e}")); }
-                None => break,
+                Some(Ok(Err(e))) => break Some(e),
+                Some(Err(e)) => break Some(anyhow!("a snapshot worker panicked: {e}")),
+                None => break None,
             },
             Some(read) = done_rx.recv() => unacked.push(read),
             _ = tick.tick() => {
-                acked += settle(&shared, &mut unacked);
-                report(&shared, started, acked, total_chunks);
+                acked += settle(&shared, &mut unacked, &mut pending, file)?;
+                if last_report.elapsed() >= Duration::from_secs(5) {
+                    last_report = Instant::now();
+                    report(&shared, started, acked, total_chunks);
+                }
             }
         }
-    }
+    };
+    set.abort_all();
     while let Ok(read) = done_rx.try_recv() {
         unacked.push(read);
     }
-    acked += settle(&shared, &mut unacked);
+    let stopped = failed.is_some() && *stop.borrow();
+    if let Some(e) = failed {
+        // Keep what is done: deliver what was handed to the sink, record the acked chunks,
+        // leave the slot. The next start copies the rest (see `Points`).
+        let sink = shared.out.sink.clone();
+        let _ = tokio::task::spawn_blocking(move || sink.flush(Duration::from_secs(60))).await;
+        settle(&shared, &mut unacked, &mut pending, file)?;
+        let left: usize = pending
+            .tables
+            .iter()
+            .map(|t| t.ranges.as_ref().map_or(1, Vec::len))
+            .sum();
+        if stopped {
+            tracing::info!(chunks_left = left, file = %file.path.display(), "stopped during the initial snapshot; the next start copies the chunks left");
+            return Ok(false);
+        }
+        tracing::warn!(chunks_left = left, file = %file.path.display(), "initial snapshot interrupted; the next attempt copies the chunks left");
+        return Err(e);
+    }
+    // Every chunk is read; the snapshot is finished once the sinks have acked them all.
+    while !unacked.is_empty() {
+        if let Some(f) = shared.out.progress.failure() {
+            bail!("a sink failed during the snapshot: {f}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        acked += settle(&shared, &mut unacked, &mut pending, file)?;
+    }
+    pending.tables.clear();
+    file.store(&pending)?;
     let total: u64 = shared
         .progress
         .iter()
         .map(|t| t.rows.load(Ordering::Relaxed))
         .sum();
     let secs = started.elapsed().as_secs_f64();
-    tracing::info!(rows = total, tables = tables.len(), chunks = total_chunks, chunks_acked = acked, secs = format!("{secs:.2}"), rows_per_sec = (total as f64 / secs.max(1e-6)) as u64, consistent_point = %at, "initial snapshot read; streaming from its consistent point");
-    Ok(())
+    tracing::info!(rows = total, tables = tables.len(), chunks = total_chunks, chunks_acked = acked, secs = format!("{secs:.2}"), rows_per_sec = (total as f64 / secs.max(1e-6)) as u64, consistent_point = %at, "initial snapshot delivered; streaming from its consistent point");
+    Ok(true)
 }
 
 struct Shared {
@@ -183,21 +234,27 @@ struct Shared {
     started_ms: i64,
 }
 
-/// Retires the read chunks that the sinks have fully acked; returns how many.
-fn settle(shared: &Shared, unacked: &mut Vec<ChunkRead>) -> usize {
+/// Retires the read chunks that the sinks have fully acked, recording them in `file`; returns
+/// how many.
+fn settle(
+    shared: &Shared,
+    unacked: &mut Vec<ChunkRead>,
+    pending: &mut Pending,
+    file: &PendingFile,
+) -> anyhow::Result<usize> {
     let before = unacked.len();
     unacked.retain(|r| {
         let done = shared.out.progress.is_done(r.seq);
         if done {
-            tracing::debug!(
-                table = %shared.progress[r.chunk.table].name,
-                chunk = r.chunk.index,
-                "snapshot chunk acked"
-            );
+            pending.remove(&shared.progress[r.chunk.table].name, r.chunk.range.lo);
         }
         !done
     });
-    before - unacked.len()
+    let n = before - unacked.len();
+    if n > 0 {
+        file.store(pending)?;
+    }
+    Ok(n)
 }
 
 /// Logs rows, rate and ETA per table still being copied.
@@ -281,4 +338,506 @@ async fn worker(
         .await
         .context("ending a snapshot transaction")?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pending snapshot work, kept on disk.
+
+/// Snapshot work not yet safely in the sinks: per table, the block ranges still to copy.
+/// Stored as `<state_dir>/<slot>.snapshot.json` whenever it changes, and removed when empty, so
+/// that a crash or a stop in the middle of a snapshot resumes from the finished chunks.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Pending {
+    pub system_identifier: String,
+    pub database: String,
+    pub slot: String,
+    pub tables: Vec<PendingTable>,
+    /// Ids of the snapshot signals already queued: a signal re-delivered after a restart is not
+    /// queued twice.
+    #[serde(default)]
+    pub signals: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PendingTable {
+    pub table: String,
+    /// Ranges `[lo, hi)` still to copy (`hi` null: to the end); `None`: the whole table, planned
+    /// when its turn comes.
+    pub ranges: Option<Vec<(u32, Option<u32>)>>,
+}
+
+impl Pending {
+    fn remove(&mut self, table: &str, lo: u32) {
+        for t in &mut self.tables {
+            if t.table == table
+                && let Some(r) = &mut t.ranges
+            {
+                r.retain(|(l, _)| *l != lo);
+            }
+        }
+        self.tables
+            .retain(|t| t.ranges.as_ref().is_none_or(|r| !r.is_empty()));
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct PendingFile {
+    path: PathBuf,
+}
+
+impl PendingFile {
+    pub fn new(state_dir: &std::path::Path, slot: &str) -> PendingFile {
+        PendingFile {
+            path: state_dir.join(format!("{slot}.snapshot.json")),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The pending work recorded for this source, if any; an error when the file names another
+    /// server, database or slot (see `cdc::position` for why that must stop walbridge).
+    pub fn load(&self, identity: &Position) -> anyhow::Result<Option<Pending>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        };
+        let p: Pending = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a walbridge snapshot record; move it away to start without it",
+                self.path.display()
+            )
+        })?;
+        if (&p.system_identifier, &p.database, &p.slot)
+            != (
+                &identity.system_identifier,
+                &identity.database,
+                &identity.slot,
+            )
+        {
+            bail!(
+                "{} was written for system {} database {:?} slot {:?}, not this source; move it away",
+                self.path.display(),
+                p.system_identifier,
+                p.database,
+                p.slot
+            );
+        }
+        Ok(Some(p))
+    }
+
+    /// Writes `p` atomically (temporary file, fsync, rename), or removes the file when nothing
+    /// is pending.
+    pub fn store(&self, p: &Pending) -> anyhow::Result<()> {
+        if p.tables.is_empty() {
+            return match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("removing {}", self.path.display()))
+                }
+                _ => Ok(()),
+            };
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(p)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots placed at a point of the running stream: the rest of an interrupted initial
+// snapshot, and tables re-snapshotted on request (`walbridge snapshot --table`).
+
+/// Prefix of the logical messages that ask a running pipeline for a snapshot.
+pub const SIGNAL_PREFIX: &str = "walbridge.signal";
+
+/// The body of a snapshot signal.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Signal {
+    pub id: String,
+    pub slot: String,
+    pub snapshot: Vec<String>,
+}
+
+/// An exported snapshot at `at`, imported by `clients`, not yet copied.
+struct Prepared {
+    at: Lsn,
+    clients: Vec<tokio_postgres::Client>,
+}
+
+/// Copies pending tables while the main slot streams, each batch of chunks at an exact point
+/// of the stream.
+///
+/// How a point is made: a temporary slot created with `SNAPSHOT 'export'` on a second
+/// replication connection has a consistent point `P` and an exported snapshot that sees exactly
+/// the transactions committed before `P` (the same guarantee as the initial snapshot; see
+/// `cdc::snapshot`). The pipeline handles the main stream in commit order; it copies the chunks
+/// through that snapshot right before the first item of the stream at or after `P` (a
+/// transaction committing at or after `P`, or a keepalive or heartbeat position past it). So
+/// every transaction before the copied rows in Kafka is one the rows already reflect, and every
+/// one after them is one they do not: per key, the stream's order is kept, with the snapshot
+/// row placed exactly where its state belongs. No deduplication window is needed, unlike
+/// watermark-based incremental snapshots, because the copy is not concurrent with the stream
+/// position it is placed at. If the pipeline had already passed `P` when the snapshot became
+/// ready, the point is thrown away and a new one made.
+///
+/// The stream waits while a batch of chunks is copied (one chunk per connection), which bounds
+/// the pause to about one chunk's copy time; the reader's bounded channel holds the replication
+/// stream meanwhile. A batch's ranges leave the pending file only once the sinks acked every
+/// row, and the next batch starts after that.
+///
+/// Rows that move between blocks while a table is copied point by point (an UPDATE writing the
+/// new row version into an already copied block) are not lost: the UPDATE itself is in the
+/// stream after the earlier point. Only its unchanged TOAST values are then marked unavailable,
+/// as for any streamed update.
+pub(crate) struct Points {
+    file: PendingFile,
+    pending: Pending,
+    pg: tokio_postgres::Config,
+    slot: String,
+    workers: usize,
+    chunk_pages: u32,
+    /// Tables the pipeline captures (`schema.table`): signals for others are refused.
+    captured: Vec<String>,
+    preparing: Option<tokio::sync::oneshot::Receiver<anyhow::Result<Prepared>>>,
+    ready: Option<Prepared>,
+    /// Chunks of the last batch not yet acked: (seq, table, first block).
+    in_flight: Vec<(Seq, String, u32)>,
+    /// Commit LSN of the last transaction handled: a point at or before it came too late.
+    /// (Keepalive and heartbeat positions past a point do not spoil it: they carry no rows, and
+    /// confirming them early is safe because the chunks stay in the pending record until acked.)
+    last_commit: Lsn,
+}
+
+impl Points {
+    pub fn new(
+        cfg: &crate::config::Config,
+        file: PendingFile,
+        pending: Pending,
+        captured: Vec<String>,
+        start: Lsn,
+    ) -> Points {
+        Points {
+            file,
+            pending,
+            pg: cfg.source.pg_config(),
+            slot: cfg.source.slot.clone(),
+            workers: cfg.source.snapshot_workers,
+            chunk_pages: (cfg.source.snapshot_chunk_bytes / 8192).max(1) as u32,
+            captured,
+            preparing: None,
+            ready: None,
+            in_flight: Vec::new(),
+            last_commit: start,
+        }
+    }
+
+    /// Queues the tables of a snapshot signal.
+    pub fn signal(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        let sig: Signal = match serde_json::from_slice(body) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a malformed snapshot signal");
+                return Ok(());
+            }
+        };
+        if sig.slot != self.slot || self.pending.signals.contains(&sig.id) {
+            return Ok(());
+        }
+        for table in sig.snapshot {
+            if !self.captured.contains(&table) {
+                tracing::warn!(table = %table, signal = %sig.id, "snapshot requested for a table this pipeline does not capture; ignored");
+                continue;
+            }
+            tracing::info!(table = %table, signal = %sig.id, "snapshot of a table requested while streaming");
+            self.pending.tables.push(PendingTable {
+                table,
+                ranges: None,
+            });
+        }
+        self.pending.signals.push(sig.id);
+        let n = self.pending.signals.len();
+        if n > 100 {
+            self.pending.signals.drain(..n - 100);
+        }
+        self.file.store(&self.pending)
+    }
+
+    /// Between batches: retire acked chunks, and prepare the next point when there is work.
+    pub fn poll(&mut self, progress: &cdc::progress::Progress) -> anyhow::Result<()> {
+        if !self.in_flight.is_empty() && self.in_flight.iter().all(|(s, ..)| progress.is_done(*s)) {
+            for (_, table, lo) in std::mem::take(&mut self.in_flight) {
+                self.pending.remove(&table, lo);
+            }
+            self.file.store(&self.pending)?;
+            if self.pending.tables.is_empty() {
+                tracing::info!("snapshot work finished");
+            }
+        }
+        if self.in_flight.is_empty()
+            && self.preparing.is_none()
+            && self.ready.is_none()
+            && !self.pending.tables.is_empty()
+        {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (pg, slot, n) = (self.pg.clone(), self.slot.clone(), self.workers);
+            tokio::spawn(async move {
+                let _ = tx.send(prepare(&pg, &slot, n).await);
+            });
+            self.preparing = Some(rx);
+        }
+        Ok(())
+    }
+
+    /// Called with the position of each stream item before it is handled (`commit`: the item
+    /// begins a transaction committing at `pos`): `Some(prepared)` when the chunks must be
+    /// copied now, before this item.
+    fn due(&mut self, pos: Lsn, commit: bool) -> anyhow::Result<Option<Prepared>> {
+        if let Some(rx) = &mut self.preparing {
+            match rx.try_recv() {
+                Ok(result) => {
+                    self.preparing = None;
+                    let prepared = result?;
+                    if self.last_commit >= prepared.at {
+                        tracing::debug!(point = %prepared.at, passed = %self.last_commit, "the stream passed the snapshot point; making a new one");
+                    } else {
+                        self.ready = Some(prepared);
+                    }
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => self.preparing = None,
+            }
+        }
+        let due = self.ready.as_ref().is_some_and(|r| pos >= r.at);
+        if commit {
+            self.last_commit = self.last_commit.max(pos);
+        }
+        Ok(if due { self.ready.take() } else { None })
+    }
+}
+
+/// Makes a point: a temporary slot's exported snapshot, imported by `n` connections.
+async fn prepare(pg: &tokio_postgres::Config, slot: &str, n: usize) -> anyhow::Result<Prepared> {
+    let mut repl = cdc::conn::ReplicationConnection::connect(pg)
+        .await
+        .context("opening a replication connection for a snapshot point")?;
+    // Unique per process and point; a temporary slot disappears with its connection.
+    let name = format!(
+        "{}_snap_{}_{}",
+        slot.chars().take(40).collect::<String>(),
+        std::process::id(),
+        now_ms()
+    );
+    let created = cdc::slot::create_temporary_slot_with_snapshot(&mut repl, &name).await?;
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let (client, conn) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .context("opening a snapshot connection")?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!(error = %e, "snapshot connection ended");
+            }
+        });
+        cdc::snapshot::import(&client, &created.snapshot_name).await?;
+        clients.push(client);
+    }
+    // Every connection has imported the snapshot; the temporary slot can go. A heartbeat after
+    // the point lets an idle stream reach it now rather than at the next heartbeat.
+    drop(repl);
+    let (hb, conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("opening a connection for a heartbeat")?;
+    tokio::spawn(conn);
+    hb.execute(
+        "SELECT pg_logical_emit_message(false, $1, '')",
+        &[&crate::pipeline::HEARTBEAT_PREFIX],
+    )
+    .await
+    .context("writing a heartbeat after a snapshot point")?;
+    Ok(Prepared {
+        at: created.consistent_point,
+        clients,
+    })
+}
+
+impl Pipeline {
+    /// Before a stream item at `pos`: copies the next batch of pending chunks if its point is
+    /// due (see [`Points`]).
+    pub(crate) async fn snapshot_point(&mut self, pos: Lsn, commit: bool) -> anyhow::Result<()> {
+        let Some(prepared) = self.points.due(pos, commit)? else {
+            return Ok(());
+        };
+        let Prepared { at, clients } = prepared;
+        // Up to one chunk per connection, from the front of the pending tables.
+        let mut batch: VecDeque<Chunk> = VecDeque::new();
+        let mut states = Vec::new();
+        let mut progress = Vec::new();
+        let mut i = 0;
+        while batch.len() < clients.len() && i < self.points.pending.tables.len() {
+            let table = self.points.pending.tables[i].table.clone();
+            let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
+            let first = &clients[0];
+            let (rel, types) = cdc::snapshot::catalog_relation(first, schema, name).await?;
+            for t in &types {
+                self.types.insert(t);
+            }
+            let rel_id = rel.id;
+            let ranges = match self.points.pending.tables[i].ranges.clone() {
+                Some(r) => r,
+                None => {
+                    let (pages, _) = cdc::snapshot::table_size(first, &rel).await?;
+                    let planned: Vec<(u32, Option<u32>)> =
+                        if cdc::snapshot::supports_block_ranges(first).await? {
+                            cdc::snapshot::plan_chunks(pages, self.points.chunk_pages)
+                                .iter()
+                                .map(|r| (r.lo, r.hi))
+                                .collect()
+                        } else {
+                            vec![(0, None)]
+                        };
+                    self.points.pending.tables[i].ranges = Some(planned.clone());
+                    self.points.file.store(&self.points.pending)?;
+                    planned
+                }
+            };
+            self.relation(rel).await?;
+            states.push(
+                self.tables
+                    .get(&rel_id)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("{table} was not mapped"))?,
+            );
+            let take = clients.len() - batch.len();
+            for &(lo, hi) in ranges.iter().take(take) {
+                batch.push_back(Chunk {
+                    table: progress.len(),
+                    index: lo,
+                    range: BlockRange { lo, hi },
+                });
+            }
+            progress.push(TableProgress {
+                name: table,
+                estimate: 0,
+                rows: AtomicU64::new(0),
+                chunks: ranges.len().min(take) as u32,
+                chunks_read: AtomicU64::new(0),
+            });
+            i += 1;
+        }
+        let chunks = batch.len();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(batch),
+            states,
+            progress,
+            out: self.out.clone(),
+            at,
+            at_text: at.to_string(),
+            started_ms: now_ms(),
+        });
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<ChunkRead>();
+        let (_never, stop) = watch::channel(false);
+        let mut set = tokio::task::JoinSet::new();
+        for client in clients {
+            set.spawn(worker(
+                client,
+                shared.clone(),
+                done_tx.clone(),
+                stop.clone(),
+            ));
+        }
+        drop(done_tx);
+        while let Some(joined) = set.join_next().await {
+            joined.map_err(|e| anyhow!("a snapshot worker panicked: {e}"))??;
+        }
+        while let Ok(read) = done_rx.try_recv() {
+            let table = shared.progress[read.chunk.table].name.clone();
+            self.points
+                .in_flight
+                .push((read.seq, table, read.chunk.range.lo));
+        }
+        let rows: u64 = shared
+            .progress
+            .iter()
+            .map(|t| t.rows.load(Ordering::Relaxed))
+            .sum();
+        let tables: Vec<&str> = shared.progress.iter().map(|t| t.name.as_str()).collect();
+        tracing::info!(tables = %tables.join(","), point = %at, chunks, rows, "snapshot chunks copied at a point of the stream");
+        Ok(())
+    }
+}
+
+/// `walbridge snapshot --table …`: asks the pipeline streaming `cfg`'s slot to copy `tables`
+/// again, by writing a signal into the source's WAL (a transactional logical message), which
+/// the pipeline reads in stream order. It works whether or not the pipeline is running right
+/// now: a stopped one finds the signal when it starts. Returns the signal id.
+pub async fn request(cfg: &crate::config::Config, tables: &[String]) -> anyhow::Result<String> {
+    let (client, conn) = cfg
+        .source
+        .pg_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to the source {}", cfg.source.dsn.redacted()))?;
+    tokio::spawn(conn);
+    let slot_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await?
+        .is_some();
+    if !slot_exists {
+        bail!(
+            "slot {:?} does not exist: no pipeline streams this source yet. Start `walbridge run` first \
+             (its initial snapshot copies every table)",
+            cfg.source.slot
+        );
+    }
+    let published: Vec<String> = client
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&cfg.source.publication],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unknown: Vec<&String> = tables.iter().filter(|t| !published.contains(t)).collect();
+    if !unknown.is_empty() {
+        bail!(
+            "not captured by publication {:?}: {}. Name tables as schema.table; captured are: {}",
+            cfg.source.publication,
+            unknown
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            published.join(", ")
+        );
+    }
+    let id = format!("{}-{}", now_ms(), std::process::id());
+    let body = serde_json::to_string(&Signal {
+        id: id.clone(),
+        slot: cfg.source.slot.clone(),
+        snapshot: tables.to_vec(),
+    })?;
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, convert_to($2, 'UTF8'))",
+            &[&SIGNAL_PREFIX, &body],
+        )
+        .await
+        .context("writing the snapshot signal")?;
+    Ok(id)
 }

@@ -448,13 +448,31 @@ pub async fn create_slot_with_snapshot(
     conn: &mut ReplicationConnection,
     slot: &str,
 ) -> Result<CreatedSlot, SlotError> {
+    create(conn, slot, "").await
+}
+
+/// As [`create_slot_with_snapshot`], but the slot lives only as long as `conn`: it places one
+/// exported snapshot at an exact point of the WAL (its consistent point) and is then dropped by
+/// closing the connection. Used to copy a table while the main slot keeps streaming.
+pub async fn create_temporary_slot_with_snapshot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<CreatedSlot, SlotError> {
+    create(conn, slot, "TEMPORARY ").await
+}
+
+async fn create(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+    temporary: &str,
+) -> Result<CreatedSlot, SlotError> {
     let bad = |problem: String| SlotError::BadSlot {
         slot: slot.to_owned(),
         problem,
     };
     let rows = conn
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+            "CREATE_REPLICATION_SLOT {} {temporary}LOGICAL pgoutput (SNAPSHOT 'export')",
             quote_ident(slot)
         ))
         .await?;
@@ -472,7 +490,7 @@ pub async fn create_slot_with_snapshot(
         .parse()
         .map_err(|e| bad(format!("returned a bad consistent point: {e}")))?;
     let snapshot_name = field(2, "snapshot name")?;
-    tracing::info!(slot, lsn = %consistent_point, "created replication slot with an exported snapshot");
+    tracing::info!(slot, lsn = %consistent_point, temporary = !temporary.is_empty(), "created replication slot with an exported snapshot");
     Ok(CreatedSlot {
         consistent_point,
         snapshot_name,
