@@ -495,7 +495,8 @@ impl<'a> Checker<'a> {
     ) -> bool {
         let aliased = reader_aliases.unwrap_or_default().iter().any(|a| {
             a.name() == writer.name()
-                && a.namespace().is_none_or(|ns| Some(ns) == writer.namespace())
+                && a.namespace()
+                    .is_none_or(|ns| Some(ns) == writer.namespace())
         });
         if writer.name() == reader.name() || aliased {
             return true;

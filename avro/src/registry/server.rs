@@ -369,10 +369,7 @@ async fn get_global_config(State(store): State<Shared>) -> Result<Response, ApiE
     level_answer(lock(&store).global_level())
 }
 
-async fn put_global_config(
-    State(store): State<Shared>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn put_global_config(State(store): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let level = parse_level(&body)?;
     write(&store, move |s| s.set_level(None, Some(level))).await?;
     tracing::info!(level = %level, "set global compatibility level");
@@ -409,7 +406,10 @@ async fn put_subject_config(
 ) -> Result<Response, ApiError> {
     let level = parse_level(&body)?;
     let task_subject = subject.clone();
-    write(&store, move |s| s.set_level(Some(&task_subject), Some(level))).await?;
+    write(&store, move |s| {
+        s.set_level(Some(&task_subject), Some(level))
+    })
+    .await?;
     tracing::info!(subject = %subject, level = %level, "set subject compatibility level");
     ok(json!({ "compatibility": level.as_str() }))
 }
@@ -566,4 +566,3 @@ impl RunningRegistry {
             .map_err(|e| RegistryError::Serve(std::io::Error::other(e)))?
     }
 }
-

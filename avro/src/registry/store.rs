@@ -270,7 +270,13 @@ impl Store {
         }
     }
 
-    fn apply_delete(&mut self, subject: &str, version: Option<u32>, permanent: bool, affected: &[u32]) {
+    fn apply_delete(
+        &mut self,
+        subject: &str,
+        version: Option<u32>,
+        permanent: bool,
+        affected: &[u32],
+    ) {
         let Some(versions) = self.subjects.get_mut(subject) else {
             return;
         };
@@ -713,13 +719,19 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, 40403, "Schema not found".into())
     }
     pub fn schema_id_not_found(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, 40403, format!("Schema {id} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            40403,
+            format!("Schema {id} not found"),
+        )
     }
     fn subject_soft_deleted(subject: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             40404,
-            format!("Subject '{subject}' was soft deleted.Set permanent=true to delete permanently"),
+            format!(
+                "Subject '{subject}' was soft deleted.Set permanent=true to delete permanently"
+            ),
         )
     }
     fn subject_not_soft_deleted(subject: &str) -> Self {
@@ -830,7 +842,10 @@ mod tests {
     const B: &str = r#"{"type":"record","name":"A","fields":[{"name":"x","type":{"type":"long","logicalType":"timestamp-micros"}}]}"#;
 
     fn ids(s: &Store, subject: &str) -> Vec<u32> {
-        s.versions(subject, true).into_iter().map(|(_, id)| id).collect()
+        s.versions(subject, true)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect()
     }
 
     #[test]
@@ -843,7 +858,10 @@ mod tests {
             created,
         };
         assert_eq!(s.register("t-value", A).unwrap(), reg(1, 1, true));
-        assert_eq!(s.register("t-value", A_REFORMATTED).unwrap(), reg(1, 1, false));
+        assert_eq!(
+            s.register("t-value", A_REFORMATTED).unwrap(),
+            reg(1, 1, false)
+        );
         assert_eq!(s.register("u-value", A).unwrap(), reg(1, 1, true));
         // Adding a logical type is a different schema (Parsing Canonical Form would say equal).
         assert_eq!(s.register("t-value", B).unwrap(), reg(2, 2, true));
@@ -859,7 +877,10 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         assert_eq!(ids(&s, "t-value"), vec![1, 2]);
         assert_eq!(ids(&s, "u-value"), vec![1]);
-        assert_eq!(s.lookup("t-value", A_REFORMATTED, false).unwrap().version, 1);
+        assert_eq!(
+            s.lookup("t-value", A_REFORMATTED, false).unwrap().version,
+            1
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
