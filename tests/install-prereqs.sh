@@ -85,3 +85,14 @@ if ! command -v tansu >/dev/null && [ ! -x "$CARGO_BIN/tansu" ]; then
         exit 1
     fi
 fi
+
+# --- Confluent's Python client ----------------------------------------------------------------
+
+# tests/e2e/confluent_client.rs checks the registry and topics with a client nobody here wrote.
+# The wheel bundles librdkafka. 2.16.0, not 2.16.1: 2.16.1's schemaregistry extra needs a
+# certifi newer than the package index here has.
+CONFLUENT_KAFKA_VERSION=2.16.0
+if ! python3 -c 'import confluent_kafka.schema_registry.avro' 2>/dev/null; then
+    echo "install-prereqs: installing confluent-kafka $CONFLUENT_KAFKA_VERSION (Python)"
+    quietly python3 -m pip install --quiet "confluent-kafka[avro,schemaregistry]==$CONFLUENT_KAFKA_VERSION"
+fi

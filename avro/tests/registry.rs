@@ -369,3 +369,529 @@ async fn rest_api_answers_with_confluent_shapes_and_error_codes() {
     registry.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A record `R` with the given fields (JSON), as the body of a register request.
+fn record(fields: &str) -> String {
+    json!({ "schema": format!(r#"{{"type":"record","name":"R","fields":[{fields}]}}"#) })
+        .to_string()
+}
+
+const A_INT: &str = r#"{"name":"a","type":"int"}"#;
+
+/// (case, v1 fields, v2 fields, new reads old, old reads new)
+fn changes() -> Vec<(&'static str, String, String, bool, bool)> {
+    let e = |symbols: &str| {
+        format!(r#"{{"name":"e","type":{{"type":"enum","name":"E","symbols":[{symbols}]}}}}"#)
+    };
+    vec![
+        (
+            "add-field-with-default",
+            A_INT.into(),
+            format!(r#"{A_INT},{{"name":"b","type":"string","default":""}}"#),
+            true,
+            true,
+        ),
+        (
+            "add-field-without-default",
+            A_INT.into(),
+            format!(r#"{A_INT},{{"name":"b","type":"string"}}"#),
+            false,
+            true,
+        ),
+        (
+            "remove-field-with-default",
+            format!(r#"{A_INT},{{"name":"b","type":"string","default":""}}"#),
+            A_INT.into(),
+            true,
+            true,
+        ),
+        (
+            "remove-field-without-default",
+            format!(r#"{A_INT},{{"name":"b","type":"string"}}"#),
+            A_INT.into(),
+            true,
+            false,
+        ),
+        (
+            "promote-int-to-long",
+            A_INT.into(),
+            r#"{"name":"a","type":"long"}"#.into(),
+            true,
+            false,
+        ),
+        (
+            "change-int-to-string",
+            A_INT.into(),
+            r#"{"name":"a","type":"string"}"#.into(),
+            false,
+            false,
+        ),
+        (
+            "enum-add-symbol",
+            e(r#""X","Y""#),
+            e(r#""X","Y","Z""#),
+            true,
+            false,
+        ),
+        (
+            "enum-remove-symbol",
+            e(r#""X","Y","Z""#),
+            e(r#""X","Y""#),
+            false,
+            true,
+        ),
+        (
+            "union-widening",
+            r#"{"name":"u","type":["null","int"],"default":null}"#.into(),
+            r#"{"name":"u","type":["null","int","string"],"default":null}"#.into(),
+            true,
+            false,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn every_level_accepts_exactly_the_changes_it_allows() {
+    let dir = temp_dir("matrix");
+    let registry = start(&dir).await;
+    let levels = [
+        "NONE",
+        "BACKWARD",
+        "BACKWARD_TRANSITIVE",
+        "FORWARD",
+        "FORWARD_TRANSITIVE",
+        "FULL",
+        "FULL_TRANSITIVE",
+    ];
+    for level in levels {
+        for (case, v1, v2, backward, forward) in changes() {
+            let subject = format!("{case}-{level}");
+            let (status, reply) = http(
+                &registry,
+                "PUT",
+                &format!("/config/{subject}"),
+                &json!({ "compatibility": level }).to_string(),
+            )
+            .await;
+            assert_eq!((status, reply), (200, json!({ "compatibility": level })));
+            let path = format!("/subjects/{subject}/versions");
+            assert_eq!(http(&registry, "POST", &path, &record(&v1)).await.0, 200);
+
+            let want = match level {
+                "NONE" => true,
+                l if l.starts_with("BACKWARD") => backward,
+                l if l.starts_with("FORWARD") => forward,
+                _ => backward && forward,
+            };
+            // The dry run answers as the registration then does.
+            let (status, check) = http(
+                &registry,
+                "POST",
+                &format!("/compatibility/subjects/{subject}/versions/latest"),
+                &record(&v2),
+            )
+            .await;
+            assert_eq!(
+                (status, check),
+                (200, json!({ "is_compatible": want })),
+                "{level} {case}"
+            );
+            let (status, reply) = http(&registry, "POST", &path, &record(&v2)).await;
+            if want {
+                assert_eq!(status, 200, "{level} {case}: {reply}");
+            } else {
+                assert_eq!(status, 409, "{level} {case}: {reply}");
+                assert_eq!(reply["error_code"], 409);
+                let message = reply["message"].as_str().unwrap();
+                assert!(
+                    message.starts_with(&format!(
+                        "Schema being registered is incompatible with an earlier schema for \
+                         subject \"{subject}\""
+                    )),
+                    "{message}"
+                );
+                let (_, versions) = http(&registry, "GET", &path, "").await;
+                assert_eq!(versions, json!([1]), "a rejected schema is not stored");
+            }
+        }
+    }
+    registry.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn transitive_levels_check_every_live_version_and_plain_ones_only_the_latest() {
+    let dir = temp_dir("transitive");
+    let registry = start(&dir).await;
+    let b_default = r#"{"name":"b","type":"string","default":"x"}"#;
+    let b_required = r#"{"name":"b","type":"string"}"#;
+    // v3 reads v2 and v2 reads v3, but v3 cannot read v1 (b has no default there) …
+    let growing = [
+        A_INT.to_owned(),
+        format!("{A_INT},{b_default}"),
+        format!("{A_INT},{b_required}"),
+    ];
+    // … and here v1 cannot read v3.
+    let shrinking = [
+        format!("{A_INT},{b_required}"),
+        format!("{A_INT},{b_default}"),
+        A_INT.to_owned(),
+    ];
+    let cases = [
+        ("BACKWARD", &growing, 200),
+        ("BACKWARD_TRANSITIVE", &growing, 409),
+        ("FORWARD", &shrinking, 200),
+        ("FORWARD_TRANSITIVE", &shrinking, 409),
+        ("FULL", &growing, 200),
+        ("FULL_TRANSITIVE", &growing, 409),
+        ("FULL_TRANSITIVE", &shrinking, 409),
+    ];
+    for (i, (level, steps, want)) in cases.into_iter().enumerate() {
+        let subject = format!("t{i}-{level}");
+        let config = json!({ "compatibility": level }).to_string();
+        http(&registry, "PUT", &format!("/config/{subject}"), &config).await;
+        let path = format!("/subjects/{subject}/versions");
+        for v in &steps[..2] {
+            assert_eq!(http(&registry, "POST", &path, &record(v)).await.0, 200);
+        }
+        // The dry run against all versions follows the level too.
+        let (_, check) = http(
+            &registry,
+            "POST",
+            &format!("/compatibility/subjects/{subject}/versions?verbose=true"),
+            &record(&steps[2]),
+        )
+        .await;
+        assert_eq!(
+            check["is_compatible"],
+            json!(want == 200),
+            "{level}: {check}"
+        );
+        if want == 409 {
+            let messages = check["messages"].as_array().unwrap();
+            assert!(
+                messages.iter().any(|m| m
+                    .as_str()
+                    .unwrap()
+                    .contains("READER_FIELD_MISSING_DEFAULT_VALUE")),
+                "{level}: {check}"
+            );
+            assert!(
+                messages.contains(&json!("{oldSchemaVersion: 1}")),
+                "{check}"
+            );
+        }
+        let (status, reply) = http(&registry, "POST", &path, &record(&steps[2])).await;
+        assert_eq!(status, want, "{level}: {reply}");
+    }
+    registry.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn deletes_are_soft_then_hard_and_ids_stay_answerable() {
+    let dir = temp_dir("deletes");
+    let registry = start(&dir).await;
+    let s = "orders-value";
+    let v1 = record(A_INT);
+    let v2 = record(&format!(
+        r#"{A_INT},{{"name":"b","type":"string","default":""}}"#
+    ));
+    let path = format!("/subjects/{s}/versions");
+    let (_, r1) = http(&registry, "POST", &path, &v1).await;
+    let (_, r2) = http(&registry, "POST", &path, &v2).await;
+    let (id1, id2) = (r1["id"].as_u64().unwrap(), r2["id"].as_u64().unwrap());
+    let schema2 = serde_json::from_str::<Json>(&v2).unwrap()["schema"].clone();
+
+    let code = |(status, reply): (u16, Json)| (status, reply["error_code"].as_u64().unwrap_or(0));
+    // Hard delete needs a soft delete first.
+    let v1_path = format!("/subjects/{s}/versions/1");
+    assert_eq!(
+        code(
+            http(
+                &registry,
+                "DELETE",
+                &format!("{v1_path}?permanent=true"),
+                ""
+            )
+            .await
+        ),
+        (404, 40407)
+    );
+    assert_eq!(
+        http(&registry, "DELETE", &v1_path, "").await,
+        (200, json!(1))
+    );
+    assert_eq!(
+        code(http(&registry, "DELETE", &v1_path, "").await),
+        (404, 40406)
+    );
+    assert_eq!(http(&registry, "GET", &path, "").await, (200, json!([2])));
+    assert_eq!(
+        http(&registry, "GET", &format!("{path}?deleted=true"), "").await,
+        (200, json!([1, 2]))
+    );
+    assert_eq!(
+        code(http(&registry, "GET", &v1_path, "").await),
+        (404, 40402)
+    );
+    let (status, found) = http(&registry, "GET", &format!("{v1_path}?deleted=true"), "").await;
+    assert_eq!((status, &found["id"]), (200, &json!(id1)));
+    assert_eq!(
+        http(
+            &registry,
+            "DELETE",
+            &format!("{v1_path}?permanent=true"),
+            ""
+        )
+        .await,
+        (200, json!(1))
+    );
+    assert_eq!(
+        http(&registry, "GET", &format!("{path}?deleted=true"), "").await,
+        (200, json!([2]))
+    );
+
+    // The whole subject: the same two steps.
+    let subject_path = format!("/subjects/{s}");
+    assert_eq!(
+        code(
+            http(
+                &registry,
+                "DELETE",
+                &format!("{subject_path}?permanent=true"),
+                ""
+            )
+            .await
+        ),
+        (404, 40405)
+    );
+    assert_eq!(
+        http(&registry, "DELETE", &subject_path, "").await,
+        (200, json!([2]))
+    );
+    assert_eq!(
+        code(http(&registry, "DELETE", &subject_path, "").await),
+        (404, 40404)
+    );
+    assert_eq!(
+        http(&registry, "GET", "/subjects", "").await,
+        (200, json!([]))
+    );
+    assert_eq!(
+        http(&registry, "GET", "/subjects?deleted=true", "").await,
+        (200, json!([s]))
+    );
+    assert_eq!(code(http(&registry, "GET", &path, "").await), (404, 40401));
+    assert_eq!(
+        code(http(&registry, "POST", &subject_path, &v2).await),
+        (404, 40401)
+    );
+    let (status, found) = http(
+        &registry,
+        "POST",
+        &format!("{subject_path}?deleted=true"),
+        &v2,
+    )
+    .await;
+    assert_eq!((status, &found["version"]), (200, &json!(2)));
+    assert_eq!(
+        http(
+            &registry,
+            "GET",
+            &format!("/schemas/ids/{id2}/versions"),
+            ""
+        )
+        .await,
+        (200, json!([]))
+    );
+    assert_eq!(
+        http(
+            &registry,
+            "GET",
+            &format!("/schemas/ids/{id2}/versions?deleted=true"),
+            ""
+        )
+        .await,
+        (200, json!([{ "subject": s, "version": 2 }]))
+    );
+    assert_eq!(
+        http(
+            &registry,
+            "DELETE",
+            &format!("{subject_path}?permanent=true"),
+            ""
+        )
+        .await,
+        (200, json!([2]))
+    );
+    assert_eq!(
+        http(&registry, "GET", "/subjects?deleted=true", "").await,
+        (200, json!([]))
+    );
+    assert_eq!(
+        code(http(&registry, "DELETE", &subject_path, "").await),
+        (404, 40401)
+    );
+
+    // Ids outlive every delete: messages framed with them may still be in a topic.
+    for (id, schema) in [(id1, None), (id2, Some(schema2))] {
+        let (status, reply) = http(&registry, "GET", &format!("/schemas/ids/{id}"), "").await;
+        assert_eq!(status, 200, "{reply}");
+        if let Some(schema) = schema {
+            assert_eq!(reply["schema"], schema);
+        }
+    }
+    // Registering again starts the subject anew but keeps the schema's id; a new schema gets
+    // a new id, never a used one.
+    assert_eq!(
+        http(&registry, "POST", &path, &v2).await,
+        (200, json!({ "id": id2 }))
+    );
+    assert_eq!(http(&registry, "GET", &path, "").await, (200, json!([1])));
+    let v3 = record(&format!(
+        r#"{A_INT},{{"name":"b","type":"string","default":""}},{{"name":"c","type":"int","default":0}}"#
+    ));
+    let (_, r3) = http(&registry, "POST", &path, &v3).await;
+    assert_eq!(r3["id"].as_u64().unwrap(), id2.max(id1) + 1);
+
+    registry.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn config_and_deletes_survive_a_restart() {
+    let dir = temp_dir("config");
+    let registry = start(&dir).await;
+    let level = |l: &str| json!({ "compatibility": l }).to_string();
+    let code = |(status, reply): (u16, Json)| (status, reply["error_code"].as_u64().unwrap_or(0));
+
+    assert_eq!(
+        http(&registry, "GET", "/config", "").await,
+        (200, json!({ "compatibilityLevel": "BACKWARD" }))
+    );
+    assert_eq!(
+        http(&registry, "PUT", "/config", &level("none")).await,
+        (200, json!({ "compatibility": "NONE" }))
+    );
+    assert_eq!(
+        code(http(&registry, "PUT", "/config", &level("SIDEWAYS")).await),
+        (422, 42203)
+    );
+    assert_eq!(
+        http(&registry, "PUT", "/config/strict-value", &level("FULL")).await,
+        (200, json!({ "compatibility": "FULL" }))
+    );
+    assert_eq!(
+        code(http(&registry, "GET", "/config/loose-value", "").await),
+        (404, 40408)
+    );
+    assert_eq!(
+        http(
+            &registry,
+            "GET",
+            "/config/loose-value?defaultToGlobal=true",
+            ""
+        )
+        .await,
+        (200, json!({ "compatibilityLevel": "NONE" }))
+    );
+    // The subject's own level wins over the global one.
+    let incompatible_pair = [record(A_INT), record(r#"{"name":"a","type":"string"}"#)];
+    for (subject, want) in [("strict-value", 409), ("loose-value", 200)] {
+        let path = format!("/subjects/{subject}/versions");
+        assert_eq!(
+            http(&registry, "POST", &path, &incompatible_pair[0])
+                .await
+                .0,
+            200
+        );
+        let (status, reply) = http(&registry, "POST", &path, &incompatible_pair[1]).await;
+        assert_eq!(status, want, "{subject}: {reply}");
+    }
+    // A level set and removed again leaves no trace; a soft delete is remembered.
+    http(&registry, "PUT", "/config/loose-value", &level("FORWARD")).await;
+    assert_eq!(
+        http(&registry, "DELETE", "/config/loose-value", "").await,
+        (200, json!({ "compatibilityLevel": "FORWARD" }))
+    );
+    assert_eq!(
+        http(&registry, "DELETE", "/subjects/loose-value/versions/1", "").await,
+        (200, json!(1))
+    );
+    registry.stop().await.unwrap();
+
+    let registry = start(&dir).await;
+    assert_eq!(
+        http(&registry, "GET", "/config", "").await,
+        (200, json!({ "compatibilityLevel": "NONE" }))
+    );
+    assert_eq!(
+        http(&registry, "GET", "/config/strict-value", "").await,
+        (200, json!({ "compatibilityLevel": "FULL" }))
+    );
+    assert_eq!(
+        code(http(&registry, "GET", "/config/loose-value", "").await),
+        (404, 40408)
+    );
+    assert_eq!(
+        http(&registry, "GET", "/subjects/loose-value/versions", "").await,
+        (200, json!([2]))
+    );
+    assert_eq!(
+        code(http(&registry, "DELETE", "/subjects/loose-value/versions/1", "").await),
+        (404, 40406)
+    );
+    // Still enforced after the restart.
+    let (status, _) = http(
+        &registry,
+        "POST",
+        "/subjects/strict-value/versions",
+        &incompatible_pair[1],
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        http(&registry, "DELETE", "/config", "").await,
+        (200, json!({ "compatibilityLevel": "NONE" }))
+    );
+    assert_eq!(
+        http(&registry, "GET", "/config", "").await,
+        (200, json!({ "compatibilityLevel": "BACKWARD" }))
+    );
+
+    // The small endpoints tools probe.
+    assert_eq!(http(&registry, "GET", "/", "").await, (200, json!({})));
+    assert_eq!(
+        http(&registry, "GET", "/schemas/types", "").await,
+        (200, json!(["AVRO"]))
+    );
+    assert_eq!(
+        code(http(&registry, "GET", "/no/such/route", "").await),
+        (404, 404)
+    );
+    assert_eq!(
+        code(
+            http(
+                &registry,
+                "POST",
+                "/compatibility/subjects/nope/versions/latest",
+                &record(A_INT)
+            )
+            .await
+        ),
+        (404, 40401)
+    );
+    assert_eq!(
+        http(
+            &registry,
+            "POST",
+            "/compatibility/subjects/nope/versions",
+            &record(A_INT)
+        )
+        .await,
+        (200, json!({ "is_compatible": true }))
+    );
+    registry.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

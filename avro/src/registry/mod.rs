@@ -1,12 +1,15 @@
 //! Schema registry: the only network I/O in this crate.
 //!
-//! - [`server`]: walbridge's own Confluent-compatible registry (the REST subset producers and
-//!   consumers use), durable across restarts, for environments without one.
+//! - [`server`]: walbridge's own Confluent-compatible registry (the REST API producers,
+//!   consumers and tools use), durable across restarts, for environments without one; its
+//!   rules and log are in `store`, Avro compatibility checking in [`compat`].
 //! - [`client`]: registers schemas and fetches them by id from any Confluent-compatible
 //!   registry, built on `schema_registry_converter`.
 
 pub mod client;
+pub mod compat;
 pub mod server;
+mod store;
 
 use std::path::PathBuf;
 
@@ -15,6 +18,7 @@ use schema_registry_converter::error::SRCError;
 use crate::wire::WireError;
 
 pub use client::RegistryClient;
+pub use compat::CompatibilityLevel;
 pub use server::{RegistryServer, RunningRegistry, serve};
 
 #[derive(Debug, thiserror::Error)]
