@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
@@ -35,6 +36,7 @@ use sinks::kafka::{KafkaSettings, KafkaSink, Record};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, SnapshotMode};
+use crate::metrics::{Metrics, SnapshotProgress, TableCounters};
 
 /// Prefix of the heartbeat messages walbridge writes with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "walbridge.heartbeat";
@@ -47,6 +49,7 @@ struct TableState {
     schema: TableSchema,
     key_id: Option<u32>,
     value_id: u32,
+    counters: TableCounters,
 }
 
 struct OpenTx {
@@ -84,6 +87,8 @@ pub struct Pipeline {
     /// Processing time for the envelope's `ts_ms`, read once per batch (or per 4096 snapshot
     /// rows) rather than once per change: a clock read per change was 4 % of the profile.
     now_ms: i64,
+    metrics: Arc<Metrics>,
+    snapshot_progress: SnapshotProgress,
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains: everything read is delivered and
@@ -138,13 +143,24 @@ pub async fn run_observed(
     if let Some(o) = observer {
         let _ = o.send(confirmed_rx);
     }
+    // Metrics outlive attempts too, so counts continue across restarts.
+    let metrics = Metrics::new(&cfg.source);
+    let _confirmed_gauge = metrics.follow_confirmed(confirmed_tx.subscribe());
+    let _metrics_server = match &cfg.metrics {
+        Some(m) => Some((
+            crate::metrics::serve(metrics.clone(), m.listen).await?,
+            crate::metrics::spawn_slot_poller(metrics.clone(), &cfg),
+        )),
+        None => None,
+    };
 
     let mut backoff = MIN_BACKOFF;
     let mut attempt = 0u32;
     loop {
         let started = std::time::Instant::now();
+        metrics.attempt_started();
         let result = tokio::select! {
-            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx) => r,
+            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx, &metrics) => r,
             _ = &mut stopper => unreachable!("the stopper never completes"),
         };
         let err = match result {
@@ -152,8 +168,10 @@ pub async fn run_observed(
             Err(e) => e,
         };
         if *stop_rx.borrow() || !is_transient(&err, attempt > 0) {
+            metrics.fatal(&err);
             return Err(err);
         }
+        metrics.transient_failure(&err);
         if started.elapsed() >= HEALTHY_RUN {
             backoff = MIN_BACKOFF;
         }
@@ -232,6 +250,7 @@ async fn run_attempt(
     cfg: &Config,
     mut stop: watch::Receiver<bool>,
     confirmed_out: &watch::Sender<Lsn>,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let pg = cfg.source.pg_config();
     let (meta, conn) = pg
@@ -305,6 +324,7 @@ async fn run_attempt(
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
 
     let (progress, flushed_rx) = Progress::new(start);
+    let progress = metrics.track(progress);
     let position_writer = crate::resume::spawn_position_writer(
         &resume,
         flushed_rx.clone(),
@@ -330,7 +350,7 @@ async fn run_attempt(
             }
         })
     };
-    let sink = KafkaSink::new(
+    let sink = KafkaSink::with_stats(
         KafkaSettings {
             brokers: cfg.kafka.bootstrap_servers(),
             partitions: cfg.kafka.partitions,
@@ -344,6 +364,7 @@ async fn run_attempt(
                 .collect(),
         },
         progress.clone(),
+        metrics.sink_stats.clone(),
     )?;
     let topics: Vec<String> = tables
         .iter()
@@ -382,8 +403,12 @@ async fn run_attempt(
         val_frame: Vec::with_capacity(4096),
         event_id: String::with_capacity(32),
         now_ms: now_ms(),
+        metrics: metrics.clone(),
+        snapshot_progress: metrics.snapshot_progress(),
     };
     if let Some(client) = snapshot {
+        metrics.not_ready("initial snapshot in progress");
+        metrics.estimate_snapshot(&p.meta, &tables).await;
         let copied = p.snapshot(&client, &tables, start, &stop).await;
         if copied.is_ok() {
             // The snapshot's transaction only read; ending it releases the exported snapshot.
@@ -424,7 +449,9 @@ async fn run_attempt(
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
+    metrics.streaming();
     let outcome = p.process(batch_rx, stopped, &phase_tx).await;
+    metrics.not_ready("stopping");
     heartbeat.abort();
 
     // Drain: deliver what was handed to Kafka, let the confirmed LSN catch up, tell the server.
@@ -533,6 +560,9 @@ impl Pipeline {
             };
             let Some(batch) = batch else { return Ok(()) };
             self.now_ms = now_ms();
+            if let Some(SourceItem::Data { lsn, .. } | SourceItem::Idle(lsn)) = batch.items.last() {
+                self.metrics.received(*lsn);
+            }
             for item in batch.items {
                 self.item(item).await?;
             }
@@ -553,12 +583,13 @@ impl Pipeline {
         };
         match msg {
             Message::Begin(b) => {
-                let seq = self.progress.begin();
+                let commit_ms = pg_ts_to_unix_ms(b.commit_ts);
+                let seq = self.progress.begin_at(commit_ms);
                 self.tx = Some(OpenTx {
                     seq,
                     commit_lsn: b.final_lsn,
                     xid: b.xid,
-                    commit_ms: pg_ts_to_unix_ms(b.commit_ts),
+                    commit_ms,
                     index: 0,
                     lsn_text: b.final_lsn.to_string(),
                     xid_text: b.xid.to_string(),
@@ -658,6 +689,7 @@ impl Pipeline {
                     self.now_ms = now_ms();
                 }
                 self.change(rel_id, Op::Read, None, Some(&row)).await?;
+                self.snapshot_progress.set(table, rows.rows());
                 if *stop.borrow() {
                     bail!("stopped during the initial snapshot of {table}");
                 }
@@ -726,10 +758,12 @@ impl Pipeline {
             .registry
             .register(&format!("{topic}-value"), schema.value_schema_json())
             .await?;
-        tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), topic = %topic, value_schema_id = value_id, "table mapped");
+        let table = format!("{}.{}", rel.namespace, rel.name);
+        tracing::info!(table = %table, topic = %topic, value_schema_id = value_id, "table mapped");
         self.tables.insert(
             rel.id,
             TableState {
+                counters: self.metrics.table(&table),
                 rel,
                 topic,
                 schema,
@@ -883,6 +917,9 @@ impl Pipeline {
                 })
                 .await?;
         }
+        let key_len = key.map_or(0, <[u8]>::len);
+        let bytes = key_len * (1 + usize::from(tombstone)) + self.val_frame.len();
+        t.counters.produced(op, bytes);
         Ok(())
     }
 }
