@@ -706,8 +706,13 @@ pub fn error_reason(err: &anyhow::Error) -> &'static str {
         {
             return "kafka";
         }
-        if cause.downcast_ref::<tokio_postgres::Error>().is_some() {
-            return "source_query";
+        if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
+            // Only an answer from the server carries a SQLSTATE.
+            return if e.code().is_some() {
+                "source_query"
+            } else {
+                "source_connection"
+            };
         }
         if cause.downcast_ref::<std::io::Error>().is_some() {
             return "io";
@@ -893,6 +898,40 @@ mod tests {
         let text = r.render();
         assert!(text.contains("e_info{reason=\"slot\"} 1"), "{text}");
         assert!(!text.contains("kafka"), "{text}");
+    }
+
+    #[test]
+    fn the_dashboard_uses_only_metrics_walbridge_exports() {
+        let yaml = "source:\n  dsn: host=h user=u\n  publication: p\n  slot: s\n  tables: [a.*]\nkafka:\n  brokers: h:1\n  topic_prefix: t\nregistry:\n  url: http://r:1\n";
+        let cfg = crate::config::from_str(yaml, "test.yaml").unwrap();
+        let m = Metrics::new(&cfg.source);
+        m.table("a.b").produced(Op::Create, 10);
+        m.registry
+            .gauge("walbridge_snapshot_rows_estimate", "x", &[("table", "a.b")]);
+        let exported: std::collections::HashSet<String> = crate::status::parse(&m.render())
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("grafana-dashboard.json")).unwrap();
+        let mut used = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for name in expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("walbridge_"))
+                {
+                    used += 1;
+                    assert!(
+                        exported.contains(name),
+                        "panel {:?} uses {name}, which walbridge does not export",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+        assert!(used >= 14, "{used}");
     }
 
     #[test]

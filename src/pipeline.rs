@@ -560,8 +560,14 @@ impl Pipeline {
             };
             let Some(batch) = batch else { return Ok(()) };
             self.now_ms = now_ms();
-            if let Some(SourceItem::Data { lsn, .. } | SourceItem::Idle(lsn)) = batch.items.last() {
-                self.metrics.received(*lsn);
+            if let Some(last) = batch.items.last() {
+                self.metrics.received(match last {
+                    SourceItem::Data {
+                        msg: Message::Commit(c),
+                        ..
+                    } => c.end_lsn,
+                    SourceItem::Data { lsn, .. } | SourceItem::Idle(lsn) => *lsn,
+                });
             }
             for item in batch.items {
                 self.item(item).await?;

@@ -150,7 +150,7 @@ pub struct Report {
 
 async fn get(client: &reqwest::Client, url: &str) -> anyhow::Result<(u16, String)> {
     let resp = client.get(url).send().await.with_context(|| {
-        format!("cannot reach walbridge at {url}; is `walbridge run` running with metrics.listen set to this address?")
+        format!("cannot reach walbridge at {url} (is `walbridge run` running, with metrics.listen at this address?)")
     })?;
     let code = resp.status().as_u16();
     let body = resp
@@ -290,7 +290,9 @@ impl Report {
             "lag",
             self.lag_ms.map_or_else(dash, |v| format!("{v:.0} ms")),
         );
-        line("retained WAL", self.retained_bytes.map_or_else(dash, bytes));
+        // Without a wal_status the poller has not seen the slot (yet): no number to show.
+        let retained = self.retained_bytes.filter(|_| self.wal_status.is_some());
+        line("retained WAL", retained.map_or_else(dash, bytes));
         line("kafka queue", num(self.kafka_queue));
         line("delivery errors", num(self.delivery_errors));
         line("dead letters", num(self.dead_letters));

@@ -93,6 +93,8 @@ pub struct TestDb {
     /// `source.snapshot` for walbridge: `never` unless a test is about the snapshot, so that
     /// tests see only the changes they make.
     pub snapshot: &'static str,
+    /// `metrics.listen` for walbridge (`ip:port`); no metrics section when `None`.
+    pub metrics_listen: Option<String>,
 }
 
 impl TestDb {
@@ -137,6 +139,7 @@ impl TestDb {
             broker,
             own_pg,
             snapshot: "never",
+            metrics_listen: None,
         }
     }
 
@@ -162,17 +165,22 @@ impl TestDb {
     }
 
     pub fn config_yaml(&self) -> String {
-        format!(
-            "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n\
+        let metrics = self
+            .metrics_listen
+            .as_ref()
+            .map_or(String::new(), |l| format!("metrics:\n  listen: \"{l}\"\n"));
+        metrics
+            + &format!(
+                "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n\
              kafka:\n  brokers: \"{}\"\n  topic_prefix: {n}\n  partitions: 3\n\
              registry:\n  url: \"{}\"\n",
-            self.dsn,
-            self.brokers,
-            self.registry_url,
-            n = self.name,
-            state = self.dir.join("state").display(),
-            snapshot = self.snapshot
-        )
+                self.dsn,
+                self.brokers,
+                self.registry_url,
+                n = self.name,
+                state = self.dir.join("state").display(),
+                snapshot = self.snapshot
+            )
     }
 
     pub fn write_config(&self) -> PathBuf {

@@ -3,6 +3,7 @@
 
 mod doctor;
 mod harness;
+mod metrics;
 mod replication;
 mod schema_change;
 mod snapshot;
