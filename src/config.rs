@@ -36,6 +36,9 @@ pub struct Config {
     pub source: SourceConfig,
     pub kafka: KafkaConfig,
     pub registry: RegistryConfig,
+    /// The HTTP endpoint for `/metrics`, `/health` and `/ready`; none when the section is absent.
+    pub metrics: Option<MetricsConfig>,
+    pub log: LogConfig,
 }
 
 /// The legacy Postgres database to capture changes from.
@@ -185,6 +188,27 @@ impl fmt::Debug for RegistryConfig {
 pub struct EmbeddedRegistry {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+}
+
+/// `metrics`: where `walbridge run` serves its metrics and health endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+/// `log`: how `walbridge run` writes its log (stderr).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// One problem in a config file.
@@ -377,6 +401,18 @@ const KEYS: &[KeySpec] = &[
         "a directory path",
         ".walbridge/registry",
     ),
+    key(
+        "metrics",
+        "a mapping",
+        "metrics: { listen: \"127.0.0.1:9187\" }",
+    ),
+    key(
+        "metrics.listen",
+        "an IP socket address \"ip:port\"",
+        "127.0.0.1:9187",
+    ),
+    key("log", "a mapping", "log: { format: json }"),
+    key("log.format", "text or json", "json"),
 ];
 
 fn spec(path: &str) -> Option<&'static KeySpec> {
@@ -408,6 +444,8 @@ struct RawConfig {
     source: RawSource,
     kafka: RawKafka,
     registry: RawRegistry,
+    metrics: Option<S<RawMetrics>>,
+    log: Option<S<RawLog>>,
 }
 
 #[derive(Deserialize)]
@@ -448,6 +486,18 @@ struct RawRegistry {
 struct RawEmbedded {
     listen: S<String>,
     data_dir: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<S<String>>,
 }
 
 fn parse(src: &str, origin: &str) -> Result<RawConfig, ConfigErrors> {
@@ -721,13 +771,65 @@ impl Validator<'_> {
         let source = self.source(&raw.source);
         let kafka = self.kafka(&raw.kafka);
         let registry = self.registry(&raw.registry);
-        let (source, kafka, registry) = (source?, kafka?, registry?);
+        let metrics = match &raw.metrics {
+            None => Some(None),
+            Some(m) => self.metrics(&m.value).map(Some),
+        };
+        let log = match &raw.log {
+            None => Some(LogConfig::default()),
+            Some(l) => self.log(&l.value),
+        };
+        let (source, kafka, registry, metrics, log) = (source?, kafka?, registry?, metrics?, log?);
         self.topic_lengths(&raw.source, &source, &kafka);
+        if let (Some(m), Some(e), Some(raw_m)) = (&metrics, &registry.embedded, &raw.metrics)
+            && m.listen == e.listen
+        {
+            self.error(
+                &raw_m.value.listen.referenced,
+                "metrics.listen",
+                format!(
+                    "{} is also registry.embedded.listen; give the metrics server a port of its own, e.g. \"127.0.0.1:9187\"",
+                    m.listen
+                ),
+            );
+            return None;
+        }
         Some(Config {
             source,
             kafka,
             registry,
+            metrics,
+            log,
         })
+    }
+
+    fn metrics(&mut self, raw: &RawMetrics) -> Option<MetricsConfig> {
+        let path = "metrics.listen";
+        let text = self.string(&raw.listen, path)?;
+        match text.parse::<SocketAddr>() {
+            Ok(listen) => Some(MetricsConfig { listen }),
+            Err(_) => {
+                self.invalid(&raw.listen.referenced, path, &text, None);
+                None
+            }
+        }
+    }
+
+    fn log(&mut self, raw: &RawLog) -> Option<LogConfig> {
+        let Some(f) = &raw.format else {
+            return Some(LogConfig::default());
+        };
+        let path = "log.format";
+        let text = self.string(f, path)?;
+        let format = match text.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                self.invalid(&f.referenced, path, &text, None);
+                return None;
+            }
+        };
+        Some(LogConfig { format })
     }
 
     fn source(&mut self, raw: &RawSource) -> Option<SourceConfig> {
@@ -1351,7 +1453,7 @@ registry:
         let errs = errors_of("");
         assert!(
             errs.to_string().contains(
-                "the document is empty; expected a mapping with keys source, kafka, registry"
+                "the document is empty; expected a mapping with keys source, kafka, registry, metrics, log"
             ),
             "{errs}"
         );
@@ -1644,6 +1746,64 @@ registry:
             "postgresql://u@h/db?sslmode=disable&password=***"
         );
         assert_eq!(redact_dsn("host = h user = u"), "host=h user=u");
+    }
+
+    #[test]
+    fn metrics_and_log_sections_are_optional_and_parsed() {
+        let c = from_str_with_env(VALID, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.metrics, None, "no section, no server");
+        assert_eq!(c.log.format, LogFormat::Text);
+
+        let src = format!("{VALID}metrics:\n  listen: \"127.0.0.1:9187\"\nlog:\n  format: json\n");
+        let c = from_str_with_env(&src, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(
+            c.metrics.unwrap().listen,
+            "127.0.0.1:9187".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_metrics_listen_is_rejected() {
+        let e = one_error(
+            &format!("{VALID}metrics:\n  listen: \"localhost\"\n"),
+            21,
+            "metrics.listen",
+            "expected an IP socket address \"ip:port\", got \"localhost\"",
+        );
+        assert!(e.message.contains("e.g. 127.0.0.1:9187"), "{e}");
+        one_error(
+            &format!("{VALID}metrics:\n  listen: \"127.0.0.1:8081\"\n"),
+            21,
+            "metrics.listen",
+            "is also registry.embedded.listen",
+        );
+    }
+
+    #[test]
+    fn unknown_metrics_key_suggests_the_right_one() {
+        let e = one_error(
+            &format!("{VALID}metrics:\n  listn: \"127.0.0.1:9187\"\n"),
+            21,
+            "metrics.listn",
+            "did you mean `listen`?",
+        );
+        assert!(e.message.contains("(valid keys here: listen)"), "{e}");
+    }
+
+    #[test]
+    fn bad_log_format_is_rejected_with_the_other_problems() {
+        let src =
+            format!("{VALID}log:\n  format: yaml\n").replace("partitions: 3", "partitions: 0");
+        let errs = errors_of(&src);
+        let paths: Vec<&str> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["kafka.partitions", "log.format"], "{errs}");
+        assert!(
+            errs.errors[1].to_string().starts_with(
+                "pipelines.yaml:21:11: log.format: expected text or json, got \"yaml\""
+            ),
+            "{errs}"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct TableState {
     pub schema: TableSchema,
     pub key_id: Option<u32>,
     pub value_id: u32,
+    /// This table's metrics, resolved once (an event costs relaxed atomic adds).
+    pub counters: crate::metrics::TableCounters,
 }
 
 /// Where records go.
@@ -169,6 +171,11 @@ impl Emitter {
             record.payload = None;
             out.sink.send(&record).await?;
         }
+        let key_len = key.map_or(0, <[u8]>::len);
+        t.counters.produced(
+            op,
+            key_len * (1 + usize::from(tombstone)) + self.val_frame.len(),
+        );
         Ok(())
     }
 }

@@ -16,6 +16,16 @@ use clap::{Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log as text lines or as JSON objects (default: `log.format` of the config for `run`,
+    /// else text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +47,16 @@ enum Command {
         /// A captured table, as schema.table (repeat for more).
         #[arg(long = "table", required = true)]
         tables: Vec<String>,
+    },
+    /// Show a running instance's state, read from its metrics endpoint.
+    Status {
+        /// The instance's metrics endpoint (default: metrics.listen of --config, else
+        /// http://127.0.0.1:9187).
+        #[arg(long)]
+        url: Option<String>,
+        /// Read the endpoint's address from this config's metrics.listen.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Inspect the source and say what to change and why (read-only).
     Doctor {
@@ -133,13 +153,8 @@ enum ProfileArg {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -157,6 +172,28 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let json = match cli.log_format {
+        Some(f) => matches!(f, LogFormatArg::Json),
+        // A config that does not load is reported by the command itself, after this.
+        None => match &cli.command {
+            Command::Run { config } => walbridge::config::load(config)
+                .is_ok_and(|c| c.log.format == walbridge::config::LogFormat::Json),
+            _ => false,
+        },
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.init();
     }
 }
 
@@ -191,6 +228,25 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                 tables.join(", "),
                 cfg.source.slot
             );
+            Ok(())
+        }
+        Command::Status { url, config } => {
+            let url = match (url, config) {
+                (Some(u), _) => u,
+                (None, Some(path)) => {
+                    let cfg = load_config(&path)?;
+                    let m = cfg.metrics.with_context(|| {
+                        format!(
+                            "{} has no metrics section; add metrics: {{ listen: \"127.0.0.1:9187\" }} or pass --url",
+                            path.display()
+                        )
+                    })?;
+                    format!("http://{}", m.listen)
+                }
+                (None, None) => "http://127.0.0.1:9187".to_owned(),
+            };
+            let report = walbridge::status::collect(&url, Duration::from_secs(1)).await?;
+            print!("{}", report.render());
             Ok(())
         }
         Command::Doctor { config } => {

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, SnapshotMode};
 use crate::emit::{Emitter, EventMeta, Out, Sink, TableState};
+use crate::metrics::Metrics;
 use crate::snapshot::{Pending, PendingFile};
 
 /// Prefix of the heartbeat messages walbridge writes with `pg_logical_emit_message`.
@@ -74,6 +75,7 @@ pub struct Pipeline {
     /// Processing time for the envelope's `ts_ms`, read once per batch (or per 4096 snapshot
     /// rows) rather than once per change: a clock read per change was 4 % of the profile.
     pub(crate) now_ms: i64,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains: everything read is delivered and
@@ -137,13 +139,24 @@ pub async fn run_observed(
     if let Some(o) = observe.confirmed {
         let _ = o.send(confirmed_rx);
     }
+    // Metrics outlive attempts too, so counts continue across restarts.
+    let metrics = Metrics::new(&cfg.source);
+    let _confirmed_gauge = metrics.follow_confirmed(confirmed_tx.subscribe());
+    let _metrics_server = match &cfg.metrics {
+        Some(m) => Some((
+            crate::metrics::serve(metrics.clone(), m.listen).await?,
+            crate::metrics::spawn_slot_poller(metrics.clone(), &cfg),
+        )),
+        None => None,
+    };
 
     let mut backoff = MIN_BACKOFF;
     let mut attempt = 0u32;
     loop {
         let started = std::time::Instant::now();
+        metrics.attempt_started();
         let result = tokio::select! {
-            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx, observe.discard) => r,
+            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx, observe.discard, &metrics) => r,
             _ = &mut stopper => unreachable!("the stopper never completes"),
         };
         let err = match result {
@@ -151,8 +164,10 @@ pub async fn run_observed(
             Err(e) => e,
         };
         if *stop_rx.borrow() || !is_transient(&err, attempt > 0) {
+            metrics.fatal(&err);
             return Err(err);
         }
+        metrics.transient_failure(&err);
         if started.elapsed() >= HEALTHY_RUN {
             backoff = MIN_BACKOFF;
         }
@@ -232,6 +247,7 @@ async fn run_attempt(
     mut stop: watch::Receiver<bool>,
     confirmed_out: &watch::Sender<Lsn>,
     discard: bool,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let pg = cfg.source.pg_config();
     let (meta, conn) = pg
@@ -349,6 +365,7 @@ async fn run_attempt(
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
 
     let (progress, flushed_rx) = Progress::new(start);
+    let progress = metrics.track(progress);
     let position_writer = crate::resume::spawn_position_writer(
         &resume,
         flushed_rx.clone(),
@@ -377,7 +394,7 @@ async fn run_attempt(
     let sink = if discard {
         Sink::Discard(progress.clone())
     } else {
-        Sink::Kafka(KafkaSink::new(
+        Sink::Kafka(KafkaSink::with_stats(
             KafkaSettings {
                 brokers: cfg.kafka.bootstrap_servers(),
                 partitions: cfg.kafka.partitions,
@@ -391,6 +408,7 @@ async fn run_attempt(
                     .collect(),
             },
             progress.clone(),
+            metrics.sink_stats.clone(),
         )?)
     };
     let topics: Vec<String> = tables
@@ -442,8 +460,11 @@ async fn run_attempt(
             start,
         ),
         now_ms: now_ms(),
+        metrics: metrics.clone(),
     };
     if let Some(first) = snapshot {
+        metrics.not_ready("initial snapshot in progress");
+        metrics.estimate_snapshot(&p.meta, &tables).await;
         let copied = crate::snapshot::initial(
             &mut p,
             first,
@@ -504,7 +525,9 @@ async fn run_attempt(
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
+    metrics.streaming();
     let outcome = p.process(batch_rx, stopped, &phase_tx).await;
+    metrics.not_ready("stopping");
     heartbeat.abort();
 
     // Drain: deliver what was handed to Kafka, let the confirmed LSN catch up, tell the server.
@@ -613,6 +636,15 @@ impl Pipeline {
             };
             let Some(batch) = batch else { return Ok(()) };
             self.now_ms = now_ms();
+            if let Some(last) = batch.items.last() {
+                self.metrics.received(match last {
+                    SourceItem::Data {
+                        msg: Message::Commit(c),
+                        ..
+                    } => c.end_lsn,
+                    SourceItem::Data { lsn, .. } | SourceItem::Idle(lsn) => *lsn,
+                });
+            }
             for item in batch.items {
                 self.item(item).await?;
             }
@@ -650,12 +682,13 @@ impl Pipeline {
         };
         match msg {
             Message::Begin(b) => {
-                let seq = self.progress.begin();
+                let commit_ms = pg_ts_to_unix_ms(b.commit_ts);
+                let seq = self.progress.begin_at(commit_ms);
                 self.tx = Some(OpenTx {
                     seq,
                     commit_lsn: b.final_lsn,
                     xid: b.xid,
-                    commit_ms: pg_ts_to_unix_ms(b.commit_ts),
+                    commit_ms,
                     index: 0,
                     lsn_text: b.final_lsn.to_string(),
                     xid_text: b.xid.to_string(),
@@ -760,10 +793,12 @@ impl Pipeline {
             .registry
             .register(&format!("{topic}-value"), schema.value_schema_json())
             .await?;
-        tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), topic = %topic, value_schema_id = value_id, "table mapped");
+        let table = format!("{}.{}", rel.namespace, rel.name);
+        tracing::info!(table = %table, topic = %topic, value_schema_id = value_id, "table mapped");
         self.tables.insert(
             rel.id,
             Arc::new(TableState {
+                counters: self.metrics.table(&table),
                 rel,
                 topic,
                 schema,

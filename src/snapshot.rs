@@ -173,6 +173,7 @@ pub(crate) async fn initial(
             Some(read) = done_rx.recv() => unacked.push(read),
             _ = tick.tick() => {
                 acked += settle(&shared, &mut unacked, &mut pending, file)?;
+                export_rows(p, &shared);
                 if last_report.elapsed() >= Duration::from_secs(5) {
                     last_report = Instant::now();
                     report(&shared, started, acked, total_chunks);
@@ -213,6 +214,7 @@ pub(crate) async fn initial(
     }
     pending.tables.clear();
     file.store(&pending)?;
+    export_rows(p, &shared);
     let total: u64 = shared
         .progress
         .iter()
@@ -232,6 +234,16 @@ struct Shared {
     at_text: String,
     /// The envelope's `source.ts_ms` for snapshot rows: when the snapshot started.
     started_ms: i64,
+}
+
+/// Exports the rows copied so far per table (the `walbridge_snapshot_rows_copied` gauge).
+fn export_rows(p: &Pipeline, shared: &Shared) {
+    for t in &shared.progress {
+        p.metrics
+            .table(&t.name)
+            .snapshot_rows
+            .set(t.rows.load(Ordering::Relaxed) as i64);
+    }
 }
 
 /// Retires the read chunks that the sinks have fully acked, recording them in `file`; returns

@@ -27,6 +27,11 @@
 //!
 //! `confirmed` never moves backwards: entries are retired in order and their end LSNs are
 //! non-decreasing; a smaller end (which Postgres never sends) is ignored.
+//!
+//! Observability: a transaction opened with [`Progress::begin_at`] carries its commit time, so
+//! the tracker can say how old the oldest unconfirmed commit is (the lag behind the source) and
+//! report each confirmed commit to an [`on_confirm`](Progress::on_confirm) hook (commit→ack
+//! latency). Neither affects what is confirmed.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -42,6 +47,8 @@ pub type Seq = u64;
 struct Entry {
     pending: u64,
     end: Option<Lsn>,
+    /// Commit time in Unix ms; 0 for positions and entries opened without one.
+    commit_ms: i64,
 }
 
 #[derive(Debug)]
@@ -52,12 +59,26 @@ struct State {
     failed: Option<String>,
 }
 
+/// Told the commit time (Unix ms) of every transaction as it becomes confirmed. It runs under
+/// the tracker's lock, on whichever thread acked: keep it to a few atomic operations.
+type ConfirmHook = Arc<dyn Fn(i64) + Send + Sync>;
+
 /// Shared by the pipeline (which registers transactions and changes) and the sinks' delivery
 /// callbacks (which ack). Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Progress {
     state: Arc<Mutex<State>>,
     tx: Arc<watch::Sender<Lsn>>,
+    on_confirm: Option<ConfirmHook>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("state", &self.state)
+            .field("on_confirm", &self.on_confirm.is_some())
+            .finish()
+    }
 }
 
 impl Progress {
@@ -74,9 +95,18 @@ impl Progress {
             Progress {
                 state: Arc::new(Mutex::new(state)),
                 tx: Arc::new(tx),
+                on_confirm: None,
             },
             rx,
         )
+    }
+
+    /// Calls `hook` with the commit time of every transaction opened with
+    /// [`begin_at`](Self::begin_at) when it becomes confirmed. Set it before cloning: clones made
+    /// earlier do not call it.
+    pub fn on_confirm(mut self, hook: impl Fn(i64) + Send + Sync + 'static) -> Progress {
+        self.on_confirm = Some(Arc::new(hook));
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -87,12 +117,30 @@ impl Progress {
 
     /// Opens an entry for a transaction; its changes follow with [`expect`](Self::expect).
     pub fn begin(&self) -> Seq {
+        self.begin_at(0)
+    }
+
+    /// [`begin`](Self::begin) for a transaction committed at `commit_ms` (Unix ms), which then
+    /// counts for [`oldest_pending_commit_ms`](Self::oldest_pending_commit_ms) and the confirm hook.
+    pub fn begin_at(&self, commit_ms: i64) -> Seq {
         let mut s = self.lock();
         s.entries.push_back(Entry {
             pending: 0,
             end: None,
+            commit_ms,
         });
         s.front_seq + s.entries.len() as u64 - 1
+    }
+
+    /// Commit time of the oldest transaction not yet confirmed (`None` when all are): how far
+    /// the sinks are behind the source.
+    pub fn oldest_pending_commit_ms(&self) -> Option<i64> {
+        // Positions retire as soon as they reach the front, so the first timed entry is near it.
+        self.lock()
+            .entries
+            .iter()
+            .map(|e| e.commit_ms)
+            .find(|&ms| ms != 0)
     }
 
     /// One more change of transaction `seq` has been handed to a sink and awaits its ack.
@@ -176,6 +224,11 @@ impl Progress {
                 Some(end) if front.pending == 0 => {
                     if end > s.confirmed {
                         s.confirmed = end;
+                    }
+                    if let (Some(hook), ms) = (&self.on_confirm, front.commit_ms)
+                        && ms != 0
+                    {
+                        hook(ms);
                     }
                     s.entries.pop_front();
                     s.front_seq += 1;
@@ -263,6 +316,28 @@ mod tests {
         p.ack(a);
         assert_eq!(p.confirmed(), Lsn(0));
         assert_eq!(p.failure().as_deref(), Some("message too large"));
+    }
+
+    #[test]
+    fn commit_times_give_the_lag_and_reach_the_hook_once_confirmed() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hook_seen = seen.clone();
+        let (p, _rx) = Progress::new(Lsn(0));
+        let p = p.on_confirm(move |ms| hook_seen.lock().unwrap().push(ms));
+        assert_eq!(p.oldest_pending_commit_ms(), None);
+        let a = p.begin_at(1_000);
+        p.expect(a, 1);
+        p.commit(a, Lsn(100));
+        let b = p.begin_at(2_000);
+        p.expect(b, 1);
+        p.commit(b, Lsn(200));
+        p.mark(Lsn(250));
+        assert_eq!(p.oldest_pending_commit_ms(), Some(1_000));
+        p.ack(b); // out of order: b waits behind a, so nothing is reported yet
+        assert!(seen.lock().unwrap().is_empty());
+        p.ack(a);
+        assert_eq!(*seen.lock().unwrap(), [1_000, 2_000]);
+        assert_eq!(p.oldest_pending_commit_ms(), None);
     }
 
     #[test]

@@ -10,7 +10,12 @@
 //! librdkafka's bounded queue rather than failing; when the queue is full `send` waits, which
 //! stops the pipeline and, behind it, the replication reader. Memory stays bounded by
 //! `queue.buffering.max.kbytes`.
+//!
+//! [`SinkStats`] counts what an operator watches (messages awaiting their delivery report,
+//! delivery failures) with plain atomics, since they are touched once per message.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cdc::progress::Progress;
@@ -45,8 +50,20 @@ pub struct KafkaSettings {
     pub extra: Vec<(String, String)>,
 }
 
+/// Live counts of a sink, shared with whoever reports them; they outlive the sink so that a
+/// restarted pipeline keeps counting where the last one stopped.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Messages handed to librdkafka whose delivery report has not arrived (its
+    /// `in_flight_count`, kept here so a reader needs no handle on the producer).
+    pub in_flight: AtomicI64,
+    /// Delivery reports with an error, since the stats were created.
+    pub delivery_errors: AtomicU64,
+}
+
 struct AckContext {
     progress: Progress,
+    stats: Arc<SinkStats>,
 }
 
 impl ClientContext for AckContext {}
@@ -55,12 +72,24 @@ impl ProducerContext for AckContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(_) => self.progress.ack(seq as u64),
             Err((e, msg)) => {
                 // With infinite message timeout only permanent errors arrive here (message too
                 // large, topic deleted, authorization). Progress stops; the change is streamed
                 // again after a restart.
+                // A purge is the producer being dropped with messages left (a pipeline
+                // restart), not a delivery that failed.
+                let purged = matches!(
+                    e,
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+                    )
+                );
+                if !purged {
+                    self.stats.delivery_errors.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::error!(topic = msg.topic(), error = %e, "kafka delivery failed");
                 self.progress
                     .fail(format!("delivery to {} failed: {e}", msg.topic()));
@@ -82,10 +111,22 @@ pub struct Record<'a> {
 pub struct KafkaSink {
     producer: ThreadedProducer<AckContext>,
     settings: KafkaSettings,
+    stats: Arc<SinkStats>,
 }
 
 impl KafkaSink {
     pub fn new(settings: KafkaSettings, progress: Progress) -> Result<Self, KafkaSinkError> {
+        Self::with_stats(settings, progress, Arc::default())
+    }
+
+    /// [`new`](Self::new), counting into `stats`. The in-flight count starts from zero: messages
+    /// of an earlier sink are gone with it.
+    pub fn with_stats(
+        settings: KafkaSettings,
+        progress: Progress,
+        stats: Arc<SinkStats>,
+    ) -> Result<Self, KafkaSinkError> {
+        stats.in_flight.store(0, Ordering::Relaxed);
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &settings.brokers)
             .set("enable.idempotence", "true")
@@ -103,9 +144,16 @@ impl KafkaSink {
             cfg.set(k, v);
         }
         let producer = cfg
-            .create_with_context(AckContext { progress })
+            .create_with_context(AckContext {
+                progress,
+                stats: stats.clone(),
+            })
             .map_err(KafkaSinkError::Create)?;
-        Ok(KafkaSink { producer, settings })
+        Ok(KafkaSink {
+            producer,
+            settings,
+            stats,
+        })
     }
 
     /// Creates the topics that do not exist yet (existing ones are left as they are).
@@ -174,6 +222,8 @@ impl KafkaSink {
             record = record.payload(p);
         }
         let mut wait = Duration::from_millis(1);
+        // Counted before the send: the delivery report may arrive before `send` returns.
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -184,6 +234,7 @@ impl KafkaSink {
                     wait = (wait * 2).min(Duration::from_millis(50));
                 }
                 Err((e, _)) => {
+                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                     return Err(KafkaSinkError::Produce {
                         topic: r.topic.to_owned(),
                         source: e,

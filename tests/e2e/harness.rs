@@ -95,6 +95,8 @@ pub struct TestDb {
     pub snapshot: &'static str,
     /// More `source` settings, as YAML lines indented by two spaces.
     pub source_extra: String,
+    /// `metrics.listen` for walbridge (`ip:port`); no metrics section when `None`.
+    pub metrics_listen: Option<String>,
 }
 
 impl TestDb {
@@ -140,6 +142,7 @@ impl TestDb {
             own_pg,
             snapshot: "never",
             source_extra: String::new(),
+            metrics_listen: None,
         }
     }
 
@@ -165,18 +168,23 @@ impl TestDb {
     }
 
     pub fn config_yaml(&self) -> String {
-        format!(
-            "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n{extra}\
+        let metrics = self
+            .metrics_listen
+            .as_ref()
+            .map_or(String::new(), |l| format!("metrics:\n  listen: \"{l}\"\n"));
+        metrics
+            + &format!(
+                "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n{extra}\
              kafka:\n  brokers: \"{}\"\n  topic_prefix: {n}\n  partitions: 3\n\
              registry:\n  url: \"{}\"\n",
-            self.dsn,
-            self.brokers,
-            self.registry_url,
-            n = self.name,
-            state = self.dir.join("state").display(),
-            snapshot = self.snapshot,
-            extra = self.source_extra
-        )
+                self.dsn,
+                self.brokers,
+                self.registry_url,
+                n = self.name,
+                state = self.dir.join("state").display(),
+                snapshot = self.snapshot,
+                extra = self.source_extra
+            )
     }
 
     pub fn write_config(&self) -> PathBuf {

@@ -4,6 +4,7 @@
 mod confluent_client;
 mod doctor;
 mod harness;
+mod metrics;
 mod replication;
 mod schema_change;
 mod snapshot;
