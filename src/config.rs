@@ -59,6 +59,13 @@ pub struct SourceConfig {
     pub snapshot_chunk_bytes: u64,
 }
 
+/// `registry.on_incompatible` (see `crate::contract`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnIncompatible {
+    Stop,
+    NewVersion,
+}
+
 /// When to copy the tables' existing rows before streaming (`source.snapshot`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnapshotMode {
@@ -171,6 +178,8 @@ impl KafkaConfig {
 #[derive(Clone)]
 pub struct RegistryConfig {
     pub url: url::Url,
+    /// What to do when a table's new shape is incompatible with its registered schemas.
+    pub on_incompatible: OnIncompatible,
     /// When set, walbridge runs its own registry server.
     pub embedded: Option<EmbeddedRegistry>,
 }
@@ -386,6 +395,7 @@ const KEYS: &[KeySpec] = &[
         "an http:// or https:// URL",
         "http://127.0.0.1:8081",
     ),
+    key("registry.on_incompatible", "stop or new_version", "stop"),
     key(
         "registry.embedded",
         "a mapping with listen and data_dir",
@@ -479,6 +489,7 @@ struct RawKafka {
 struct RawRegistry {
     url: S<String>,
     embedded: Option<S<RawEmbedded>>,
+    on_incompatible: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1087,7 +1098,21 @@ impl Validator<'_> {
             None => Some(None),
             Some(e) => self.embedded(&e.value).map(Some),
         };
-        let (url, embedded) = (url?, embedded?);
+        let on_incompatible = match &raw.on_incompatible {
+            None => Some(OnIncompatible::Stop),
+            Some(m) => {
+                self.string(m, "registry.on_incompatible")
+                    .and_then(|text| match text.as_str() {
+                        "stop" => Some(OnIncompatible::Stop),
+                        "new_version" => Some(OnIncompatible::NewVersion),
+                        _ => {
+                            self.invalid(&m.referenced, "registry.on_incompatible", &text, None);
+                            None
+                        }
+                    })
+            }
+        };
+        let (url, embedded, on_incompatible) = (url?, embedded?, on_incompatible?);
         if let Some(e) = &embedded {
             // The pipeline talks to `url`; an embedded server elsewhere would sit unused.
             if url.port_or_known_default() != Some(e.listen.port()) {
@@ -1104,7 +1129,11 @@ impl Validator<'_> {
                 return None;
             }
         }
-        Some(RegistryConfig { url, embedded })
+        Some(RegistryConfig {
+            url,
+            embedded,
+            on_incompatible,
+        })
     }
 
     fn embedded(&mut self, raw: &RawEmbedded) -> Option<EmbeddedRegistry> {
@@ -1401,6 +1430,50 @@ registry:
             "{shown}"
         );
         e
+    }
+
+    #[test]
+    fn snapshot_and_registry_policies_parse_and_bad_values_say_the_choices() {
+        let c = from_str_with_env(VALID, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.source.snapshot, SnapshotMode::Initial);
+        assert_eq!(c.source.snapshot_workers, 4);
+        assert_eq!(c.source.snapshot_chunk_bytes, 16 << 20);
+        assert_eq!(c.registry.on_incompatible, OnIncompatible::Stop);
+        let src = with(
+            "  heartbeat_interval_ms: 10000\n",
+            "  heartbeat_interval_ms: 10000\n  snapshot: when_needed\n  snapshot_workers: 8\n  snapshot_chunk_mb: 64\n",
+        )
+        .replace(
+            "registry:\n",
+            "registry:\n  on_incompatible: new_version\n",
+        );
+        let c = from_str_with_env(&src, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.source.snapshot, SnapshotMode::WhenNeeded);
+        assert_eq!(c.source.snapshot_workers, 8);
+        assert_eq!(c.source.snapshot_chunk_bytes, 64 << 20);
+        assert_eq!(c.registry.on_incompatible, OnIncompatible::NewVersion);
+
+        let e = one_error(
+            &with(
+                "  heartbeat_interval_ms: 10000\n",
+                "  heartbeat_interval_ms: 10000\n  snapshot: sometimes\n",
+            ),
+            8,
+            "source.snapshot",
+            "initial_only",
+        );
+        assert!(e.message.contains("when_needed"), "{e}");
+        one_error(
+            &with(
+                "  heartbeat_interval_ms: 10000\n",
+                "  heartbeat_interval_ms: 10000\n  snapshot_workers: 0\n",
+            ),
+            8,
+            "source.snapshot_workers",
+            "1..=64",
+        );
+        let src = VALID.replace("registry:\n", "registry:\n  on_incompatible: ignore\n");
+        one_error(&src, 16, "registry.on_incompatible", "new_version");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod contract;
 pub mod demo;
 pub mod doctor;
 pub mod emit;

@@ -780,18 +780,37 @@ impl Pipeline {
         } else {
             TableSchema::new(&topic, &rel, &self.types)?
         };
+        let qualified = format!("{}.{}", rel.namespace, rel.name);
         let key_id = if schema.has_key() {
+            let key_subject = format!("{topic}-key");
+            crate::contract::admit(
+                self.cfg.registry.url.as_str(),
+                &key_subject,
+                schema.key_schema_json(),
+                &qualified,
+                self.cfg.registry.on_incompatible,
+            )
+            .await?;
             Some(
                 self.registry
-                    .register(&format!("{topic}-key"), schema.key_schema_json())
+                    .register(&key_subject, schema.key_schema_json())
                     .await?,
             )
         } else {
             None
         };
+        let value_subject = format!("{topic}-value");
+        crate::contract::admit(
+            self.cfg.registry.url.as_str(),
+            &value_subject,
+            schema.value_schema_json(),
+            &qualified,
+            self.cfg.registry.on_incompatible,
+        )
+        .await?;
         let value_id = self
             .registry
-            .register(&format!("{topic}-value"), schema.value_schema_json())
+            .register(&value_subject, schema.value_schema_json())
             .await?;
         let table = format!("{}.{}", rel.namespace, rel.name);
         tracing::info!(table = %table, topic = %topic, value_schema_id = value_id, "table mapped");

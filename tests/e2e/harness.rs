@@ -95,6 +95,8 @@ pub struct TestDb {
     pub snapshot: &'static str,
     /// More `source` settings, as YAML lines indented by two spaces.
     pub source_extra: String,
+    /// More `registry` settings, as YAML lines indented by two spaces.
+    pub registry_extra: String,
     /// `metrics.listen` for walbridge (`ip:port`); no metrics section when `None`.
     pub metrics_listen: Option<String>,
 }
@@ -142,6 +144,7 @@ impl TestDb {
             own_pg,
             snapshot: "never",
             source_extra: String::new(),
+            registry_extra: String::new(),
             metrics_listen: None,
         }
     }
@@ -176,14 +179,15 @@ impl TestDb {
             + &format!(
                 "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n{extra}\
              kafka:\n  brokers: \"{}\"\n  topic_prefix: {n}\n  partitions: 3\n\
-             registry:\n  url: \"{}\"\n",
+             registry:\n  url: \"{}\"\n{registry_extra}",
                 self.dsn,
                 self.brokers,
                 self.registry_url,
                 n = self.name,
                 state = self.dir.join("state").display(),
                 snapshot = self.snapshot,
-                extra = self.source_extra
+                extra = self.source_extra,
+                registry_extra = self.registry_extra
             )
     }
 

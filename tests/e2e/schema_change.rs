@@ -310,3 +310,68 @@ async fn a_publication_naming_tables_one_by_one_is_used_and_its_gap_reported() {
     }
     assert!(wb.stop().success());
 }
+
+/// A type change the registry calls incompatible (int → text under BACKWARD): by default
+/// walbridge stops before sending anything of the new shape and the slot keeps the change;
+/// with `registry.on_incompatible: new_version` the next start registers it and streams on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_change_stops_safely_or_becomes_a_new_version_as_configured() {
+    let mut db = TestDb::new("incompat").await;
+    db.exec(&["CREATE TABLE oms.strict (id int PRIMARY KEY, qty int)"])
+        .await;
+    let mut wb = db.start().await;
+    db.exec(&["INSERT INTO oms.strict VALUES (1, 1)"]).await;
+    db.wait_caught_up(&mut wb).await;
+    db.exec(&[
+        "ALTER TABLE oms.strict ALTER COLUMN qty TYPE text",
+        "INSERT INTO oms.strict VALUES (2, 'two')",
+    ])
+    .await;
+    let end = db.current_lsn().await;
+    let status = wb.wait(std::time::Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "walbridge went on with an incompatible shape"
+    );
+    let log = wb.log();
+    assert!(
+        log.contains("oms.strict")
+            && log.contains("incompatible")
+            && log.contains("on_incompatible"),
+        "the error names the table and the way out:\n{log}"
+    );
+    assert!(
+        db.confirmed().await.unwrap() < end,
+        "the slot confirmed past a change that was not sent"
+    );
+
+    db.registry_extra = "  on_incompatible: new_version\n".into();
+    let mut wb = db.start().await;
+    db.wait_confirmed(end, &mut wb).await;
+    let topic = format!("{}.oms.strict", db.name);
+    let events = db
+        .events_until(|ev| harness::has_inserts(ev, &topic, 1..3))
+        .await;
+    assert!(wb.stop().success());
+    let two = events
+        .iter()
+        .find(|e| e.topic == topic && harness::field(e, "after", "id") == Some(&Json::from(2)))
+        .expect("row 2");
+    assert_eq!(
+        harness::field(two, "after", "qty"),
+        Some(&Json::from("two"))
+    );
+    let versions = registry_get(
+        &db.registry_url,
+        &format!("/subjects/{topic}-value/versions"),
+    )
+    .await;
+    assert_eq!(versions.as_array().map(Vec::len), Some(2), "{versions}");
+    // The subject is back at the registry's level, not left at NONE.
+    let level = registry_get(
+        &db.registry_url,
+        &format!("/config/{topic}-value?defaultToGlobal=true"),
+    )
+    .await;
+    assert_eq!(level["compatibilityLevel"], "BACKWARD", "{level}");
+}

@@ -455,3 +455,44 @@ async fn a_table_is_resnapshotted_while_streaming_in_stream_order() {
 fn walbridge_start(db: &TestDb, log: &str) -> crate::harness::Walbridge {
     crate::harness::Walbridge::start(&db.write_config(), &db.dir.join(log))
 }
+
+/// `initial_only` copies the tables, drops its slot and exits 0; `when_needed` replaces a slot
+/// whose snapshot walbridge cannot vouch for (here: one it never recorded) with a new snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_only_copies_and_leaves_no_slot_and_when_needed_resnapshots_an_unknown_slot() {
+    let mut db = TestDb::new("snapmodes").await;
+    db.snapshot = "initial_only";
+    let mut wb = walbridge_start(&db, "walbridge-1.log");
+    let status = wb.wait(std::time::Duration::from_secs(120));
+    assert!(status.success(), "{}", wb.log());
+    let slots = db
+        .client
+        .query(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert!(slots.is_empty(), "initial_only left its slot behind");
+    let topic = format!("{}.oms.customers", db.name);
+    let reads = |ev: &[walbridge::tail::Event]| {
+        ev.iter()
+            .filter(|e| e.topic == topic && e.op() == Some("r"))
+            .count()
+    };
+    let events = db.events_until(|ev| reads(ev) >= 300).await;
+    assert_eq!(reads(&events), 300, "every customer copied once");
+
+    // A slot walbridge has no record of: `initial` refuses it, `when_needed` starts over.
+    db.exec(&[&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+        db.name
+    )])
+    .await;
+    db.snapshot = "when_needed";
+    let wb = db.start().await;
+    let events = db.events_until(|ev| reads(ev) >= 600).await;
+    assert!(wb.log().contains("taking a new snapshot"), "{}", wb.log());
+    assert!(wb.stop().success());
+    assert_eq!(reads(&events), 600, "a second full copy");
+}

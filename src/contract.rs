@@ -1,0 +1,116 @@
+//! What walbridge does when a table's new shape (after `ALTER TABLE`) is incompatible with the
+//! schemas already registered for its topic (`registry.on_incompatible`).
+//!
+//! The registry decides compatibility (its level for the subject: BACKWARD by default, as
+//! Confluent's), so walbridge asks it before registering, through the Confluent REST API any
+//! registry implements (`POST /compatibility/subjects/{s}/versions/latest`):
+//!
+//! - `stop` (default): stop before sending any change of the new shape, saying which table,
+//!   which subject, and the ways forward. Nothing is lost: the slot keeps the changes, and the
+//!   next start after the fix streams them. Safe, because consumers of the topic never see
+//!   records they cannot read.
+//! - `new_version`: register the new shape anyway as the subject's next version (its level is
+//!   set to NONE for that one registration and put back after), and go on. For teams whose
+//!   consumers read by writer schema id and accept any shape.
+
+use anyhow::{Context, bail};
+use serde_json::{Value as Json, json};
+
+use crate::config::OnIncompatible;
+
+/// Checks `schema` against `subject`'s latest version and applies the policy when it is
+/// incompatible: an error (`stop`) or a forced registration (`new_version`). `Ok` means the
+/// caller's normal registration will succeed (or already has).
+pub async fn admit(
+    registry_url: &str,
+    subject: &str,
+    schema: &str,
+    table: &str,
+    policy: OnIncompatible,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("setting up the registry HTTP client")?;
+    let base = registry_url.trim_end_matches('/');
+    let body = json!({ "schema": schema }).to_string();
+    let res = http
+        .post(format!(
+            "{base}/compatibility/subjects/{subject}/versions/latest?verbose=true"
+        ))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(body.clone())
+        .send()
+        .await
+        .with_context(|| {
+            format!("asking the registry whether {subject} may take the new shape of {table}")
+        })?;
+    let status = res.status().as_u16();
+    let answer: Json = res.json_or_null().await;
+    if status == 404 {
+        // No version yet (40401/40402): anything goes.
+        return Ok(());
+    }
+    if status != 200 {
+        bail!("the registry answered {status} to a compatibility check of {subject}: {answer}");
+    }
+    if answer["is_compatible"].as_bool() != Some(false) {
+        return Ok(());
+    }
+    let why = answer["messages"].to_string();
+    match policy {
+        OnIncompatible::Stop => bail!(
+            "the new shape of {table} is incompatible with the schemas registered under {subject} ({why}); \
+             nothing of the new shape was sent and the slot keeps every change. Either make the change compatible \
+             (e.g. add columns instead of changing a type), allow it for this subject \
+             (PUT {base}/config/{subject} with {{\"compatibility\":\"NONE\"}}), or set registry.on_incompatible: new_version"
+        ),
+        OnIncompatible::NewVersion => {
+            tracing::warn!(table, subject, reason = %why, "incompatible shape registered as a new version (registry.on_incompatible: new_version)");
+            let config_url = format!("{base}/config/{subject}");
+            let before = http.get(&config_url).send().await?;
+            let had_own = before.status().is_success();
+            let level: Json = before.json_or_null().await;
+            let put = |level: &str| {
+                http.put(&config_url)
+                    .header("content-type", "application/vnd.schemaregistry.v1+json")
+                    .body(json!({ "compatibility": level }).to_string())
+                    .send()
+            };
+            put("NONE").await?.error_for_status()?;
+            let registered = http
+                .post(format!("{base}/subjects/{subject}/versions"))
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(body)
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status);
+            // Put the subject's level back whatever happened.
+            match level["compatibilityLevel"].as_str() {
+                Some(l) if had_own => {
+                    put(l).await?.error_for_status()?;
+                }
+                _ => {
+                    http.delete(&config_url).send().await?;
+                }
+            }
+            registered
+                .with_context(|| format!("registering the new shape of {table} under {subject}"))?;
+            Ok(())
+        }
+    }
+}
+
+trait JsonOrNull {
+    async fn json_or_null(self) -> Json;
+}
+
+impl JsonOrNull for reqwest::Response {
+    async fn json_or_null(self) -> Json {
+        self.bytes()
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Json::Null)
+    }
+}
