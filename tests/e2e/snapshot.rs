@@ -90,6 +90,19 @@ fn spawn_writer(
     })
 }
 
+/// `n` more customers with ids from 1,000,000 and names `name_len` long (to size the table).
+async fn bulk_customers(db: &TestDb, n: i64, name_len: i32) {
+    db.client
+        .execute(
+            "INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points) \
+             SELECT g, 'bulk' || g || '@example.com', repeat('F', $2), repeat('L', $2), g % 1000 \
+             FROM generate_series(1000000, 999999 + $1::int8) g",
+            &[&n, &name_len],
+        )
+        .await
+        .unwrap();
+}
+
 async fn wait_writes(done: &AtomicU64, at_least: u64) {
     while done.load(Ordering::Relaxed) < at_least {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -101,12 +114,7 @@ async fn initial_snapshot_meets_the_stream_without_loss_or_duplicates() {
     let mut db = TestDb::new("snapshot").await;
     db.snapshot = "initial";
     // Enough customers for several 1 MiB chunks, copied by three workers at once.
-    db.exec(&[
-        "INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points) \
-         SELECT g, 'bulk' || g || '@example.com', repeat('F', 40), repeat('L', 40), g % 1000 \
-         FROM generate_series(1000000, 1029999) g",
-    ])
-    .await;
+    bulk_customers(&db, 30_000, 40).await;
     db.source_extra = "  snapshot_workers: 3\n  snapshot_chunk_mb: 1\n".into();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -125,18 +133,7 @@ async fn initial_snapshot_meets_the_stream_without_loss_or_duplicates() {
     let events = db.events_until(|ev| fold(ev, &topic) == want).await;
     assert!(wb.stop().success());
 
-    let got = fold(&events, &topic);
-    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(k)).collect();
-    let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(k)).collect();
-    let differ: Vec<_> = want
-        .iter()
-        .filter(|(k, v)| got.get(k).is_some_and(|g| g != *v))
-        .map(|(k, _)| k)
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && differ.is_empty(),
-        "snapshot + stream != table: missing {missing:?}, extra {extra:?}, different {differ:?}"
-    );
+    assert_state_matches(&want, &fold(&events, &topic));
 
     let on_topic: Vec<_> = events
         .iter()
@@ -257,12 +254,7 @@ fn assert_state_matches(want: &State, got: &State) {
 async fn a_snapshot_killed_midway_resumes_from_its_finished_chunks() {
     let mut db = TestDb::new("snapresume").await;
     db.snapshot = "initial";
-    db.exec(&[
-        "INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points) \
-         SELECT g, 'bulk' || g || '@example.com', repeat('F', 60), repeat('L', 60), g % 1000 \
-         FROM generate_series(1000000, 1059999) g",
-    ])
-    .await;
+    bulk_customers(&db, 60_000, 60).await;
     db.source_extra = "  snapshot_workers: 1\n  snapshot_chunk_mb: 1\n".into();
     let pending_path = db
         .dir
@@ -355,12 +347,7 @@ async fn a_snapshot_killed_midway_resumes_from_its_finished_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_is_resnapshotted_while_streaming_in_stream_order() {
     let mut db = TestDb::new("resnap").await;
-    db.exec(&[
-        "INSERT INTO oms.customers (id, email, first_name, last_name, loyalty_points) \
-         SELECT g, 'bulk' || g || '@example.com', 'F', 'L', g % 1000 \
-         FROM generate_series(1000000, 1019999) g",
-    ])
-    .await;
+    bulk_customers(&db, 20_000, 1).await;
     db.source_extra = "  snapshot_workers: 2\n  snapshot_chunk_mb: 1\n".into();
     let mut wb = db.start().await;
     let stop = Arc::new(AtomicBool::new(false));
