@@ -174,6 +174,7 @@ pub(crate) async fn initial(
             _ = tick.tick() => {
                 acked += settle(&shared, &mut unacked, &mut pending, file)?;
                 export_rows(p, &shared);
+                draw_bar(&shared, started, false);
                 if last_report.elapsed() >= Duration::from_secs(5) {
                     last_report = Instant::now();
                     report(&shared, started, acked, total_chunks);
@@ -182,6 +183,7 @@ pub(crate) async fn initial(
         }
     };
     set.abort_all();
+    draw_bar(&shared, started, true);
     while let Ok(read) = done_rx.try_recv() {
         unacked.push(read);
     }
@@ -267,6 +269,80 @@ fn settle(
         file.store(pending)?;
     }
     Ok(n)
+}
+
+/// Whether a snapshot progress line is on the terminal; [`LogWriter`] clears it before a log
+/// line so the two do not run into each other.
+static BAR_SHOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// stderr for the log subscriber: first clears the snapshot progress line, if one is shown.
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if BAR_SHOWN.swap(false, Ordering::Relaxed) {
+            err.write_all(b"\r\x1b[K")?;
+        }
+        err.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// On a terminal: one line redrawn in place with a bar, rows, rows/s and ETA per table still
+/// being copied. Elsewhere nothing (progress is logged and exported as a metric).
+fn draw_bar(shared: &Shared, started: Instant, finished: bool) {
+    use std::io::{IsTerminal, Write};
+    let mut err = std::io::stderr();
+    if !err.is_terminal() {
+        return;
+    }
+    if finished {
+        if BAR_SHOWN.swap(false, Ordering::Relaxed) {
+            let _ = err.write_all(b"\r\x1b[K");
+        }
+        return;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let mut line = String::new();
+    for t in &shared.progress {
+        if t.chunks_read.load(Ordering::Relaxed) == u64::from(t.chunks) {
+            continue;
+        }
+        let rows = t.rows.load(Ordering::Relaxed);
+        let rate = rows as f64 / secs;
+        let frac = if t.estimate > 0 {
+            (rows as f64 / t.estimate as f64).min(1.0)
+        } else {
+            0.0
+        };
+        let filled = (frac * 10.0).round() as usize;
+        let eta = if t.estimate > rows && rate > 0.0 {
+            let s = ((t.estimate - rows) as f64 / rate) as u64;
+            format!("ETA {}:{:02}", s / 60, s % 60)
+        } else {
+            "ETA ?".to_owned()
+        };
+        if !line.is_empty() {
+            line.push_str("  ");
+        }
+        line.push_str(&format!(
+            "{} [{}{}] {:>3.0}% {rows} rows {:.0}/s {eta}",
+            t.name,
+            "#".repeat(filled),
+            "-".repeat(10 - filled),
+            frac * 100.0,
+            rate
+        ));
+    }
+    if line.chars().count() > 200 {
+        line = line.chars().take(197).collect::<String>() + "...";
+    }
+    let _ = write!(err, "\r\x1b[K{line}");
+    BAR_SHOWN.store(true, Ordering::Relaxed);
 }
 
 /// Logs rows, rate and ETA per table still being copied.

@@ -483,3 +483,32 @@ async fn initial_only_copies_and_leaves_no_slot_and_when_needed_resnapshots_an_u
     assert!(wb.stop().success());
     assert_eq!(reads(&events), 600, "a second full copy");
 }
+
+/// On a terminal the snapshot draws a progress line per table (bar, rows, rows/s, ETA).
+/// `script` gives walbridge a pseudo-terminal, as a person running it would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_shows_snapshot_progress() {
+    let mut db = TestDb::new("snapbar").await;
+    db.snapshot = "initial_only";
+    bulk_customers(&db, 40_000, 40).await;
+    db.exec(&["ANALYZE oms.customers"]).await;
+    db.source_extra = "  snapshot_workers: 1\n  snapshot_chunk_mb: 1\n".into();
+    let cmd = format!(
+        "{} run -c {}",
+        env!("CARGO_BIN_EXE_walbridge"),
+        db.write_config().display()
+    );
+    let typescript = db.dir.join("typescript");
+    let out = std::process::Command::new("script")
+        .args(["-qfec", &cmd])
+        .arg(&typescript)
+        .output()
+        .expect("run walbridge under script(1)");
+    let shown = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(out.status.success(), "{shown}");
+    let bar = shown
+        .split('\r')
+        .find(|l| l.contains("oms.customers [") && l.contains("rows") && l.contains("ETA"))
+        .unwrap_or_else(|| panic!("no progress line for oms.customers in:\n{shown}"));
+    assert!(bar.contains('%') && bar.contains("/s"), "{bar}");
+}
