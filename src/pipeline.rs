@@ -781,6 +781,7 @@ impl Pipeline {
             TableSchema::new(&topic, &rel, &self.types)?
         };
         let qualified = format!("{}.{}", rel.namespace, rel.name);
+        self.points.captured(&qualified);
         let key_id = if schema.has_key() {
             let key_subject = format!("{topic}-key");
             crate::contract::admit(

@@ -629,6 +629,14 @@ impl Points {
         }
     }
 
+    /// A table seen in the stream (e.g. created after the start in a `schema.*` publication)
+    /// may be asked for too.
+    pub fn captured(&mut self, table: &str) {
+        if !self.captured.iter().any(|t| t == table) {
+            self.captured.push(table.to_owned());
+        }
+    }
+
     /// Queues the tables of a snapshot signal.
     pub fn signal(&mut self, body: &[u8]) -> anyhow::Result<()> {
         let sig: Signal = match serde_json::from_slice(body) {
@@ -725,7 +733,12 @@ async fn prepare(pg: &tokio_postgres::Config, slot: &str, n: usize) -> anyhow::R
         std::process::id(),
         now_ms()
     );
-    let created = cdc::slot::create_temporary_slot_with_snapshot(&mut repl, &name).await?;
+    let created = cdc::slot::create_temporary_slot_with_snapshot(&mut repl, &name)
+        .await
+        .context(
+            "creating a temporary slot for a snapshot point (it needs one free max_replication_slots \
+             entry and one free max_wal_senders connection while a batch of chunks is copied)",
+        )?;
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         let (client, conn) = pg
@@ -777,7 +790,16 @@ impl Pipeline {
             let table = self.points.pending.tables[i].table.clone();
             let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
             let first = &clients[0];
-            let (rel, types) = cdc::snapshot::catalog_relation(first, schema, name).await?;
+            let (rel, types) = match cdc::snapshot::catalog_relation(first, schema, name).await {
+                Err(cdc::snapshot::SnapshotError::MissingTable(_)) => {
+                    // Dropped since it was requested: nothing left to copy.
+                    tracing::warn!(table = %table, "a table waiting for its snapshot no longer exists; skipped");
+                    self.points.pending.tables.remove(i);
+                    self.points.file.store(&self.points.pending)?;
+                    continue;
+                }
+                other => other?,
+            };
             for t in &types {
                 self.types.insert(t);
             }
