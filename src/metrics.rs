@@ -651,6 +651,7 @@ pub fn error_reason(err: &anyhow::Error) -> &'static str {
         if let Some(e) = cause.downcast_ref::<cdc::source::SourceError>() {
             return match e {
                 cdc::source::SourceError::Decode { .. } => "pgoutput_decode",
+                cdc::source::SourceError::Spill { .. } => "spill",
                 cdc::source::SourceError::Conn(ConnError::Server { .. }) => "source_server_error",
                 cdc::source::SourceError::Conn(ConnError::Auth(_)) => "source_auth",
                 cdc::source::SourceError::Conn(_) => "source_connection",

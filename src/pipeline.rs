@@ -223,6 +223,9 @@ fn is_transient(err: &anyhow::Error, retrying: bool) -> bool {
             return match e {
                 cdc::source::SourceError::Conn(c) => conn_transient(c),
                 cdc::source::SourceError::Decode { .. } => false,
+                // Disk full or a permission problem in state_dir: retry with backoff while
+                // the operator fixes it; the slot keeps the transaction meanwhile.
+                cdc::source::SourceError::Spill { .. } => true,
             };
         }
         if let Some(e) = cause.downcast_ref::<cdc::conn::ConnError>() {
@@ -261,6 +264,11 @@ async fn run_attempt(
     });
     let tables =
         slot::ensure_publication(&meta, &cfg.source.publication, &cfg.source.tables).await?;
+    let server_version: i32 = meta
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .context("reading the source's server version")?
+        .get(0);
     let mode = cfg.source.snapshot;
     let mut facts = slot::slot_facts(&meta, &cfg.source.slot).await?;
     let mut repl_conn = ReplicationConnection::connect(&pg).await.with_context(|| {
@@ -429,6 +437,9 @@ async fn run_attempt(
         start,
         status_interval: cfg.source.status_interval,
         max_batch_bytes: MAX_BATCH_BYTES,
+        // In-progress transactions are streamed by Postgres 14 and later (see cdc::source).
+        streaming: server_version >= 140_000,
+        spill_dir: cfg.source.state_dir.join("spill").join(&cfg.source.slot),
     };
     let db = pg.get_dbname().unwrap_or("postgres");
     let mut p = Pipeline {

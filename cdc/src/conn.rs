@@ -125,7 +125,7 @@ impl ReplicationConnection {
             .ok_or_else(|| ConnError::Auth("no user in the source DSN".into()))?
             .to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
-        let params = [
+        let mut params = vec![
             ("user", user.as_str()),
             ("database", dbname.as_str()),
             ("replication", "database"),
@@ -140,6 +140,10 @@ impl ReplicationConnection {
             ("IntervalStyle", "iso_8601"),
             ("extra_float_digits", "3"),
         ];
+        // The DSN's `options` (e.g. "-c logical_decoding_work_mem=256MB"), as libpq passes it.
+        if let Some(options) = config.get_options() {
+            params.push(("options", options));
+        }
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)?;
         self.flush().await?;
         let password = config.get_password().map(|p| p.to_vec());

@@ -12,5 +12,6 @@ pub mod progress;
 pub mod slot;
 pub mod snapshot;
 pub mod source;
+pub mod spill;
 
 pub use lsn::Lsn;

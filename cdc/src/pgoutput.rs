@@ -41,6 +41,20 @@ pub enum Message {
     StreamAbort { xid: u32, subxid: u32 },
 }
 
+impl Message {
+    /// The (sub)transaction xid a data message carries inside a stream block (protocol 2).
+    pub fn stream_xid(&self) -> Option<u32> {
+        match self {
+            Message::Insert(m) => m.xid,
+            Message::Update(m) => m.xid,
+            Message::Delete(m) => m.xid,
+            Message::Truncate(m) => m.xid,
+            Message::Message(m) => m.xid,
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Begin {
     /// LSN of the transaction's commit record.

@@ -12,14 +12,23 @@
 //! Shutdown is in two steps so that the last flush LSN reaches the server: on `Phase::Drain` the
 //! reader stops reading and closes the channel; the pipeline finishes its in-flight work; then
 //! on `Phase::Done` the reader sends the final confirmed LSN and closes the connection.
+//!
+//! Large transactions: with `streaming` (Postgres 14+), the server sends a transaction's changes
+//! while it is still in progress, once it outgrows `logical_decoding_work_mem`, instead of
+//! decoding it all at commit. The reader spills them to disk ([`crate::spill`]) and, at the
+//! transaction's commit, hands them on as an ordinary Begin…Commit transaction, a batch at a
+//! time; an aborted transaction or subtransaction is dropped. Downstream sees the same stream
+//! as with protocol 1, in commit order, and memory stays bounded however large the transaction.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::conn::{ConnError, ReplicationConnection, StreamMessage};
 use crate::lsn::Lsn;
-use crate::pgoutput::{self, DecodeError, Message};
+use crate::pgoutput::{self, Begin, Commit, DecodeError, Message};
+use crate::spill::{Replay, Spill};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -27,6 +36,14 @@ pub enum SourceError {
     Conn(#[from] ConnError),
     #[error("cannot decode pgoutput message at {lsn}: {source}")]
     Decode { lsn: Lsn, source: DecodeError },
+    #[error(
+        "cannot spill a streamed transaction to {dir}: {source}; check that the directory is writable and has room \
+         (source.state_dir; a large transaction needs about its own size in WAL there)"
+    )]
+    Spill {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug)]
@@ -58,6 +75,9 @@ pub struct ReaderOptions {
     pub start: Lsn,
     pub status_interval: Duration,
     pub max_batch_bytes: usize,
+    /// Ask for in-progress transactions (protocol 2, Postgres 14+), spilled to `spill_dir`.
+    pub streaming: bool,
+    pub spill_dir: PathBuf,
 }
 
 /// Streams from the slot until `phase` becomes `Done` or an error happens.
@@ -69,21 +89,38 @@ pub async fn run_reader(
     mut phase: watch::Receiver<Phase>,
 ) -> Result<(), SourceError> {
     let pub_names = format!("\"{}\"", opts.publication.replace('"', "\"\""));
-    let options = [
-        ("proto_version", "1".to_owned()),
+    let mut options = vec![
+        (
+            "proto_version",
+            if opts.streaming { "2" } else { "1" }.to_owned(),
+        ),
         ("publication_names", pub_names),
         ("messages", "true".to_owned()),
     ];
+    if opts.streaming {
+        options.push(("streaming", "on".to_owned()));
+    }
+    let spill_err = |source| SourceError::Spill {
+        dir: opts.spill_dir.clone(),
+        source,
+    };
+    let spill = Spill::new(opts.spill_dir.clone()).map_err(spill_err)?;
     let mut stream = conn
         .start_replication(&opts.slot, opts.start, &options)
         .await?;
-    tracing::info!(slot = %opts.slot, start = %opts.start, "replication started");
+    tracing::info!(slot = %opts.slot, start = %opts.start, streaming = opts.streaming, "replication started");
 
     let mut out = Some(out);
-    let mut batch = Batch::default();
-    let mut received = opts.start;
-    let mut in_tx = false;
-    let mut last_idle = opts.start;
+    let mut st = State {
+        batch: Batch::default(),
+        received: opts.start,
+        in_tx: false,
+        last_idle: opts.start,
+        reply: false,
+        in_stream: None,
+        spill,
+        replay: None,
+    };
     let mut tick = tokio::time::interval(opts.status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -91,7 +128,7 @@ pub async fn run_reader(
         let current = *phase.borrow();
         if current == Phase::Done {
             let f = *flushed.borrow();
-            stream.send_status(received.max(f), f, false).await?;
+            stream.send_status(st.received.max(f), f, false).await?;
             tracing::info!(flushed = %f, "replication stopped");
             stream.close().await?;
             return Ok(());
@@ -99,40 +136,40 @@ pub async fn run_reader(
         // Draining stops at a transaction boundary, so a clean stop never leaves half a
         // transaction in Kafka (which a restart would send again).
         let draining = current == Phase::Drain;
-        if draining && !in_tx && batch.items.is_empty() {
+        if draining && !st.in_tx && st.batch.items.is_empty() {
             out = None; // closes the channel: the pipeline finishes what it has
             tokio::select! {
                 _ = phase.changed() => {}
                 _ = flushed.changed() => {}
                 _ = tick.tick() => {
                     let f = *flushed.borrow();
-                    stream.send_status(received.max(f), f, false).await?;
+                    stream.send_status(st.received.max(f), f, false).await?;
                 }
             }
             continue;
         }
 
-        // Take everything already buffered without waiting, up to a batch.
-        let mut reply = false;
-        // While draining, read only to the end of the open transaction.
-        while batch.bytes < opts.max_batch_bytes && (in_tx || !draining) {
-            let Some(m) = stream.try_next()? else { break };
-            handle(
-                m,
-                &mut batch,
-                &mut received,
-                &mut in_tx,
-                &mut last_idle,
-                &mut reply,
-            )?;
+        if st.replay.is_some() {
+            // A committed streamed transaction goes downstream before anything read after it.
+            st.replay_some(opts.max_batch_bytes).map_err(spill_err)?;
+        } else {
+            // Take everything already buffered without waiting, up to a batch.
+            // While draining, read only to the end of the open transaction.
+            while st.batch.bytes < opts.max_batch_bytes
+                && (st.in_tx || !draining)
+                && st.replay.is_none()
+            {
+                let Some(m) = stream.try_next()? else { break };
+                st.handle(m)?;
+            }
         }
-        if reply {
+        if std::mem::take(&mut st.reply) {
             let f = *flushed.borrow();
-            stream.send_status(received, f, false).await?;
+            stream.send_status(st.received, f, false).await?;
         }
-        if !batch.items.is_empty() {
+        if !st.batch.items.is_empty() {
             let Some(tx) = out.as_ref() else {
-                batch = Batch::default();
+                st.batch = Batch::default();
                 continue;
             };
             // Wait for room downstream while keeping the server's timeout at bay.
@@ -141,7 +178,7 @@ pub async fn run_reader(
                     p = tx.reserve() => break p.ok(),
                     _ = tick.tick() => {
                         let f = *flushed.borrow();
-                        stream.send_status(received, f, false).await?;
+                        stream.send_status(st.received, f, false).await?;
                     }
                     _ = phase.changed() => {
                         if *phase.borrow() == Phase::Done {
@@ -151,75 +188,166 @@ pub async fn run_reader(
                 }
             };
             match permit {
-                Some(p) => p.send(std::mem::take(&mut batch)),
-                None => batch = Batch::default(),
+                Some(p) => p.send(std::mem::take(&mut st.batch)),
+                None => st.batch = Batch::default(),
             }
             continue;
         }
-        if draining && !in_tx {
+        if st.replay.is_some() || (draining && !st.in_tx) {
             continue;
         }
 
         tokio::select! {
             m = stream.next() => {
-                let mut reply = false;
-                handle(m?, &mut batch, &mut received, &mut in_tx, &mut last_idle, &mut reply)?;
-                if reply {
+                st.handle(m?)?;
+                if std::mem::take(&mut st.reply) {
                     let f = *flushed.borrow();
-                    stream.send_status(received, f, false).await?;
+                    stream.send_status(st.received, f, false).await?;
                 }
             }
             _ = tick.tick() => {
                 let f = *flushed.borrow();
-                stream.send_status(received, f, false).await?;
+                stream.send_status(st.received, f, false).await?;
             }
             _ = phase.changed() => {}
         }
     }
 }
 
-fn handle(
-    m: StreamMessage,
-    batch: &mut Batch,
-    received: &mut Lsn,
-    in_tx: &mut bool,
-    last_idle: &mut Lsn,
-    reply: &mut bool,
-) -> Result<(), SourceError> {
-    match m {
-        StreamMessage::XLogData {
-            wal_start,
-            wal_end,
-            data,
-        } => {
-            batch.bytes += data.len();
-            let msg = pgoutput::decode(data, false).map_err(|source| SourceError::Decode {
-                lsn: wal_start,
-                source,
-            })?;
-            match msg {
-                Message::Begin(_) => *in_tx = true,
-                Message::Commit(_) => *in_tx = false,
-                _ => {}
+/// The reader's position in the stream.
+struct State {
+    batch: Batch,
+    received: Lsn,
+    /// Inside Begin…Commit (or replaying a streamed transaction): no idle positions.
+    in_tx: bool,
+    last_idle: Lsn,
+    reply: bool,
+    /// Top-level xid between StreamStart and StreamStop.
+    in_stream: Option<u32>,
+    spill: Spill,
+    /// A committed streamed transaction being handed on, and its commit.
+    replay: Option<(Replay, Commit)>,
+}
+
+impl State {
+    fn handle(&mut self, m: StreamMessage) -> Result<(), SourceError> {
+        match m {
+            StreamMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            } => {
+                if wal_end > self.received {
+                    self.received = wal_end;
+                }
+                let raw = data.clone();
+                let msg = pgoutput::decode(data, self.in_stream.is_some()).map_err(|source| {
+                    SourceError::Decode {
+                        lsn: wal_start,
+                        source,
+                    }
+                })?;
+                match msg {
+                    Message::StreamStart { xid, .. } => self.in_stream = Some(xid),
+                    Message::StreamStop => self.in_stream = None,
+                    Message::StreamAbort { xid, subxid } => {
+                        self.spill
+                            .abort(xid, subxid)
+                            .map_err(|e| self.spill_error(e))?;
+                    }
+                    Message::StreamCommit { xid, commit } => {
+                        let Commit {
+                            commit_lsn,
+                            commit_ts,
+                            ..
+                        } = commit;
+                        self.push(
+                            commit_lsn,
+                            0,
+                            Message::Begin(Begin {
+                                final_lsn: commit_lsn,
+                                commit_ts,
+                                xid,
+                            }),
+                        );
+                        match self.spill.take(xid).map_err(|e| self.spill_error(e))? {
+                            Some(replay) => {
+                                tracing::debug!(
+                                    xid,
+                                    bytes = replay.bytes,
+                                    "streamed transaction committed"
+                                );
+                                self.in_tx = true;
+                                self.replay = Some((replay, commit));
+                            }
+                            None => self.push(commit_lsn, 0, Message::Commit(commit)),
+                        }
+                    }
+                    msg => match self.in_stream {
+                        Some(top) => {
+                            let sub = msg.stream_xid().unwrap_or(top);
+                            self.spill
+                                .append(top, sub, &raw)
+                                .map_err(|e| self.spill_error(e))?;
+                        }
+                        None => {
+                            match msg {
+                                Message::Begin(_) => self.in_tx = true,
+                                Message::Commit(_) => self.in_tx = false,
+                                _ => {}
+                            }
+                            self.push(wal_start, raw.len(), msg);
+                        }
+                    },
+                }
             }
-            if wal_end > *received {
-                *received = wal_end;
+            StreamMessage::Keepalive { wal_end, reply } => {
+                self.reply |= reply;
+                if wal_end > self.received {
+                    self.received = wal_end;
+                }
+                // Safe also while a transaction is being streamed: it has not committed, so
+                // a restart from here streams it again from its start.
+                if !self.in_tx && wal_end > self.last_idle {
+                    self.last_idle = wal_end;
+                    self.batch.items.push(SourceItem::Idle(wal_end));
+                }
             }
-            batch.items.push(SourceItem::Data {
-                lsn: wal_start,
-                msg,
-            });
         }
-        StreamMessage::Keepalive { wal_end, reply: r } => {
-            *reply |= r;
-            if wal_end > *received {
-                *received = wal_end;
-            }
-            if !*in_tx && wal_end > *last_idle {
-                *last_idle = wal_end;
-                batch.items.push(SourceItem::Idle(wal_end));
-            }
+        Ok(())
+    }
+
+    fn spill_error(&self, source: std::io::Error) -> SourceError {
+        SourceError::Spill {
+            dir: self.spill.dir().to_owned(),
+            source,
         }
     }
-    Ok(())
+
+    fn push(&mut self, lsn: Lsn, bytes: usize, msg: Message) {
+        self.batch.bytes += bytes;
+        self.batch.items.push(SourceItem::Data { lsn, msg });
+    }
+
+    /// Moves up to a batch of the streamed transaction being replayed into the batch; its
+    /// Commit after the last change.
+    fn replay_some(&mut self, max_bytes: usize) -> std::io::Result<()> {
+        let Some((mut replay, commit)) = self.replay.take() else {
+            return Ok(());
+        };
+        let at = commit.commit_lsn;
+        while self.batch.bytes < max_bytes {
+            let Some(raw) = replay.next()? else {
+                self.in_tx = false;
+                self.push(at, 0, Message::Commit(commit));
+                return Ok(());
+            };
+            let len = raw.len();
+            let msg = pgoutput::decode(raw, true)
+                .map_err(|e| std::io::Error::other(format!("re-reading a spilled change: {e}")))?;
+            self.push(at, len, msg);
+        }
+        self.replay = Some((replay, commit));
+        Ok(())
+    }
 }

@@ -8,6 +8,7 @@ mod metrics;
 mod replication;
 mod schema_change;
 mod snapshot;
+mod streaming;
 mod types;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
