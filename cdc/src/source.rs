@@ -337,7 +337,7 @@ impl State {
         };
         let at = commit.commit_lsn;
         while self.batch.bytes < max_bytes {
-            let Some(raw) = replay.next()? else {
+            let Some(raw) = replay.next_message()? else {
                 self.in_tx = false;
                 self.push(at, 0, Message::Commit(commit));
                 return Ok(());

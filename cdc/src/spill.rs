@@ -138,7 +138,7 @@ pub struct Replay {
 
 impl Replay {
     /// The next message not made by an aborted subtransaction; `None` at the end.
-    pub fn next(&mut self) -> io::Result<Option<Bytes>> {
+    pub fn next_message(&mut self) -> io::Result<Option<Bytes>> {
         loop {
             let mut head = [0u8; 8];
             match self.reader.read_exact(&mut head) {
@@ -184,7 +184,7 @@ mod tests {
         );
         let mut r = s.take(10).unwrap().unwrap();
         let mut got = Vec::new();
-        while let Some(m) = r.next().unwrap() {
+        while let Some(m) = r.next_message().unwrap() {
             got.push(m);
         }
         assert_eq!(got, vec![&b"a"[..], b"c", b"d"]);
