@@ -350,10 +350,25 @@ async fn snapshot_vs_copy(
 
     let kafka_secs = snapshot_run(client, dsn, broker, dir, "wbsnap", false).await?;
     let null_secs = snapshot_run(client, dsn, broker, dir, "wbsnapnull", true).await?;
-    let (copy_rate, kafka_rate, null_rate) = (
+    // The broker's own limit on this machine: the same number of records of the size
+    // walbridge produced for the snapshot (with the same headers), pre-encoded, through the
+    // same producer settings.
+    let record_bytes = {
+        let row = client
+            .query_one(
+                "SELECT avg(pg_column_size(s.*))::float8 FROM snap_bench s",
+                &[],
+            )
+            .await?;
+        // The envelope adds the source block (names, LSN, timestamps) to the row's Avro.
+        row.get::<_, f64>(0) as usize + 80
+    };
+    let raw_secs = raw_produce(broker, n, record_bytes).await?;
+    let (copy_rate, kafka_rate, null_rate, raw_rate) = (
         n as f64 / copy_secs,
         n as f64 / kafka_secs,
         n as f64 / null_secs,
+        n as f64 / raw_secs,
     );
     println!(
         "\nsnapshot of {n} rows ({:.0} MiB as COPY text)",
@@ -373,7 +388,62 @@ async fn snapshot_vs_copy(
         kafka_rate / copy_rate,
         null_rate / copy_rate
     );
+    println!(
+        "  broker limit: {n} pre-encoded {record_bytes}-byte records: {raw_secs:>5.2} s  {raw_rate:>10.0} rows/s"
+    );
+    println!(
+        "  ratio walbridge → Kafka / broker limit: {:>7.2}",
+        kafka_rate / raw_rate
+    );
     Ok(())
+}
+
+/// Produces `n` records of `bytes` bytes to a fresh topic through walbridge's Kafka sink (same
+/// settings: idempotent, acks=all, linger 5 ms) and waits for every ack; returns the seconds.
+async fn raw_produce(broker: &Broker, n: u64, bytes: usize) -> anyhow::Result<f64> {
+    let (progress, _confirmed) = cdc::progress::Progress::new(Lsn::ZERO);
+    let sink = sinks::kafka::KafkaSink::new(
+        sinks::kafka::KafkaSettings {
+            brokers: broker.bootstrap(),
+            partitions: 3,
+            replication_factor: 1,
+            max_queue_bytes: 64 << 20,
+            extra: Vec::new(),
+        },
+        progress.clone(),
+    )?;
+    let topic = "bench.raw".to_owned();
+    sink.ensure_topics(std::slice::from_ref(&topic)).await?;
+    let payload = vec![7u8; bytes];
+    let t = Instant::now();
+    let seq = progress.begin();
+    progress.expect(seq, n);
+    // Headers like walbridge's, so the records are the same size on the wire.
+    let mut id = String::with_capacity(48);
+    for i in 0..n {
+        use std::fmt::Write;
+        let key = i.to_be_bytes();
+        id.clear();
+        let _ = write!(id, "snapshot:0/1A2B3C4D:public.snap_bench:{}:{i}", i / 100_000);
+        let headers: [(&str, &[u8]); 4] = [
+            ("walbridge.event_id", id.as_bytes()),
+            ("walbridge.lsn", b"0/1A2B3C4D"),
+            ("walbridge.txid", b"0"),
+            ("walbridge.op", b"r"),
+        ];
+        sink.send(&sinks::kafka::Record {
+            topic: &topic,
+            key: Some(&key),
+            payload: Some(&payload),
+            headers: &headers,
+            seq,
+        })
+        .await?;
+    }
+    progress.commit(seq, Lsn(1));
+    tokio::task::block_in_place(|| sink.flush(Duration::from_secs(300)))?;
+    anyhow::ensure!(progress.confirmed() == Lsn(1), "not every record was acked");
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// One walbridge initial snapshot of snap_bench through a new slot; returns the seconds from
