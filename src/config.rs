@@ -66,6 +66,15 @@ pub enum OnIncompatible {
     NewVersion,
 }
 
+/// `kafka.dead_letter`: what happens to a change that cannot be encoded (see `crate::dlq`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetter {
+    /// Send it to `<topic_prefix>.dlq` with the reason and go on (the default).
+    Topic,
+    /// Stop the pipeline at it; nothing past it is confirmed.
+    Stop,
+}
+
 /// When to copy the tables' existing rows before streaming (`source.snapshot`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnapshotMode {
@@ -160,6 +169,7 @@ pub struct KafkaConfig {
     pub producer: BTreeMap<String, String>,
     /// Bytes of produced-but-unacknowledged messages before the source stops reading.
     pub max_in_flight_bytes: u64,
+    pub dead_letter: DeadLetter,
 }
 
 impl KafkaConfig {
@@ -171,6 +181,11 @@ impl KafkaConfig {
     /// `<prefix>.<schema>.<table>`.
     pub fn topic_for(&self, schema: &str, table: &str) -> String {
         format!("{}.{schema}.{table}", self.topic_prefix)
+    }
+
+    /// `<prefix>.dlq`: two parts, so it never collides with a table's three-part topic.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq", self.topic_prefix)
     }
 }
 
@@ -389,6 +404,7 @@ const KEYS: &[KeySpec] = &[
         "an integer number of bytes in 1048576..=68719476736",
         "67108864",
     ),
+    key("kafka.dead_letter", "topic or stop", "topic"),
     key("registry", "a mapping", "registry: { url: ... }"),
     key(
         "registry.url",
@@ -482,6 +498,7 @@ struct RawKafka {
     replication_factor: Option<S<i64>>,
     producer: Option<S<BTreeMap<String, S<String>>>>,
     max_in_flight_bytes: Option<S<i64>>,
+    dead_letter: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1027,6 +1044,19 @@ impl Validator<'_> {
             64 << 20,
         );
         let producer = self.producer(&raw.producer);
+        let dead_letter = match &raw.dead_letter {
+            None => Some(DeadLetter::Topic),
+            Some(m) => self
+                .string(m, "kafka.dead_letter")
+                .and_then(|text| match text.as_str() {
+                    "topic" => Some(DeadLetter::Topic),
+                    "stop" => Some(DeadLetter::Stop),
+                    _ => {
+                        self.invalid(&m.referenced, "kafka.dead_letter", &text, None);
+                        None
+                    }
+                }),
+        };
         Some(KafkaConfig {
             brokers: brokers?,
             topic_prefix: prefix?,
@@ -1034,6 +1064,7 @@ impl Validator<'_> {
             replication_factor: i16::try_from(replication?).ok()?,
             producer: producer?,
             max_in_flight_bytes: max_in_flight?.unsigned_abs(),
+            dead_letter: dead_letter?,
         })
     }
 
@@ -1474,6 +1505,29 @@ registry:
         );
         let src = VALID.replace("registry:\n", "registry:\n  on_incompatible: ignore\n");
         one_error(&src, 16, "registry.on_incompatible", "new_version");
+    }
+
+    #[test]
+    fn dead_letter_defaults_to_the_topic_and_a_bad_value_says_the_choices() {
+        let c = from_str_with_env(VALID, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.kafka.dead_letter, DeadLetter::Topic);
+        assert_eq!(c.kafka.dead_letter_topic(), "legacy.dlq");
+        let stop = with(
+            "  max_in_flight_bytes: 67108864\n",
+            "  max_in_flight_bytes: 67108864\n  dead_letter: stop\n",
+        );
+        let c = from_str_with_env(&stop, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.kafka.dead_letter, DeadLetter::Stop);
+        let e = one_error(
+            &with(
+                "  max_in_flight_bytes: 67108864\n",
+                "  max_in_flight_bytes: 67108864\n  dead_letter: drop\n",
+            ),
+            15,
+            "kafka.dead_letter",
+            "topic or stop",
+        );
+        assert!(e.message.contains("\"drop\""), "{e}");
     }
 
     #[test]

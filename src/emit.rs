@@ -6,13 +6,30 @@
 //! stream loop, and the snapshot workers that copy chunks in parallel. Each task owns one
 //! [`Emitter`] (its buffers are reused from change to change, so the hot path allocates
 //! nothing of its own); the tables ([`TableState`]) and the [`Sink`] are shared read-only.
+//!
+//! Headers on every record (the same on its tombstone):
+//!
+//! | header | value |
+//! |---|---|
+//! | `walbridge.event_id` | `<commit LSN>:<index in transaction>` (snapshot rows: `snapshot:…`) |
+//! | `walbridge.lsn`, `walbridge.txid`, `walbridge.op` | commit LSN, transaction id, `c`/`u`/`d`/`r`/`t` |
+//! | `walbridge.correlation_id` | the source transaction, `<txid>:<commit LSN>` (snapshot rows: `0:<snapshot LSN>`) |
+//! | `walbridge.causation_id` | the same as the correlation id: a row change has no causing event, so it names the transaction it came from |
+//! | `traceparent` | W3C trace context `00-<trace id>-<span id>-01`: the trace id is a hash of commit LSN and txid (one trace per transaction), the span id a hash of the event id (one span per change); both deterministic, so a re-delivered change carries the same ones |
+//! | `walbridge.schema_id` | the value's registry schema id, in decimal |
+//! | `walbridge.event_type` | `<schema>.<table>.<op>`, e.g. `oms.orders.c` |
+//!
+//! A change that cannot be encoded (invariant 7) goes to the dead-letter topic instead
+//! (`kafka.dead_letter: topic`, see [`crate::dlq`]), counted like any record by [`Progress`], so
+//! its transaction is confirmed only once the dead letter is acked too; with
+//! `kafka.dead_letter: stop` the encode error stops the pipeline.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use avro::{Change, Op, Source, TableSchema};
+use avro::{Change, EncodeError, Op, Source, TableSchema};
 use cdc::Lsn;
 use cdc::pgoutput::{Relation, Tuple};
 use cdc::progress::{Progress, Seq};
@@ -73,6 +90,15 @@ pub struct Out {
     /// `source.name` in the envelope (the topic prefix, as Debezium's connector name).
     pub name: Arc<str>,
     pub db: Arc<str>,
+    /// Where changes that cannot be encoded go; `None` stops instead (`kafka.dead_letter`).
+    pub dead_letter: Option<DeadLetterTarget>,
+}
+
+/// The dead-letter topic and the metric that counts what goes there.
+#[derive(Clone)]
+pub struct DeadLetterTarget {
+    pub topic: Arc<str>,
+    pub counter: Arc<crate::metrics::Counter>,
 }
 
 /// The transaction (or snapshot chunk) a change belongs to.
@@ -97,6 +123,14 @@ pub struct Emitter {
     val_frame: Vec<u8>,
     /// The event id of the next [`emit`](Self::emit); the caller writes it (see [`id`](Self::id)).
     event_id: String,
+    /// Header texts, rewritten per change into the same buffers.
+    correlation_id: String,
+    traceparent: String,
+    schema_id: String,
+    event_type: String,
+    /// The transaction the correlation id and trace id were last written for.
+    tx_of_headers: Option<(Lsn, u32)>,
+    trace_id: u128,
 }
 
 impl Emitter {
@@ -133,26 +167,34 @@ impl Emitter {
             ts_ms: m.now_ms,
         };
         self.val_buf.clear();
-        t.schema
-            .encode_value(&change, &mut self.val_buf)
-            .with_context(|| format!("encoding a change of {}", t.topic))?;
+        if let Err(e) = t.schema.encode_value(&change, &mut self.val_buf) {
+            return self.dead_letter(out, t, m, op, before, after, e).await;
+        }
         self.val_frame.clear();
         avro::frame(t.value_id, &self.val_buf, &mut self.val_frame);
         let has_key = match (t.key_id, after.or(before)) {
             (Some(kid), Some(row)) => {
                 self.key_buf.clear();
-                t.schema.encode_key(row, &mut self.key_buf)?;
+                if let Err(e) = t.schema.encode_key(row, &mut self.key_buf) {
+                    return self.dead_letter(out, t, m, op, before, after, e).await;
+                }
                 self.key_frame.clear();
                 avro::frame(kid, &self.key_buf, &mut self.key_frame);
                 true
             }
             _ => false,
         };
-        let headers: [(&str, &[u8]); 4] = [
+        self.write_headers(t, m, op);
+        let headers: [(&str, &[u8]); 9] = [
             ("walbridge.event_id", self.event_id.as_bytes()),
             ("walbridge.lsn", m.lsn_text.as_bytes()),
             ("walbridge.txid", m.xid_text.as_bytes()),
             ("walbridge.op", op.code().as_bytes()),
+            ("walbridge.correlation_id", self.correlation_id.as_bytes()),
+            ("walbridge.causation_id", self.correlation_id.as_bytes()),
+            ("traceparent", self.traceparent.as_bytes()),
+            ("walbridge.schema_id", self.schema_id.as_bytes()),
+            ("walbridge.event_type", self.event_type.as_bytes()),
         ];
         let key = has_key.then_some(self.key_frame.as_slice());
         // Debezium's tombstone after a keyed delete lets a compacted topic forget the key.
@@ -177,5 +219,142 @@ impl Emitter {
             key_len * (1 + usize::from(tombstone)) + self.val_frame.len(),
         );
         Ok(())
+    }
+    /// Writes the per-change header texts into the reusable buffers (no allocation once warm).
+    fn write_headers(&mut self, t: &TableState, m: &EventMeta<'_>, op: Op) {
+        if self.tx_of_headers != Some((m.commit_lsn, m.xid)) {
+            self.tx_of_headers = Some((m.commit_lsn, m.xid));
+            self.correlation_id.clear();
+            let _ = write!(self.correlation_id, "{}:{}", m.xid_text, m.lsn_text);
+            self.trace_id = trace_id(m.commit_lsn, m.xid);
+        }
+        self.traceparent.clear();
+        let _ = write!(
+            self.traceparent,
+            "00-{:032x}-{:016x}-01",
+            self.trace_id,
+            span_id(&self.event_id)
+        );
+        self.schema_id.clear();
+        let _ = write!(self.schema_id, "{}", t.value_id);
+        self.event_type.clear();
+        let _ = write!(
+            self.event_type,
+            "{}.{}.{}",
+            t.rel.namespace,
+            t.rel.name,
+            op.code()
+        );
+    }
+
+    /// Sends a change that cannot be encoded to the dead-letter topic, or fails with the
+    /// reason when there is none (`kafka.dead_letter: stop`). Rare, so it may allocate.
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &mut self,
+        out: &Out,
+        t: &TableState,
+        m: &EventMeta<'_>,
+        op: Op,
+        before: Option<&Tuple>,
+        after: Option<&Tuple>,
+        err: EncodeError,
+    ) -> anyhow::Result<()> {
+        let Some(dlq) = &out.dead_letter else {
+            return Err(anyhow::Error::new(err).context(format!(
+                "change {} (commit LSN {}) cannot be encoded and kafka.dead_letter is stop: \
+                 the pipeline stops here and nothing from this transaction on is confirmed. \
+                 Fix the value or the column type in the source (the slot keeps the change), \
+                 or set kafka.dead_letter: topic to send such changes to {}.dlq",
+                self.event_id, m.lsn_text, out.name
+            )));
+        };
+        // The key as the table's topic would have it, when the key columns encode.
+        let has_key = match (t.key_id, after.or(before)) {
+            (Some(kid), Some(row)) => {
+                self.key_buf.clear();
+                self.key_frame.clear();
+                let ok = t.schema.encode_key(row, &mut self.key_buf).is_ok();
+                if ok {
+                    avro::frame(kid, &self.key_buf, &mut self.key_frame);
+                }
+                ok
+            }
+            _ => false,
+        };
+        let letter = crate::dlq::Letter::new(&self.event_id, t, m, op, before, after, &err);
+        self.val_frame.clear();
+        serde_json::to_writer(&mut self.val_frame, &letter)
+            .context("writing a dead letter as JSON")?;
+        self.write_headers(t, m, op);
+        let reason = letter.reason.message.as_bytes();
+        let headers: [(&str, &[u8]); 8] = [
+            ("walbridge.event_id", self.event_id.as_bytes()),
+            ("walbridge.lsn", m.lsn_text.as_bytes()),
+            ("walbridge.txid", m.xid_text.as_bytes()),
+            ("walbridge.op", op.code().as_bytes()),
+            ("walbridge.correlation_id", self.correlation_id.as_bytes()),
+            ("traceparent", self.traceparent.as_bytes()),
+            ("walbridge.event_type", self.event_type.as_bytes()),
+            ("walbridge.dlq.reason", reason),
+        ];
+        tracing::warn!(
+            table = %t.schema.table(),
+            column = %err.column,
+            event_id = %self.event_id,
+            lsn = %m.lsn_text,
+            reason = %err.reason,
+            topic = %dlq.topic,
+            "change cannot be encoded; sent to the dead-letter topic"
+        );
+        out.progress.expect(m.seq, 1);
+        let record = Record {
+            topic: &dlq.topic,
+            key: has_key.then_some(self.key_frame.as_slice()),
+            payload: Some(&self.val_frame),
+            headers: &headers,
+            seq: m.seq,
+        };
+        out.sink.send(&record).await?;
+        dlq.counter.inc();
+        Ok(())
+    }
+}
+
+/// 128 bits from the transaction, never zero (W3C forbids an all-zero trace id).
+fn trace_id(commit_lsn: Lsn, xid: u32) -> u128 {
+    let hi = mix(commit_lsn.0 ^ 0x5741_4c42_5249_4447);
+    let lo = mix(hi ^ u64::from(xid));
+    (u128::from(hi) << 64 | u128::from(lo)).max(1)
+}
+
+/// 64 bits from the event id (FNV-1a, then mixed), never zero.
+fn span_id(event_id: &str) -> u64 {
+    let h = event_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    mix(h).max(1)
+}
+
+/// splitmix64's finalizer: spreads every input bit over the output.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_are_stable_per_transaction_and_differ_between_transactions() {
+        let a = trace_id(Lsn(0x16B_3748), 750);
+        assert_eq!(a, trace_id(Lsn(0x16B_3748), 750));
+        assert_ne!(a, trace_id(Lsn(0x16B_3749), 750));
+        assert_ne!(a, trace_id(Lsn(0x16B_3748), 751));
+        assert_ne!(trace_id(Lsn(0), 0), 0);
+        assert_ne!(span_id("0/16B3748:0"), span_id("0/16B3748:1"));
+        assert_eq!(span_id("0/16B3748:0"), span_id("0/16B3748:0"));
     }
 }

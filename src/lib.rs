@@ -5,6 +5,7 @@ pub mod bench;
 pub mod config;
 pub mod contract;
 pub mod demo;
+pub mod dlq;
 pub mod doctor;
 pub mod emit;
 pub mod metrics;

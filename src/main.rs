@@ -86,6 +86,12 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         limit: usize,
     },
+    /// Changes that could not be encoded (the dead-letter topic): list them, or replay them
+    /// after a fix.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// The demo: a throwaway legacy database, broker and registry, the pipeline, and a workload.
     Demo {
         #[arg(long, default_value_t = 30)]
@@ -108,6 +114,27 @@ enum Command {
         /// Also snapshot a table of this many rows and compare with COPY (0 skips it).
         #[arg(long, default_value_t = 0)]
         snapshot_rows: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Print the dead letters waiting (table, commit LSN, event id, op, reason).
+    List {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+        /// How many to print (the last ones).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Re-encode waiting dead letters with their table's current shape and produce them to the
+    /// table's topic under the same event id (after changing the column type, or upgrading).
+    Replay {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+        /// Only this event id (repeat for more); default: every waiting letter.
+        #[arg(long = "event-id")]
+        event_ids: Vec<String>,
     },
 }
 
@@ -280,6 +307,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             let cfg = load_config(&config)?;
             walbridge::demo::print_tail(&cfg, table.as_deref(), limit).await
         }
+        Command::Dlq { command } => dlq(command).await,
         Command::Demo { seconds, rate } => {
             walbridge::demo::run(Duration::from_secs(seconds), rate).await
         }
@@ -298,6 +326,34 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                 snapshot_rows,
             )
             .await
+        }
+    }
+}
+
+async fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
+    match cmd {
+        DlqCommand::List { config, limit } => {
+            let cfg = load_config(&config)?;
+            walbridge::dlq::print_list(&cfg, limit).await
+        }
+        DlqCommand::Replay { config, event_ids } => {
+            let cfg = load_config(&config)?;
+            let outcomes = walbridge::dlq::replay(&cfg, &event_ids).await?;
+            let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+            for o in &outcomes {
+                match &o.result {
+                    Ok(()) => println!("replayed {} ({})", o.event_id, o.table),
+                    Err(why) => println!("failed   {} ({}): {why}", o.event_id, o.table),
+                }
+            }
+            println!(
+                "{} replayed, {failed} still dead letters",
+                outcomes.len() - failed
+            );
+            if failed > 0 {
+                anyhow::bail!("{failed} dead letter(s) could not be replayed (see above)");
+            }
+            Ok(())
         }
     }
 }

@@ -35,8 +35,8 @@ use cdc::source::{Batch, Phase, ReaderOptions, SourceItem};
 use sinks::kafka::{KafkaSettings, KafkaSink};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, SnapshotMode};
-use crate::emit::{Emitter, EventMeta, Out, Sink, TableState};
+use crate::config::{Config, DeadLetter, SnapshotMode};
+use crate::emit::{DeadLetterTarget, Emitter, EventMeta, Out, Sink, TableState};
 use crate::metrics::Metrics;
 use crate::snapshot::{Pending, PendingFile};
 
@@ -419,13 +419,20 @@ async fn run_attempt(
             metrics.sink_stats.clone(),
         )?)
     };
-    let topics: Vec<String> = tables
+    let mut topics: Vec<String> = tables
         .iter()
         .map(|t| {
             let (s, n) = t.split_once('.').unwrap_or(("public", t));
             cfg.kafka.topic_for(s, n)
         })
         .collect();
+    let dead_letter = (cfg.kafka.dead_letter == DeadLetter::Topic).then(|| DeadLetterTarget {
+        topic: cfg.kafka.dead_letter_topic().into(),
+        counter: metrics.dead_letters.clone(),
+    });
+    if let Some(d) = &dead_letter {
+        topics.push(d.topic.to_string());
+    }
     sink.ensure_topics(&topics).await?;
 
     // The reader runs on its own thread with a current-thread runtime (see cdc::source).
@@ -451,6 +458,7 @@ async fn run_attempt(
             progress: progress.clone(),
             name: cfg.kafka.topic_prefix.as_str().into(),
             db: db.into(),
+            dead_letter,
         },
         progress,
         types: TypeNames::new(),
@@ -851,9 +859,10 @@ impl Pipeline {
                 t.schema.has_key() && {
                     let mut a = Vec::new();
                     let mut b = Vec::new();
-                    t.schema.encode_key(old, &mut a)?;
-                    t.schema.encode_key(new, &mut b)?;
-                    a != b
+                    // A key that does not encode is dead-lettered (or stops) as an update.
+                    t.schema.encode_key(old, &mut a).is_ok()
+                        && t.schema.encode_key(new, &mut b).is_ok()
+                        && a != b
                 }
             }
             _ => false,
@@ -928,7 +937,10 @@ impl Pipeline {
 }
 
 /// The table's primary key columns, in key order.
-async fn primary_key(meta: &tokio_postgres::Client, rel: &Relation) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn primary_key(
+    meta: &tokio_postgres::Client,
+    rel: &Relation,
+) -> anyhow::Result<Vec<String>> {
     let rows = meta
         .query(
             "SELECT a.attname::text FROM pg_index i \

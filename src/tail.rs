@@ -1,5 +1,6 @@
 //! Reads walbridge's topics back and decodes them through the registry: `walbridge tail`, the
-//! demo's "what arrived" view, and the test suite's way of checking what is in Kafka.
+//! demo's "what arrived" view, `walbridge dlq`, and the test suite's way of checking what is in
+//! Kafka.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -142,6 +143,12 @@ pub async fn read_all(
             None => None,
         };
         let value = match payload {
+            // walbridge's own JSON records (the dead-letter topic, see crate::dlq); registry
+            // framing starts with a zero byte, never `{`.
+            Some(p) if p.first() == Some(&b'{') => Some(
+                serde_json::from_slice(&p)
+                    .with_context(|| format!("reading a JSON value in {topic}@{offset}"))?,
+            ),
             Some(p) => Some(
                 registry
                     .decode(&p)

@@ -2,6 +2,7 @@
 //! registry, all real. See `harness.rs` for how the stack is shared and how tests wait.
 
 mod confluent_client;
+mod dlq;
 mod doctor;
 mod harness;
 mod metrics;
@@ -100,6 +101,57 @@ async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
     assert_eq!(d.value.as_ref().unwrap()["source"]["schema"], "oms");
     // The key is the primary key, as Avro.
     assert_eq!(d.key.as_ref().unwrap()["id"], 900002);
+    // Headers: the source transaction (one batch, one transaction), a W3C trace per
+    // transaction with a span per change, the value's schema id, and the event type.
+    let tx = format!(
+        "{}:{}",
+        c.headers["walbridge.txid"], c.headers["walbridge.lsn"]
+    );
+    let traces: Vec<Vec<&str>> = customers
+        .iter()
+        .map(|e| e.headers["traceparent"].split('-').collect())
+        .collect();
+    for (e, t) in customers.iter().zip(&traces) {
+        assert_eq!(e.headers["walbridge.correlation_id"], tx);
+        assert_eq!(e.headers["walbridge.causation_id"], tx);
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        assert!(
+            t.len() == 4 && t[0] == "00" && hex(t[1], 32) && hex(t[2], 16) && t[3] == "01",
+            "traceparent {:?}",
+            e.headers["traceparent"]
+        );
+        assert_eq!(t[1], traces[0][1], "one trace id per transaction");
+    }
+    let spans: HashSet<&str> = traces.iter().map(|t| t[2]).collect();
+    assert_eq!(spans.len(), customers.len(), "one span id per change");
+    let types: Vec<&str> = customers
+        .iter()
+        .map(|e| e.headers["walbridge.event_type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "oms.customers.c",
+            "oms.customers.u",
+            "oms.customers.d",
+            "oms.customers.c",
+            "oms.customers.d"
+        ]
+    );
+    let latest: serde_json::Value = serde_json::from_str(
+        &reqwest::get(format!(
+            "{}/subjects/{}-value/versions/latest",
+            db.registry_url,
+            topic(&db, "oms.customers")
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c.headers["walbridge.schema_id"], latest["id"].to_string());
     // Debezium tombstone after a delete, same key.
     let tomb = events.iter().find(|e| {
         e.topic == topic(&db, "oms.customers")
