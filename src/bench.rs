@@ -424,7 +424,11 @@ async fn raw_produce(broker: &Broker, n: u64, bytes: usize) -> anyhow::Result<f6
         use std::fmt::Write;
         let key = i.to_be_bytes();
         id.clear();
-        let _ = write!(id, "snapshot:0/1A2B3C4D:public.snap_bench:{}:{i}", i / 100_000);
+        let _ = write!(
+            id,
+            "snapshot:0/1A2B3C4D:public.snap_bench:{}:{i}",
+            i / 100_000
+        );
         let headers: [(&str, &[u8]); 4] = [
             ("walbridge.event_id", id.as_bytes()),
             ("walbridge.lsn", b"0/1A2B3C4D"),

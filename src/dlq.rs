@@ -59,12 +59,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use avro::{EncodeError, EncodeReason, Op, RegistryClient, TableSchema, TypeNames};
+use avro::{EncodeError, EncodeReason, Op, RegistryClient, TypeNames};
 use cdc::Lsn;
-use cdc::pgoutput::{Relation, ReplicaIdentity, Tuple, Value};
+use cdc::pgoutput::{Relation, Tuple, Value};
 use cdc::progress::Progress;
 use serde::{Deserialize, Serialize};
-use sinks::kafka::{KafkaSettings, KafkaSink, Record};
+use sinks::kafka::{KafkaSink, Record};
 
 use crate::config::Config;
 use crate::emit::{Emitter, EventMeta, Out, Sink, TableState};
@@ -426,7 +426,7 @@ pub async fn replay(cfg: &Config, only: &[String]) -> anyhow::Result<Vec<Outcome
     });
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
     let (progress, _confirmed) = Progress::new(Lsn::ZERO);
-    let sink = KafkaSink::new(kafka_settings(cfg), progress.clone())?;
+    let sink = KafkaSink::new(crate::pipeline::kafka_settings(cfg), progress.clone())?;
     let out = Out {
         sink: Arc::new(Sink::Kafka(sink)),
         progress: progress.clone(),
@@ -573,21 +573,6 @@ fn op_of(code: &str) -> Option<Op> {
         .find(|op| op.code() == code)
 }
 
-fn kafka_settings(cfg: &Config) -> KafkaSettings {
-    KafkaSettings {
-        brokers: cfg.kafka.bootstrap_servers(),
-        partitions: cfg.kafka.partitions,
-        replication_factor: i32::from(cfg.kafka.replication_factor),
-        max_queue_bytes: cfg.kafka.max_in_flight_bytes as usize,
-        extra: cfg
-            .kafka
-            .producer
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
-}
-
 /// The table's current shape from the catalog, mapped and registered as the pipeline maps a
 /// Relation message (same key choice, same schemas, same `registry.on_incompatible`).
 async fn map_table(
@@ -606,63 +591,7 @@ async fn map_table(
     }
     let topic = cfg.kafka.topic_for(schema, table);
     out.sink.ensure_topics(std::slice::from_ref(&topic)).await?;
-    let pk = crate::pipeline::primary_key(meta, &rel).await?;
-    let ts = if !pk.is_empty() {
-        let cols: Vec<&str> = pk.iter().map(String::as_str).collect();
-        TableSchema::with_key(&topic, &rel, &types, &cols)?
-    } else if rel.replica_identity == ReplicaIdentity::Full {
-        TableSchema::with_key(&topic, &rel, &types, &[])?
-    } else {
-        TableSchema::new(&topic, &rel, &types)?
-    };
-    let qualified = format!("{schema}.{table}");
-    let key_id = match ts.has_key() {
-        true => Some(
-            admit_and_register(
-                cfg,
-                registry,
-                &qualified,
-                &format!("{topic}-key"),
-                ts.key_schema_json(),
-            )
-            .await?,
-        ),
-        false => None,
-    };
-    let value_id = admit_and_register(
-        cfg,
-        registry,
-        &qualified,
-        &format!("{topic}-value"),
-        ts.value_schema_json(),
-    )
-    .await?;
-    Ok(TableState {
-        counters: metrics.table(&qualified),
-        rel,
-        topic,
-        key_id,
-        value_id,
-        schema: ts,
-    })
-}
-
-async fn admit_and_register(
-    cfg: &Config,
-    registry: &RegistryClient,
-    table: &str,
-    subject: &str,
-    json: &str,
-) -> anyhow::Result<u32> {
-    crate::contract::admit(
-        cfg.registry.url.as_str(),
-        subject,
-        json,
-        table,
-        cfg.registry.on_incompatible,
-    )
-    .await?;
-    Ok(registry.register(subject, json).await?)
+    crate::pipeline::map_relation(cfg, meta, registry, metrics, &types, rel, topic).await
 }
 
 #[cfg(test)]
@@ -681,7 +610,7 @@ mod tests {
             id: 1,
             namespace: "oms".into(),
             name: "items".into(),
-            replica_identity: ReplicaIdentity::Default,
+            replica_identity: cdc::pgoutput::ReplicaIdentity::Default,
             columns: vec![col("id"), col("price"), col("doc"), col("raw"), col("note")],
         }
     }

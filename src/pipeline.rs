@@ -403,18 +403,7 @@ async fn run_attempt(
         Sink::Discard(progress.clone())
     } else {
         Sink::Kafka(KafkaSink::with_stats(
-            KafkaSettings {
-                brokers: cfg.kafka.bootstrap_servers(),
-                partitions: cfg.kafka.partitions,
-                replication_factor: i32::from(cfg.kafka.replication_factor),
-                max_queue_bytes: cfg.kafka.max_in_flight_bytes as usize,
-                extra: cfg
-                    .kafka
-                    .producer
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            },
+            kafka_settings(cfg),
             progress.clone(),
             metrics.sink_stats.clone(),
         )?)
@@ -789,62 +778,20 @@ impl Pipeline {
             tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), topic = %topic, "new table joined the stream");
             self.topics.insert(topic.clone());
         }
-        let pk = primary_key(&self.meta, &rel).await?;
-        let schema = if !pk.is_empty() {
-            let cols: Vec<&str> = pk.iter().map(String::as_str).collect();
-            TableSchema::with_key(&topic, &rel, &self.types, &cols)?
-        } else if rel.replica_identity == ReplicaIdentity::Full {
-            // No primary key and every column is "identity": no usable key.
-            TableSchema::with_key(&topic, &rel, &self.types, &[])?
-        } else {
-            TableSchema::new(&topic, &rel, &self.types)?
-        };
         let qualified = format!("{}.{}", rel.namespace, rel.name);
         self.points.captured(&qualified);
-        let key_id = if schema.has_key() {
-            let key_subject = format!("{topic}-key");
-            crate::contract::admit(
-                self.cfg.registry.url.as_str(),
-                &key_subject,
-                schema.key_schema_json(),
-                &qualified,
-                self.cfg.registry.on_incompatible,
-            )
-            .await?;
-            Some(
-                self.registry
-                    .register(&key_subject, schema.key_schema_json())
-                    .await?,
-            )
-        } else {
-            None
-        };
-        let value_subject = format!("{topic}-value");
-        crate::contract::admit(
-            self.cfg.registry.url.as_str(),
-            &value_subject,
-            schema.value_schema_json(),
-            &qualified,
-            self.cfg.registry.on_incompatible,
+        let state = map_relation(
+            &self.cfg,
+            &self.meta,
+            &self.registry,
+            &self.metrics,
+            &self.types,
+            rel,
+            topic,
         )
         .await?;
-        let value_id = self
-            .registry
-            .register(&value_subject, schema.value_schema_json())
-            .await?;
-        let table = format!("{}.{}", rel.namespace, rel.name);
-        tracing::info!(table = %table, topic = %topic, value_schema_id = value_id, "table mapped");
-        self.tables.insert(
-            rel.id,
-            Arc::new(TableState {
-                counters: self.metrics.table(&table),
-                rel,
-                topic,
-                schema,
-                key_id,
-                value_id,
-            }),
-        );
+        tracing::info!(table = %qualified, topic = %state.topic, value_schema_id = state.value_id, "table mapped");
+        self.tables.insert(state.rel.id, Arc::new(state));
         Ok(())
     }
 
@@ -934,6 +881,76 @@ impl Pipeline {
             .emit(&self.out, t, &meta, op, before, after)
             .await
     }
+}
+
+/// The settings of walbridge's Kafka sink, from the config.
+pub(crate) fn kafka_settings(cfg: &Config) -> KafkaSettings {
+    KafkaSettings {
+        brokers: cfg.kafka.bootstrap_servers(),
+        partitions: cfg.kafka.partitions,
+        replication_factor: i32::from(cfg.kafka.replication_factor),
+        max_queue_bytes: cfg.kafka.max_in_flight_bytes as usize,
+        extra: cfg
+            .kafka
+            .producer
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Maps a table's shape to its Avro schemas and registers them (after the
+/// `registry.on_incompatible` check): the key is the primary key; without one, none, also under
+/// FULL (every column would be "identity"); otherwise the replica identity's columns.
+pub(crate) async fn map_relation(
+    cfg: &Config,
+    meta: &tokio_postgres::Client,
+    registry: &RegistryClient,
+    metrics: &Metrics,
+    types: &TypeNames,
+    rel: Relation,
+    topic: String,
+) -> anyhow::Result<TableState> {
+    let pk = primary_key(meta, &rel).await?;
+    let schema = if !pk.is_empty() {
+        let cols: Vec<&str> = pk.iter().map(String::as_str).collect();
+        TableSchema::with_key(&topic, &rel, types, &cols)?
+    } else if rel.replica_identity == ReplicaIdentity::Full {
+        TableSchema::with_key(&topic, &rel, types, &[])?
+    } else {
+        TableSchema::new(&topic, &rel, types)?
+    };
+    let qualified = format!("{}.{}", rel.namespace, rel.name);
+    let mut ids = [None, None];
+    for (i, (subject, json)) in [
+        (
+            format!("{topic}-key"),
+            schema.has_key().then(|| schema.key_schema_json()),
+        ),
+        (format!("{topic}-value"), Some(schema.value_schema_json())),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(json) = json else { continue };
+        crate::contract::admit(
+            cfg.registry.url.as_str(),
+            &subject,
+            json,
+            &qualified,
+            cfg.registry.on_incompatible,
+        )
+        .await?;
+        ids[i] = Some(registry.register(&subject, json).await?);
+    }
+    Ok(TableState {
+        counters: metrics.table(&qualified),
+        rel,
+        topic,
+        key_id: ids[0],
+        value_id: ids[1].ok_or_else(|| anyhow!("no value schema id for {qualified}"))?,
+        schema,
+    })
 }
 
 /// The table's primary key columns, in key order.
