@@ -3,6 +3,7 @@
 
 mod confluent_client;
 mod doctor;
+mod faults;
 mod harness;
 mod metrics;
 mod replication;
