@@ -57,6 +57,10 @@ pub struct SourceConfig {
     pub snapshot_workers: usize,
     /// Size of one snapshot chunk of a table's heap (`source.snapshot_chunk_mb`).
     pub snapshot_chunk_bytes: u64,
+    /// How long a stop (SIGTERM) may take to deliver what is in flight before walbridge gives
+    /// up and exits non-zero (`source.shutdown_timeout_ms`). Nothing is lost either way: what
+    /// was not delivered was not confirmed to the slot, and the next start sends it again.
+    pub shutdown_timeout: Duration,
 }
 
 /// `registry.on_incompatible` (see `crate::contract`).
@@ -378,6 +382,11 @@ const KEYS: &[KeySpec] = &[
     key("source.snapshot_workers", "an integer in 1..=64", "4"),
     key("source.snapshot_chunk_mb", "an integer in 1..=65536", "16"),
     key(
+        "source.shutdown_timeout_ms",
+        "an integer number of milliseconds in 1000..=3600000",
+        "30000",
+    ),
+    key(
         "kafka",
         "a mapping",
         "kafka: { brokers: ..., topic_prefix: ... }",
@@ -487,6 +496,7 @@ struct RawSource {
     snapshot: Option<S<String>>,
     snapshot_workers: Option<S<i64>>,
     snapshot_chunk_mb: Option<S<i64>>,
+    shutdown_timeout_ms: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -910,6 +920,12 @@ impl Validator<'_> {
             1..=65_536,
             16,
         );
+        let shutdown = self.int_in(
+            &raw.shutdown_timeout_ms,
+            "source.shutdown_timeout_ms",
+            1000..=3_600_000,
+            30_000,
+        );
         Some(SourceConfig {
             snapshot: snapshot?,
             snapshot_workers: workers?.unsigned_abs() as usize,
@@ -921,6 +937,7 @@ impl Validator<'_> {
             tables: tables?,
             status_interval: Duration::from_millis(status?.unsigned_abs()),
             heartbeat_interval: Duration::from_millis(heartbeat?.unsigned_abs()),
+            shutdown_timeout: Duration::from_millis(shutdown?.unsigned_abs()),
         })
     }
 
@@ -1736,6 +1753,35 @@ registry:
             "source.status_interval_ms",
             "expected an integer number of milliseconds in 100..=60000, got \"50\" (out of range)",
         );
+    }
+
+    #[test]
+    fn shutdown_timeout_defaults_to_30_s_and_is_bounded() {
+        let c = from_str_with_env(VALID, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.source.shutdown_timeout, Duration::from_secs(30));
+        let src = with(
+            "  heartbeat_interval_ms: 10000\n",
+            "  heartbeat_interval_ms: 10000\n  shutdown_timeout_ms: 5000\n",
+        );
+        let c = from_str_with_env(&src, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.source.shutdown_timeout, Duration::from_secs(5));
+        for bad in ["999", "3600001", "-1"] {
+            one_error(
+                &with(
+                    "  heartbeat_interval_ms: 10000\n",
+                    &format!("  heartbeat_interval_ms: 10000\n  shutdown_timeout_ms: {bad}\n"),
+                ),
+                8,
+                "source.shutdown_timeout_ms",
+                &format!("in 1000..=3600000, got \"{bad}\" (out of range)"),
+            );
+        }
+        // A typo is caught with a suggestion, like every other key.
+        let errs = errors_of(&with(
+            "  heartbeat_interval_ms: 10000\n",
+            "  heartbeat_interval_ms: 10000\n  shutdown_timout_ms: 5000\n",
+        ));
+        assert!(errs.to_string().contains("shutdown_timeout_ms"), "{errs}");
     }
 
     #[test]

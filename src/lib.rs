@@ -15,3 +15,4 @@ pub mod snapshot;
 pub mod stack;
 pub mod status;
 pub mod tail;
+pub mod verify;

@@ -92,6 +92,22 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Compare what is in Kafka with the source tables: lost, extra and differing rows, and
+    /// duplicate deliveries. Exits 0 when equal, 1 when they differ, 2 when it cannot tell.
+    Verify {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+        /// Only this table, as schema.table (repeat for more; default: every captured table).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// How long to wait for the pipeline to catch up with the source first (0: compare at
+        /// once, whatever is confirmed).
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The demo: a throwaway legacy database, broker and registry, the pipeline, and a workload.
     Demo {
         #[arg(long, default_value_t = 30)]
@@ -195,6 +211,7 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<walbridge::verify::Differences>() => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -308,6 +325,29 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             walbridge::demo::print_tail(&cfg, table.as_deref(), limit).await
         }
         Command::Dlq { command } => dlq(command).await,
+        Command::Verify {
+            config,
+            tables,
+            wait_secs,
+            json,
+        } => {
+            let cfg = load_config(&config)?;
+            let opts = walbridge::verify::Options {
+                tables,
+                wait: Duration::from_secs(wait_secs),
+                ..walbridge::verify::Options::default()
+            };
+            let report = walbridge::verify::verify(&cfg, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            match report.differences() {
+                0 => Ok(()),
+                n => Err(walbridge::verify::Differences(n).into()),
+            }
+        }
         Command::Demo { seconds, rate } => {
             walbridge::demo::run(Duration::from_secs(seconds), rate).await
         }

@@ -530,17 +530,33 @@ async fn run_attempt(
         })?;
 
     let heartbeat = spawn_heartbeat(cfg);
+    // A stop must finish within source.shutdown_timeout_ms, counted from the signal: also when
+    // the pipeline is blocked handing a change to a full producer queue (broker down).
+    let limit = cfg.source.shutdown_timeout;
+    let stop_at = std::sync::OnceLock::new();
+    let mut stop_seen = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
     metrics.streaming();
-    let outcome = p.process(batch_rx, stopped, &phase_tx).await;
+    let (outcome, overdue) = tokio::select! {
+        r = p.process(batch_rx, stopped, &phase_tx) => (r, false),
+        _ = async {
+            let _ = stop_seen.wait_for(|s| *s).await;
+            let _ = stop_at.set(std::time::Instant::now());
+            tokio::time::sleep(limit).await;
+        } => (Ok(()), true),
+    };
     metrics.not_ready("stopping");
     heartbeat.abort();
 
     // Drain: deliver what was handed to Kafka, let the confirmed LSN catch up, tell the server.
     let _ = phase_tx.send(Phase::Drain);
-    let drained = tokio::task::block_in_place(|| p.out.sink.flush(Duration::from_secs(60)));
+    let left = stop_at
+        .get()
+        .map_or(limit, |t| limit.saturating_sub(t.elapsed()));
+    let drained =
+        tokio::task::block_in_place(|| p.out.sink.flush(left.max(Duration::from_millis(100))));
     let _ = phase_tx.send(Phase::Done);
     let reader_result = tokio::task::spawn_blocking(move || reader.join())
         .await?
@@ -549,6 +565,24 @@ async fn run_attempt(
     forward.abort();
     position_writer.abort();
     resume.store_final(p.progress.confirmed());
+    let flush_timed_out = matches!(drained, Err(sinks::kafka::KafkaSinkError::FlushTimeout(..)));
+    if stop_at.get().is_some() && (overdue || flush_timed_out) {
+        let n = match &drained {
+            Err(sinks::kafka::KafkaSinkError::FlushTimeout(_, n)) => *n,
+            _ => 0,
+        };
+        tracing::error!(
+            in_flight = n,
+            timeout_ms = limit.as_millis() as u64,
+            "shutdown timed out"
+        );
+        bail!(
+            "shutdown did not finish within source.shutdown_timeout_ms ({} ms): {n} message(s) still in flight to Kafka. \
+             The slot was not confirmed past them (confirmed {}), so they are sent again on the next start; nothing is lost",
+            limit.as_millis(),
+            p.progress.confirmed()
+        );
+    }
     outcome?;
     drained?;
     if let Some(f) = p.progress.failure() {

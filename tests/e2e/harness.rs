@@ -97,6 +97,8 @@ pub struct TestDb {
     pub source_extra: String,
     /// More `registry` settings, as YAML lines indented by two spaces.
     pub registry_extra: String,
+    /// More `kafka` settings, as YAML lines indented by two spaces.
+    pub kafka_extra: String,
     /// `metrics.listen` for walbridge (`ip:port`); no metrics section when `None`.
     pub metrics_listen: Option<String>,
 }
@@ -145,6 +147,7 @@ impl TestDb {
             snapshot: "never",
             source_extra: String::new(),
             registry_extra: String::new(),
+            kafka_extra: String::new(),
             metrics_listen: None,
         }
     }
@@ -178,7 +181,7 @@ impl TestDb {
         metrics
             + &format!(
                 "source:\n  dsn: \"{}\"\n  publication: {n}\n  slot: {n}\n  tables: [\"oms.*\", \"wms.*\"]\n  status_interval_ms: 100\n  heartbeat_interval_ms: 1000\n  state_dir: \"{state}\"\n  snapshot: {snapshot}\n{extra}\
-             kafka:\n  brokers: \"{}\"\n  topic_prefix: {n}\n  partitions: 3\n\
+             kafka:\n  brokers: \"{}\"\n  topic_prefix: {n}\n  partitions: 3\n{kafka_extra}\
              registry:\n  url: \"{}\"\n{registry_extra}",
                 self.dsn,
                 self.brokers,
@@ -187,7 +190,8 @@ impl TestDb {
                 state = self.dir.join("state").display(),
                 snapshot = self.snapshot,
                 extra = self.source_extra,
-                registry_extra = self.registry_extra
+                registry_extra = self.registry_extra,
+                kafka_extra = self.kafka_extra
             )
     }
 
@@ -242,7 +246,7 @@ impl TestDb {
             self.client
                 .batch_execute(sql)
                 .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         }
     }
 
@@ -328,6 +332,20 @@ impl TestDb {
         }
     }
 
+    /// What `walbridge verify` reports for `tables` (`schema.table`), through the same library
+    /// function. walbridge must be running: verify first waits for it to catch up.
+    pub async fn verify(&self, tables: &[&str]) -> walbridge::verify::Report {
+        let cfg = walbridge::config::load(&self.write_config()).expect("load config");
+        let opts = walbridge::verify::Options {
+            tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+            wait: Duration::from_secs(90),
+            read_deadline: Duration::from_secs(120),
+        };
+        walbridge::verify::verify(&cfg, &opts)
+            .await
+            .unwrap_or_else(|e| panic!("verify: {e:#}"))
+    }
+
     /// Every event of this test's topics, decoded through the registry: reads the topics until `complete` holds for what was read, or 60 s pass (then returns the
     /// last read, and the test's assertions say what is missing). Needed because the reader's
     /// only end signal with tansu is a quiet period (see `tail::read_all`), which a slow fetch
@@ -382,6 +400,10 @@ impl Walbridge {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
@@ -420,6 +442,72 @@ impl Drop for Walbridge {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A schema registry of one test's own (`walbridge registry` as a process), which the test may
+/// take down and bring back on the same port with the same data.
+pub struct Registry {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Registry {
+        let mut r = Registry {
+            child: None,
+            port: walbridge::stack::free_port(),
+            dir: dir.to_owned(),
+        };
+        r.up();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the registry: connections are refused until [`Registry::up`].
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the registry (again) on its port, with the data it had.
+    pub fn up(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_walbridge"))
+            .args([
+                "registry",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--data-dir",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start registry");
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM` …).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 pub fn signal(pid: u32, sig: &str) {

@@ -4,6 +4,7 @@
 mod confluent_client;
 mod dlq;
 mod doctor;
+mod faults;
 mod harness;
 mod metrics;
 mod replication;
