@@ -87,10 +87,12 @@ impl ProducerContext for AckContext {
                         RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
                     )
                 );
-                if !purged {
+                if purged {
+                    tracing::debug!(topic = msg.topic(), "unsent message dropped with the producer");
+                } else {
                     self.stats.delivery_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(topic = msg.topic(), error = %e, "kafka delivery failed");
                 }
-                tracing::error!(topic = msg.topic(), error = %e, "kafka delivery failed");
                 self.progress
                     .fail(format!("delivery to {} failed: {e}", msg.topic()));
             }
