@@ -68,6 +68,8 @@ pub struct SourceConfig {
 pub enum OnIncompatible {
     Stop,
     NewVersion,
+    /// Send the table's changes of the new shape to the dead-letter topic and go on.
+    DeadLetter,
 }
 
 /// `kafka.dead_letter`: what happens to a change that cannot be encoded (see `crate::dlq`).
@@ -420,7 +422,11 @@ const KEYS: &[KeySpec] = &[
         "an http:// or https:// URL",
         "http://127.0.0.1:8081",
     ),
-    key("registry.on_incompatible", "stop or new_version", "stop"),
+    key(
+        "registry.on_incompatible",
+        "stop, new_version or dead_letter",
+        "stop",
+    ),
     key(
         "registry.embedded",
         "a mapping with listen and data_dir",
@@ -819,6 +825,16 @@ impl Validator<'_> {
         };
         let (source, kafka, registry, metrics, log) = (source?, kafka?, registry?, metrics?, log?);
         self.topic_lengths(&raw.source, &source, &kafka);
+        if registry.on_incompatible == OnIncompatible::DeadLetter
+            && kafka.dead_letter == DeadLetter::Stop
+            && let Some(m) = &raw.registry.on_incompatible
+        {
+            self.error(
+                &m.referenced,
+                "registry.on_incompatible",
+                "dead_letter needs the dead-letter topic, but kafka.dead_letter is stop; set kafka.dead_letter: topic, or choose stop or new_version here".to_owned(),
+            );
+        }
         if let (Some(m), Some(e), Some(raw_m)) = (&metrics, &registry.embedded, &raw.metrics)
             && m.listen == e.listen
         {
@@ -1153,6 +1169,7 @@ impl Validator<'_> {
                     .and_then(|text| match text.as_str() {
                         "stop" => Some(OnIncompatible::Stop),
                         "new_version" => Some(OnIncompatible::NewVersion),
+                        "dead_letter" => Some(OnIncompatible::DeadLetter),
                         _ => {
                             self.invalid(&m.referenced, "registry.on_incompatible", &text, None);
                             None
@@ -1522,6 +1539,18 @@ registry:
         );
         let src = VALID.replace("registry:\n", "registry:\n  on_incompatible: ignore\n");
         one_error(&src, 16, "registry.on_incompatible", "new_version");
+        // dead_letter needs somewhere to send the letters.
+        let src = VALID
+            .replace("registry:\n", "registry:\n  on_incompatible: dead_letter\n")
+            .replace("kafka:\n", "kafka:\n  dead_letter: stop\n");
+        let errs = errors_of(&src);
+        assert!(
+            errs.errors
+                .iter()
+                .any(|e| e.path == "registry.on_incompatible"
+                    && e.message.contains("kafka.dead_letter is stop")),
+            "{errs}"
+        );
     }
 
     #[test]

@@ -12,22 +12,34 @@
 //! - `new_version`: register the new shape anyway as the subject's next version (its level is
 //!   set to NONE for that one registration and put back after), and go on. For teams whose
 //!   consumers read by writer schema id and accept any shape.
+//! - `dead_letter`: register nothing; every change of the table in the new shape goes to the
+//!   dead-letter topic with the reason, and the other tables go on. After a fix (the change made
+//!   compatible, or the subject's level relaxed) `walbridge dlq replay` sends them.
 
 use anyhow::{Context, bail};
 use serde_json::{Value as Json, json};
 
 use crate::config::OnIncompatible;
 
+/// What [`admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Register as usual (already registered, for `new_version`).
+    Register,
+    /// `dead_letter`: the shape is refused, for this reason.
+    Refused(String),
+}
+
 /// Checks `schema` against `subject`'s latest version and applies the policy when it is
-/// incompatible: an error (`stop`) or a forced registration (`new_version`). `Ok` means the
-/// caller's normal registration will succeed (or already has).
+/// incompatible: an error (`stop`), a forced registration (`new_version`), or a refusal the
+/// caller turns into dead letters (`dead_letter`).
 pub async fn admit(
     registry_url: &str,
     subject: &str,
     schema: &str,
     table: &str,
     policy: OnIncompatible,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Admission> {
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()
@@ -49,13 +61,13 @@ pub async fn admit(
     let answer: Json = res.json_or_null().await;
     if status == 404 {
         // No version yet (40401/40402): anything goes.
-        return Ok(());
+        return Ok(Admission::Register);
     }
     if status != 200 {
         bail!("the registry answered {status} to a compatibility check of {subject}: {answer}");
     }
     if answer["is_compatible"].as_bool() != Some(false) {
-        return Ok(());
+        return Ok(Admission::Register);
     }
     let why = answer["messages"].to_string();
     match policy {
@@ -65,6 +77,10 @@ pub async fn admit(
              (e.g. add columns instead of changing a type), allow it for this subject \
              (PUT {base}/config/{subject} with {{\"compatibility\":\"NONE\"}}), or set registry.on_incompatible: new_version"
         ),
+        OnIncompatible::DeadLetter => {
+            tracing::warn!(table, subject, reason = %why, "incompatible shape: the table's changes go to the dead-letter topic (registry.on_incompatible: dead_letter)");
+            Ok(Admission::Refused(format!("subject {subject}: {why}")))
+        }
         OnIncompatible::NewVersion => {
             tracing::warn!(table, subject, reason = %why, "incompatible shape registered as a new version (registry.on_incompatible: new_version)");
             let config_url = format!("{base}/config/{subject}");
@@ -96,7 +112,7 @@ pub async fn admit(
             }
             registered
                 .with_context(|| format!("registering the new shape of {table} under {subject}"))?;
-            Ok(())
+            Ok(Admission::Register)
         }
     }
 }

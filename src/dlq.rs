@@ -269,6 +269,11 @@ fn fix_for(reason: &EncodeReason) -> &'static str {
             "a key column has no value: give the table a primary key whose columns are NOT NULL, then run \
              `walbridge dlq replay`"
         }
+        EncodeReason::IncompatibleShape(_) => {
+            "the registry refuses the table's new shape under the subject's compatibility level: make the \
+             change compatible (e.g. change the column back, or add a column instead), or relax the subject's \
+             level (PUT /config/<topic>-value {\"compatibility\":\"NONE\"}), then run `walbridge dlq replay`"
+        }
         EncodeReason::Malformed { .. }
         | EncodeReason::ColumnCount { .. }
         | EncodeReason::BinaryFormat => {
@@ -463,6 +468,14 @@ pub async fn replay(cfg: &Config, only: &[String]) -> anyhow::Result<Vec<Outcome
                 continue;
             }
         };
+        if let Some(why) = &t.incompatible {
+            outcome.result = Err(format!(
+                "the table's shape is still incompatible with its registered schemas ({why}); \
+                 make it compatible or relax the subject's level, then replay again"
+            ));
+            outcomes.push(outcome);
+            continue;
+        }
         let rows = (
             l.before.as_ref().map(|r| r.tuple(&t.rel)).transpose(),
             l.after.as_ref().map(|r| r.tuple(&t.rel)).transpose(),

@@ -44,6 +44,9 @@ pub struct TableState {
     pub value_id: u32,
     /// This table's metrics, resolved once (an event costs relaxed atomic adds).
     pub counters: crate::metrics::TableCounters,
+    /// Set when the registry refused this shape and `registry.on_incompatible` is
+    /// `dead_letter`: every change goes to the dead-letter topic with this reason.
+    pub incompatible: Option<String>,
 }
 
 /// Where records go.
@@ -150,6 +153,15 @@ impl Emitter {
         before: Option<&Tuple>,
         after: Option<&Tuple>,
     ) -> anyhow::Result<()> {
+        if let Some(why) = &t.incompatible {
+            let err = avro::EncodeError {
+                table: t.schema.table().to_owned(),
+                column: "(table shape)".to_owned(),
+                pg_type: String::new(),
+                reason: avro::EncodeReason::IncompatibleShape(why.clone()),
+            };
+            return self.dead_letter(out, t, m, op, before, after, err).await;
+        }
         let change = Change {
             op,
             before,

@@ -956,6 +956,7 @@ pub(crate) async fn map_relation(
     };
     let qualified = format!("{}.{}", rel.namespace, rel.name);
     let mut ids = [None, None];
+    let mut refused = None;
     for (i, (subject, json)) in [
         (
             format!("{topic}-key"),
@@ -967,22 +968,32 @@ pub(crate) async fn map_relation(
     .enumerate()
     {
         let Some(json) = json else { continue };
-        crate::contract::admit(
+        match crate::contract::admit(
             cfg.registry.url.as_str(),
             &subject,
             json,
             &qualified,
             cfg.registry.on_incompatible,
         )
-        .await?;
-        ids[i] = Some(registry.register(&subject, json).await?);
+        .await?
+        {
+            crate::contract::Admission::Register => {
+                ids[i] = Some(registry.register(&subject, json).await?);
+            }
+            crate::contract::Admission::Refused(why) => refused = Some(why),
+        }
     }
     Ok(TableState {
         counters: metrics.table(&qualified),
         rel,
         topic,
-        key_id: ids[0],
-        value_id: ids[1].ok_or_else(|| anyhow!("no value schema id for {qualified}"))?,
+        key_id: ids[0].filter(|_| refused.is_none()),
+        value_id: match (&refused, ids[1]) {
+            (Some(_), _) => 0,
+            (None, Some(id)) => id,
+            (None, None) => bail!("no value schema id for {qualified}"),
+        },
+        incompatible: refused,
         schema,
     })
 }

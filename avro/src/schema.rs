@@ -206,6 +206,10 @@ pub enum EncodeReason {
     PrecisionExceeded { precision: u32, scale: u32 },
     #[error("multi-dimensional arrays are not supported")]
     MultiDimArray,
+    /// The table's shape is not encodable for its topic at all (registry.on_incompatible:
+    /// dead_letter), whatever the row holds.
+    #[error("the table's new shape is incompatible with the schemas registered for its topic: {0}")]
+    IncompatibleShape(String),
 }
 
 /// A change that cannot be encoded. Definite: it belongs to this record (dead-letter it), and

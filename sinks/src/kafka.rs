@@ -88,7 +88,10 @@ impl ProducerContext for AckContext {
                     )
                 );
                 if purged {
-                    tracing::debug!(topic = msg.topic(), "unsent message dropped with the producer");
+                    tracing::debug!(
+                        topic = msg.topic(),
+                        "unsent message dropped with the producer"
+                    );
                 } else {
                     self.stats.delivery_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(topic = msg.topic(), error = %e, "kafka delivery failed");

@@ -313,9 +313,10 @@ async fn a_publication_naming_tables_one_by_one_is_used_and_its_gap_reported() {
 
 /// A type change the registry calls incompatible (int → text under BACKWARD): by default
 /// walbridge stops before sending anything of the new shape and the slot keeps the change;
-/// with `registry.on_incompatible: new_version` the next start registers it and streams on.
+/// with `registry.on_incompatible: new_version` the next start registers it and streams on;
+/// with `dead_letter` a later incompatible change (text → int) goes to the dead-letter topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_incompatible_change_stops_safely_or_becomes_a_new_version_as_configured() {
+async fn an_incompatible_change_stops_or_becomes_a_new_version_or_dead_letters_as_configured() {
     let mut db = TestDb::new("incompat").await;
     db.exec(&["CREATE TABLE oms.strict (id int PRIMARY KEY, qty int)"])
         .await;
@@ -374,4 +375,52 @@ async fn an_incompatible_change_stops_safely_or_becomes_a_new_version_as_configu
     )
     .await;
     assert_eq!(level["compatibilityLevel"], "BACKWARD", "{level}");
+
+    // dead_letter: the table's changes in a refused shape become dead letters; the rest
+    // streams on and the slot advances.
+    db.registry_extra = "  on_incompatible: dead_letter\n".into();
+    let mut wb = db.start().await;
+    db.exec(&[
+        "ALTER TABLE oms.strict ALTER COLUMN qty TYPE int USING length(qty)",
+        "INSERT INTO oms.strict VALUES (3, 3)",
+        "INSERT INTO oms.customers (id, email, first_name, last_name) VALUES (7000001, 'after@example.com', 'A', 'B')",
+    ])
+    .await;
+    db.wait_caught_up(&mut wb).await;
+    let dlq = format!("{}.dlq", db.name);
+    let customers = format!("{}.oms.customers", db.name);
+    let events = db
+        .events_until(|ev| {
+            ev.iter().any(|e| e.topic == dlq)
+                && harness::has_inserts(ev, &customers, 7_000_001..7_000_002)
+        })
+        .await;
+    assert!(wb.try_exit().is_none(), "walbridge stopped:\n{}", wb.log());
+    assert!(wb.stop().success());
+    let letter = events.iter().find(|e| e.topic == dlq).unwrap();
+    let v = letter.value.as_ref().unwrap();
+    assert_eq!(v["table"], "strict", "{v}");
+    assert!(
+        v["reason"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("incompatible"),
+        "{v}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.topic == topic && harness::field(e, "after", "id") == Some(&Json::from(3))),
+        "a row of the refused shape reached the table's topic"
+    );
+    let versions = registry_get(
+        &db.registry_url,
+        &format!("/subjects/{topic}-value/versions"),
+    )
+    .await;
+    assert_eq!(
+        versions.as_array().map(Vec::len),
+        Some(2),
+        "nothing registered for the refused shape"
+    );
 }
