@@ -270,6 +270,13 @@ impl Postgres {
         Ok(())
     }
 
+    /// Stops the server at once from a shared reference (for a server held in a static, which
+    /// is never dropped: test harnesses call it when the process exits).
+    pub fn stop_at_exit(&self) {
+        let data = self.data.display().to_string();
+        let _ = self.pg_ctl("stop postgres", &["-D", &data, "-m", "immediate", "stop"]);
+    }
+
     /// Stops the server at once (`pg_ctl stop -m immediate`); also done on drop.
     pub fn stop(&mut self) {
         if !self.running {

@@ -26,10 +26,20 @@ pub struct Shared {
     _dir: PathBuf,
 }
 
-// The processes are killed when the test binary exits (Drop does not run for statics, so the
-// children are started with a parent-death signal where the stack supports it; the temp dir is
-// under target/ and cleaned by the next run).
+// Drop does not run for statics: the shared Postgres and registry are stopped by an exit hook
+// (`stop_shared`), so a test run leaves no servers behind. The temp dir is under target/ and
+// cleaned by the next run.
 static SHARED: OnceLock<Shared> = OnceLock::new();
+
+extern "C" fn stop_shared() {
+    if let Some(s) = SHARED.get() {
+        s.pg.stop_at_exit();
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe {
+            libc::kill(s._registry.id() as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}
 
 pub fn shared() -> &'static Shared {
     SHARED.get_or_init(|| {
@@ -49,6 +59,10 @@ pub fn shared() -> &'static Shared {
             .spawn()
             .expect("start registry");
         wait_port(port);
+        // SAFETY: registers a plain extern "C" function, once (inside get_or_init).
+        unsafe {
+            libc::atexit(stop_shared);
+        }
         Shared {
             pg,
             registry_url: format!("http://127.0.0.1:{port}"),
