@@ -128,12 +128,14 @@ pub struct Emitter {
     event_id: String,
     /// Header texts, rewritten per change into the same buffers.
     correlation_id: String,
-    traceparent: String,
+    /// `00-<32 hex trace id>-<16 hex span id>-01`.
+    traceparent: Vec<u8>,
     schema_id: String,
     event_type: String,
     /// The transaction the correlation id and trace id were last written for.
     tx_of_headers: Option<(Lsn, u32)>,
-    trace_id: u128,
+    /// (table, value schema id, op) the schema id and event type headers were written for.
+    table_of_headers: Option<(u32, u32, Op)>,
 }
 
 impl Emitter {
@@ -204,7 +206,7 @@ impl Emitter {
             ("walbridge.op", op.code().as_bytes()),
             ("walbridge.correlation_id", self.correlation_id.as_bytes()),
             ("walbridge.causation_id", self.correlation_id.as_bytes()),
-            ("traceparent", self.traceparent.as_bytes()),
+            ("traceparent", &self.traceparent[..]),
             ("walbridge.schema_id", self.schema_id.as_bytes()),
             ("walbridge.event_type", self.event_type.as_bytes()),
         ];
@@ -234,29 +236,35 @@ impl Emitter {
     }
     /// Writes the per-change header texts into the reusable buffers (no allocation once warm).
     fn write_headers(&mut self, t: &TableState, m: &EventMeta<'_>, op: Op) {
+        // Only the span id changes from change to change; the rest is rewritten when the
+        // transaction or the table changes (formatting per change was a measurable cost).
         if self.tx_of_headers != Some((m.commit_lsn, m.xid)) {
             self.tx_of_headers = Some((m.commit_lsn, m.xid));
             self.correlation_id.clear();
             let _ = write!(self.correlation_id, "{}:{}", m.xid_text, m.lsn_text);
-            self.trace_id = trace_id(m.commit_lsn, m.xid);
+            self.traceparent.resize(55, b'0');
+            self.traceparent[..3].copy_from_slice(b"00-");
+            hex_into(&mut self.traceparent[3..35], trace_id(m.commit_lsn, m.xid));
+            self.traceparent[35] = b'-';
+            self.traceparent[52..].copy_from_slice(b"-01");
         }
-        self.traceparent.clear();
-        let _ = write!(
-            self.traceparent,
-            "00-{:032x}-{:016x}-01",
-            self.trace_id,
-            span_id(&self.event_id)
+        hex_into(
+            &mut self.traceparent[36..52],
+            u128::from(span_id(&self.event_id)),
         );
-        self.schema_id.clear();
-        let _ = write!(self.schema_id, "{}", t.value_id);
-        self.event_type.clear();
-        let _ = write!(
-            self.event_type,
-            "{}.{}.{}",
-            t.rel.namespace,
-            t.rel.name,
-            op.code()
-        );
+        if self.table_of_headers != Some((t.rel.id, t.value_id, op)) {
+            self.table_of_headers = Some((t.rel.id, t.value_id, op));
+            self.schema_id.clear();
+            let _ = write!(self.schema_id, "{}", t.value_id);
+            self.event_type.clear();
+            let _ = write!(
+                self.event_type,
+                "{}.{}.{}",
+                t.rel.namespace,
+                t.rel.name,
+                op.code()
+            );
+        }
     }
 
     /// Sends a change that cannot be encoded to the dead-letter topic, or fails with the
@@ -306,7 +314,7 @@ impl Emitter {
             ("walbridge.txid", m.xid_text.as_bytes()),
             ("walbridge.op", op.code().as_bytes()),
             ("walbridge.correlation_id", self.correlation_id.as_bytes()),
-            ("traceparent", self.traceparent.as_bytes()),
+            ("traceparent", &self.traceparent[..]),
             ("walbridge.event_type", self.event_type.as_bytes()),
             ("walbridge.dlq.reason", reason),
         ];
@@ -330,6 +338,14 @@ impl Emitter {
         out.sink.send(&record).await?;
         dlq.counter.inc();
         Ok(())
+    }
+}
+
+/// Lower-case hex of the low `dst.len()` nibbles of `v`, most significant first.
+fn hex_into(dst: &mut [u8], mut v: u128) {
+    for b in dst.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(v & 0xf) as usize];
+        v >>= 4;
     }
 }
 
