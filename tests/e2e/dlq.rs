@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 use walbridge::tail::Event;
 
-use crate::harness::{TestDb, Walbridge, field, has_inserts};
+use crate::harness::{TestDb, field, has_inserts};
 
 const TABLE: &str = "CREATE TABLE oms.dl_items (id int PRIMARY KEY, price numeric(8,2), note text)";
 
@@ -186,17 +186,10 @@ async fn an_unencodable_change_is_dead_lettered_listed_and_replayed_once_after_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_dead_letter_stop_the_pipeline_stops_at_the_change_and_confirms_nothing_past_it() {
-    let db = TestDb::new("dlqstop").await;
+    let mut db = TestDb::new("dlqstop").await;
     db.exec(&[TABLE]).await;
-    let config = db.dir.join("pipelines.yaml");
-    let yaml = db.config_yaml().replacen(
-        "  partitions: 3\n",
-        "  partitions: 3\n  dead_letter: stop\n",
-        1,
-    );
-    std::fs::write(&config, yaml).unwrap();
-    let mut wb = Walbridge::start(&config, &db.dir.join("walbridge.log"));
-    wait_streaming(&db, &mut wb).await;
+    db.kafka_extra = "  dead_letter: stop\n".into();
+    let mut wb = db.start().await;
     db.exec(&["INSERT INTO oms.dl_items VALUES (1, 1.50, 'a')"])
         .await;
     db.wait_caught_up(&mut wb).await;
@@ -235,35 +228,4 @@ async fn with_dead_letter_stop_the_pipeline_stops_at_the_change_and_confirms_not
         !events.iter().any(|e| e.topic.ends_with(".dlq")),
         "stop sends nothing to a dead-letter topic"
     );
-}
-
-/// `TestDb::start` for a config written by hand: waits until the walsender streams.
-async fn wait_streaming(db: &TestDb, wb: &mut Walbridge) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let streaming = db
-            .client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
-                 WHERE s.slot_name = $1 AND r.state IN ('streaming', 'catchup')",
-                &[&db.name],
-            )
-            .await
-            .unwrap()
-            .is_some();
-        if streaming {
-            return;
-        }
-        assert!(
-            wb.try_exit().is_none(),
-            "walbridge exited; log:\n{}",
-            wb.log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "not streaming after 60 s; log:\n{}",
-            wb.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
