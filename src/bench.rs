@@ -319,7 +319,6 @@ async fn snapshot_vs_copy(
     dir: &Path,
     n: u64,
 ) -> anyhow::Result<()> {
-    use futures_util::StreamExt;
     println!("\nloading {n} rows into snap_bench ...");
     client
         .batch_execute(
@@ -337,19 +336,13 @@ async fn snapshot_vs_copy(
         .await?;
     client.batch_execute("VACUUM ANALYZE snap_bench").await?;
 
-    let t = Instant::now();
-    let stream = client
-        .copy_out("COPY (SELECT * FROM snap_bench) TO STDOUT")
-        .await?;
-    futures_util::pin_mut!(stream);
-    let mut bytes = 0usize;
-    while let Some(chunk) = stream.next().await {
-        bytes += chunk?.len();
-    }
-    let copy_secs = t.elapsed().as_secs_f64();
+    // COPY runs once before and once after walbridge; the faster counts, so a cold or warm
+    // cache favours neither side (as for pg_recvlogical above).
+    let (first_secs, bytes) = copy_all(client).await?;
 
     let kafka_secs = snapshot_run(client, dsn, broker, dir, "wbsnap", false).await?;
     let null_secs = snapshot_run(client, dsn, broker, dir, "wbsnapnull", true).await?;
+    let copy_secs = first_secs.min(copy_all(client).await?.0);
     // The broker's own limit on this machine: the same number of records of the size
     // walbridge produced for the snapshot (with the same headers), pre-encoded, through the
     // same producer settings.
@@ -375,7 +368,7 @@ async fn snapshot_vs_copy(
         bytes as f64 / (1024.0 * 1024.0)
     );
     println!(
-        "  COPY (SELECT * FROM t) TO STDOUT:       {copy_secs:>7.2} s  {copy_rate:>10.0} rows/s"
+        "  COPY (SELECT * FROM t) TO STDOUT (best of 2): {copy_secs:>5.2} s  {copy_rate:>10.0} rows/s"
     );
     println!(
         "  walbridge snapshot → Avro → Kafka:      {kafka_secs:>7.2} s  {kafka_rate:>10.0} rows/s"
@@ -448,6 +441,21 @@ async fn raw_produce(broker: &Broker, n: u64, bytes: usize) -> anyhow::Result<f6
     tokio::task::block_in_place(|| sink.flush(Duration::from_secs(300)))?;
     anyhow::ensure!(progress.confirmed() == Lsn(1), "not every record was acked");
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// `COPY (SELECT * FROM snap_bench) TO STDOUT`, read to the end: seconds and bytes.
+async fn copy_all(client: &tokio_postgres::Client) -> anyhow::Result<(f64, usize)> {
+    use futures_util::StreamExt;
+    let t = Instant::now();
+    let stream = client
+        .copy_out("COPY (SELECT * FROM snap_bench) TO STDOUT")
+        .await?;
+    futures_util::pin_mut!(stream);
+    let mut bytes = 0usize;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk?.len();
+    }
+    Ok((t.elapsed().as_secs_f64(), bytes))
 }
 
 /// One walbridge initial snapshot of snap_bench through a new slot; returns the seconds from

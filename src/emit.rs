@@ -132,6 +132,8 @@ pub struct Emitter {
     traceparent: Vec<u8>,
     schema_id: String,
     event_type: String,
+    /// Acks already expected for the current progress entry (see [`prepay`](Self::prepay)).
+    prepaid: u64,
     /// The transaction the correlation id and trace id were last written for.
     tx_of_headers: Option<(Lsn, u32)>,
     /// (table, value schema id, op) the schema id and event type headers were written for.
@@ -139,6 +141,23 @@ pub struct Emitter {
 }
 
 impl Emitter {
+    /// Expects `n` acks for `seq` at once, for the next [`emit`](Self::emit)s of that entry: one
+    /// lock instead of one per change. [`settle`](Self::settle) returns what was not used.
+    pub fn prepay(&mut self, progress: &Progress, seq: Seq, n: u64) {
+        progress.expect(seq, n);
+        self.prepaid += n;
+    }
+
+    /// Acks prepaid and not yet used.
+    pub fn prepaid(&self) -> u64 {
+        self.prepaid
+    }
+
+    /// Gives back the prepaid acks not used (before the entry is committed).
+    pub fn settle(&mut self, progress: &Progress, seq: Seq) {
+        progress.unexpect(seq, std::mem::take(&mut self.prepaid));
+    }
+
     /// Sets the event id of the next change from its parts (no allocation once warmed up).
     pub fn id(&mut self, parts: std::fmt::Arguments<'_>) {
         self.event_id.clear();
@@ -214,7 +233,12 @@ impl Emitter {
         // Debezium's tombstone after a keyed delete lets a compacted topic forget the key.
         let tombstone = op == Op::Delete && has_key;
         // Expect before send: the ack may arrive before `send` even returns.
-        out.progress.expect(m.seq, if tombstone { 2 } else { 1 });
+        let need = if tombstone { 2 } else { 1 };
+        if self.prepaid >= need {
+            self.prepaid -= need;
+        } else {
+            out.progress.expect(m.seq, need);
+        }
         let mut record = Record {
             topic: &t.topic,
             key,

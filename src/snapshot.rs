@@ -394,13 +394,17 @@ async fn worker(
             snapshot: true,
         };
         let mut counted = 0;
+        let mut n = 0;
         while let Some(row) = rows.next().await? {
-            let n = rows.rows();
+            n += 1;
+            if em.prepaid() == 0 {
+                em.prepay(&shared.out.progress, seq, 1024);
+            }
             em.id(format_args!(
                 "snapshot:{}:{}:{}:{n}",
                 shared.at_text, tp.name, chunk.index
             ));
-            em.emit(&shared.out, t, &meta, Op::Read, None, Some(&row))
+            em.emit(&shared.out, t, &meta, Op::Read, None, Some(row))
                 .await?;
             if n % 4096 == 0 {
                 // The clock, the stop flag and the counters once per few thousand rows: per
@@ -416,8 +420,9 @@ async fn worker(
                 }
             }
         }
-        tp.rows.fetch_add(rows.rows() - counted, Ordering::Relaxed);
+        tp.rows.fetch_add(n - counted, Ordering::Relaxed);
         tp.chunks_read.fetch_add(1, Ordering::Relaxed);
+        em.settle(&shared.out.progress, seq);
         shared.out.progress.commit(seq, shared.at);
         let _ = done.send(ChunkRead { chunk, seq });
     }

@@ -152,6 +152,21 @@ impl Progress {
         }
     }
 
+    /// Takes back `n` of the changes expected for `seq` that were never sent (a caller that
+    /// expects in blocks, to take the lock once per block, returns the unused rest before
+    /// committing). Pending never drops below what is really unacked, so nothing retires early.
+    pub fn unexpect(&self, seq: Seq, n: u64) {
+        let mut s = self.lock();
+        if seq < s.front_seq {
+            return;
+        }
+        let i = (seq - s.front_seq) as usize;
+        if let Some(e) = s.entries.get_mut(i) {
+            e.pending = e.pending.saturating_sub(n);
+        }
+        self.retire(&mut s);
+    }
+
     /// All changes of `seq` have been handed over; it ends at `end`.
     pub fn commit(&self, seq: Seq, end: Lsn) {
         let mut s = self.lock();
@@ -292,6 +307,20 @@ mod tests {
         p.commit(a, Lsn(50));
         assert!(p.is_done(a) && p.is_done(b));
         assert_eq!(p.confirmed(), Lsn(50));
+    }
+
+    #[test]
+    fn expecting_in_blocks_never_confirms_before_the_last_real_ack() {
+        let (p, _rx) = Progress::new(Lsn(0));
+        let a = p.begin();
+        p.expect(a, 1024); // a block, of which 3 are used
+        p.ack(a);
+        p.ack(a);
+        p.unexpect(a, 1021);
+        p.commit(a, Lsn(70));
+        assert_eq!(p.confirmed(), Lsn(0), "one sent change is still unacked");
+        p.ack(a);
+        assert_eq!(p.confirmed(), Lsn(70));
     }
 
     #[test]
