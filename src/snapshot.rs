@@ -605,6 +605,8 @@ pub(crate) struct Points {
     ready: Option<Prepared>,
     /// Chunks of the last batch not yet acked: (seq, table, first block).
     in_flight: Vec<(Seq, String, u32)>,
+    /// After a point could not be made (no free slot or walsender, say): not before this.
+    retry_at: Option<Instant>,
     /// Commit LSN of the last transaction handled: a point at or before it came too late.
     /// (Keepalive and heartbeat positions past a point do not spoil it: they carry no rows, and
     /// confirming them early is safe because the chunks stay in the pending record until acked.)
@@ -630,6 +632,7 @@ impl Points {
             preparing: None,
             ready: None,
             in_flight: Vec::new(),
+            retry_at: None,
             last_commit: start,
         }
     }
@@ -688,6 +691,7 @@ impl Points {
             && self.preparing.is_none()
             && self.ready.is_none()
             && !self.pending.tables.is_empty()
+            && self.retry_at.is_none_or(|t| Instant::now() >= t)
         {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let (pg, slot, n) = (self.pg.clone(), self.slot.clone(), self.workers);
@@ -705,9 +709,14 @@ impl Points {
     fn due(&mut self, pos: Lsn, commit: bool) -> anyhow::Result<Option<Prepared>> {
         if let Some(rx) = &mut self.preparing {
             match rx.try_recv() {
-                Ok(result) => {
+                Ok(Err(e)) => {
+                    // Streaming must not stop because a copy cannot start: say why, try later.
                     self.preparing = None;
-                    let prepared = result?;
+                    self.retry_at = Some(Instant::now() + Duration::from_secs(30));
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_secs = 30, "cannot start copying pending snapshot chunks; streaming goes on");
+                }
+                Ok(Ok(prepared)) => {
+                    self.preparing = None;
                     if self.last_commit >= prepared.at {
                         tracing::debug!(point = %prepared.at, passed = %self.last_commit, "the stream passed the snapshot point; making a new one");
                     } else {
