@@ -15,7 +15,8 @@
 //! key), so those are reported one at a time; everything past parsing is reported together.
 //!
 //! `${VAR}` in any string value is replaced by the environment variable `VAR` (write `$${` for a
-//! literal `${`). Quote such values inside flow collections (`[ "${A}" ]`), where `{` is syntax.
+//! literal `${`), and `${file:/path}` by the contents of a file without its final newline (how
+//! Docker and Kubernetes hand out secrets). Neither value is ever shown in an error. Quote such values inside flow collections (`[ "${A}" ]`), where `{` is syntax.
 //!
 //! Secrets: the source DSN may carry a password. It is kept in [`Dsn`], whose `Debug` redacts it,
 //! and no error message ever echoes a DSN that is not redacted.
@@ -750,7 +751,22 @@ impl Validator<'_> {
                     return None;
                 };
                 let name = &body[..end];
-                if !is_env_name(name) {
+                if let Some(file) = name.strip_prefix("file:") {
+                    match std::fs::read_to_string(file) {
+                        Ok(text) => {
+                            let text = text.strip_suffix('\n').unwrap_or(&text);
+                            out.push_str(text.strip_suffix('\r').unwrap_or(text));
+                        }
+                        Err(e) => {
+                            self.error(
+                                at,
+                                path,
+                                format!("cannot read the secret file {file:?} named by `${{file:...}}`: {e}; check the path and that walbridge may read it"),
+                            );
+                            ok = false;
+                        }
+                    }
+                } else if !is_env_name(name) {
                     self.error(
                         at,
                         path,
@@ -1825,6 +1841,37 @@ registry:
             "source.dsn",
             "environment variable WALBRIDGE_TEST_UNSET_DSN is not set",
         );
+    }
+
+    #[test]
+    fn secrets_come_from_files_without_their_newline_and_are_never_shown() {
+        let dir = std::env::temp_dir().join(format!("walbridge-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("pg-password");
+        std::fs::write(&secret, "s3cret-from-file\n").unwrap();
+        let src = with(
+            "\"host=127.0.0.1 port=5432 user=postgres dbname=legacy\"",
+            &format!(
+                "\"host=127.0.0.1 port=5432 user=postgres dbname=legacy password=${{file:{}}}\"",
+                secret.display()
+            ),
+        );
+        let c = from_str_with_env(&src, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(
+            c.source.pg_config().get_password(),
+            Some(&b"s3cret-from-file"[..])
+        );
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug shows the secret");
+        assert!(!c.source.dsn.redacted().contains("s3cret"));
+        // A missing file is named, with the key, and nothing of any secret is printed.
+        let missing = dir.join("nope");
+        let src = with(
+            "\"host=127.0.0.1 port=5432 user=postgres dbname=legacy\"",
+            &format!("\"password=${{file:{}}} host=x\"", missing.display()),
+        );
+        let e = one_error(&src, 2, "source.dsn", "cannot read the secret file");
+        assert!(e.message.contains("nope"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
