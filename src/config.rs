@@ -219,6 +219,24 @@ impl fmt::Debug for RegistryConfig {
 pub struct EmbeddedRegistry {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Credentials the registry's write endpoints require (`registry.embedded.write_auth`).
+    pub write_auth: Option<Credentials>,
+}
+
+/// A user and password; the password never shows in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
 }
 
 /// `metrics`: where `walbridge run` serves its metrics and health endpoints.
@@ -444,6 +462,11 @@ const KEYS: &[KeySpec] = &[
         ".walbridge/registry",
     ),
     key(
+        "registry.embedded.write_auth",
+        "\"user:password\" required for writes",
+        "\"walbridge:${REGISTRY_PASSWORD}\"",
+    ),
+    key(
         "metrics",
         "a mapping",
         "metrics: { listen: \"127.0.0.1:9187\" }",
@@ -531,6 +554,7 @@ struct RawRegistry {
 struct RawEmbedded {
     listen: S<String>,
     data_dir: S<String>,
+    write_auth: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1194,6 +1218,17 @@ impl Validator<'_> {
             }
         };
         let (url, embedded, on_incompatible) = (url?, embedded?, on_incompatible?);
+        if let Some(e) = &embedded
+            && e.write_auth.is_some()
+            && url.username().is_empty()
+        {
+            self.error(
+                &raw.url.referenced,
+                path,
+                "registry.embedded.write_auth is set, so walbridge must send credentials: put them in the URL, e.g. \"http://walbridge:${REGISTRY_PASSWORD}@127.0.0.1:8081\"",
+            );
+            return None;
+        }
         if let Some(e) = &embedded {
             // The pipeline talks to `url`; an embedded server elsewhere would sit unused.
             if url.port_or_known_default() != Some(e.listen.port()) {
@@ -1237,9 +1272,32 @@ impl Validator<'_> {
                 Some(PathBuf::from(text))
             }
         });
+        let write_auth = match &raw.write_auth {
+            None => Some(None),
+            Some(w) => self
+                .string(w, "registry.embedded.write_auth")
+                .and_then(|text| match text.split_once(':') {
+                    Some((user, password)) if !user.is_empty() && !password.is_empty() => {
+                        Some(Some(Credentials {
+                            user: user.to_owned(),
+                            password: password.to_owned(),
+                        }))
+                    }
+                    // The value holds a secret: say what is wrong without echoing it.
+                    _ => {
+                        self.error(
+                            &w.referenced,
+                            "registry.embedded.write_auth",
+                            "expected \"user:password\" with both parts non-empty; keep the password out of the file with ${VAR} or ${file:/path}",
+                        );
+                        None
+                    }
+                }),
+        };
         Some(EmbeddedRegistry {
             listen: listen?,
             data_dir: data_dir?,
+            write_auth: write_auth?,
         })
     }
 
@@ -1861,7 +1919,10 @@ registry:
             c.source.pg_config().get_password(),
             Some(&b"s3cret-from-file"[..])
         );
-        assert!(!format!("{c:?}").contains("s3cret"), "Debug shows the secret");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug shows the secret"
+        );
         assert!(!c.source.dsn.redacted().contains("s3cret"));
         // A missing file is named, with the key, and nothing of any secret is printed.
         let missing = dir.join("nope");
@@ -1872,6 +1933,54 @@ registry:
         let e = one_error(&src, 2, "source.dsn", "cannot read the secret file");
         assert!(e.message.contains("nope"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn registry_write_auth_needs_credentials_in_the_url_and_is_never_shown() {
+        let env = |n: &str| (n == "REGISTRY_PASSWORD").then(|| "hunter2".to_string());
+        let embedded = "    data_dir: \".walbridge/registry\"\n";
+        let with_auth = VALID.replace(
+            embedded,
+            &format!("{embedded}    write_auth: \"walbridge:${{REGISTRY_PASSWORD}}\"\n"),
+        );
+        // Without credentials in registry.url, walbridge could not write: refused, with a way out.
+        let errs = from_str_with_env(&with_auth, "pipelines.yaml", &env).unwrap_err();
+        assert!(
+            errs.errors.iter().any(|e| e.path == "registry.url"
+                && e.message.contains("write_auth is set")
+                && e.message.contains("${REGISTRY_PASSWORD}@")),
+            "{errs}"
+        );
+        assert!(!errs.to_string().contains("hunter2"), "{errs}");
+        let ok = with_auth.replace(
+            "url: \"http://127.0.0.1:8081\"",
+            "url: \"http://walbridge:${REGISTRY_PASSWORD}@127.0.0.1:8081\"",
+        );
+        let c = from_str_with_env(&ok, "pipelines.yaml", &env).unwrap();
+        let creds = c
+            .registry
+            .embedded
+            .as_ref()
+            .unwrap()
+            .write_auth
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (creds.user.as_str(), creds.password.as_str()),
+            ("walbridge", "hunter2")
+        );
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "Debug shows the password"
+        );
+        // A malformed value is refused without being echoed.
+        let bad = VALID.replace(
+            embedded,
+            &format!("{embedded}    write_auth: \"justapassword\"\n"),
+        );
+        let errs = from_str_with_env(&bad, "pipelines.yaml", &env).unwrap_err();
+        assert!(errs.to_string().contains("user:password"), "{errs}");
+        assert!(!errs.to_string().contains("justapassword"), "{errs}");
     }
 
     #[test]

@@ -40,11 +40,21 @@ pub async fn admit(
     table: &str,
     policy: OnIncompatible,
 ) -> anyhow::Result<Admission> {
+    // Credentials in the URL are sent as basic auth; errors name the URL without them.
+    let (base, credentials) = avro::registry::client::split_credentials(registry_url);
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some((user, password)) = credentials {
+        let value =
+            reqwest::header::HeaderValue::from_str(&avro::registry::basic_auth(&user, &password))
+                .context("the registry credentials are not valid in an HTTP header")?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
+        .default_headers(headers)
         .build()
         .context("setting up the registry HTTP client")?;
-    let base = registry_url.trim_end_matches('/');
+    let base = base.trim_end_matches('/');
     let body = json!({ "schema": schema }).to_string();
     let res = http
         .post(format!(

@@ -74,6 +74,10 @@ enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value = ".walbridge/registry")]
         data_dir: PathBuf,
+        /// Require HTTP basic auth for writes, with the "user:password" in this file (reads
+        /// stay open). Clients put the credentials in their registry URL.
+        #[arg(long)]
+        write_auth_file: Option<PathBuf>,
     },
     /// Print the events in the pipeline's topics, decoded through the registry.
     Tail {
@@ -305,9 +309,28 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Registry { listen, data_dir } => {
-            let server = avro::RegistryServer::open(&data_dir)
+        Command::Registry {
+            listen,
+            data_dir,
+            write_auth_file,
+        } => {
+            let mut server = avro::RegistryServer::open(&data_dir)
                 .with_context(|| format!("opening the registry store in {}", data_dir.display()))?;
+            if let Some(path) = write_auth_file {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading --write-auth-file {}", path.display()))?;
+                let text = text.trim_end_matches(['\n', '\r']);
+                let Some((user, password)) = text
+                    .split_once(':')
+                    .filter(|(u, p)| !u.is_empty() && !p.is_empty())
+                else {
+                    anyhow::bail!(
+                        "{} must hold \"user:password\" (both non-empty)",
+                        path.display()
+                    );
+                };
+                server = server.with_write_auth(user, password);
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;

@@ -128,6 +128,10 @@ pub async fn run_observed(
             let server = avro::RegistryServer::open(&e.data_dir).with_context(|| {
                 format!("opening the registry store in {}", e.data_dir.display())
             })?;
+            let server = match &e.write_auth {
+                Some(c) => server.with_write_auth(&c.user, &c.password),
+                None => server,
+            };
             let listener = tokio::net::TcpListener::bind(e.listen)
                 .await
                 .with_context(|| format!("binding the embedded registry to {}", e.listen))?;

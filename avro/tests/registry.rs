@@ -895,3 +895,82 @@ async fn config_and_deletes_survive_a_restart() {
     registry.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// With write auth, reads stay open, writes need the credentials, and the client takes them
+/// from the URL.
+#[tokio::test]
+async fn write_endpoints_require_basic_auth_and_the_client_sends_it_from_the_url() {
+    let dir = temp_dir("writeauth");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = RegistryServer::open(&dir)
+        .unwrap()
+        .with_write_auth("walbridge", "s3cr%t:x")
+        .spawn(listener)
+        .unwrap();
+    let schema = orders();
+    let body = json!({ "schema": schema.value_schema_json() }).to_string();
+
+    // Without credentials: 401 with Confluent's shape and a way out; nothing is stored.
+    let (status, answer) = http(
+        &registry,
+        "POST",
+        &format!("/subjects/{VALUE_SUBJECT}/versions"),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(answer["error_code"], 40101);
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("user:password@")
+    );
+    let (status, _) = http(&registry, "GET", "/subjects", "").await;
+    assert_eq!(status, 200, "reads stay open");
+    let (status, _) = http(&registry, "PUT", "/config", r#"{"compatibility":"NONE"}"#).await;
+    assert_eq!(status, 401, "config changes are writes");
+    let (status, _) = http(
+        &registry,
+        "POST",
+        &format!("/compatibility/subjects/{VALUE_SUBJECT}/versions/latest"),
+        &body,
+    )
+    .await;
+    assert_ne!(status, 401, "a compatibility check changes nothing");
+
+    let anonymous = RegistryClient::new(&registry.url()).unwrap();
+    assert!(
+        anonymous
+            .register(VALUE_SUBJECT, schema.value_schema_json())
+            .await
+            .is_err()
+    );
+    let wrong = RegistryClient::new(&format!("http://walbridge:nope@{}", registry.addr())).unwrap();
+    assert!(
+        wrong
+            .register(VALUE_SUBJECT, schema.value_schema_json())
+            .await
+            .is_err()
+    );
+    // The password has ':' and '%' in it: percent-encoded in the URL.
+    let client = RegistryClient::new(&format!(
+        "http://walbridge:s3cr%25t%3Ax@{}",
+        registry.addr()
+    ))
+    .unwrap();
+    let id = client
+        .register(VALUE_SUBJECT, schema.value_schema_json())
+        .await
+        .unwrap();
+    let (status, versions) = http(
+        &registry,
+        "GET",
+        &format!("/subjects/{VALUE_SUBJECT}/versions"),
+        "",
+    )
+    .await;
+    assert_eq!((status, versions), (200, json!([1])));
+    assert!(id > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,14 +34,18 @@ impl std::fmt::Debug for RegistryClient {
 
 impl RegistryClient {
     /// A client for the registry at `url` (e.g. `http://127.0.0.1:8081`), with a 30 s timeout.
+    /// Credentials in the URL (`http://user:password@host:port`) are sent as HTTP basic auth.
     pub fn new(url: &str) -> Result<RegistryClient, RegistryError> {
-        let settings = SrSettings::new_builder(url.trim_end_matches('/').to_owned())
-            .set_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|source| RegistryError::Request {
-                what: format!("set up client for {url}"),
-                source,
-            })?;
+        let (base, credentials) = split_credentials(url);
+        let mut builder = SrSettings::new_builder(base.trim_end_matches('/').to_owned());
+        builder.set_timeout(Duration::from_secs(30));
+        if let Some((user, password)) = &credentials {
+            builder.set_basic_authorization(user, Some(password));
+        }
+        let settings = builder.build().map_err(|source| RegistryError::Request {
+            what: format!("set up client for {url}"),
+            source,
+        })?;
         Ok(Self::with_settings(settings))
     }
 
@@ -117,6 +121,44 @@ impl RegistryClient {
 }
 
 /// Named schemas by full name, to follow `Schema::Ref`.
+/// Splits `scheme://user:password@host…` into the URL without credentials and the
+/// (percent-decoded) user and password.
+pub fn split_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..host_end].rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    (
+        format!("{scheme}://{host}"),
+        Some((percent_decode(user), percent_decode(password))),
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), b.get(i + 2).and_then(|&c| hex(c)))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn collect_names<'s>(schema: &'s Schema, names: &mut HashMap<Name, &'s Schema>) {
     match schema {
         Schema::Record(RecordSchema { name, fields, .. }) => {

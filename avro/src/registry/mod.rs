@@ -19,7 +19,7 @@ use crate::wire::WireError;
 
 pub use client::RegistryClient;
 pub use compat::CompatibilityLevel;
-pub use server::{RegistryServer, RunningRegistry, serve};
+pub use server::{RegistryServer, RunningRegistry, basic_auth, serve};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

@@ -442,6 +442,8 @@ async fn mode() -> Response {
 #[derive(Debug, Clone)]
 pub struct RegistryServer {
     store: Shared,
+    /// `Authorization` header value the write endpoints require (HTTP basic), if any.
+    write_auth: Option<Arc<str>>,
 }
 
 impl RegistryServer {
@@ -449,7 +451,17 @@ impl RegistryServer {
     pub fn open(data_dir: impl AsRef<FsPath>) -> Result<RegistryServer, RegistryError> {
         Ok(RegistryServer {
             store: Arc::new(Mutex::new(Store::open(data_dir.as_ref())?)),
+            write_auth: None,
         })
+    }
+
+    /// Requires HTTP basic authentication with `user` and `password` for every request that
+    /// changes the registry (POST, PUT, DELETE); reads stay open, as serializers and
+    /// deserializers of every team need them. Compatibility checks are POSTs but change
+    /// nothing, so they stay open too.
+    pub fn with_write_auth(mut self, user: &str, password: &str) -> RegistryServer {
+        self.write_auth = Some(basic_auth(user, password).into());
+        self
     }
 
     /// The HTTP routes, to serve or to nest into another router.
@@ -500,6 +512,10 @@ impl RegistryServer {
             .route("/mode/{subject}", get(mode))
             .fallback(not_found)
             .method_not_allowed_fallback(not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                self.write_auth.clone(),
+                require_write_auth,
+            ))
             .with_state(self.store.clone())
     }
 
@@ -527,6 +543,68 @@ impl RegistryServer {
         }));
         Ok(RunningRegistry { addr, stop, task })
     }
+}
+
+/// Lets reads through, and writes only with the configured credentials (see
+/// [`RegistryServer::with_write_auth`]).
+async fn require_write_auth(
+    State(expected): State<Option<Arc<str>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(expected) = expected else {
+        return next.run(request).await;
+    };
+    let method = request.method();
+    let read = method == axum::http::Method::GET
+        || method == axum::http::Method::HEAD
+        || request.uri().path().starts_with("/compatibility/");
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if read || given == Some(&*expected) {
+        return next.run(request).await;
+    }
+    let mut response = reply(
+        StatusCode::UNAUTHORIZED,
+        json!({
+            "error_code": 40101,
+            "message": "this registry requires HTTP basic authentication for writes; put the user and password in the client's registry URL (http://user:password@host:port)"
+        }),
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"walbridge-registry\""),
+    );
+    response
+}
+
+/// The `Authorization` header value of HTTP basic authentication.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{password}").as_bytes()))
+}
+
+/// Standard base64 with padding (RFC 4648), for the basic-auth header.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Opens the store in `data_dir` and serves on `listener` until `shutdown` completes.
