@@ -88,24 +88,8 @@ pub(crate) async fn initial(
         ..Pending::default()
     };
     for (i, table) in tables.iter().enumerate() {
-        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-        let (rel, types) = cdc::snapshot::catalog_relation(&first, schema, name).await?;
-        for t in &types {
-            p.types.insert(t);
-        }
-        let (pages, estimate) = cdc::snapshot::table_size(&first, &rel).await?;
-        let rel_id = rel.id;
-        p.relation(rel).await?;
-        let state = p
-            .tables
-            .get(&rel_id)
-            .cloned()
-            .ok_or_else(|| anyhow!("{table} was not mapped"))?;
-        let chunks = if ranges {
-            cdc::snapshot::plan_chunks(pages, chunk_pages)
-        } else {
-            vec![BlockRange { lo: 0, hi: None }]
-        };
+        let (state, pages, estimate) = p.table_for_copy(&first, table).await?;
+        let chunks = plan(pages, chunk_pages, ranges);
         progress.push(TableProgress {
             name: table.clone(),
             estimate: estimate.max(0.0) as u64,
@@ -787,7 +771,40 @@ async fn prepare(pg: &tokio_postgres::Config, slot: &str, n: usize) -> anyhow::R
     })
 }
 
+/// Block ranges of a table of `pages` blocks: chunks when the server scans ctid ranges, else
+/// the whole table at once.
+fn plan(pages: u32, chunk_pages: u32, ranges: bool) -> Vec<BlockRange> {
+    if ranges {
+        cdc::snapshot::plan_chunks(pages, chunk_pages)
+    } else {
+        vec![BlockRange { lo: 0, hi: None }]
+    }
+}
+
 impl Pipeline {
+    /// A table about to be copied through `client`'s snapshot: mapped as of that snapshot
+    /// (schemas registered), with its size in blocks and Postgres's row estimate.
+    async fn table_for_copy(
+        &mut self,
+        client: &tokio_postgres::Client,
+        table: &str,
+    ) -> anyhow::Result<(Arc<TableState>, u32, f64)> {
+        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        let (rel, types) = cdc::snapshot::catalog_relation(client, schema, name).await?;
+        for t in &types {
+            self.types.insert(t);
+        }
+        let (pages, estimate) = cdc::snapshot::table_size(client, &rel).await?;
+        let rel_id = rel.id;
+        self.relation(rel).await?;
+        let state = self
+            .tables
+            .get(&rel_id)
+            .cloned()
+            .ok_or_else(|| anyhow!("{table} was not mapped"))?;
+        Ok((state, pages, estimate))
+    }
+
     /// Before a stream item at `pos`: copies the next batch of pending chunks if its point is
     /// due (see [`Points`]).
     pub(crate) async fn snapshot_point(&mut self, pos: Lsn, commit: bool) -> anyhow::Result<()> {
@@ -802,10 +819,14 @@ impl Pipeline {
         let mut i = 0;
         while batch.len() < clients.len() && i < self.points.pending.tables.len() {
             let table = self.points.pending.tables[i].table.clone();
-            let (schema, name) = table.split_once('.').unwrap_or(("public", &table));
             let first = &clients[0];
-            let (rel, types) = match cdc::snapshot::catalog_relation(first, schema, name).await {
-                Err(cdc::snapshot::SnapshotError::MissingTable(_)) => {
+            let (state, pages, _) = match self.table_for_copy(first, &table).await {
+                Err(e)
+                    if e.downcast_ref::<cdc::snapshot::SnapshotError>()
+                        .is_some_and(|e| {
+                            matches!(e, cdc::snapshot::SnapshotError::MissingTable(_))
+                        }) =>
+                {
                     // Dropped since it was requested: nothing left to copy.
                     tracing::warn!(table = %table, "a table waiting for its snapshot no longer exists; skipped");
                     self.points.pending.tables.remove(i);
@@ -814,35 +835,21 @@ impl Pipeline {
                 }
                 other => other?,
             };
-            for t in &types {
-                self.types.insert(t);
-            }
-            let rel_id = rel.id;
             let ranges = match self.points.pending.tables[i].ranges.clone() {
                 Some(r) => r,
                 None => {
-                    let (pages, _) = cdc::snapshot::table_size(first, &rel).await?;
+                    let ranges = cdc::snapshot::supports_block_ranges(first).await?;
                     let planned: Vec<(u32, Option<u32>)> =
-                        if cdc::snapshot::supports_block_ranges(first).await? {
-                            cdc::snapshot::plan_chunks(pages, self.points.chunk_pages)
-                                .iter()
-                                .map(|r| (r.lo, r.hi))
-                                .collect()
-                        } else {
-                            vec![(0, None)]
-                        };
+                        plan(pages, self.points.chunk_pages, ranges)
+                            .iter()
+                            .map(|r| (r.lo, r.hi))
+                            .collect();
                     self.points.pending.tables[i].ranges = Some(planned.clone());
                     self.points.file.store(&self.points.pending)?;
                     planned
                 }
             };
-            self.relation(rel).await?;
-            states.push(
-                self.tables
-                    .get(&rel_id)
-                    .cloned()
-                    .ok_or_else(|| anyhow!("{table} was not mapped"))?,
-            );
+            states.push(state);
             let take = clients.len() - batch.len();
             for &(lo, hi) in ranges.iter().take(take) {
                 batch.push_back(Chunk {
