@@ -638,12 +638,19 @@ fn explain_parse_error(e: &serde_saphyr::Error, path: &[String], origin: &str) -
         path.push(field);
         let p = join_path(&path);
         match spec(&p) {
-            Some(k) => format!(
-                "missing required key; expected {}, e.g. {}: {}",
-                k.expects,
-                path.last().map(String::as_str).unwrap_or(""),
-                k.example
-            ),
+            Some(k) => {
+                let name = path.last().map(String::as_str).unwrap_or("");
+                // A section's example already starts with its name.
+                let example = if k.example.starts_with(&format!("{name}:")) {
+                    k.example.to_string()
+                } else {
+                    format!("{name}: {}", k.example)
+                };
+                format!(
+                    "missing required key; expected {}, e.g. {example}",
+                    k.expects
+                )
+            }
             None => "missing required key".to_string(),
         }
     } else if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
@@ -660,6 +667,11 @@ fn explain_parse_error(e: &serde_saphyr::Error, path: &[String], origin: &str) -
         );
         match spec(&spec_path) {
             Some(k) => format!("{msg}; expected {}, e.g. {}", k.expects, k.example),
+            // The document itself (a list, a scalar): say what the file must look like.
+            None if path.is_empty() => format!(
+                "{msg}; the file must be a mapping with keys {}",
+                keys_under("").join(", ")
+            ),
             None => msg.clone(),
         }
     };
@@ -683,7 +695,8 @@ fn did_you_mean<'a>(given: &str, valid: &[&'a str]) -> Option<&'a str> {
     valid
         .iter()
         .map(|v| (edit_distance(given, v), *v))
-        .filter(|(d, v)| *d <= 2.max(v.len() / 4))
+        // A key cut short or run on (`slot_nam` for `slot`) is as plausible as a typo.
+        .filter(|(d, v)| *d <= 2.max(v.len() / 4) || (given.len() >= 3 && given.starts_with(v)))
         .min_by_key(|(d, _)| *d)
         .map(|(_, v)| v)
 }
@@ -1718,6 +1731,35 @@ registry:
             e.message.contains("(valid keys here: dsn, publication"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_key_with_extra_letters_suggests_the_key_it_starts_with() {
+        one_error(
+            &with("  slot: walbridge", "  slot_nam: walbridge"),
+            4,
+            "source.slot_nam",
+            "did you mean `slot`?",
+        );
+    }
+
+    #[test]
+    fn a_document_that_is_not_a_mapping_says_which_keys_it_needs() {
+        let errs = errors_of("- source\n- kafka\n");
+        assert!(
+            errs.to_string()
+                .contains("the file must be a mapping with keys source, kafka, registry"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn a_missing_section_shows_its_example_once() {
+        let src = VALID.split("registry:").next().unwrap();
+        let e = errors_of(src).to_string();
+        assert!(e.contains("registry: missing required key"), "{e}");
+        assert!(e.contains("e.g. registry: { url: ... }"), "{e}");
+        assert!(!e.contains("registry: registry:"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,6 @@
 
 use std::fmt::Write as _;
 
-use anyhow::Context;
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -61,7 +60,13 @@ pub async fn inspect(cfg: &Config) -> anyhow::Result<Vec<Finding>> {
         .pg_config()
         .connect(tokio_postgres::NoTls)
         .await
-        .with_context(|| format!("connecting to the source {}", cfg.source.dsn.redacted()))?;
+        .map_err(|e| {
+            let hint = crate::pipeline::source_hint(&e);
+            anyhow::Error::new(e).context(format!(
+                "connecting to the source {} ({hint})",
+                cfg.source.dsn.redacted()
+            ))
+        })?;
     tokio::spawn(conn);
     let mut out = Vec::new();
     server(&client, &mut out).await?;

@@ -122,6 +122,14 @@ pub async fn run_observed(
     };
     tokio::pin!(stopper);
 
+    // A state_dir that cannot be a directory is a config mistake: say so before connecting
+    // anywhere (later, a failing write there is retried as transient).
+    std::fs::create_dir_all(&cfg.source.state_dir).with_context(|| {
+        format!(
+            "source.state_dir {}: cannot create the directory; point source.state_dir at a directory walbridge may write",
+            cfg.source.state_dir.display()
+        )
+    })?;
     // The embedded registry outlives attempts: a reconnect to the source must not take it down.
     let _embedded = match &cfg.registry.embedded {
         Some(e) => {
@@ -134,7 +142,12 @@ pub async fn run_observed(
             };
             let listener = tokio::net::TcpListener::bind(e.listen)
                 .await
-                .with_context(|| format!("binding the embedded registry to {}", e.listen))?;
+                .with_context(|| {
+                    format!(
+                        "binding the embedded registry to {} (registry.embedded.listen); stop what uses the port or choose another in registry.embedded.listen and registry.url",
+                        e.listen
+                    )
+                })?;
             Some(server.spawn(listener)?)
         }
         None => None,
@@ -248,6 +261,19 @@ fn is_transient(err: &anyhow::Error, retrying: bool) -> bool {
     })
 }
 
+/// What to check when the source cannot be reached or refuses the connection.
+pub(crate) fn source_hint(e: &tokio_postgres::Error) -> &'static str {
+    match e.code().map(|c| c.code()) {
+        Some("28P01") => "check the password in source.dsn",
+        Some("28000") => {
+            "check user= in source.dsn: the role must exist and pg_hba.conf must let it in"
+        }
+        Some("3D000") => "check dbname= in source.dsn",
+        Some(_) => "check source.dsn",
+        None => "is Postgres running and reachable at the host and port of source.dsn?",
+    }
+}
+
 /// One attempt: connect, check the source, stream until stopped or failed, drain.
 async fn run_attempt(
     cfg: &Config,
@@ -257,10 +283,13 @@ async fn run_attempt(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let pg = cfg.source.pg_config();
-    let (meta, conn) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("connecting to the source {}", cfg.source.dsn.redacted()))?;
+    let (meta, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        let hint = source_hint(&e);
+        anyhow::Error::new(e).context(format!(
+            "connecting to the source {} ({hint})",
+            cfg.source.dsn.redacted()
+        ))
+    })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "metadata connection ended");
@@ -275,11 +304,19 @@ async fn run_attempt(
         .get(0);
     let mode = cfg.source.snapshot;
     let mut facts = slot::slot_facts(&meta, &cfg.source.slot).await?;
-    let mut repl_conn = ReplicationConnection::connect(&pg).await.with_context(|| {
-        format!(
-            "opening the replication connection to {}",
+    let mut repl_conn = ReplicationConnection::connect(&pg).await.map_err(|e| {
+        // A user that may connect but not replicate is the usual first-day mistake.
+        let hint = match e.code() {
+            Some("42501") => format!(
+                " (the source user needs the REPLICATION attribute: as a superuser, ALTER ROLE {} REPLICATION)",
+                pg.get_user().unwrap_or("<user>")
+            ),
+            _ => String::new(),
+        };
+        anyhow::Error::new(e).context(format!(
+            "opening the replication connection to {}{hint}",
             cfg.source.dsn.redacted()
-        )
+        ))
     })?;
     // Check walbridge's own position record against this server before creating anything.
     let slot_confirmed = facts

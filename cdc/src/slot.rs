@@ -29,7 +29,9 @@ pub enum SlotError {
         "configured table {0} does not exist in the source database; check `source.tables` in the config"
     )]
     MissingTable(String),
-    #[error("configured schema {0} has no tables in the source database; check `source.tables`")]
+    #[error(
+        "configured schema {0} does not exist in the source database (or has no tables, on Postgres 14); check `source.tables`"
+    )]
     EmptySchema(String),
     #[error(
         "publication {publication:?} does not include {missing}; add it with: ALTER PUBLICATION {publication} ADD TABLE {missing}"

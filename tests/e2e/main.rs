@@ -1,6 +1,7 @@
 //! End-to-end tests: the legacy database, walbridge as a process, the tansu broker and the
 //! registry, all real. See `harness.rs` for how the stack is shared and how tests wait.
 
+mod bad_input;
 mod confluent_client;
 mod dlq;
 mod doctor;
