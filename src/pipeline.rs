@@ -295,6 +295,12 @@ async fn run_attempt(
             tracing::warn!(error = %e, "metadata connection ended");
         }
     });
+    // A slot that can never be ours (another plugin, another database, in use) is refused
+    // before anything is created for this pipeline.
+    let mut facts = slot::slot_facts(&meta, &cfg.source.slot).await?;
+    if let Some(f) = &facts {
+        f.ours()?;
+    }
     let tables =
         slot::ensure_publication(&meta, &cfg.source.publication, &cfg.source.tables).await?;
     let server_version: i32 = meta
@@ -303,7 +309,6 @@ async fn run_attempt(
         .context("reading the source's server version")?
         .get(0);
     let mode = cfg.source.snapshot;
-    let mut facts = slot::slot_facts(&meta, &cfg.source.slot).await?;
     let mut repl_conn = ReplicationConnection::connect(&pg).await.map_err(|e| {
         // A user that may connect but not replicate is the usual first-day mistake.
         let hint = match e.code() {

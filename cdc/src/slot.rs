@@ -387,6 +387,29 @@ pub async fn slot_facts(client: &Client, slot: &str) -> Result<Option<SlotFacts>
 impl SlotFacts {
     /// Whether walbridge can stream from this slot now, and from where.
     pub fn usable(&self) -> Result<SlotState, SlotError> {
+        self.ours()?;
+        let bad = |problem: String| SlotError::BadSlot {
+            slot: self.name.clone(),
+            problem,
+        };
+        if self.wal_status.as_deref() == Some("lost") {
+            return Err(bad(format!(
+                "has lost WAL it needs (wal_status = lost, max_slot_wal_keep_size exceeded); drop it with SELECT pg_drop_replication_slot('{}') and start again with a new snapshot",
+                self.name
+            )));
+        }
+        let confirmed_flush = self
+            .confirmed_flush
+            .as_deref()
+            .unwrap_or("0/0")
+            .parse()
+            .map_err(|e| bad(format!("has a bad confirmed_flush_lsn: {e}")))?;
+        Ok(SlotState { confirmed_flush })
+    }
+
+    /// Whether the slot could be walbridge's at all: a logical pgoutput slot of this database,
+    /// not in use by another process. Checked before anything is created for the pipeline.
+    pub fn ours(&self) -> Result<(), SlotError> {
         let bad = |problem: String| SlotError::BadSlot {
             slot: self.name.clone(),
             problem,
@@ -409,19 +432,7 @@ impl SlotFacts {
                 pid: self.active_pid.map_or("unknown".into(), |p| p.to_string()),
             });
         }
-        if self.wal_status.as_deref() == Some("lost") {
-            return Err(bad(format!(
-                "has lost WAL it needs (wal_status = lost, max_slot_wal_keep_size exceeded); drop it with SELECT pg_drop_replication_slot('{}') and start again with a new snapshot",
-                self.name
-            )));
-        }
-        let confirmed_flush = self
-            .confirmed_flush
-            .as_deref()
-            .unwrap_or("0/0")
-            .parse()
-            .map_err(|e| bad(format!("has a bad confirmed_flush_lsn: {e}")))?;
-        Ok(SlotState { confirmed_flush })
+        Ok(())
     }
 }
 
