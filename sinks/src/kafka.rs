@@ -31,8 +31,15 @@ use rdkafka::{ClientContext, Message};
 pub enum KafkaSinkError {
     #[error("kafka: cannot create the producer: {0}")]
     Create(KafkaError),
-    #[error("kafka: cannot create topic {topic}: {reason}")]
-    Topic { topic: String, reason: String },
+    #[error(
+        "kafka: cannot create topic {topic} on {brokers}: {reason}; check that kafka.brokers is reachable from here \
+         and that walbridge may create topics (or create them yourself, with kafka.partitions partitions)"
+    )]
+    Topic {
+        topic: String,
+        brokers: String,
+        reason: String,
+    },
     #[error("kafka: producing to {topic} failed: {source}")]
     Produce { topic: String, source: KafkaError },
     #[error("kafka: flush did not finish in {0:?}; {1} message(s) still in flight")]
@@ -192,6 +199,7 @@ impl KafkaSink {
                 .await
                 .map_err(|e| KafkaSinkError::Topic {
                     topic: topics.join(","),
+                    brokers: self.settings.brokers.clone(),
                     reason: e.to_string(),
                 })?;
         for r in results {
@@ -201,6 +209,7 @@ impl KafkaSink {
                 Err((topic, code)) => {
                     return Err(KafkaSinkError::Topic {
                         topic,
+                        brokers: self.settings.brokers.clone(),
                         reason: code.to_string(),
                     });
                 }
