@@ -577,7 +577,11 @@ async fn source_mistakes_stop_run_with_the_object_and_a_fix() {
     );
     // Refused before anything was created for the pipeline.
     assert_eq!(publications(c, "bi_td").await, 0, "publication left behind");
-    assert_eq!(publications(c, "bi_phys").await, 0, "publication left behind");
+    assert_eq!(
+        publications(c, "bi_phys").await,
+        0,
+        "publication left behind"
+    );
 
     // A second walbridge on a slot the first one streams.
     let first = db.start().await;
