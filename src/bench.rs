@@ -133,13 +133,8 @@ pub async fn run(
         &dir.join("registry"),
     )
     .await?;
+    running.wait_for(end_lsn).await?;
     let confirmed = &mut running.confirmed;
-    while *confirmed.borrow() < end_lsn {
-        confirmed
-            .changed()
-            .await
-            .context("pipeline stopped before reaching the end of the load")?;
-    }
     let wb_secs = t.elapsed().as_secs_f64();
     let recv_secs = recv_secs.min(recv_logical(&dsn, "recv2", &end)?);
     // walbridge into the null sink: everything up to the producer, without the broker's cost.
@@ -273,7 +268,7 @@ async fn big_transaction(
     // Reset the kernel's peak-RSS counter (VmHWM) so it covers only the drain.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let t = Instant::now();
-    let mut running = Running::start(
+    let running = Running::start(
         dsn,
         &Target {
             slot: "wbbig",
@@ -286,13 +281,7 @@ async fn big_transaction(
         &dir.join("registry-big"),
     )
     .await?;
-    let confirmed = &mut running.confirmed;
-    while *confirmed.borrow() < end_lsn {
-        confirmed
-            .changed()
-            .await
-            .context("pipeline stopped before the end of the transaction")?;
-    }
+    running.wait_for(end_lsn).await?;
     let secs = t.elapsed().as_secs_f64();
     let peak = proc_status_kib("VmHWM:");
     running.stop().await?;

@@ -103,6 +103,19 @@ async fn bulk_customers(db: &TestDb, n: i64, name_len: i32) {
         .unwrap();
 }
 
+/// Lets the writer make `more` transactions from now, then stops it.
+async fn finish_writes(
+    done: &AtomicU64,
+    stop: &AtomicBool,
+    writer: tokio::task::JoinHandle<()>,
+    more: u64,
+) {
+    let from = done.load(Ordering::Relaxed);
+    wait_writes(done, from + more).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+}
+
 async fn wait_writes(done: &AtomicU64, at_least: u64) {
     while done.load(Ordering::Relaxed) < at_least {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -122,10 +135,7 @@ async fn initial_snapshot_meets_the_stream_without_loss_or_duplicates() {
     // Writing before, while and after the slot is created and the tables are copied.
     wait_writes(&done, 30).await;
     let mut wb = db.start().await;
-    let started_at = done.load(Ordering::Relaxed);
-    wait_writes(&done, started_at + 150).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    finish_writes(&done, &stop, writer, 150).await;
     db.wait_caught_up(&mut wb).await;
 
     let want = table_state(&db).await;
@@ -307,10 +317,7 @@ async fn a_snapshot_killed_midway_resumes_from_its_finished_chunks() {
 
     // The second run streams from the consistent point and copies the chunks left.
     let mut wb = walbridge_start(&db, "walbridge-2.log");
-    let started_at = done.load(Ordering::Relaxed);
-    wait_writes(&done, started_at + 100).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    finish_writes(&done, &stop, writer, 100).await;
     db.wait_caught_up(&mut wb).await;
     // The record goes once every chunk left is copied and acked.
     wait_gone(&pending_path, &mut wb).await;
@@ -377,10 +384,7 @@ async fn a_table_is_resnapshotted_while_streaming_in_stream_order() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let started_at = done.load(Ordering::Relaxed);
-    wait_writes(&done, started_at + 150).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    finish_writes(&done, &stop, writer, 150).await;
     db.wait_caught_up(&mut wb).await;
 
     let want = table_state(&db).await;
