@@ -10,6 +10,7 @@
 //! ```
 
 mod binary;
+pub mod contract;
 mod pgtext;
 pub mod registry;
 pub mod schema;
