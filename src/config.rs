@@ -40,6 +40,8 @@ pub struct Config {
     /// The HTTP endpoint for `/metrics`, `/health` and `/ready`; none when the section is absent.
     pub metrics: Option<MetricsConfig>,
     pub log: LogConfig,
+    /// Business-event mappings and the outbox (`events:`); none when the section is absent.
+    pub events: Option<std::sync::Arc<crate::events::EventsConfig>>,
 }
 
 /// The legacy Postgres database to capture changes from.
@@ -511,6 +513,7 @@ struct RawConfig {
     registry: RawRegistry,
     metrics: Option<S<RawMetrics>>,
     log: Option<S<RawLog>>,
+    events: Option<S<crate::events::config::RawEvents>>,
 }
 
 #[derive(Deserialize)]
@@ -901,12 +904,21 @@ impl Validator<'_> {
             );
             return None;
         }
+        let events = match &raw.events {
+            None => None,
+            Some(e) => Some(std::sync::Arc::new(crate::events::config::validate(
+                e,
+                &source.tables,
+                &mut |at, path, msg| self.error(at, path, msg),
+            )?)),
+        };
         Some(Config {
             source,
             kafka,
             registry,
             metrics,
             log,
+            events,
         })
     }
 

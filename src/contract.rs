@@ -127,6 +127,53 @@ pub async fn admit(
     }
 }
 
+/// Whether `schema` may be registered under `subject`: `None` when the subject has no version
+/// yet, else the registry's incompatibility messages (empty when compatible).
+pub async fn compatibility(
+    registry_url: &str,
+    subject: &str,
+    schema: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let (base, credentials) = avro::registry::client::split_credentials(registry_url);
+    let mut req = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("setting up the registry HTTP client")?
+        .post(format!(
+            "{}/compatibility/subjects/{subject}/versions/latest?verbose=true",
+            base.trim_end_matches('/')
+        ))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(json!({ "schema": schema }).to_string());
+    if let Some((user, password)) = credentials {
+        req = req.header(
+            reqwest::header::AUTHORIZATION,
+            avro::registry::basic_auth(&user, &password),
+        );
+    }
+    let res = req
+        .send()
+        .await
+        .with_context(|| format!("asking the registry at {base} about {subject}"))?;
+    let status = res.status().as_u16();
+    let answer: Json = res.json_or_null().await;
+    match status {
+        404 => Ok(None),
+        200 if answer["is_compatible"].as_bool() == Some(false) => Ok(Some(
+            answer["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_owned))
+                .collect(),
+        )),
+        200 => Ok(Some(Vec::new())),
+        _ => {
+            bail!("the registry answered {status} to a compatibility check of {subject}: {answer}")
+        }
+    }
+}
+
 trait JsonOrNull {
     async fn json_or_null(self) -> Json;
 }

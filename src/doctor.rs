@@ -73,7 +73,41 @@ pub async fn inspect(cfg: &Config) -> anyhow::Result<Vec<Finding>> {
     let tables = tables(&client, cfg, &mut out).await?;
     publication(&client, &cfg.source.publication, &tables, &mut out).await?;
     slot(&client, &cfg.source.slot, &mut out).await?;
+    if let Some(ev) = &cfg.events {
+        events(&client, ev, &mut out).await?;
+    }
     Ok(out)
+}
+
+/// Tables whose business-event mappings read old row values need REPLICA IDENTITY FULL;
+/// walbridge refuses to start those mappings without it (see `crate::events`).
+async fn events(
+    client: &Client,
+    ev: &crate::events::EventsConfig,
+    out: &mut Vec<Finding>,
+) -> anyhow::Result<()> {
+    let need = crate::events::needs_full(client, ev).await?;
+    if need.is_empty() {
+        out.push(ok(
+            "events",
+            format!(
+                "{} mapping(s): every table whose old values they read has REPLICA IDENTITY FULL",
+                ev.mappings.len()
+            ),
+        ));
+    }
+    for n in need {
+        out.push(fail(
+            "events",
+            format!(
+                "{} needs REPLICA IDENTITY FULL: {}; without it Postgres logs no old values and walbridge will not start these mappings",
+                n.table,
+                n.why.join("; ")
+            ),
+            n.fix(),
+        ));
+    }
+    Ok(())
 }
 
 async fn setting(client: &Client, name: &str) -> anyhow::Result<String> {

@@ -365,6 +365,114 @@ impl Emitter {
     }
 }
 
+/// A business event (see [`crate::events`]) ready to produce: the value is framed for the
+/// registry (contract events) or plain JSON (outbox events naming no contract).
+pub struct EventRecord<'a> {
+    pub topic: &'a str,
+    /// The aggregate id as UTF-8 text: one aggregate, one partition.
+    pub key: &'a [u8],
+    pub payload: &'a [u8],
+    pub event_id: &'a str,
+    /// The row change (`<commit LSN>:<index>`) or outbox row/message the event came from.
+    pub causation_id: &'a str,
+    /// The contract's name, e.g. `OrderPlaced` (outbox: its `event_type`).
+    pub event_type: &'a str,
+    pub schema_id: Option<u32>,
+    /// `walbridge.op` of the triggering change (`c`/`u`/`d`; `m` for a logical message).
+    pub op: &'a str,
+}
+
+/// Produces one business event with the headers every record carries, after registering the
+/// ack it owes with [`Progress`] (so its transaction is confirmed only once it is acked).
+/// Events are rare next to row changes, so this formats its headers afresh each time.
+pub async fn send_event(out: &Out, m: &EventMeta<'_>, e: &EventRecord<'_>) -> anyhow::Result<()> {
+    let correlation_id = format!("{}:{}", m.xid_text, m.lsn_text);
+    let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex_into(&mut traceparent[3..35], trace_id(m.commit_lsn, m.xid));
+    hex_into(&mut traceparent[36..52], u128::from(span_id(e.event_id)));
+    let schema_id = e.schema_id.map(|id| id.to_string()).unwrap_or_default();
+    let mut headers: Vec<(&str, &[u8])> = vec![
+        ("walbridge.event_id", e.event_id.as_bytes()),
+        ("walbridge.lsn", m.lsn_text.as_bytes()),
+        ("walbridge.txid", m.xid_text.as_bytes()),
+        ("walbridge.op", e.op.as_bytes()),
+        ("walbridge.correlation_id", correlation_id.as_bytes()),
+        ("walbridge.causation_id", e.causation_id.as_bytes()),
+        ("traceparent", &traceparent[..]),
+        ("walbridge.event_type", e.event_type.as_bytes()),
+    ];
+    if e.schema_id.is_some() {
+        headers.push(("walbridge.schema_id", schema_id.as_bytes()));
+    } else {
+        headers.push(("content-type", b"application/json"));
+    }
+    out.progress.expect(m.seq, 1);
+    out.sink
+        .send(&Record {
+            topic: e.topic,
+            key: Some(e.key),
+            payload: Some(e.payload),
+            headers: &headers,
+            seq: m.seq,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Sends a business event that violates its contract (or could not be evaluated) to the
+/// dead-letter topic, or fails when there is none (`kafka.dead_letter: stop`).
+pub async fn dead_letter_event(
+    out: &Out,
+    m: &EventMeta<'_>,
+    letter: &crate::dlq::Letter,
+    key: Option<&[u8]>,
+    event_type: &str,
+    causation_id: &str,
+) -> anyhow::Result<()> {
+    let Some(dlq) = &out.dead_letter else {
+        anyhow::bail!(
+            "event {} ({event_type}, commit LSN {}) is invalid and kafka.dead_letter is stop: {}. \
+             Nothing from this transaction on is confirmed; fix the mapping or the contract, \
+             or set kafka.dead_letter: topic",
+            letter.event_id,
+            m.lsn_text,
+            letter.reason.message
+        );
+    };
+    let payload = serde_json::to_vec(letter).context("writing a dead letter as JSON")?;
+    let correlation_id = format!("{}:{}", m.xid_text, m.lsn_text);
+    let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex_into(&mut traceparent[3..35], trace_id(m.commit_lsn, m.xid));
+    hex_into(
+        &mut traceparent[36..52],
+        u128::from(span_id(&letter.event_id)),
+    );
+    let headers: [(&str, &[u8]); 9] = [
+        ("walbridge.event_id", letter.event_id.as_bytes()),
+        ("walbridge.lsn", m.lsn_text.as_bytes()),
+        ("walbridge.txid", m.xid_text.as_bytes()),
+        ("walbridge.op", letter.op.as_bytes()),
+        ("walbridge.correlation_id", correlation_id.as_bytes()),
+        ("walbridge.causation_id", causation_id.as_bytes()),
+        ("traceparent", &traceparent[..]),
+        ("walbridge.event_type", event_type.as_bytes()),
+        ("walbridge.dlq.reason", letter.reason.message.as_bytes()),
+    ];
+    tracing::warn!(event_id = %letter.event_id, event_type, lsn = %m.lsn_text, reason = %letter.reason.message, topic = %dlq.topic, "business event violates its contract; sent to the dead-letter topic");
+    out.progress.expect(m.seq, 1);
+    out.sink
+        .send(&Record {
+            topic: &dlq.topic,
+            key,
+            payload: Some(&payload),
+            headers: &headers,
+            seq: m.seq,
+        })
+        .await?;
+    dlq.counter.inc();
+    Ok(())
+}
+
 /// Lower-case hex of the low `dst.len()` nibbles of `v`, most significant first.
 fn hex_into(dst: &mut [u8], mut v: u128) {
     for b in dst.iter_mut().rev() {

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod dlq;
 pub mod doctor;
 pub mod emit;
+pub mod events;
 pub mod metrics;
 pub mod pipeline;
 pub mod resume;

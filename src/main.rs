@@ -58,6 +58,11 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Business-event contracts (`avro/contracts/*.avsc`) and the `events:` mappings.
+    Contracts {
+        #[command(subcommand)]
+        command: ContractsCommand,
+    },
     /// Inspect the source and say what to change and why (read-only).
     Doctor {
         #[arg(short, long, default_value = "pipelines.yaml")]
@@ -134,6 +139,23 @@ enum Command {
         /// Also snapshot a table of this many rows and compare with COPY (0 skips it).
         #[arg(long, default_value_t = 0)]
         snapshot_rows: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContractsCommand {
+    /// Check that every mapping yields records valid under its contract (types from the source
+    /// catalog) and that every contract is compatible with the registry's versions. Exits
+    /// non-zero on any problem: run it in CI before a deploy.
+    Check {
+        #[arg(short, long, default_value = "pipelines.yaml")]
+        config: PathBuf,
+        /// Skip the type check against the source database's columns.
+        #[arg(long)]
+        no_db: bool,
+        /// Skip the compatibility check against the registry.
+        #[arg(long)]
+        no_registry: bool,
     },
 }
 
@@ -295,6 +317,20 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
             };
             let report = walbridge::status::collect(&url, Duration::from_secs(1)).await?;
             print!("{}", report.render());
+            Ok(())
+        }
+        Command::Contracts {
+            command:
+                ContractsCommand::Check {
+                    config,
+                    no_db,
+                    no_registry,
+                },
+        } => {
+            let cfg = load_config(&config)?;
+            if !walbridge::events::check::run(&cfg, !no_db, !no_registry).await? {
+                anyhow::bail!("contracts check failed (see the FAIL lines)");
+            }
             Ok(())
         }
         Command::Doctor { config } => {

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, DeadLetter, SnapshotMode};
 use crate::emit::{DeadLetterTarget, Emitter, EventMeta, Out, Sink, TableState};
+use crate::events::On;
 use crate::metrics::Metrics;
 use crate::snapshot::{Pending, PendingFile};
 
@@ -76,6 +77,8 @@ pub struct Pipeline {
     /// rows) rather than once per change: a clock read per change was 4 % of the profile.
     pub(crate) now_ms: i64,
     pub(crate) metrics: Arc<Metrics>,
+    /// Business events (`events:`); `None` leaves the row path exactly as without them.
+    events: Option<crate::events::Engine>,
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains: everything read is delivered and
@@ -515,7 +518,21 @@ async fn run_attempt(
         ),
         now_ms: now_ms(),
         metrics: metrics.clone(),
+        events: None,
     };
+    if let Some(ev) = &cfg.events {
+        // Refuses before anything is copied or streamed when a mapping cannot be served.
+        p.events = Some(
+            crate::events::Engine::start(
+                ev.clone(),
+                &p.meta,
+                cfg.registry.url.as_str(),
+                &p.out,
+                db,
+            )
+            .await?,
+        );
+    }
     if let Some(first) = snapshot {
         metrics.not_ready("initial snapshot in progress");
         metrics.estimate_snapshot(&p.meta, &tables).await;
@@ -789,10 +806,36 @@ impl Pipeline {
                     .take()
                     .ok_or_else(|| anyhow!("commit without begin at {}", c.commit_lsn))?;
                 tracing::debug!(commit = %c.commit_lsn, end = %c.end_lsn, changes = tx.index, "commit");
+                if let Some(ev) = self.events.as_mut().filter(|e| e.has_pending()) {
+                    let meta = EventMeta {
+                        seq: tx.seq,
+                        commit_lsn: tx.commit_lsn,
+                        xid: tx.xid,
+                        commit_ms: tx.commit_ms,
+                        now_ms: self.now_ms,
+                        lsn_text: &tx.lsn_text,
+                        xid_text: &tx.xid_text,
+                        snapshot: false,
+                    };
+                    ev.commit(&self.out, &meta).await?;
+                }
                 self.progress.commit(tx.seq, c.end_lsn);
             }
             Message::Relation(rel) => self.relation(rel).await?,
             Message::Type(t) => self.types.insert(&t),
+            Message::Insert(i) if self.events.is_some() => {
+                self.mapped(i.relation_id, On::Insert, None, Some(&i.new))
+                    .await?
+            }
+            Message::Update(u) if self.events.is_some() => {
+                let old = u.old.as_ref().map(OldTuple::tuple);
+                self.mapped(u.relation_id, On::Update, old, Some(&u.new))
+                    .await?
+            }
+            Message::Delete(d) if self.events.is_some() => {
+                self.mapped(d.relation_id, On::Delete, Some(d.old.tuple()), None)
+                    .await?
+            }
             Message::Insert(i) => {
                 self.change(i.relation_id, Op::Create, None, Some(&i.new))
                     .await?
@@ -817,6 +860,32 @@ impl Pipeline {
                 if !m.transactional && m.prefix == HEARTBEAT_PREFIX {
                     tracing::debug!(lsn = %m.lsn, "heartbeat position");
                     self.progress.mark(m.lsn);
+                }
+                if let Some(ev) = &mut self.events {
+                    match &self.tx {
+                        Some(tx) if m.transactional => {
+                            ev.message(&m.prefix, &m.content, tx.index);
+                        }
+                        None if !m.transactional && ev.message(&m.prefix, &m.content, 0) => {
+                            // A message outside any transaction: its own progress entry, so
+                            // the slot passes it only once its event is acked.
+                            let seq = self.progress.begin_at(self.now_ms);
+                            let (lsn_text, xid_text) = (m.lsn.to_string(), "0".to_owned());
+                            let meta = EventMeta {
+                                seq,
+                                commit_lsn: m.lsn,
+                                xid: 0,
+                                commit_ms: self.now_ms,
+                                now_ms: self.now_ms,
+                                lsn_text: &lsn_text,
+                                xid_text: &xid_text,
+                                snapshot: false,
+                            };
+                            ev.commit(&self.out, &meta).await?;
+                            self.progress.commit(seq, m.lsn);
+                        }
+                        _ => {}
+                    }
                 }
             }
             Message::Origin { .. } => {}
@@ -871,7 +940,41 @@ impl Pipeline {
         )
         .await?;
         tracing::info!(table = %qualified, topic = %state.topic, value_schema_id = state.value_id, "table mapped");
+        if let Some(ev) = &mut self.events {
+            ev.relation(&state.rel)?;
+        }
         self.tables.insert(state.rel.id, Arc::new(state));
+        Ok(())
+    }
+
+    /// A row change when business events are configured: the row record (none for the outbox
+    /// table, whose rows only become events), then the event stage.
+    async fn mapped(
+        &mut self,
+        rel_id: u32,
+        on: On,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+    ) -> anyhow::Result<()> {
+        let index = self.tx.as_ref().map_or(0, |t| t.index);
+        let outbox = self.events.as_ref().is_some_and(|e| e.is_outbox(rel_id));
+        match (on, outbox) {
+            (_, true) => {
+                if let Some(tx) = &mut self.tx {
+                    tx.index += 1;
+                }
+            }
+            (On::Insert, false) => self.change(rel_id, Op::Create, None, new).await?,
+            (On::Update, false) => {
+                let new = new.ok_or_else(|| anyhow!("update without a new row"))?;
+                self.update(rel_id, old, new).await?
+            }
+            (On::Delete, false) => self.change(rel_id, Op::Delete, old, None).await?,
+        }
+        // The event's causation id names the row change's event id: `<commit LSN>:<index>`.
+        if let Some(ev) = &mut self.events {
+            ev.change(rel_id, on, old, new, index);
+        }
         Ok(())
     }
 

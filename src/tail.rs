@@ -134,6 +134,11 @@ pub async fn read_all(
     let mut events = Vec::with_capacity(raw.len());
     for (topic, partition, offset, key, payload, headers) in raw {
         let key = match key {
+            // Business events are keyed by their aggregate id as plain text (see
+            // crate::events); registry framing starts with a zero byte.
+            Some(k) if k.first() != Some(&0) => Some(serde_json::Value::String(
+                String::from_utf8_lossy(&k).into_owned(),
+            )),
             Some(k) => Some(
                 registry
                     .decode(&k)

@@ -40,15 +40,24 @@ pub enum Shape {
     String,
     Bytes,
     Uuid,
-    Decimal { precision: u32, scale: u32 },
+    Decimal {
+        precision: u32,
+        scale: u32,
+    },
     TimestampMillis,
     TimestampMicros,
     Date,
-    Enum { name: String, symbols: Vec<String> },
+    Enum {
+        name: String,
+        symbols: Vec<String>,
+    },
     Array(Box<Shape>),
     Record(Record),
     /// `["null", T]` or `[T, "null"]`; `null_first` says which branch index null has.
-    Nullable { inner: Box<Shape>, null_first: bool },
+    Nullable {
+        inner: Box<Shape>,
+        null_first: bool,
+    },
 }
 
 impl fmt::Display for Shape {
@@ -220,7 +229,11 @@ impl Contract {
         let Shape::Record(root) = shape else {
             return Err(err("the top level must be a record".into()));
         };
-        if json.get("doc").and_then(Json::as_str).is_none_or(str::is_empty) {
+        if json
+            .get("doc")
+            .and_then(Json::as_str)
+            .is_none_or(str::is_empty)
+        {
             return Err(err(format!(
                 "record {} has no doc; say what the event means",
                 root.name
@@ -234,7 +247,12 @@ impl Contract {
                 )));
             }
         }
-        let name = root.name.rsplit('.').next().unwrap_or(&root.name).to_owned();
+        let name = root
+            .name
+            .rsplit('.')
+            .next()
+            .unwrap_or(&root.name)
+            .to_owned();
         if !root.name.contains('.') {
             return Err(err(format!(
                 "record {name} has no namespace; give it one such as walbridge.retail.v1"
@@ -632,11 +650,13 @@ pub fn datum_from_json(shape: &Shape, j: &Json, path: &str) -> Result<Datum, Vio
         (Shape::Decimal { .. }, Json::String(s)) => {
             parse_decimal(s).ok_or_else(|| bad("a decimal such as \"12.50\""))?
         }
-        (Shape::TimestampMillis | Shape::TimestampMicros, Json::Number(n)) => Datum::TimestampMicros(
-            n.as_i64()
-                .and_then(|ms| ms.checked_mul(1000))
-                .ok_or_else(|| bad("epoch milliseconds"))?,
-        ),
+        (Shape::TimestampMillis | Shape::TimestampMicros, Json::Number(n)) => {
+            Datum::TimestampMicros(
+                n.as_i64()
+                    .and_then(|ms| ms.checked_mul(1000))
+                    .ok_or_else(|| bad("epoch milliseconds"))?,
+            )
+        }
         (Shape::Date, Json::Number(n)) => Datum::Date(
             n.as_i64()
                 .and_then(|d| i32::try_from(d).ok())
@@ -747,7 +767,10 @@ mod tests {
         ]);
         let fields = vec![
             ("event_id".into(), Datum::Str("0/16B3748:0:stock".into())),
-            ("occurred_at".into(), Datum::TimestampMicros(1_700_000_000_123_456)),
+            (
+                "occurred_at".into(),
+                Datum::TimestampMicros(1_700_000_000_123_456),
+            ),
             ("source".into(), source),
             ("sku".into(), Datum::Str("SKU-1".into())),
             ("location_code".into(), Datum::Str("DC1".into())),
@@ -796,7 +819,10 @@ mod tests {
         let e = encode(&Shape::Int, &Datum::Long(1 << 40), "qty", &mut out).unwrap_err();
         assert!(e.message.contains("out of range"), "{e}");
         let e = encode(&Shape::Long, &Datum::Null, "order_id", &mut out).unwrap_err();
-        assert_eq!(e.to_string(), "field order_id: is null but the contract requires long");
+        assert_eq!(
+            e.to_string(),
+            "field order_id: is null but the contract requires long"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod bad_input;
 mod confluent_client;
 mod dlq;
 mod doctor;
+mod events;
 mod faults;
 mod harness;
 mod metrics;

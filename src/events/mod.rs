@@ -1,0 +1,934 @@
+//! Business events: row changes mapped declaratively (`events.mappings` in `pipelines.yaml`) and
+//! outbox rows/messages, produced under versioned contracts (`avro/contracts/*.avsc`).
+//!
+//! ```text
+//!  Begin ─ change ─ change ─ … ─ Commit
+//!            │        │            │
+//!            ▼        ▼            ▼
+//!    mapping matches? (table, on, when)      at Commit, in trigger order:
+//!    ├ plain event: rows kept ──────────────▶ evaluate key + fields ─▶ check + encode under
+//!    ├ `lines:` parent: aggregate opened ──▶ (parent's final row,      the contract ─┬▶ topic
+//!    │   later updates of the same row fold     lines collected)                      └▶ DLQ
+//!    └ `lines:` child: appended to the open aggregate with the same key   (reason, rows)
+//!  outbox insert / pg_logical_emit_message(true, prefix, json) ─▶ same path
+//! ```
+//!
+//! **Transaction-aware.** Events are built at the transaction's commit, not at each change, so
+//! `oms.place_order` (header insert, line inserts, then an update of the header's total) becomes
+//! one `OrderPlaced` carrying its final total and every line. Events are emitted in the order of
+//! the changes that triggered them, all before the commit is handed to [`Progress`]: each owes
+//! one ack to the transaction's entry, so the slot moves past a transaction only once its row
+//! changes *and* its events (or their dead letters) are acked (invariant 1).
+//!
+//! **Ids.** A mapped event's id is `<commit LSN>:<index of the triggering change>:<mapping>`,
+//! deterministic across redeliveries (invariant 2); its causation id is the triggering row
+//! change's event id, its correlation id the source transaction. Outbox events keep the id the
+//! application gave them.
+//!
+//! **Order.** The key is the mapping's `key` expression as text (the aggregate id): every event
+//! of one order goes to one partition, in commit order (invariant 3). Topics may hold several
+//! event types; each contract is registered under `<topic>-<record full name>` (Confluent's
+//! TopicRecordNameStrategy), so a topic's event types evolve independently.
+//!
+//! **Old values need REPLICA IDENTITY FULL.** A mapping on `update` that reads `old.<col>` (a
+//! status transition, a stock delta), or on `delete` reading a non-key `old.<col>`, needs the
+//! old row, which Postgres only logs under `REPLICA IDENTITY FULL`. The alternative, keeping a
+//! copy of every such table's rows in walbridge, was rejected: the copy would have to be
+//! persisted atomically with the confirmed LSN (a crash between produce and ack replays the
+//! transaction against state that already contains it, corrupting every delta), would grow with
+//! the table (wms.stock_levels is every SKU × location), and would need its own snapshot to
+//! start. FULL costs only extra WAL for the few tables named, is exact by construction, and is
+//! the one change the design allows the legacy team. So walbridge refuses to start mappings
+//! that need it on a table without it, naming the table and the `ALTER TABLE`, and
+//! `walbridge doctor` lists them ([`needs_full`]).
+//!
+//! **Memory.** A transaction's pending events are held until its commit: bounded by what the
+//! transaction changes in mapped tables (a bulk reprice of 100k prices holds 100k small rows).
+
+pub mod check;
+pub mod config;
+pub mod expr;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use avro::RegistryClient;
+use avro::contract::{Contract, Datum};
+use cdc::pgoutput::{Relation, ReplicaIdentity, Tuple, Value};
+use serde_json::Value as Json;
+
+pub use config::{EventsConfig, Mapping, On};
+use expr::{Rows, Side, Val};
+
+use crate::dlq::{Letter, Reason, Row};
+use crate::emit::{EventMeta, EventRecord, Out};
+
+/// A table that needs `REPLICA IDENTITY FULL` for the mappings on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FullNeeded {
+    /// `schema.table`.
+    pub table: String,
+    /// The mappings (`name (events.mappings[i])`) and the old columns they read.
+    pub why: Vec<String>,
+}
+
+impl FullNeeded {
+    pub fn fix(&self) -> String {
+        format!("ALTER TABLE {} REPLICA IDENTITY FULL;", self.table)
+    }
+}
+
+/// Old columns a mapping reads that Postgres sends only under FULL, given the table's replica
+/// identity key columns (under DEFAULT: the primary key).
+fn old_needing_full(m: &Mapping, key_cols: &[String]) -> Vec<String> {
+    if m.on == On::Insert {
+        return Vec::new();
+    }
+    let mut cols = Vec::new();
+    for e in m
+        .when
+        .iter()
+        .chain([&m.key])
+        .chain(m.fields.iter().map(|(_, e)| e))
+    {
+        e.columns(&mut cols);
+    }
+    let mut out: Vec<String> = cols
+        .into_iter()
+        .filter(|(side, name)| {
+            *side == Side::Old
+                // An UPDATE under DEFAULT sends no old row at all (unless the key changed).
+                && (m.on == On::Update || !key_cols.contains(name))
+        })
+        .map(|(_, n)| n)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Which mapped tables lack the FULL replica identity their mappings need (see the module doc).
+pub async fn needs_full(
+    client: &tokio_postgres::Client,
+    cfg: &EventsConfig,
+) -> anyhow::Result<Vec<FullNeeded>> {
+    let mut by_table: Vec<FullNeeded> = Vec::new();
+    for m in &cfg.mappings {
+        let qualified = format!("{}.{}", m.schema, m.table);
+        let row = client
+            .query_opt(
+                "SELECT c.relreplident::text, \
+                        coalesce((SELECT array_agg(a.attname::text) FROM pg_index i \
+                                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                                  WHERE i.indrelid = c.oid AND i.indisprimary), '{}') \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&m.schema, &m.table],
+            )
+            .await
+            .with_context(|| format!("reading the replica identity of {qualified}"))?;
+        let Some(row) = row else { continue };
+        let ident: String = row.get(0);
+        if ident == "f" {
+            continue;
+        }
+        let pk: Vec<String> = row.get(1);
+        let cols = old_needing_full(m, &pk);
+        if cols.is_empty() {
+            continue;
+        }
+        let why = format!(
+            "{} ({}) reads old.{} on {}",
+            m.name,
+            m.path,
+            cols.join(", old."),
+            match m.on {
+                On::Update => "update",
+                On::Delete => "delete",
+                On::Insert => "insert",
+            }
+        );
+        match by_table.iter_mut().find(|f| f.table == qualified) {
+            Some(f) => f.why.push(why),
+            None => by_table.push(FullNeeded {
+                table: qualified,
+                why: vec![why],
+            }),
+        }
+    }
+    Ok(by_table)
+}
+
+/// The refusal when [`needs_full`] found tables.
+pub fn refusal(need: &[FullNeeded]) -> String {
+    let list: Vec<String> = need
+        .iter()
+        .map(|f| format!("{} ({})", f.table, f.why.join("; ")))
+        .collect();
+    let fixes: Vec<String> = need.iter().map(FullNeeded::fix).collect();
+    format!(
+        "events: these mappings read old row values, which Postgres logs only under REPLICA IDENTITY FULL, and their tables have less: {}. \
+         Without it the old values would be missing and the events wrong, so the mappings do not start. \
+         Run on the source: {} (walbridge doctor lists every table that needs it)",
+        list.join("; "),
+        fixes.join(" ")
+    )
+}
+
+/// A table with mappings, as bound to its latest Relation message.
+struct Rel {
+    schema: String,
+    table: String,
+    names: Vec<String>,
+    oids: Vec<u32>,
+    /// Mappings triggered by this table's changes.
+    triggers: Vec<usize>,
+    /// Mappings whose `lines:` come from this table.
+    children: Vec<usize>,
+    /// Whether this is the outbox table.
+    outbox: bool,
+}
+
+/// One event waiting for its transaction's commit.
+struct Pending {
+    /// `None` for outbox events.
+    mapping: Option<usize>,
+    rel: Option<u32>,
+    /// Index of the triggering change in its transaction.
+    index: u32,
+    op: &'static str,
+    old: Option<Vec<Val>>,
+    new: Option<Vec<Val>>,
+    lines: Vec<Datum>,
+    /// An outbox message's JSON text (`pg_logical_emit_message`).
+    message: Option<String>,
+    /// Set when the event already failed (e.g. its condition could not be evaluated).
+    error: Option<String>,
+}
+
+/// The business-event stage of one pipeline attempt (see the module doc).
+pub struct Engine {
+    cfg: Arc<EventsConfig>,
+    /// The config's mappings, with expressions bound to their tables' columns.
+    mappings: Vec<Mapping>,
+    rels: HashMap<u32, Rel>,
+    registry: RegistryClient,
+    /// (topic, contract full name) → schema id.
+    schema_ids: HashMap<(String, String), u32>,
+    topics: HashSet<String>,
+    pending: Vec<Pending>,
+    /// (mapping, key) → index into `pending` of an open `lines:` aggregate.
+    open: HashMap<(usize, String), usize>,
+    /// `source.system` in every event (the topic prefix).
+    system: String,
+    db: String,
+}
+
+fn to_vals(rel: &Rel, t: &Tuple, fill: Option<&[Val]>) -> Vec<Val> {
+    t.iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::Text(b) => {
+                expr::from_pg_text(rel.oids[i], std::str::from_utf8(b).unwrap_or_default())
+            }
+            // Unchanged TOAST: the old row (under FULL) has it.
+            Value::UnchangedToast => fill.and_then(|f| f.get(i).cloned()).unwrap_or(Val::Null),
+            Value::Null | Value::Binary(_) => Val::Null,
+        })
+        .collect()
+}
+
+fn key_text(v: Val) -> Result<String, String> {
+    match v {
+        Val::Null => Err("the key expression gave null; every event needs an aggregate id".into()),
+        v => Ok(v.text()),
+    }
+}
+
+impl Engine {
+    /// Checks the source (replica identities), registers every mapping's contract under its
+    /// topic, and makes sure the topics exist.
+    pub async fn start(
+        cfg: Arc<EventsConfig>,
+        meta: &tokio_postgres::Client,
+        registry_url: &str,
+        out: &Out,
+        db: &str,
+    ) -> anyhow::Result<Engine> {
+        let need = needs_full(meta, &cfg).await?;
+        if !need.is_empty() {
+            bail!("{}", refusal(&need));
+        }
+        let mut e = Engine {
+            mappings: cfg.mappings.clone(),
+            cfg,
+            rels: HashMap::new(),
+            registry: RegistryClient::new(registry_url)?,
+            schema_ids: HashMap::new(),
+            topics: HashSet::new(),
+            pending: Vec::new(),
+            open: HashMap::new(),
+            system: out.name.to_string(),
+            db: db.to_owned(),
+        };
+        let pairs: Vec<(String, Arc<Contract>)> = e
+            .mappings
+            .iter()
+            .map(|m| (m.topic.clone(), m.contract.clone()))
+            .collect();
+        for (topic, contract) in pairs {
+            e.schema_id(out, &topic, &contract).await?;
+        }
+        tracing::info!(
+            mappings = e.mappings.len(),
+            topics = e.topics.len(),
+            "business-event mappings ready"
+        );
+        Ok(e)
+    }
+
+    /// The schema id of `contract` on `topic`, registering it (and creating the topic) on
+    /// first use.
+    async fn schema_id(&mut self, out: &Out, topic: &str, c: &Contract) -> anyhow::Result<u32> {
+        let k = (topic.to_owned(), c.full_name.clone());
+        if let Some(id) = self.schema_ids.get(&k) {
+            return Ok(*id);
+        }
+        self.ensure_topic(out, topic).await?;
+        let subject = format!("{topic}-{}", c.full_name);
+        let id = self
+            .registry
+            .register(&subject, &c.schema_json)
+            .await
+            .with_context(|| {
+                format!(
+                    "registering contract {} ({}) under {subject}; `walbridge contracts check` tells whether it is compatible with the registered versions",
+                    c.name,
+                    c.path.display()
+                )
+            })?;
+        self.schema_ids.insert(k, id);
+        Ok(id)
+    }
+
+    async fn ensure_topic(&mut self, out: &Out, topic: &str) -> anyhow::Result<()> {
+        if !self.topics.contains(topic) {
+            out.sink.ensure_topics(&[topic.to_owned()]).await?;
+            self.topics.insert(topic.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Whether `rel_id` is the outbox table (its rows become events, not row changes).
+    pub fn is_outbox(&self, rel_id: u32) -> bool {
+        self.rels.get(&rel_id).is_some_and(|r| r.outbox)
+    }
+
+    /// A Relation message: binds the mappings on this table to its columns.
+    pub fn relation(&mut self, rel: &Relation) -> anyhow::Result<()> {
+        let names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut triggers = Vec::new();
+        let mut children = Vec::new();
+        let keys: Vec<String> = rel
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.clone())
+            .collect();
+        let qualified = format!("{}.{}", rel.namespace, rel.name);
+        for (i, m) in self.mappings.iter_mut().enumerate() {
+            let bind = |e: &mut expr::Expr, what: &str| {
+                e.bind(&refs)
+                    .map_err(|err| anyhow::anyhow!("{}.{what} (mapping {}): {err}", m.path, m.name))
+            };
+            if m.schema == rel.namespace && m.table == rel.name {
+                let need = old_needing_full(m, &keys);
+                if rel.replica_identity != ReplicaIdentity::Full && !need.is_empty() {
+                    bail!(
+                        "{}",
+                        refusal(&[FullNeeded {
+                            table: qualified.clone(),
+                            why: vec![format!(
+                                "{} ({}) reads old.{}",
+                                m.name,
+                                m.path,
+                                need.join(", old.")
+                            )],
+                        }])
+                    );
+                }
+                if let Some(w) = &mut m.when {
+                    bind(w, "when")?;
+                }
+                bind(&mut m.key, "key")?;
+                if let Some(p) = m.lines.as_mut().and_then(|l| l.parent_id.as_mut()) {
+                    bind(p, "lines.parent_id")?;
+                }
+                for (f, e) in &mut m.fields {
+                    bind(e, &format!("fields.{f}"))?;
+                }
+                triggers.push(i);
+            }
+            if let Some(l) = &mut m.lines
+                && l.schema == rel.namespace
+                && l.table == rel.name
+            {
+                l.parent_key
+                    .bind(&refs)
+                    .map_err(|err| anyhow::anyhow!("{}.lines.parent_key: {err}", m.path))?;
+                for (f, e) in &mut l.fields {
+                    e.bind(&refs)
+                        .map_err(|err| anyhow::anyhow!("{}.lines.fields.{f}: {err}", m.path))?;
+                }
+                children.push(i);
+            }
+        }
+        let outbox = self
+            .cfg
+            .outbox
+            .as_ref()
+            .and_then(|o| o.table.as_ref())
+            .is_some_and(|(s, t)| *s == rel.namespace && *t == rel.name);
+        if outbox {
+            for col in ["aggregate_type", "aggregate_id", "event_type", "payload"] {
+                if !names.iter().any(|n| n == col) {
+                    bail!(
+                        "the outbox table {qualified} has no column {col}; it needs id, aggregate_type, aggregate_id, event_type and payload (jsonb)"
+                    );
+                }
+            }
+        }
+        if triggers.is_empty() && children.is_empty() && !outbox {
+            self.rels.remove(&rel.id);
+            return Ok(());
+        }
+        self.rels.insert(
+            rel.id,
+            Rel {
+                schema: rel.namespace.clone(),
+                table: rel.name.clone(),
+                names,
+                oids: rel.columns.iter().map(|c| c.type_oid).collect(),
+                triggers,
+                children,
+                outbox,
+            },
+        );
+        Ok(())
+    }
+
+    /// A row change of the open transaction (`index`: its position in the transaction).
+    pub fn change(
+        &mut self,
+        rel_id: u32,
+        on: On,
+        old: Option<&Tuple>,
+        new: Option<&Tuple>,
+        index: u32,
+    ) {
+        let Some(rel) = self.rels.get(&rel_id) else {
+            return;
+        };
+        let old = old.map(|t| to_vals(rel, t, None));
+        let new = new.map(|t| to_vals(rel, t, old.as_deref()));
+        let op = match on {
+            On::Insert => "c",
+            On::Update => "u",
+            On::Delete => "d",
+        };
+        if rel.outbox {
+            if on == On::Insert {
+                self.pending.push(Pending {
+                    mapping: None,
+                    rel: Some(rel_id),
+                    index,
+                    op,
+                    old: None,
+                    new,
+                    lines: Vec::new(),
+                    message: None,
+                    error: None,
+                });
+            }
+            return;
+        }
+        let rows = Rows {
+            old: old.as_deref(),
+            new: new.as_deref(),
+        };
+        // A later update of a row an open aggregate was built from: the event carries the
+        // row as committed (place_order sets the total after inserting the lines).
+        if on == On::Update {
+            for &i in &rel.triggers {
+                let m = &self.mappings[i];
+                let Some(l) = &m.lines else {
+                    continue;
+                };
+                if let Ok(k) = l
+                    .parent_id
+                    .as_ref()
+                    .unwrap_or(&m.key)
+                    .eval(&rows)
+                    .and_then(key_text)
+                    && let Some(&p) = self.open.get(&(i, k))
+                {
+                    self.pending[p].new = new.clone();
+                }
+            }
+        }
+        if on == On::Insert {
+            for &i in &rel.children {
+                let Some(l) = &self.mappings[i].lines else {
+                    continue;
+                };
+                let Ok(k) = l.parent_key.eval(&rows).and_then(key_text) else {
+                    continue;
+                };
+                let Some(&p) = self.open.get(&(i, k)) else {
+                    continue;
+                };
+                let mut fields = Vec::with_capacity(l.fields.len());
+                for (f, e) in &l.fields {
+                    match e.eval(&rows) {
+                        Ok(v) => fields.push((f.clone(), v.into_datum())),
+                        Err(err) => {
+                            self.pending[p].error.get_or_insert(format!(
+                                "{}.lines.fields.{f}: {err}",
+                                self.mappings[i].path
+                            ));
+                        }
+                    }
+                }
+                self.pending[p].lines.push(Datum::Record(fields));
+            }
+        }
+        for &i in &rel.triggers {
+            let m = &self.mappings[i];
+            if m.on != on {
+                continue;
+            }
+            let mut error = None;
+            if let Some(w) = &m.when {
+                match w.eval(&rows) {
+                    Ok(Val::Bool(true)) => {}
+                    Ok(Val::Bool(false) | Val::Null) => continue,
+                    Ok(v) => {
+                        error = Some(format!(
+                            "{}.when gave a {} instead of a boolean",
+                            m.path,
+                            v.ty()
+                        ))
+                    }
+                    Err(err) => error = Some(format!("{}.when: {err}", m.path)),
+                }
+            }
+            if let Some(l) = &m.lines
+                && let Ok(k) = l
+                    .parent_id
+                    .as_ref()
+                    .unwrap_or(&m.key)
+                    .eval(&rows)
+                    .and_then(key_text)
+            {
+                self.open.insert((i, k), self.pending.len());
+            }
+            self.pending.push(Pending {
+                mapping: Some(i),
+                rel: Some(rel_id),
+                index,
+                op,
+                old: old.clone(),
+                new: new.clone(),
+                lines: Vec::new(),
+                message: None,
+                error,
+            });
+        }
+    }
+
+    /// A transactional logical message; outbox messages become events.
+    pub fn message(&mut self, prefix: &str, content: &[u8], index: u32) -> bool {
+        let ours = self
+            .cfg
+            .outbox
+            .as_ref()
+            .and_then(|o| o.message_prefix.as_deref())
+            == Some(prefix);
+        if ours {
+            self.pending.push(Pending {
+                mapping: None,
+                rel: None,
+                index,
+                op: "m",
+                old: None,
+                new: None,
+                lines: Vec::new(),
+                message: Some(String::from_utf8_lossy(content).into_owned()),
+                error: None,
+            });
+        }
+        ours
+    }
+
+    /// Whether a transaction left events to emit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Drops what a transaction left (e.g. a snapshot chunk, or an attempt that failed).
+    pub fn clear(&mut self) {
+        self.pending.clear();
+        self.open.clear();
+    }
+
+    /// The transaction commits: builds, checks and produces its events in trigger order.
+    pub async fn commit(&mut self, out: &Out, m: &EventMeta<'_>) -> anyhow::Result<()> {
+        self.open.clear();
+        let pending = std::mem::take(&mut self.pending);
+        for p in pending {
+            self.emit(out, m, p).await?;
+        }
+        Ok(())
+    }
+
+    fn source(&self, m: &EventMeta<'_>, table: Option<String>) -> Datum {
+        Datum::Record(vec![
+            ("system".into(), Datum::Str(self.system.clone())),
+            ("db".into(), Datum::Str(self.db.clone())),
+            ("table".into(), table.map_or(Datum::Null, Datum::Str)),
+            ("lsn".into(), Datum::Str(m.lsn_text.to_owned())),
+            ("txid".into(), Datum::Long(i64::from(m.xid))),
+        ])
+    }
+
+    async fn emit(&mut self, out: &Out, m: &EventMeta<'_>, p: Pending) -> anyhow::Result<()> {
+        let causation = format!("{}:{}", m.lsn_text, p.index);
+        let Some(mi) = p.mapping else {
+            return self.emit_outbox(out, m, p, &causation).await;
+        };
+        let map = &self.mappings[mi];
+        let event_id = format!("{causation}:{}", map.name);
+        let rows = Rows {
+            old: p.old.as_deref(),
+            new: p.new.as_deref(),
+        };
+        let (topic, contract) = (map.topic.clone(), map.contract.clone());
+        let key = map.key.eval(&rows).and_then(key_text);
+        let mut fields = vec![
+            ("event_id".to_owned(), Datum::Str(event_id.clone())),
+            (
+                "occurred_at".to_owned(),
+                Datum::TimestampMicros(m.commit_ms * 1000),
+            ),
+        ];
+        let rel = p.rel.and_then(|r| self.rels.get(&r));
+        let table = rel.map(|r| format!("{}.{}", r.schema, r.table));
+        fields.push(("source".into(), self.source(m, table.clone())));
+        let mut error = p.error.clone();
+        for (f, e) in &map.fields {
+            match e.eval(&rows) {
+                Ok(v) => fields.push((f.clone(), v.into_datum())),
+                Err(err) => {
+                    error.get_or_insert(format!("{}.fields.{f}: {err}", map.path));
+                }
+            }
+        }
+        if let Some(l) = &map.lines {
+            fields.push((l.field.clone(), Datum::Array(p.lines.clone())));
+        }
+        let mut payload = Vec::new();
+        let result = match (error, &key) {
+            (Some(e), _) => Err((e, None)),
+            (None, Err(e)) => Err((format!("{}.key: {e}", map.path), None)),
+            (None, Ok(_)) => contract
+                .encode(&fields, &mut payload)
+                .map_err(|v| (v.to_string(), Some(v.path))),
+        };
+        match result {
+            Ok(()) => {
+                let id = self.schema_id(out, &topic, &contract).await?;
+                let mut framed = Vec::with_capacity(payload.len() + 5);
+                avro::frame(id, &payload, &mut framed);
+                let key = key.unwrap_or_default();
+                crate::emit::send_event(
+                    out,
+                    m,
+                    &EventRecord {
+                        topic: &topic,
+                        key: key.as_bytes(),
+                        payload: &framed,
+                        event_id: &event_id,
+                        causation_id: &causation,
+                        event_type: &contract.name,
+                        schema_id: Some(id),
+                        op: p.op,
+                    },
+                )
+                .await
+            }
+            Err((message, field)) => {
+                let rel = p.rel.and_then(|r| self.rels.get(&r));
+                let letter = Letter {
+                    format: crate::dlq::FORMAT.into(),
+                    event_id: event_id.clone(),
+                    schema: rel.map(|r| r.schema.clone()).unwrap_or_default(),
+                    table: rel.map(|r| r.table.clone()).unwrap_or_default(),
+                    topic: topic.clone(),
+                    op: p.op.into(),
+                    commit_lsn: m.lsn_text.into(),
+                    txid: m.xid,
+                    commit_ts_ms: m.commit_ms,
+                    snapshot: false,
+                    dead_lettered_at_ms: crate::pipeline::now_ms(),
+                    reason: Reason {
+                        message: format!(
+                            "{} event of mapping {} violates contract {}: {message}",
+                            contract.name,
+                            self.mappings[mi].name,
+                            contract.path.display()
+                        ),
+                        column: field,
+                        pg_type: None,
+                        fix: format!(
+                            "fix the mapping ({}) or the source row; the row change itself is on its table's topic. Event letters are not replayed by `walbridge dlq replay`",
+                            self.mappings[mi].path
+                        ),
+                    },
+                    before: rel.zip(p.old.as_ref()).map(|(r, v)| dlq_row(r, v)),
+                    after: rel.zip(p.new.as_ref()).map(|(r, v)| dlq_row(r, v)),
+                };
+                let key = key.ok();
+                crate::emit::dead_letter_event(
+                    out,
+                    m,
+                    &letter,
+                    key.as_deref().map(str::as_bytes),
+                    &contract.name,
+                    &causation,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn emit_outbox(
+        &mut self,
+        out: &Out,
+        m: &EventMeta<'_>,
+        p: Pending,
+        causation: &str,
+    ) -> anyhow::Result<()> {
+        let Some(ob) = self.cfg.outbox.clone() else {
+            return Ok(());
+        };
+        let rel = p.rel.and_then(|r| self.rels.get(&r));
+        let table = rel.map(|r| format!("{}.{}", r.schema, r.table));
+        // The fields, from the row's columns or the message's JSON.
+        let parsed: Result<(Json, Option<String>), String> = match (&p.message, rel, &p.new) {
+            (Some(text), _, _) => serde_json::from_str::<Json>(text)
+                .map_err(|e| format!("the outbox message is not JSON: {e}"))
+                .map(|j| (j, None)),
+            (None, Some(r), Some(vals)) => {
+                let get = |c: &str| {
+                    r.names
+                        .iter()
+                        .position(|n| n == c)
+                        .and_then(|i| vals.get(i))
+                        .filter(|v| **v != Val::Null)
+                        .map(Val::text)
+                };
+                let payload = match get("payload") {
+                    Some(t) => {
+                        serde_json::from_str(&t).map_err(|e| format!("payload is not JSON: {e}"))
+                    }
+                    None => Ok(Json::Null),
+                };
+                payload.map(|payload| {
+                    (
+                        serde_json::json!({
+                            "id": get("id"),
+                            "aggregate_type": get("aggregate_type"),
+                            "aggregate_id": get("aggregate_id"),
+                            "event_type": get("event_type"),
+                            "payload": payload,
+                        }),
+                        table.clone(),
+                    )
+                })
+            }
+            _ => Err("outbox row without values".into()),
+        };
+        let text = |j: &Json, k: &str| match &j[k] {
+            Json::String(s) if !s.is_empty() => Some(s.clone()),
+            Json::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let (json, _) = match &parsed {
+            Ok(x) => x.clone(),
+            Err(_) => (Json::Null, None),
+        };
+        let event_id = text(&json, "id").unwrap_or_else(|| format!("{causation}:outbox"));
+        let event_type = text(&json, "event_type").unwrap_or_default();
+        let aggregate_type = text(&json, "aggregate_type");
+        let key = text(&json, "aggregate_id");
+        let topic = aggregate_type.as_deref().map(|a| ob.topic(a));
+        let contract = self.cfg.contract(&event_type).cloned();
+        let built: Result<(Vec<u8>, Option<u32>), (String, Option<String>)> = (|| {
+            let json = parsed.clone().map_err(|e| (e, None))?.0;
+            let topic = topic.as_ref().ok_or_else(|| {
+                (
+                    "aggregate_type is missing: it names the topic".to_owned(),
+                    None,
+                )
+            })?;
+            if key.is_none() {
+                return Err((
+                    "aggregate_id is missing: it is the event key".to_owned(),
+                    None,
+                ));
+            }
+            if event_type.is_empty() {
+                return Err(("event_type is missing".to_owned(), None));
+            }
+            if !topic
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err((
+                    format!("topic {topic:?} (from aggregate_type) has characters Kafka refuses"),
+                    None,
+                ));
+            }
+            let Some(c) = &contract else {
+                // No contract: the payload goes as JSON, unchecked.
+                return Ok((
+                    serde_json::to_vec(&json["payload"]).unwrap_or_default(),
+                    None,
+                ));
+            };
+            let payload = match &json["payload"] {
+                Json::Object(o) => o.clone(),
+                _ => {
+                    return Err((
+                        "payload must be a JSON object with the contract's fields".into(),
+                        None,
+                    ));
+                }
+            };
+            let mut fields = vec![
+                ("event_id".to_owned(), Datum::Str(event_id.clone())),
+                (
+                    "occurred_at".to_owned(),
+                    Datum::TimestampMicros(m.commit_ms * 1000),
+                ),
+                ("source".to_owned(), self.source(m, None)),
+            ];
+            for (k, v) in &payload {
+                if avro::contract::METADATA_FIELDS.contains(&k.as_str()) {
+                    continue;
+                }
+                let f = c.root.field(k).ok_or_else(|| {
+                    (
+                        format!("field {k}: {} has no such field", c.full_name),
+                        Some(k.clone()),
+                    )
+                })?;
+                let d = avro::contract::datum_from_json(&f.shape, v, k)
+                    .map_err(|v| (v.to_string(), Some(v.path)))?;
+                fields.push((k.clone(), d));
+            }
+            let mut out = Vec::new();
+            c.encode(&fields, &mut out)
+                .map_err(|v| (format!("violates contract {}: {v}", c.name), Some(v.path)))?;
+            Ok((out, Some(0)))
+        })();
+        match built {
+            Ok((payload, schema)) => {
+                let topic = topic.unwrap_or_default();
+                let (payload, schema_id) = match (schema, &contract) {
+                    (Some(_), Some(c)) => {
+                        let id = self.schema_id(out, &topic, c).await?;
+                        let mut framed = Vec::with_capacity(payload.len() + 5);
+                        avro::frame(id, &payload, &mut framed);
+                        (framed, Some(id))
+                    }
+                    _ => {
+                        self.ensure_topic(out, &topic).await?;
+                        (payload, None)
+                    }
+                };
+                let key = key.unwrap_or_default();
+                crate::emit::send_event(
+                    out,
+                    m,
+                    &EventRecord {
+                        topic: &topic,
+                        key: key.as_bytes(),
+                        payload: &payload,
+                        event_id: &event_id,
+                        causation_id: causation,
+                        event_type: &event_type,
+                        schema_id,
+                        op: p.op,
+                    },
+                )
+                .await
+            }
+            Err((message, field)) => {
+                let letter = Letter {
+                    format: crate::dlq::FORMAT.into(),
+                    event_id: event_id.clone(),
+                    schema: rel.map(|r| r.schema.clone()).unwrap_or_default(),
+                    table: rel.map(|r| r.table.clone()).unwrap_or_default(),
+                    topic: topic.unwrap_or_default(),
+                    op: p.op.into(),
+                    commit_lsn: m.lsn_text.into(),
+                    txid: m.xid,
+                    commit_ts_ms: m.commit_ms,
+                    snapshot: false,
+                    dead_lettered_at_ms: crate::pipeline::now_ms(),
+                    reason: Reason {
+                        message: format!("outbox event {event_id} ({event_type}): {message}"),
+                        column: field,
+                        pg_type: None,
+                        fix: "fix the application's outbox write (aggregate_type, aggregate_id, event_type, payload) or the contract".into(),
+                    },
+                    before: None,
+                    after: match (rel, &p.new, &p.message) {
+                        (Some(r), Some(v), _) => Some(dlq_row(r, v)),
+                        (_, _, Some(text)) => Some(Row {
+                            values: vec![("content".into(), Some(text.clone()))],
+                            unchanged_toast: Vec::new(),
+                            hex: Vec::new(),
+                        }),
+                        _ => None,
+                    },
+                };
+                crate::emit::dead_letter_event(
+                    out,
+                    m,
+                    &letter,
+                    key.as_deref().map(str::as_bytes),
+                    &event_type,
+                    causation,
+                )
+                .await
+            }
+        }
+    }
+}
+
+fn dlq_row(r: &Rel, vals: &[Val]) -> Row {
+    Row {
+        values: r
+            .names
+            .iter()
+            .zip(vals)
+            .map(|(n, v)| (n.clone(), (*v != Val::Null).then(|| v.text())))
+            .collect(),
+        unchanged_toast: Vec::new(),
+        hex: Vec::new(),
+    }
+}
