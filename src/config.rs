@@ -479,6 +479,91 @@ const KEYS: &[KeySpec] = &[
         "127.0.0.1:9187",
     ),
     key("log", "a mapping", "log: { format: json }"),
+    key("events", "a mapping", "events: { mappings: [...] }"),
+    key(
+        "events.contracts_dir",
+        "a directory of .avsc files",
+        "avro/contracts",
+    ),
+    key(
+        "events.mappings",
+        "a list of mappings",
+        "[{ name: ..., table: ..., on: insert, event: ..., key: ..., topic: ..., fields: {...} }]",
+    ),
+    key("events.mappings.name", "[a-z0-9_]+", "order_placed"),
+    key("events.mappings.table", "\"schema.table\"", "oms.orders"),
+    key("events.mappings.on", "insert, update or delete", "insert"),
+    key(
+        "events.mappings.when",
+        "a condition expression",
+        "\"old.status <> new.status\"",
+    ),
+    key(
+        "events.mappings.event",
+        "a contract's record name",
+        "OrderPlaced",
+    ),
+    key(
+        "events.mappings.key",
+        "an expression (the aggregate id)",
+        "new.id",
+    ),
+    key(
+        "events.mappings.topic",
+        "a Kafka topic name",
+        "retail.orders",
+    ),
+    key(
+        "events.mappings.fields",
+        "a mapping of contract field to expression",
+        "{ order_id: new.id }",
+    ),
+    key(
+        "events.mappings.lines",
+        "a mapping with field, table, parent_key, fields",
+        "{ field: lines, table: oms.order_lines, parent_key: new.order_id, fields: {...} }",
+    ),
+    key(
+        "events.mappings.lines.field",
+        "the contract's array field",
+        "lines",
+    ),
+    key(
+        "events.mappings.lines.table",
+        "\"schema.table\"",
+        "oms.order_lines",
+    ),
+    key(
+        "events.mappings.lines.parent_key",
+        "an expression on the line row",
+        "new.order_id",
+    ),
+    key(
+        "events.mappings.lines.parent_id",
+        "an expression on the parent row",
+        "new.id",
+    ),
+    key(
+        "events.mappings.lines.fields",
+        "a mapping of item field to expression",
+        "{ sku: new.sku }",
+    ),
+    key(
+        "events.outbox",
+        "a mapping with table and/or message_prefix",
+        "{ message_prefix: walbridge.outbox, topic_prefix: retail }",
+    ),
+    key("events.outbox.table", "\"schema.table\"", "public.outbox"),
+    key(
+        "events.outbox.message_prefix",
+        "a logical message prefix",
+        "walbridge.outbox",
+    ),
+    key(
+        "events.outbox.topic_prefix",
+        "a Kafka topic name prefix",
+        "retail",
+    ),
     key("log.format", "text or json", "json"),
 ];
 
@@ -624,7 +709,14 @@ fn explain_parse_error(e: &serde_saphyr::Error, path: &[String], origin: &str) -
     let mut path = path.to_vec();
     let message = if let Some(field) = backticked(&msg, "unknown field `") {
         // The path ends with the unknown key itself; suggest from its section's keys.
-        let section = join_path(&path[..path.len().saturating_sub(1)]);
+        // List indices are dropped: `events.mappings[2]` has the keys of `events.mappings`.
+        let section = join_path(
+            &path[..path.len().saturating_sub(1)]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         let valid = keys_under(&section);
         let mut m = format!("unknown key `{field}`");
         if let Some(best) = did_you_mean(&field, &valid) {

@@ -34,6 +34,14 @@ pub async fn run(seconds: Duration, rate: f64) -> anyhow::Result<()> {
     println!("▶ loading the legacy OMS/WMS fixtures (seeded)");
     let report = legacy_fixtures::init(&client, &legacy_fixtures::InitOptions::default()).await?;
     println!("  {} rows in {:.1?}", report.total_rows(), report.elapsed);
+    if let Some(ev) = &cfg.events {
+        // The one change the legacy team makes for business events: old values logged for the
+        // tables whose mappings read them (what `walbridge doctor` would tell them).
+        for need in crate::events::needs_full(&client, ev).await? {
+            println!("  {} (business events read its old values)", need.fix());
+            client.batch_execute(&need.fix()).await?;
+        }
+    }
 
     let broker_port: u16 = cfg.kafka.brokers[0]
         .rsplit(':')

@@ -576,3 +576,69 @@ fn mapping(
         lines,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    fn load(events: &str) -> Result<crate::config::Config, crate::config::ConfigErrors> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/avro/contracts");
+        let yaml = format!(
+            "source:\n  dsn: \"host=h user=u dbname=d\"\n  publication: p\n  slot: s\n  tables: [oms.*, wms.*]\n\
+             kafka:\n  brokers: \"127.0.0.1:9092\"\n  topic_prefix: t\n\
+             registry:\n  url: \"http://127.0.0.1:8081\"\n\
+             events:\n  contracts_dir: \"{dir}\"\n  mappings:\n{events}"
+        );
+        crate::config::from_str(&yaml, "p.yaml")
+    }
+
+    const OK: &str = "    - name: stock
+      table: wms.stock_levels
+      on: update
+      when: \"new.on_hand <> old.on_hand\"
+      event: StockAdjusted
+      key: \"new.sku || '@' || new.location_code\"
+      topic: retail.stock
+      fields:
+        sku: new.sku
+        location_code: new.location_code
+        delta: new.on_hand - old.on_hand
+        reason: \"'adjustment'\"
+        on_hand: new.on_hand
+        previous_on_hand: old.on_hand
+";
+
+    #[test]
+    fn a_valid_mapping_loads() {
+        let c = load(OK).unwrap();
+        let ev = c.events.unwrap();
+        assert_eq!(ev.mappings[0].contract.name, "StockAdjusted");
+        assert_eq!(ev.contracts.len(), 12);
+    }
+
+    #[test]
+    fn errors_name_the_line_the_key_path_and_the_character() {
+        let e = load(&OK.replace("new.on_hand - old.on_hand", "new.on_hand - * old.on_hand"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("p.yaml:24:") && e.contains(": events.mappings[0].fields.delta: cannot parse the expression \"new.on_hand - * old.on_hand\" at character 15: expected a value, found `*`"),
+            "{e}"
+        );
+        let e = load(&OK.replace(
+            "        reason: \"'adjustment'\"\n",
+            "        reasn: \"'x'\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("StockAdjusted has no field \"reasn\""), "{e}");
+        assert!(e.contains("requires reason (not nullable)"), "{e}");
+        let e = load(&OK.replace("      table:", "      tabel:")).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown key `tabel` — did you mean `table`?"),
+            "{e}"
+        );
+        let e = load(&OK.replace("StockAdjusted", "StockMoved"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no contract named \"StockMoved\""), "{e}");
+    }
+}
