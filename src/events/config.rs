@@ -631,7 +631,9 @@ mod tests {
         .to_string();
         assert!(e.contains("StockAdjusted has no field \"reasn\""), "{e}");
         assert!(e.contains("requires reason (not nullable)"), "{e}");
-        let e = load(&OK.replace("      table:", "      tabel:")).unwrap_err().to_string();
+        let e = load(&OK.replace("      table:", "      tabel:"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("unknown key `tabel` — did you mean `table`?"),
             "{e}"
