@@ -486,6 +486,11 @@ const KEYS: &[KeySpec] = &[
         "avro/contracts",
     ),
     key(
+        "events.max_transaction_bytes",
+        "bytes (at least 4096)",
+        "268435456",
+    ),
+    key(
         "events.mappings",
         "a list of mappings",
         "[{ name: ..., table: ..., on: insert, event: ..., key: ..., topic: ..., fields: {...} }]",

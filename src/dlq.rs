@@ -53,6 +53,12 @@
 //! marker's replays it once more; consumers drop the duplicate by its event id (invariant 2).
 //! A replayed change arrives after the changes committed after it: its event id (commit LSN,
 //! index) says where it belongs in commit order.
+//!
+//! A business event's letter (a mapping or contract violation, a malformed outbox write)
+//! carries `event` ([`EventOrigin`]): the mapping's name, the change's index and the `lines:`
+//! rows. Replay builds that event again from the stored rows under the *current* mapping and
+//! contract and produces it to its business topic with the same event id; one still invalid
+//! stays, with the reason. See [`crate::events::replay`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -94,6 +100,26 @@ pub struct Letter {
     pub reason: Reason,
     pub before: Option<Row>,
     pub after: Option<Row>,
+    /// Set on a business event's letter (see [`crate::events::replay`]); absent on a row
+    /// change's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<EventOrigin>,
+}
+
+/// What a business event's letter keeps beyond its rows, so that replay can build the event
+/// again from them under the current mapping and contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventOrigin {
+    /// The mapping's name (`events.mappings[].name`); absent for an outbox event, whose rows
+    /// are the outbox row (`after`) or the logical message (`after.values.content`).
+    pub mapping: Option<String>,
+    /// Position of the triggering change or message in its transaction.
+    pub index: u32,
+    /// For a `lines:` mapping: the child table and its rows of the transaction, as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines_table: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<Row>,
 }
 
 /// What failed, where, and how to fix it.
@@ -141,16 +167,19 @@ mod ordered {
 
 impl Row {
     fn of(rel: &Relation, tuple: &Tuple) -> Row {
+        let names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+        Row::of_names(&names, tuple)
+    }
+
+    /// The row from its column names (in the tuple's order) and values as sent.
+    pub(crate) fn of_names(names: &[String], tuple: &Tuple) -> Row {
         let mut row = Row {
             values: Vec::with_capacity(tuple.len()),
             unchanged_toast: Vec::new(),
             hex: Vec::new(),
         };
         for (i, value) in tuple.iter().enumerate() {
-            let name = rel
-                .columns
-                .get(i)
-                .map_or_else(|| format!("#{i}"), |c| c.name.clone());
+            let name = names.get(i).cloned().unwrap_or_else(|| format!("#{i}"));
             let text = match value {
                 Value::Null => None,
                 Value::UnchangedToast => {
@@ -172,7 +201,8 @@ impl Row {
 
     /// The row in the column order of `rel` (the table's current shape): columns matched by
     /// name; a column added since is null, a column dropped since is left out.
-    fn tuple(&self, rel: &Relation) -> anyhow::Result<Tuple> {
+    /// The row as a tuple of `rel`, matching columns by name (a column since added is null).
+    pub(crate) fn tuple(&self, rel: &Relation) -> anyhow::Result<Tuple> {
         let by_name: HashMap<&str, &Option<String>> =
             self.values.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut out = Vec::with_capacity(rel.columns.len());
@@ -237,6 +267,7 @@ impl Letter {
             },
             before: before.map(|r| Row::of(&t.rel, r)),
             after: after.map(|r| Row::of(&t.rel, r)),
+            event: None,
         }
     }
 }
@@ -449,9 +480,60 @@ pub async fn replay(cfg: &Config, only: &[String]) -> anyhow::Result<Vec<Outcome
     for l in &todo {
         let mut outcome = Outcome {
             event_id: l.event_id.clone(),
-            table: format!("{}.{}", l.schema, l.table),
+            // A business event is named by its topic (an outbox message has no table).
+            table: match &l.event {
+                Some(_) => l.topic.clone(),
+                None => format!("{}.{}", l.schema, l.table),
+            },
             result: Ok(()),
         };
+        if let Some(origin) = &l.event {
+            // A business event: built again under the current mapping and contract.
+            let Ok(lsn) = l.commit_lsn.parse::<Lsn>() else {
+                outcome.result = Err(format!("the stored LSN {:?} is damaged", l.commit_lsn));
+                outcomes.push(outcome);
+                continue;
+            };
+            let seq = progress.begin();
+            let xid_text = l.txid.to_string();
+            let m = EventMeta {
+                seq,
+                commit_lsn: lsn,
+                xid: l.txid,
+                commit_ms: l.commit_ts_ms,
+                now_ms: now,
+                lsn_text: &l.commit_lsn,
+                xid_text: &xid_text,
+                snapshot: false,
+            };
+            let result = crate::events::replay::replay(
+                cfg.events.as_ref(),
+                &meta,
+                cfg.registry.url.as_str(),
+                &out,
+                l,
+                origin,
+                &m,
+            )
+            .await;
+            progress.commit(seq, lsn);
+            match result {
+                Ok(()) => sent.push((outcomes.len(), seq)),
+                Err(why) => outcome.result = Err(why),
+            }
+            outcomes.push(outcome);
+            continue;
+        }
+        if l.topic != cfg.kafka.topic_for(&l.schema, &l.table) {
+            // A business event's letter from a walbridge that did not keep what replay needs.
+            outcome.result = Err(format!(
+                "a business-event letter (for {}) without the rows to rebuild it (written by an older walbridge); \
+                 it cannot be replayed",
+                l.topic
+            ));
+            outcomes.push(outcome);
+            continue;
+        }
         let key = (l.schema.clone(), l.table.clone());
         if !tables.contains_key(&key) {
             let mapped = map_table(cfg, &meta, &registry, &metrics, &out, &l.schema, &l.table)

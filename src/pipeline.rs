@@ -864,9 +864,12 @@ impl Pipeline {
                 if let Some(ev) = &mut self.events {
                     match &self.tx {
                         Some(tx) if m.transactional => {
-                            ev.message(&m.prefix, &m.content, tx.index);
+                            ev.message(&m.prefix, &m.content, tx.index)
+                                .with_context(|| {
+                                    format!("transaction {} (commit LSN {})", tx.xid, tx.lsn_text)
+                                })?;
                         }
-                        None if !m.transactional && ev.message(&m.prefix, &m.content, 0) => {
+                        None if !m.transactional && ev.message(&m.prefix, &m.content, 0)? => {
                             // A message outside any transaction: its own progress entry, so
                             // the slot passes it only once its event is acked.
                             let seq = self.progress.begin_at(self.now_ms);
@@ -973,7 +976,12 @@ impl Pipeline {
         }
         // The event's causation id names the row change's event id: `<commit LSN>:<index>`.
         if let Some(ev) = &mut self.events {
-            ev.change(rel_id, on, old, new, index);
+            let tx = self.tx.as_ref();
+            ev.change(rel_id, on, old, new, index)
+                .with_context(|| match tx {
+                    Some(tx) => format!("transaction {} (commit LSN {})", tx.xid, tx.lsn_text),
+                    None => "a change outside a transaction".into(),
+                })?;
         }
         Ok(())
     }

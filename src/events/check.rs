@@ -29,8 +29,8 @@ pub struct Finding {
     pub message: String,
 }
 
-/// Column name → (type, nullable) of one table.
-type Columns = HashMap<String, Typed>;
+/// Column name → ((type, nullable), Postgres type name) of one table.
+type Columns = HashMap<String, (Typed, String)>;
 
 async fn columns(
     client: &tokio_postgres::Client,
@@ -57,10 +57,13 @@ async fn columns(
                 let notnull: bool = r.get(3);
                 (
                     r.get::<_, String>(0),
-                    Typed {
-                        ty: ty_of_pg(&typname),
-                        nullable: !notnull,
-                    },
+                    (
+                        Typed {
+                            ty: ty_of_pg(&typname),
+                            nullable: !notnull,
+                        },
+                        typname,
+                    ),
                 )
             })
             .collect(),
@@ -130,25 +133,79 @@ fn typer<'a>(
             ));
         }
         cols.get(name)
-            .copied()
+            .map(|c| c.0)
             .ok_or_else(|| format!("{table} has no column {name:?}"))
+    }
+}
+
+/// Why an integer expression may not fit Avro's 32-bit `int`, typed as Postgres types it
+/// (int2/int4 columns, and arithmetic on them, are 32-bit; an int8 column, a 64-bit literal or
+/// a cast to long are not). `None` when it fits.
+fn wider_than_int(e: &Expr, typname: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    use super::expr::{Func, Val};
+    match e {
+        Expr::Lit(Val::Int(n)) if i32::try_from(*n).is_err() => {
+            Some(format!("the literal {n} is outside int"))
+        }
+        Expr::Lit(_) | Expr::Not(_) | Expr::IsNull(..) | Expr::In(..) => None,
+        Expr::Col { side, name, .. } => match typname(name).as_deref() {
+            Some("int8") => Some(format!(
+                "{}.{name} is a bigint (int8)",
+                if *side == Side::Old { "old" } else { "new" }
+            )),
+            _ => None,
+        },
+        Expr::Neg(x) => wider_than_int(x, typname),
+        Expr::Bin(_, a, b) => wider_than_int(a, typname).or_else(|| wider_than_int(b, typname)),
+        Expr::Call(Func::If, args) => args.iter().skip(1).find_map(|a| wider_than_int(a, typname)),
+        Expr::Call(_, args) => args.iter().find_map(|a| wider_than_int(a, typname)),
+        Expr::Cast(x, Ty::Int) => match x.as_ref() {
+            // A cast keeps an integer's width; of anything else (numeric, text) it may be wide.
+            Expr::Lit(Val::Int(_)) => wider_than_int(x, typname),
+            Expr::Col { name, .. }
+                if matches!(typname(name).as_deref(), Some("int2" | "int4" | "int8")) =>
+            {
+                wider_than_int(x, typname)
+            }
+            _ => Some("a cast to long may be outside int".to_owned()),
+        },
+        Expr::Cast(..) => None,
     }
 }
 
 fn check_fields(
     record: &Record,
     fields: &[(String, Expr)],
+    cols: &Columns,
     col: &dyn Fn(Side, &str) -> Result<Typed, String>,
     path: &str,
     problems: &mut Vec<String>,
 ) {
+    let typname = |name: &str| cols.get(name).map(|c| c.1.clone());
     for (f, e) in fields {
         let Some(field) = record.field(f) else {
             continue;
         };
         match e.infer(col).and_then(|t| fits(&field.shape, t)) {
             Ok(()) => {}
-            Err(m) => problems.push(format!("{path}.{f}: {m}")),
+            Err(m) => {
+                problems.push(format!("{path}.{f}: {m}"));
+                continue;
+            }
+        }
+        // Both are Ty::Int; a value past 32 bits would be refused at runtime (a dead letter).
+        let shape = match &field.shape {
+            Shape::Nullable { inner, .. } => inner.as_ref(),
+            s => s,
+        };
+        if *shape == Shape::Int
+            && let Some(why) = wider_than_int(e, &typname)
+        {
+            problems.push(format!(
+                "{path}.{f}: narrowing: {why}, but the contract's field is a 32-bit int; values past \
+                 ±2147483647 would be dead letters. Make the field long in the contract (int → long is a \
+                 compatible promotion), or map a 32-bit column"
+            ));
         }
     }
 }
@@ -200,6 +257,7 @@ pub async fn check_mappings(
                 check_fields(
                     &m.contract.root,
                     &m.fields,
+                    cols,
                     &col,
                     &format!("{}.fields", m.path),
                     &mut problems,
@@ -221,6 +279,7 @@ pub async fn check_mappings(
                     check_fields(
                         &l.item,
                         &l.fields,
+                        cols,
                         &col,
                         &format!("{}.lines.fields", m.path),
                         &mut problems,
@@ -339,4 +398,37 @@ pub async fn run(cfg: &Config, with_db: bool, with_registry: bool) -> anyhow::Re
         }
     );
     Ok(failed == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::expr::parse;
+
+    #[test]
+    fn integers_wider_than_32_bits_are_named() {
+        let types = |name: &str| {
+            Some(
+                match name {
+                    "big" => "int8",
+                    "small" => "int2",
+                    "n" => "numeric",
+                    _ => "int4",
+                }
+                .to_owned(),
+            )
+        };
+        let wide = |src: &str| wider_than_int(&parse(src).unwrap(), &types);
+        assert_eq!(
+            wide("new.big").as_deref(),
+            Some("new.big is a bigint (int8)")
+        );
+        assert_eq!(wide("old.qty - new.small"), None);
+        assert_eq!(wide("coalesce(new.qty, new.small, 0)"), None);
+        assert!(wide("new.qty + new.big").is_some());
+        assert!(wide("new.n::long").is_some());
+        assert_eq!(wide("new.qty::long"), None);
+        assert!(wide("3000000000").is_some());
+        assert_eq!(wide("-5"), None);
+    }
 }

@@ -4,6 +4,7 @@
 //! ```yaml
 //! events:
 //!   contracts_dir: avro/contracts         # the .avsc files (default avro/contracts)
+//!   max_transaction_bytes: 268435456      # rows one transaction may hold until its commit
 //!   mappings:
 //!     - name: order_status_changed        # unique; part of each event's id
 //!       table: oms.orders
@@ -48,6 +49,7 @@ type S<T> = Spanned<T>;
 #[serde(deny_unknown_fields)]
 pub struct RawEvents {
     contracts_dir: Option<S<String>>,
+    max_transaction_bytes: Option<S<i64>>,
     #[serde(default)]
     mappings: Vec<S<RawMapping>>,
     outbox: Option<S<RawOutbox>>,
@@ -89,6 +91,8 @@ struct RawOutbox {
 #[derive(Debug)]
 pub struct EventsConfig {
     pub contracts_dir: PathBuf,
+    /// Bound on the rows one transaction holds until its commit (see the events module doc).
+    pub max_transaction_bytes: usize,
     pub contracts: Vec<Arc<Contract>>,
     pub mappings: Vec<Mapping>,
     pub outbox: Option<Outbox>,
@@ -159,6 +163,10 @@ impl EventsConfig {
     }
 }
 
+/// `events.max_transaction_bytes` when not given: 256 MiB.
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 256 << 20;
+const MIN_TRANSACTION_BYTES: i64 = 4096;
+
 /// Where errors go: (location, key path, message).
 pub type Report<'a> = dyn FnMut(&Location, &str, String) + 'a;
 
@@ -221,6 +229,23 @@ pub fn validate(
         Err(e) => {
             report(at_dir, "events.contracts_dir", e.to_string());
             return None;
+        }
+    };
+    let max_transaction_bytes = match &r.max_transaction_bytes {
+        None => DEFAULT_MAX_TRANSACTION_BYTES,
+        Some(v) if (MIN_TRANSACTION_BYTES..=64 << 30).contains(&v.value) => v.value as usize,
+        Some(v) => {
+            report(
+                &v.referenced,
+                "events.max_transaction_bytes",
+                format!(
+                    "{} is outside {MIN_TRANSACTION_BYTES}..={}; give a byte count, e.g. 268435456 (256 MiB)",
+                    v.value,
+                    64i64 << 30
+                ),
+            );
+            ok = false;
+            DEFAULT_MAX_TRANSACTION_BYTES
         }
     };
     let mut names = HashSet::new();
@@ -305,6 +330,7 @@ pub fn validate(
     };
     ok.then_some(EventsConfig {
         contracts_dir,
+        max_transaction_bytes,
         contracts,
         mappings,
         outbox,

@@ -1183,7 +1183,7 @@ mod tests {
                 nullable: true
             }
         );
-        assert_eq!(ty("coalesce(new.price, 0)").unwrap().nullable, false);
+        assert!(!ty("coalesce(new.price, 0)").unwrap().nullable);
         assert!(ty("new.status > 3").unwrap_err().contains("compare"));
     }
 }

@@ -42,12 +42,23 @@
 //! that need it on a table without it, naming the table and the `ALTER TABLE`, and
 //! `walbridge doctor` lists them ([`needs_full`]).
 //!
-//! **Memory.** A transaction's pending events are held until its commit: bounded by what the
-//! transaction changes in mapped tables (a bulk reprice of 100k prices holds 100k small rows).
+//! **Memory (invariant 5).** A transaction's pending events are held until its commit, with the
+//! rows they are built from (as sent, for a dead letter, and parsed): so they grow with what
+//! the transaction changes in mapped tables (a bulk reprice of 100k prices holds 100k small
+//! rows, ~40 MB). `events.max_transaction_bytes` (default 256 MiB) bounds the estimate: a
+//! transaction past it stops the pipeline with an error naming the key, before its commit is
+//! confirmed, rather than spilling to disk (a transaction that large in mapped tables is a
+//! bulk job the mappings were not meant for; raising the bound or splitting the job are the
+//! ways on). Row changes themselves are not held: they stream to Kafka as they arrive.
+//!
+//! **Dead letters are replayable.** An event that cannot be built or violates its contract
+//! goes to the dead-letter topic with its rows; after the mapping or contract is fixed,
+//! `walbridge dlq replay` builds it again under the same id ([`replay`]).
 
 pub mod check;
 pub mod config;
 pub mod expr;
+pub mod replay;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -61,7 +72,7 @@ use serde_json::Value as Json;
 pub use config::{EventsConfig, Mapping, On};
 use expr::{Rows, Side, Val};
 
-use crate::dlq::{Letter, Reason, Row};
+use crate::dlq::{EventOrigin, Letter, Reason, Row};
 use crate::emit::{EventMeta, EventRecord, Out};
 
 /// A table that needs `REPLICA IDENTITY FULL` for the mappings on it.
@@ -200,7 +211,13 @@ struct Pending {
     op: &'static str,
     old: Option<Vec<Val>>,
     new: Option<Vec<Val>>,
+    /// The rows as Postgres sent them: a dead letter keeps them, so that `walbridge dlq
+    /// replay` can build the event again under a corrected mapping or contract.
+    old_raw: Option<Tuple>,
+    new_raw: Option<Tuple>,
     lines: Vec<Datum>,
+    /// The `lines:` child rows as sent (relation id, row), for the same reason.
+    line_rows: Vec<(u32, Tuple)>,
     /// An outbox message's JSON text (`pg_logical_emit_message`).
     message: Option<String>,
     /// Set when the event already failed (e.g. its condition could not be evaluated).
@@ -218,6 +235,8 @@ pub struct Engine {
     schema_ids: HashMap<(String, String), u32>,
     topics: HashSet<String>,
     pending: Vec<Pending>,
+    /// Estimated bytes `pending` holds, against `events.max_transaction_bytes`.
+    pending_bytes: usize,
     /// (mapping, key) → index into `pending` of an open `lines:` aggregate.
     open: HashMap<(usize, String), usize>,
     /// `source.system` in every event (the topic prefix).
@@ -268,6 +287,7 @@ impl Engine {
             schema_ids: HashMap::new(),
             topics: HashSet::new(),
             pending: Vec::new(),
+            pending_bytes: 0,
             open: HashMap::new(),
             system: out.name.to_string(),
             db: db.to_owned(),
@@ -286,6 +306,30 @@ impl Engine {
             "business-event mappings ready"
         );
         Ok(e)
+    }
+
+    /// An engine for replaying one dead letter: only mapping `only` (none for an outbox
+    /// event), no source checks; contracts are registered when an event is built.
+    fn offline(
+        cfg: Arc<EventsConfig>,
+        only: Option<usize>,
+        registry_url: &str,
+        out: &Out,
+        db: &str,
+    ) -> anyhow::Result<Engine> {
+        Ok(Engine {
+            mappings: only.map(|i| cfg.mappings[i].clone()).into_iter().collect(),
+            cfg,
+            rels: HashMap::new(),
+            registry: RegistryClient::new(registry_url)?,
+            schema_ids: HashMap::new(),
+            topics: HashSet::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            open: HashMap::new(),
+            system: out.name.to_string(),
+            db: db.to_owned(),
+        })
     }
 
     /// The schema id of `contract` on `topic`, registering it (and creating the topic) on
@@ -420,6 +464,7 @@ impl Engine {
     }
 
     /// A row change of the open transaction (`index`: its position in the transaction).
+    /// Fails when the transaction's pending events outgrow `events.max_transaction_bytes`.
     pub fn change(
         &mut self,
         rel_id: u32,
@@ -427,12 +472,15 @@ impl Engine {
         old: Option<&Tuple>,
         new: Option<&Tuple>,
         index: u32,
-    ) {
+    ) -> anyhow::Result<()> {
         let Some(rel) = self.rels.get(&rel_id) else {
-            return;
+            return Ok(());
         };
+        let held = self.pending.len();
+        let (old_raw, new_raw) = (old, new);
         let old = old.map(|t| to_vals(rel, t, None));
         let new = new.map(|t| to_vals(rel, t, old.as_deref()));
+        let raw_new = || new_raw.cloned();
         let op = match on {
             On::Insert => "c",
             On::Update => "u",
@@ -447,12 +495,16 @@ impl Engine {
                     op,
                     old: None,
                     new,
+                    old_raw: None,
+                    new_raw: raw_new(),
                     lines: Vec::new(),
+                    line_rows: Vec::new(),
                     message: None,
                     error: None,
                 });
+                return self.hold(tuple_bytes(None, new_raw));
             }
-            return;
+            return Ok(());
         }
         let rows = Rows {
             old: old.as_deref(),
@@ -475,6 +527,7 @@ impl Engine {
                     && let Some(&p) = self.open.get(&(i, k))
                 {
                     self.pending[p].new = new.clone();
+                    self.pending[p].new_raw = raw_new();
                 }
             }
         }
@@ -502,6 +555,10 @@ impl Engine {
                     }
                 }
                 self.pending[p].lines.push(Datum::Record(fields));
+                if let Some(t) = raw_new() {
+                    self.pending_bytes += tuple_bytes(None, Some(&t));
+                    self.pending[p].line_rows.push((rel_id, t));
+                }
             }
         }
         for &i in &rel.triggers {
@@ -541,15 +598,36 @@ impl Engine {
                 op,
                 old: old.clone(),
                 new: new.clone(),
+                old_raw: old_raw.cloned(),
+                new_raw: raw_new(),
                 lines: Vec::new(),
+                line_rows: Vec::new(),
                 message: None,
                 error,
             });
         }
+        let added = self.pending.len() - held;
+        self.hold(added * tuple_bytes(old_raw, new_raw))
     }
 
-    /// A transactional logical message; outbox messages become events.
-    pub fn message(&mut self, prefix: &str, content: &[u8], index: u32) -> bool {
+    /// Counts `bytes` more held until the commit; fails past the bound (invariant 5).
+    fn hold(&mut self, bytes: usize) -> anyhow::Result<()> {
+        self.pending_bytes += bytes;
+        let max = self.cfg.max_transaction_bytes;
+        if self.pending_bytes > max {
+            bail!(
+                "the transaction holds more than events.max_transaction_bytes ({max} bytes) of rows waiting to become \
+                 business events: mapped rows, `lines:` children and outbox rows/messages are held until the commit \
+                 (events are built from the transaction as committed). walbridge stops here rather than grow without \
+                 bound, and confirms nothing from this transaction on. Raise events.max_transaction_bytes if the memory \
+                 is there, or split the transaction in the application, then start walbridge again"
+            );
+        }
+        Ok(())
+    }
+
+    /// A logical message; outbox messages become events (`Ok(true)`).
+    pub fn message(&mut self, prefix: &str, content: &[u8], index: u32) -> anyhow::Result<bool> {
         let ours = self
             .cfg
             .outbox
@@ -564,12 +642,16 @@ impl Engine {
                 op: "m",
                 old: None,
                 new: None,
+                old_raw: None,
+                new_raw: None,
                 lines: Vec::new(),
+                line_rows: Vec::new(),
                 message: Some(String::from_utf8_lossy(content).into_owned()),
                 error: None,
             });
+            self.hold(PENDING_OVERHEAD + content.len() * 2)?;
         }
-        ours
+        Ok(ours)
     }
 
     /// Whether a transaction left events to emit.
@@ -580,17 +662,40 @@ impl Engine {
     /// Drops what a transaction left (e.g. a snapshot chunk, or an attempt that failed).
     pub fn clear(&mut self) {
         self.pending.clear();
+        self.pending_bytes = 0;
         self.open.clear();
     }
 
     /// The transaction commits: builds, checks and produces its events in trigger order.
     pub async fn commit(&mut self, out: &Out, m: &EventMeta<'_>) -> anyhow::Result<()> {
         self.open.clear();
+        self.pending_bytes = 0;
         let pending = std::mem::take(&mut self.pending);
         for p in pending {
-            self.emit(out, m, p).await?;
+            let built = self.build(out, m, p).await?;
+            send(out, m, built).await?;
         }
         Ok(())
+    }
+
+    /// What a dead letter keeps so that replay can build the event again.
+    fn origin(&self, mapping: Option<usize>, p: &Pending) -> EventOrigin {
+        let mut lines_table = None;
+        let lines = p
+            .line_rows
+            .iter()
+            .filter_map(|(rel, t)| {
+                let r = self.rels.get(rel)?;
+                lines_table.get_or_insert_with(|| format!("{}.{}", r.schema, r.table));
+                Some(Row::of_names(&r.names, t))
+            })
+            .collect();
+        EventOrigin {
+            mapping: mapping.map(|i| self.mappings[i].name.clone()),
+            index: p.index,
+            lines_table,
+            lines,
+        }
     }
 
     fn source(&self, m: &EventMeta<'_>, table: Option<String>) -> Datum {
@@ -603,10 +708,11 @@ impl Engine {
         ])
     }
 
-    async fn emit(&mut self, out: &Out, m: &EventMeta<'_>, p: Pending) -> anyhow::Result<()> {
+    /// Builds one event: the record for its topic, or the dead letter saying why not.
+    async fn build(&mut self, out: &Out, m: &EventMeta<'_>, p: Pending) -> anyhow::Result<Built> {
         let causation = format!("{}:{}", m.lsn_text, p.index);
         let Some(mi) = p.mapping else {
-            return self.emit_outbox(out, m, p, &causation).await;
+            return self.build_outbox(out, m, p, causation).await;
         };
         let map = &self.mappings[mi];
         let event_id = format!("{causation}:{}", map.name);
@@ -651,22 +757,16 @@ impl Engine {
                 let id = self.schema_id(out, &topic, &contract).await?;
                 let mut framed = Vec::with_capacity(payload.len() + 5);
                 avro::frame(id, &payload, &mut framed);
-                let key = key.unwrap_or_default();
-                crate::emit::send_event(
-                    out,
-                    m,
-                    &EventRecord {
-                        topic: &topic,
-                        key: key.as_bytes(),
-                        payload: &framed,
-                        event_id: &event_id,
-                        causation_id: &causation,
-                        event_type: &contract.name,
-                        schema_id: Some(id),
-                        op: p.op,
-                    },
-                )
-                .await
+                Ok(Built::Event {
+                    topic,
+                    key: key.unwrap_or_default(),
+                    payload: framed,
+                    event_id,
+                    causation,
+                    event_type: contract.name.clone(),
+                    schema_id: Some(id),
+                    op: p.op,
+                })
             }
             Err((message, field)) => {
                 let rel = p.rel.and_then(|r| self.rels.get(&r));
@@ -692,36 +792,40 @@ impl Engine {
                         column: field,
                         pg_type: None,
                         fix: format!(
-                            "fix the mapping ({}) or the source row; the row change itself is on its table's topic. Event letters are not replayed by `walbridge dlq replay`",
-                            self.mappings[mi].path
+                            "fix the mapping ({}) in pipelines.yaml or the contract ({}), then run `walbridge dlq replay`: \
+                             it builds the event again from the rows kept here, under the same event id. \
+                             The row change itself is on its table's topic",
+                            self.mappings[mi].path,
+                            contract.path.display()
                         ),
                     },
-                    before: rel.zip(p.old.as_ref()).map(|(r, v)| dlq_row(r, v)),
-                    after: rel.zip(p.new.as_ref()).map(|(r, v)| dlq_row(r, v)),
+                    before: rel
+                        .zip(p.old_raw.as_ref())
+                        .map(|(r, t)| Row::of_names(&r.names, t)),
+                    after: rel
+                        .zip(p.new_raw.as_ref())
+                        .map(|(r, t)| Row::of_names(&r.names, t)),
+                    event: Some(self.origin(Some(mi), &p)),
                 };
-                let key = key.ok();
-                crate::emit::dead_letter_event(
-                    out,
-                    m,
-                    &letter,
-                    key.as_deref().map(str::as_bytes),
-                    &contract.name,
-                    &causation,
-                )
-                .await
+                Ok(Built::Letter {
+                    letter: Box::new(letter),
+                    key: key.ok(),
+                    event_type: contract.name.clone(),
+                    causation,
+                })
             }
         }
     }
 
-    async fn emit_outbox(
+    async fn build_outbox(
         &mut self,
         out: &Out,
         m: &EventMeta<'_>,
         p: Pending,
-        causation: &str,
-    ) -> anyhow::Result<()> {
+        causation: String,
+    ) -> anyhow::Result<Built> {
         let Some(ob) = self.cfg.outbox.clone() else {
-            return Ok(());
+            bail!("an outbox event without events.outbox configured");
         };
         let rel = p.rel.and_then(|r| self.rels.get(&r));
         let table = rel.map(|r| format!("{}.{}", r.schema, r.table));
@@ -775,7 +879,7 @@ impl Engine {
         let key = text(&json, "aggregate_id");
         let topic = aggregate_type.as_deref().map(|a| ob.topic(a));
         let contract = self.cfg.contract(&event_type).cloned();
-        let built: Result<(Vec<u8>, Option<u32>), (String, Option<String>)> = (|| {
+        let built: Result<Encoded, Failure> = (|| {
             let json = parsed.clone().map_err(|e| (e, None))?.0;
             let topic = topic.as_ref().ok_or_else(|| {
                 (
@@ -859,22 +963,16 @@ impl Engine {
                         (payload, None)
                     }
                 };
-                let key = key.unwrap_or_default();
-                crate::emit::send_event(
-                    out,
-                    m,
-                    &EventRecord {
-                        topic: &topic,
-                        key: key.as_bytes(),
-                        payload: &payload,
-                        event_id: &event_id,
-                        causation_id: causation,
-                        event_type: &event_type,
-                        schema_id,
-                        op: p.op,
-                    },
-                )
-                .await
+                Ok(Built::Event {
+                    topic,
+                    key: key.unwrap_or_default(),
+                    payload,
+                    event_id,
+                    causation,
+                    event_type,
+                    schema_id,
+                    op: p.op,
+                })
             }
             Err((message, field)) => {
                 let letter = Letter {
@@ -893,11 +991,12 @@ impl Engine {
                         message: format!("outbox event {event_id} ({event_type}): {message}"),
                         column: field,
                         pg_type: None,
-                        fix: "fix the application's outbox write (aggregate_type, aggregate_id, event_type, payload) or the contract".into(),
+                        fix: "fix the contract (the contracts dir) or events.outbox in pipelines.yaml, then run `walbridge dlq replay`; \
+                              if the application wrote a wrong event, fix its outbox write (aggregate_type, aggregate_id, event_type, payload)".into(),
                     },
                     before: None,
-                    after: match (rel, &p.new, &p.message) {
-                        (Some(r), Some(v), _) => Some(dlq_row(r, v)),
+                    after: match (rel, &p.new_raw, &p.message) {
+                        (Some(r), Some(t), _) => Some(Row::of_names(&r.names, t)),
                         (_, _, Some(text)) => Some(Row {
                             values: vec![("content".into(), Some(text.clone()))],
                             unchanged_toast: Vec::new(),
@@ -905,30 +1004,107 @@ impl Engine {
                         }),
                         _ => None,
                     },
+                    event: Some(self.origin(None, &p)),
                 };
-                crate::emit::dead_letter_event(
-                    out,
-                    m,
-                    &letter,
-                    key.as_deref().map(str::as_bytes),
-                    &event_type,
+                Ok(Built::Letter {
+                    letter: Box::new(letter),
+                    key,
+                    event_type,
                     causation,
-                )
-                .await
+                })
             }
         }
     }
 }
 
-fn dlq_row(r: &Rel, vals: &[Val]) -> Row {
-    Row {
-        values: r
-            .names
-            .iter()
-            .zip(vals)
-            .map(|(n, v)| (n.clone(), (*v != Val::Null).then(|| v.text())))
-            .collect(),
-        unchanged_toast: Vec::new(),
-        hex: Vec::new(),
+/// An outbox payload and whether it is framed under a contract.
+type Encoded = (Vec<u8>, Option<u32>);
+/// Why an event could not be built, and the field at fault.
+type Failure = (String, Option<String>);
+
+/// An event built at commit, ready to send.
+enum Built {
+    Event {
+        topic: String,
+        key: String,
+        payload: Vec<u8>,
+        event_id: String,
+        causation: String,
+        event_type: String,
+        schema_id: Option<u32>,
+        op: &'static str,
+    },
+    /// It could not be built (mapping error, contract violation, bad outbox write).
+    Letter {
+        letter: Box<Letter>,
+        key: Option<String>,
+        event_type: String,
+        causation: String,
+    },
+}
+
+async fn send(out: &Out, m: &EventMeta<'_>, b: Built) -> anyhow::Result<()> {
+    match b {
+        Built::Event {
+            topic,
+            key,
+            payload,
+            event_id,
+            causation,
+            event_type,
+            schema_id,
+            op,
+        } => {
+            crate::emit::send_event(
+                out,
+                m,
+                &EventRecord {
+                    topic: &topic,
+                    key: key.as_bytes(),
+                    payload: &payload,
+                    event_id: &event_id,
+                    causation_id: &causation,
+                    event_type: &event_type,
+                    schema_id,
+                    op,
+                },
+            )
+            .await
+        }
+        Built::Letter {
+            letter,
+            key,
+            event_type,
+            causation,
+        } => {
+            crate::emit::dead_letter_event(
+                out,
+                m,
+                &letter,
+                key.as_deref().map(str::as_bytes),
+                &event_type,
+                &causation,
+            )
+            .await
+        }
     }
+}
+
+/// Fixed cost of one pending event beyond its rows (vectors, strings, the datums built).
+const PENDING_OVERHEAD: usize = 256;
+
+/// Estimated bytes a pending row pair holds: its text twice (as sent, kept for dead letters,
+/// and parsed into values) plus a per-column cost.
+fn tuple_bytes(old: Option<&Tuple>, new: Option<&Tuple>) -> usize {
+    let one = |t: &Tuple| {
+        t.iter()
+            .map(|v| {
+                48 + match v {
+                    Value::Text(b) | Value::Binary(b) => 2 * b.len(),
+                    Value::Null | Value::UnchangedToast => 0,
+                }
+            })
+            .sum::<usize>()
+    };
+    PENDING_OVERHEAD + old.map_or(0, one) + new.map_or(0, one)
 }
