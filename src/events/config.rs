@@ -669,4 +669,23 @@ mod tests {
             .to_string();
         assert!(e.contains("no contract named \"StockMoved\""), "{e}");
     }
+
+    #[test]
+    fn max_transaction_bytes_defaults_and_is_bounded() {
+        let ev = load(OK).unwrap().events.unwrap();
+        assert_eq!(
+            ev.max_transaction_bytes,
+            super::DEFAULT_MAX_TRANSACTION_BYTES
+        );
+        let with = |v: &str| {
+            load(&format!("{OK}  max_transaction_bytes: {v}\n"))
+                .map(|c| c.events.unwrap().max_transaction_bytes)
+        };
+        assert_eq!(with("1048576").unwrap(), 1 << 20);
+        let e = with("10").unwrap_err().to_string();
+        assert!(
+            e.contains("events.max_transaction_bytes: 10 is outside 4096..="),
+            "{e}"
+        );
+    }
 }
