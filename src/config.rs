@@ -42,6 +42,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Business-event mappings and the outbox (`events:`); none when the section is absent.
     pub events: Option<std::sync::Arc<crate::events::EventsConfig>>,
+    /// OTLP trace export; none when the section is absent (off by default).
+    pub telemetry: Option<crate::telemetry::TelemetryConfig>,
 }
 
 /// The legacy Postgres database to capture changes from.
@@ -107,6 +109,11 @@ impl SourceConfig {
     pub fn pg_config(&self) -> tokio_postgres::Config {
         self.dsn.pg_config().clone()
     }
+
+    /// TLS for every connection to the source (`sslmode` and friends in the DSN).
+    pub fn tls(&self) -> cdc::tls::PgTls {
+        self.dsn.tls.clone()
+    }
 }
 
 /// A Postgres connection string that may contain a password.
@@ -117,12 +124,16 @@ impl SourceConfig {
 pub struct Dsn {
     text: String,
     config: tokio_postgres::Config,
+    tls: cdc::tls::PgTls,
 }
 
 impl Dsn {
     /// Parses a libpq `key=value` string or a `postgres://` URL without connecting.
+    /// The TLS keys (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) are handled by
+    /// [`cdc::tls`]: tokio-postgres gets the rest, and the certificate files are read here.
     pub fn parse(text: &str) -> Result<Dsn, String> {
-        let config = tokio_postgres::Config::from_str(text).map_err(|e| {
+        let (rest, tls_opts) = cdc::tls::split_dsn(text).map_err(|e| e.to_string())?;
+        let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| {
             // The parser's detail can quote a character of the input; drop it when the input
             // carries a password.
             if has_password(text) {
@@ -137,14 +148,22 @@ impl Dsn {
         if config.get_user().is_none() {
             return Err("no user given: add user=... (e.g. user=postgres)".to_string());
         }
+        let tls = cdc::tls::PgTls::new(&tls_opts).map_err(|e| e.to_string())?;
+        config.ssl_mode(tls.pg_mode());
         Ok(Dsn {
             text: text.to_string(),
             config,
+            tls,
         })
     }
 
     pub fn pg_config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// TLS for connections made with [`Dsn::pg_config`].
+    pub fn tls(&self) -> &cdc::tls::PgTls {
+        &self.tls
     }
 
     /// The connection string with its password, for connecting. Never log it.
@@ -569,6 +588,17 @@ const KEYS: &[KeySpec] = &[
         "a Kafka topic name prefix",
         "retail",
     ),
+    key(
+        "telemetry",
+        "a mapping",
+        "telemetry: { otlp_endpoint: \"http://127.0.0.1:4318\", service_name: walbridge }",
+    ),
+    key(
+        "telemetry.otlp_endpoint",
+        "an http:// URL of an OTLP/HTTP receiver (traces go to /v1/traces)",
+        "http://127.0.0.1:4318",
+    ),
+    key("telemetry.service_name", "a non-empty name", "walbridge"),
     key("log.format", "text or json", "json"),
 ];
 
@@ -604,6 +634,7 @@ struct RawConfig {
     metrics: Option<S<RawMetrics>>,
     log: Option<S<RawLog>>,
     events: Option<S<crate::events::config::RawEvents>>,
+    telemetry: Option<S<RawTelemetry>>,
 }
 
 #[derive(Deserialize)]
@@ -654,6 +685,13 @@ struct RawEmbedded {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: S<String>,
+    service_name: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -976,7 +1014,12 @@ impl Validator<'_> {
             None => Some(LogConfig::default()),
             Some(l) => self.log(&l.value),
         };
-        let (source, kafka, registry, metrics, log) = (source?, kafka?, registry?, metrics?, log?);
+        let telemetry = match &raw.telemetry {
+            None => Some(None),
+            Some(t) => self.telemetry(&t.value).map(Some),
+        };
+        let (source, kafka, registry, metrics, log, telemetry) =
+            (source?, kafka?, registry?, metrics?, log?, telemetry?);
         self.topic_lengths(&raw.source, &source, &kafka);
         if registry.on_incompatible == OnIncompatible::DeadLetter
             && kafka.dead_letter == DeadLetter::Stop
@@ -1016,6 +1059,53 @@ impl Validator<'_> {
             metrics,
             log,
             events,
+            telemetry,
+        })
+    }
+
+    fn telemetry(&mut self, raw: &RawTelemetry) -> Option<crate::telemetry::TelemetryConfig> {
+        let path = "telemetry.otlp_endpoint";
+        let text = self.string(&raw.otlp_endpoint, path)?;
+        let endpoint = match url::Url::parse(&text) {
+            Ok(u) if u.scheme() == "http" && u.host().is_some() => text,
+            Ok(u) if u.scheme() == "https" => {
+                let reason = "https is not supported by walbridge's exporter: send to a local OpenTelemetry Collector over http, which forwards over TLS";
+                self.invalid(
+                    &raw.otlp_endpoint.referenced,
+                    path,
+                    &redact_url(&u),
+                    Some(reason),
+                );
+                return None;
+            }
+            Ok(u) => {
+                self.invalid(&raw.otlp_endpoint.referenced, path, &redact_url(&u), None);
+                return None;
+            }
+            Err(e) => {
+                self.invalid(
+                    &raw.otlp_endpoint.referenced,
+                    path,
+                    &text,
+                    Some(&e.to_string()),
+                );
+                return None;
+            }
+        };
+        let service_name = match &raw.service_name {
+            None => "walbridge".to_owned(),
+            Some(n) => {
+                let name = self.string(n, "telemetry.service_name")?;
+                if name.trim().is_empty() {
+                    self.invalid(&n.referenced, "telemetry.service_name", &name, None);
+                    return None;
+                }
+                name
+            }
+        };
+        Some(crate::telemetry::TelemetryConfig {
+            otlp_endpoint: endpoint,
+            service_name,
         })
     }
 
@@ -1822,7 +1912,7 @@ registry:
         let errs = errors_of("");
         assert!(
             errs.to_string().contains(
-                "the document is empty; expected a mapping with keys source, kafka, registry, metrics, log"
+                "the document is empty; expected a mapping with keys source, kafka, registry, metrics, log, telemetry"
             ),
             "{errs}"
         );
@@ -2270,6 +2360,41 @@ registry:
             "127.0.0.1:9187".parse::<SocketAddr>().unwrap()
         );
         assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_its_endpoint_is_checked() {
+        let c = from_str_with_env(VALID, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.telemetry, None, "no section, no export");
+        let src = format!("{VALID}telemetry:\n  otlp_endpoint: \"http://127.0.0.1:4318\"\n");
+        let t = from_str_with_env(&src, "pipelines.yaml", &no_env)
+            .unwrap()
+            .telemetry
+            .unwrap();
+        assert_eq!(t.traces_url(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(t.service_name, "walbridge");
+        let src = format!("{VALID}telemetry:\n  otlp_endpoint: \"https://c:4318\"\n");
+        let e = errors_of(&src).to_string();
+        assert!(
+            e.contains("telemetry.otlp_endpoint") && e.contains("https is not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dsn_tls_keys_are_understood_and_a_bad_mode_says_the_choices() {
+        let d = Dsn::parse("host=h user=u password=pw sslmode=require").unwrap();
+        assert_eq!(d.tls().mode(), cdc::tls::SslMode::Require);
+        assert_eq!(
+            d.pg_config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let d = Dsn::parse("postgres://u:pw@h/db").unwrap();
+        assert_eq!(d.tls().mode(), cdc::tls::SslMode::Prefer, "libpq's default");
+        let e = Dsn::parse("host=h user=u password=pw sslmode=verify-full").unwrap_err();
+        assert!(e.contains("sslrootcert") && !e.contains("pw"), "{e}");
+        let e = Dsn::parse("host=h user=u sslmode=strict").unwrap_err();
+        assert!(e.contains("verify-full"), "{e}");
     }
 
     #[test]

@@ -452,7 +452,7 @@ pub async fn replay(cfg: &Config, only: &[String]) -> anyhow::Result<Vec<Outcome
     }
     let pg = cfg.source.pg_config();
     let (meta, conn) = pg
-        .connect(tokio_postgres::NoTls)
+        .connect(cfg.source.tls())
         .await
         .with_context(|| format!("connecting to the source {}", cfg.source.dsn.redacted()))?;
     tokio::spawn(async move {

@@ -58,7 +58,7 @@ pub async fn inspect(cfg: &Config) -> anyhow::Result<Vec<Finding>> {
     let (client, conn) = cfg
         .source
         .pg_config()
-        .connect(tokio_postgres::NoTls)
+        .connect(cfg.source.tls())
         .await
         .map_err(|e| {
             let hint = crate::pipeline::source_hint(&e);

@@ -15,7 +15,7 @@
 //! | `walbridge.lsn`, `walbridge.txid`, `walbridge.op` | commit LSN, transaction id, `c`/`u`/`d`/`r`/`t` |
 //! | `walbridge.correlation_id` | the source transaction, `<txid>:<commit LSN>` (snapshot rows: `0:<snapshot LSN>`) |
 //! | `walbridge.causation_id` | the same as the correlation id: a row change has no causing event, so it names the transaction it came from |
-//! | `traceparent` | W3C trace context `00-<trace id>-<span id>-01`: the trace id is a hash of commit LSN and txid (one trace per transaction), the span id a hash of the event id (one span per change); both deterministic, so a re-delivered change carries the same ones |
+//! | `traceparent` | W3C trace context `00-<trace id>-<span id>-01`: the trace id is a hash of commit LSN and txid (one trace per transaction), the span id another hash of them: the transaction's span, which `crate::telemetry` exports when configured, so a consumer continuing the trace hangs under it; both deterministic, so a re-delivered change carries the same ones (`walbridge.event_id` tells the changes apart) |
 //! | `walbridge.schema_id` | the value's registry schema id, in decimal |
 //! | `walbridge.event_type` | `<schema>.<table>.<op>`, e.g. `oms.orders.c` |
 //!
@@ -260,8 +260,8 @@ impl Emitter {
     }
     /// Writes the per-change header texts into the reusable buffers (no allocation once warm).
     fn write_headers(&mut self, t: &TableState, m: &EventMeta<'_>, op: Op) {
-        // Only the span id changes from change to change; the rest is rewritten when the
-        // transaction or the table changes (formatting per change was a measurable cost).
+        // Rewritten only when the transaction or the table changes (formatting per change was a
+        // measurable cost).
         if self.tx_of_headers != Some((m.commit_lsn, m.xid)) {
             self.tx_of_headers = Some((m.commit_lsn, m.xid));
             self.correlation_id.clear();
@@ -270,12 +270,12 @@ impl Emitter {
             self.traceparent[..3].copy_from_slice(b"00-");
             hex_into(&mut self.traceparent[3..35], trace_id(m.commit_lsn, m.xid));
             self.traceparent[35] = b'-';
+            hex_into(
+                &mut self.traceparent[36..52],
+                u128::from(tx_span_id(m.commit_lsn, m.xid)),
+            );
             self.traceparent[52..].copy_from_slice(b"-01");
         }
-        hex_into(
-            &mut self.traceparent[36..52],
-            u128::from(span_id(&self.event_id)),
-        );
         if self.table_of_headers != Some((t.rel.id, t.value_id, op)) {
             self.table_of_headers = Some((t.rel.id, t.value_id, op));
             self.schema_id.clear();
@@ -389,7 +389,10 @@ pub async fn send_event(out: &Out, m: &EventMeta<'_>, e: &EventRecord<'_>) -> an
     let correlation_id = format!("{}:{}", m.xid_text, m.lsn_text);
     let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-01";
     hex_into(&mut traceparent[3..35], trace_id(m.commit_lsn, m.xid));
-    hex_into(&mut traceparent[36..52], u128::from(span_id(e.event_id)));
+    hex_into(
+        &mut traceparent[36..52],
+        u128::from(tx_span_id(m.commit_lsn, m.xid)),
+    );
     let schema_id = e.schema_id.map(|id| id.to_string()).unwrap_or_default();
     let mut headers: Vec<(&str, &[u8])> = vec![
         ("walbridge.event_id", e.event_id.as_bytes()),
@@ -445,7 +448,7 @@ pub async fn dead_letter_event(
     hex_into(&mut traceparent[3..35], trace_id(m.commit_lsn, m.xid));
     hex_into(
         &mut traceparent[36..52],
-        u128::from(span_id(&letter.event_id)),
+        u128::from(tx_span_id(m.commit_lsn, m.xid)),
     );
     let headers: [(&str, &[u8]); 9] = [
         ("walbridge.event_id", letter.event_id.as_bytes()),
@@ -482,18 +485,16 @@ fn hex_into(dst: &mut [u8], mut v: u128) {
 }
 
 /// 128 bits from the transaction, never zero (W3C forbids an all-zero trace id).
-fn trace_id(commit_lsn: Lsn, xid: u32) -> u128 {
+pub(crate) fn trace_id(commit_lsn: Lsn, xid: u32) -> u128 {
     let hi = mix(commit_lsn.0 ^ 0x5741_4c42_5249_4447);
     let lo = mix(hi ^ u64::from(xid));
     (u128::from(hi) << 64 | u128::from(lo)).max(1)
 }
 
-/// 64 bits from the event id (FNV-1a, then mixed), never zero.
-fn span_id(event_id: &str) -> u64 {
-    let h = event_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    mix(h).max(1)
+/// The transaction's span id: 64 bits from the transaction, never zero, independent of the
+/// trace id's halves.
+pub(crate) fn tx_span_id(commit_lsn: Lsn, xid: u32) -> u64 {
+    mix(mix(commit_lsn.0 ^ 0x7370_616e_5f74_7821) ^ u64::from(xid).rotate_left(32)).max(1)
 }
 
 /// splitmix64's finalizer: spreads every input bit over the output.
@@ -514,7 +515,9 @@ mod tests {
         assert_ne!(a, trace_id(Lsn(0x16B_3749), 750));
         assert_ne!(a, trace_id(Lsn(0x16B_3748), 751));
         assert_ne!(trace_id(Lsn(0), 0), 0);
-        assert_ne!(span_id("0/16B3748:0"), span_id("0/16B3748:1"));
-        assert_eq!(span_id("0/16B3748:0"), span_id("0/16B3748:0"));
+        let s = tx_span_id(Lsn(0x16B_3748), 750);
+        assert_eq!(s, tx_span_id(Lsn(0x16B_3748), 750));
+        assert_ne!(s, tx_span_id(Lsn(0x16B_3748), 751));
+        assert_ne!(s, tx_span_id(Lsn(0x16B_3749), 750));
     }
 }

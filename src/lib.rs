@@ -16,4 +16,5 @@ pub mod snapshot;
 pub mod stack;
 pub mod status;
 pub mod tail;
+pub mod telemetry;
 pub mod verify;

@@ -459,7 +459,11 @@ async fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
 
 async fn legacy(cmd: LegacyCommand) -> anyhow::Result<()> {
     let connect = |dsn: String| async move {
-        let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        // The same DSN rules (and TLS) as source.dsn.
+        let dsn = walbridge::config::Dsn::parse(&dsn).map_err(|e| anyhow::anyhow!("--dsn: {e}"))?;
+        let (client, conn) = dsn
+            .pg_config()
+            .connect(dsn.tls().clone())
             .await
             .context("connecting to the legacy database")?;
         tokio::spawn(conn);

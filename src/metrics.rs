@@ -777,6 +777,7 @@ async fn ready_page(axum::extract::State(m): State) -> axum::response::Response 
 /// (the pipeline's connections are busy or mid-restart exactly when this matters most).
 pub fn spawn_slot_poller(metrics: Arc<Metrics>, cfg: &Config) -> TaskGuard {
     let pg = cfg.source.pg_config();
+    let tls = cfg.source.tls();
     let slot = cfg.source.slot.clone();
     TaskGuard(tokio::spawn(async move {
         let mut client: Option<tokio_postgres::Client> = None;
@@ -786,7 +787,7 @@ pub fn spawn_slot_poller(metrics: Arc<Metrics>, cfg: &Config) -> TaskGuard {
         loop {
             tick.tick().await;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = match pg.connect(tokio_postgres::NoTls).await {
+                client = match pg.connect(tls.clone()).await {
                     Ok((c, conn)) => {
                         tokio::spawn(conn);
                         Some(c)

@@ -57,6 +57,14 @@ struct OpenTx {
     /// Set while the initial snapshot runs: the table being copied (`schema.table`), which
     /// goes into the event id since snapshot rows have no commit of their own.
     snapshot_of: Option<String>,
+    /// What the transaction's span needs; only when traces are exported (see crate::telemetry).
+    trace: Option<TxTrace>,
+}
+
+/// A transaction's span while it is open: when it began and which tables it touched.
+struct TxTrace {
+    start_unix_nanos: u64,
+    tables: Vec<u32>,
 }
 
 pub struct Pipeline {
@@ -79,6 +87,8 @@ pub struct Pipeline {
     pub(crate) metrics: Arc<Metrics>,
     /// Business events (`events:`); `None` leaves the row path exactly as without them.
     events: Option<crate::events::Engine>,
+    /// One span per source transaction when `telemetry` is configured.
+    tracer: Option<crate::telemetry::Tracer>,
 }
 
 /// Runs the pipeline until `shutdown` resolves, then drains: everything read is delivered and
@@ -155,6 +165,7 @@ pub async fn run_observed(
         }
         None => None,
     };
+    let tracer = cfg.telemetry.as_ref().map(crate::telemetry::Tracer::start);
     let (confirmed_tx, confirmed_rx) = watch::channel(Lsn::ZERO);
     if let Some(o) = observe.confirmed {
         let _ = o.send(confirmed_rx);
@@ -172,11 +183,11 @@ pub async fn run_observed(
 
     let mut backoff = MIN_BACKOFF;
     let mut attempt = 0u32;
-    loop {
+    let result = async { loop {
         let started = std::time::Instant::now();
         metrics.attempt_started();
         let result = tokio::select! {
-            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx, observe.discard, &metrics) => r,
+            r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx, observe.discard, &metrics, tracer.clone()) => r,
             _ = &mut stopper => unreachable!("the stopper never completes"),
         };
         let err = match result {
@@ -201,7 +212,13 @@ pub async fn run_observed(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
         attempt += 1;
+    } }
+    .await;
+    // The spans of the last transactions are still queued: send them before exiting.
+    if let Some(t) = tracer {
+        t.shutdown(Duration::from_secs(5)).await;
     }
+    result
 }
 
 /// Full jitter in [d/2, d], so that many walbridge instances do not retry in lockstep.
@@ -232,6 +249,9 @@ fn is_transient(err: &anyhow::Error, retrying: bool) -> bool {
             ConnError::Server { code, .. } => transient_sqlstate(code),
             ConnError::Auth(_) | ConnError::Protocol(_) => false,
             ConnError::Connect { .. } | ConnError::Io(_) | ConnError::Closed => true,
+            // A certificate or name that does not match stays wrong: only network trouble
+            // during the handshake is retried.
+            ConnError::Tls(t) => matches!(t, cdc::tls::TlsError::Io { .. }),
         }
     }
     err.chain().any(|cause| {
@@ -266,6 +286,16 @@ fn is_transient(err: &anyhow::Error, retrying: bool) -> bool {
 
 /// What to check when the source cannot be reached or refuses the connection.
 pub(crate) fn source_hint(e: &tokio_postgres::Error) -> &'static str {
+    if std::error::Error::source(e).is_some_and(|s| s.is::<cdc::tls::TlsError>()) {
+        return "check sslmode, sslrootcert, sslcert and sslkey in source.dsn";
+    }
+    // pg_hba.conf lets this client in over TLS only (a hostssl line).
+    if e.code().map(|c| c.code()) == Some("28000")
+        && e.as_db_error()
+            .is_some_and(|d| d.message().contains("no encryption"))
+    {
+        return "the server accepts this user only over TLS: set sslmode=require, or verify-full with sslrootcert, in source.dsn";
+    }
     match e.code().map(|c| c.code()) {
         Some("28P01") => "check the password in source.dsn",
         Some("28000") => {
@@ -284,9 +314,10 @@ async fn run_attempt(
     confirmed_out: &watch::Sender<Lsn>,
     discard: bool,
     metrics: &Arc<Metrics>,
+    tracer: Option<crate::telemetry::Tracer>,
 ) -> anyhow::Result<()> {
     let pg = cfg.source.pg_config();
-    let (meta, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+    let (meta, conn) = pg.connect(cfg.source.tls()).await.map_err(|e| {
         let hint = source_hint(&e);
         anyhow::Error::new(e).context(format!(
             "connecting to the source {} ({hint})",
@@ -312,7 +343,7 @@ async fn run_attempt(
         .context("reading the source's server version")?
         .get(0);
     let mode = cfg.source.snapshot;
-    let mut repl_conn = ReplicationConnection::connect(&pg).await.map_err(|e| {
+    let mut repl_conn = ReplicationConnection::connect(&pg, &cfg.source.tls()).await.map_err(|e| {
         // A user that may connect but not replicate is the usual first-day mistake.
         let hint = match e.code() {
             Some("42501") => format!(
@@ -519,6 +550,7 @@ async fn run_attempt(
         now_ms: now_ms(),
         metrics: metrics.clone(),
         events: None,
+        tracer,
     };
     if let Some(ev) = &cfg.events {
         // Refuses before anything is copied or streamed when a mapping cannot be served.
@@ -662,7 +694,7 @@ pub(crate) async fn open_snapshot(
     let (client, conn) = cfg
         .source
         .pg_config()
-        .connect(tokio_postgres::NoTls)
+        .connect(cfg.source.tls())
         .await
         .with_context(|| {
             format!(
@@ -688,11 +720,12 @@ async fn abandon_slot(conn: &mut ReplicationConnection, slot: &str) {
 
 fn spawn_heartbeat(cfg: &Config) -> tokio::task::JoinHandle<()> {
     let pg = cfg.source.pg_config();
+    let tls = cfg.source.tls();
     let every = cfg.source.heartbeat_interval;
     tokio::spawn(async move {
         // A non-transactional logical message moves the WAL and reaches the slot even when only
         // unpublished tables change, so the slot can be advanced (invariant 6).
-        let Ok((client, conn)) = pg.connect(tokio_postgres::NoTls).await else {
+        let Ok((client, conn)) = pg.connect(tls).await else {
             tracing::warn!("heartbeat connection failed; the slot advances on keepalives only");
             return;
         };
@@ -798,6 +831,10 @@ impl Pipeline {
                     lsn_text: b.final_lsn.to_string(),
                     xid_text: b.xid.to_string(),
                     snapshot_of: None,
+                    trace: self.tracer.as_ref().map(|_| TxTrace {
+                        start_unix_nanos: crate::telemetry::unix_nanos(),
+                        tables: Vec::new(),
+                    }),
                 });
             }
             Message::Commit(c) => {
@@ -820,6 +857,16 @@ impl Pipeline {
                     ev.commit(&self.out, &meta).await?;
                 }
                 self.progress.commit(tx.seq, c.end_lsn);
+                if let (Some(tracer), Some(trace)) = (&self.tracer, tx.trace) {
+                    tracer.record(self.tx_span(
+                        &tx.lsn_text,
+                        &tx.xid_text,
+                        tx.commit_lsn,
+                        tx.xid,
+                        tx.index,
+                        trace,
+                    ));
+                }
             }
             Message::Relation(rel) => self.relation(rel).await?,
             Message::Type(t) => self.types.insert(&t),
@@ -1035,6 +1082,35 @@ impl Pipeline {
         }
     }
 
+    /// The span of a committed transaction (see crate::telemetry): its ids are those of the
+    /// `traceparent` header of its records.
+    fn tx_span(
+        &self,
+        lsn_text: &str,
+        xid_text: &str,
+        commit_lsn: Lsn,
+        xid: u32,
+        events: u32,
+        trace: TxTrace,
+    ) -> crate::telemetry::TxSpan {
+        crate::telemetry::TxSpan {
+            trace_id: crate::emit::trace_id(commit_lsn, xid),
+            span_id: crate::emit::tx_span_id(commit_lsn, xid),
+            start_unix_nanos: trace.start_unix_nanos,
+            end_unix_nanos: crate::telemetry::unix_nanos(),
+            correlation_id: format!("{xid_text}:{lsn_text}"),
+            commit_lsn: lsn_text.to_owned(),
+            txid: xid,
+            tables: trace
+                .tables
+                .iter()
+                .filter_map(|id| self.tables.get(id))
+                .map(|t| format!("{}.{}", t.rel.namespace, t.rel.name))
+                .collect(),
+            event_count: u64::from(events),
+        }
+    }
+
     async fn change(
         &mut self,
         rel_id: u32,
@@ -1052,6 +1128,12 @@ impl Pipeline {
             .ok_or_else(|| anyhow!("change for relation {rel_id} before its Relation message"))?;
         let index = tx.index;
         tx.index += 1;
+        if let Some(trace) = &mut tx.trace
+            && trace.tables.last() != Some(&rel_id)
+            && !trace.tables.contains(&rel_id)
+        {
+            trace.tables.push(rel_id);
+        }
         match &tx.snapshot_of {
             Some(table) => self
                 .emitter

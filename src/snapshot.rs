@@ -580,6 +580,7 @@ pub(crate) struct Points {
     file: PendingFile,
     pending: Pending,
     pg: tokio_postgres::Config,
+    tls: cdc::tls::PgTls,
     slot: String,
     workers: usize,
     chunk_pages: u32,
@@ -609,6 +610,7 @@ impl Points {
             file,
             pending,
             pg: cfg.source.pg_config(),
+            tls: cfg.source.tls(),
             slot: cfg.source.slot.clone(),
             workers: cfg.source.snapshot_workers,
             chunk_pages: (cfg.source.snapshot_chunk_bytes / 8192).max(1) as u32,
@@ -678,9 +680,14 @@ impl Points {
             && self.retry_at.is_none_or(|t| Instant::now() >= t)
         {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let (pg, slot, n) = (self.pg.clone(), self.slot.clone(), self.workers);
+            let (pg, tls, slot, n) = (
+                self.pg.clone(),
+                self.tls.clone(),
+                self.slot.clone(),
+                self.workers,
+            );
             tokio::spawn(async move {
-                let _ = tx.send(prepare(&pg, &slot, n).await);
+                let _ = tx.send(prepare(&pg, &tls, &slot, n).await);
             });
             self.preparing = Some(rx);
         }
@@ -720,8 +727,13 @@ impl Points {
 }
 
 /// Makes a point: a temporary slot's exported snapshot, imported by `n` connections.
-async fn prepare(pg: &tokio_postgres::Config, slot: &str, n: usize) -> anyhow::Result<Prepared> {
-    let mut repl = cdc::conn::ReplicationConnection::connect(pg)
+async fn prepare(
+    pg: &tokio_postgres::Config,
+    tls: &cdc::tls::PgTls,
+    slot: &str,
+    n: usize,
+) -> anyhow::Result<Prepared> {
+    let mut repl = cdc::conn::ReplicationConnection::connect(pg, tls)
         .await
         .context("opening a replication connection for a snapshot point")?;
     // Unique per process and point; a temporary slot disappears with its connection.
@@ -740,7 +752,7 @@ async fn prepare(pg: &tokio_postgres::Config, slot: &str, n: usize) -> anyhow::R
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         let (client, conn) = pg
-            .connect(tokio_postgres::NoTls)
+            .connect(tls.clone())
             .await
             .context("opening a snapshot connection")?;
         tokio::spawn(async move {
@@ -755,7 +767,7 @@ async fn prepare(pg: &tokio_postgres::Config, slot: &str, n: usize) -> anyhow::R
     // the point lets an idle stream reach it now rather than at the next heartbeat.
     drop(repl);
     let (hb, conn) = pg
-        .connect(tokio_postgres::NoTls)
+        .connect(tls.clone())
         .await
         .context("opening a connection for a heartbeat")?;
     tokio::spawn(conn);
@@ -917,7 +929,7 @@ pub async fn request(cfg: &crate::config::Config, tables: &[String]) -> anyhow::
     let (client, conn) = cfg
         .source
         .pg_config()
-        .connect(tokio_postgres::NoTls)
+        .connect(cfg.source.tls())
         .await
         .with_context(|| format!("connecting to the source {}", cfg.source.dsn.redacted()))?;
     tokio::spawn(conn);

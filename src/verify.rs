@@ -188,7 +188,7 @@ pub async fn verify(cfg: &Config, opts: &Options) -> anyhow::Result<Report> {
     let (client, conn) = cfg
         .source
         .pg_config()
-        .connect(tokio_postgres::NoTls)
+        .connect(cfg.source.tls())
         .await
         .with_context(|| format!("connecting to the source {}", cfg.source.dsn.redacted()))?;
     tokio::spawn(async move {

@@ -40,8 +40,9 @@ if [ ! -x "$PG_BIN/postgres" ]; then
     installing_postgres=true
 fi
 # librdkafka is built from source by rdkafka-sys (./configure && make); zlib is found through
-# pkg-config (libz-sys would otherwise compile its own copy).
-for p in gcc make pkg-config zlib1g-dev; do
+# pkg-config (libz-sys would otherwise compile its own copy). The TLS tests make their
+# certificates with the openssl CLI.
+for p in gcc make pkg-config zlib1g-dev openssl; do
     is_installed "$p" || packages+=("$p")
 done
 

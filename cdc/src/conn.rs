@@ -8,20 +8,27 @@
 //! here because the hot path (CopyData carrying XLogData) must slice frames out of one read
 //! buffer without copying.
 //!
+//! TLS ([`crate::tls`]): an SSLRequest first unless `sslmode=disable`, then the socket is
+//! wrapped in rustls when the server agrees; [`Stream`] keeps both cases behind one type so the
+//! read loop does not care.
+//!
 //! Reads go through one `BytesMut` of at least 256 KiB, so one `read` syscall usually yields
 //! many WAL messages; each frame is split off as a `Bytes` that shares the buffer's memory.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
 use crate::lsn::Lsn;
 use crate::pgoutput::PG_EPOCH_OFFSET_MICROS;
+use crate::tls::{PgTls, TlsError};
 
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -32,6 +39,8 @@ pub enum ConnError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("replication connection I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("Postgres refused: {severity} {code}: {message}")]
@@ -71,16 +80,62 @@ pub enum StreamMessage {
     Keepalive { wal_end: Lsn, reply: bool },
 }
 
+/// The socket, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 pub struct ReplicationConnection {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
 }
 
 impl ReplicationConnection {
     /// Connects in `replication=database` mode with the settings of `config` (host, port, user,
-    /// password, dbname). Only TCP hosts are supported here.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, ConnError> {
+    /// password, dbname), encrypted as `tls` says. Only TCP hosts are supported here.
+    pub async fn connect(config: &tokio_postgres::Config, tls: &PgTls) -> Result<Self, ConnError> {
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
@@ -93,7 +148,12 @@ impl ReplicationConnection {
             None => "localhost".to_owned(),
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let addr = format!("{host}:{port}");
+        // libpq's hostaddr: connect to this address, and still check the certificate
+        // against host=.
+        let addr = match config.get_hostaddrs().first() {
+            Some(ip) => std::net::SocketAddr::new(*ip, port).to_string(),
+            None => format!("{host}:{port}"),
+        };
         let connect = TcpStream::connect(&addr);
         let timeout = config
             .get_connect_timeout()
@@ -110,6 +170,7 @@ impl ReplicationConnection {
             }
         };
         stream.set_nodelay(true)?;
+        let stream = negotiate_tls(stream, tls, &host).await?;
         let mut conn = ReplicationConnection {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -347,6 +408,33 @@ impl ReplicationConnection {
             return Err(ConnError::Closed);
         }
         Ok(())
+    }
+}
+
+/// Sends the SSLRequest unless TLS is disabled and upgrades the socket when the server agrees.
+async fn negotiate_tls(mut tcp: TcpStream, tls: &PgTls, host: &str) -> Result<Stream, ConnError> {
+    let Some(config) = tls.client_config().cloned() else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let mut req = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await?;
+    // Exactly one byte: nothing may be read past it before the handshake.
+    let answer = tcp.read_u8().await?;
+    match answer {
+        b'S' => Ok(Stream::Tls(Box::new(
+            tls.handshake(config, tcp, host).await?,
+        ))),
+        b'N' if !tls.mode().requires_tls() => Ok(Stream::Plain(tcp)),
+        b'N' => Err(TlsError::NotOffered {
+            host: host.to_owned(),
+            mode: tls.mode(),
+        }
+        .into()),
+        other => Err(ConnError::Protocol(format!(
+            "unexpected answer {:?} to the SSLRequest",
+            other as char
+        ))),
     }
 }
 

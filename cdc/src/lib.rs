@@ -13,5 +13,6 @@ pub mod slot;
 pub mod snapshot;
 pub mod source;
 pub mod spill;
+pub mod tls;
 
 pub use lsn::Lsn;

@@ -27,9 +27,40 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 
+/// librdkafka's config error carries the property's value, which may be a secret
+/// (`sasl.password`, `ssl.key.password`): keep the value only for properties that cannot hold one.
+fn create_error(e: KafkaError) -> KafkaSinkError {
+    KafkaSinkError::Create(match e {
+        KafkaError::ClientConfig(code, desc, key, value) if is_secret_property(&key) => {
+            let desc = if value.is_empty() {
+                desc
+            } else {
+                desc.replace(&value, "***")
+            };
+            KafkaError::ClientConfig(code, desc, key, "***".to_owned())
+        }
+        e => e,
+    })
+}
+
+/// librdkafka properties that may hold a credential or key material.
+pub fn is_secret_property(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "sasl.jaas",
+        "oauthbearer.config",
+        ".pem",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSinkError {
-    #[error("kafka: cannot create the producer: {0}")]
+    #[error(
+        "kafka: cannot create the producer: {0} (check the librdkafka properties in kafka.producer)"
+    )]
     Create(KafkaError),
     #[error(
         "kafka: cannot create topic {topic} on {brokers}: {reason}; check that kafka.brokers is reachable from here \
@@ -160,7 +191,7 @@ impl KafkaSink {
                 progress,
                 stats: stats.clone(),
             })
-            .map_err(KafkaSinkError::Create)?;
+            .map_err(create_error)?;
         Ok(KafkaSink {
             producer,
             settings,
@@ -180,8 +211,7 @@ impl KafkaSink {
                 cfg.set(k, v);
             }
         }
-        let admin: AdminClient<DefaultClientContext> =
-            cfg.create().map_err(KafkaSinkError::Create)?;
+        let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(create_error)?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
             .map(|t| {

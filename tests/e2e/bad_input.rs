@@ -808,3 +808,67 @@ async fn unencodable_values_are_dead_lettered_with_the_column() {
     );
     assert!(wb.stop().success());
 }
+
+/// Kafka security settings go to librdkafka through `kafka.producer` (security.protocol, sasl.*,
+/// ssl.*). The secrets among them are never printed: not when librdkafka refuses the settings
+/// (this build of librdkafka has no OpenSSL, so SASL_SSL is refused at start), and not while
+/// the broker refuses or ignores a SASL login (tansu has no SASL: run retries until stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_secrets_in_producer_settings_are_never_printed() {
+    const SASL_SECRET: &str = "kafka-S3cret-9931";
+    const KEY_SECRET: &str = "keypass-S3cret-4410";
+    let db = TestDb::new("badinput_ksec").await;
+    let y = Yaml {
+        dsn: format!("{} password={PASSWORD}", db.dsn),
+        name: "bi_ksec".to_owned(),
+        tables: "[oms.orders]".into(),
+        brokers: db.brokers.clone(),
+        registry: db.registry_url.clone(),
+        state_dir: db.dir.join("state").display().to_string(),
+        more: String::new(),
+    };
+    let with_producer = |protocol: &str, ssl: &str| {
+        let text = y
+            .render()
+            .replace("  snapshot: never\n", "  snapshot: never\n  shutdown_timeout_ms: 1000\n")
+            .replace(
+            "  topic_prefix: bi_ksec\n",
+            &format!(
+                "  topic_prefix: bi_ksec\n  producer:\n    security.protocol: {protocol}\n    sasl.mechanisms: PLAIN\n    sasl.username: walbridge\n    sasl.password: \"${{file:{}}}\"\n{ssl}    message.timeout.ms: \"3000\"\n",
+                db.dir.join("sasl-password").display()
+            ),
+        );
+        let p = db.dir.join(format!("ksec-{protocol}.yaml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    std::fs::write(db.dir.join("sasl-password"), format!("{SASL_SECRET}\n")).unwrap();
+    let secrets_absent = |what: &str, o: &Outcome| {
+        for s in [SASL_SECRET, KEY_SECRET, PASSWORD] {
+            assert!(
+                !o.text.contains(s),
+                "{what}: a secret was printed:\n{}",
+                o.text
+            );
+        }
+    };
+
+    let key_password = format!("    ssl.key.password: \"{KEY_SECRET}\"\n");
+    let o = walbridge(
+        "run",
+        &with_producer("SASL_SSL", &key_password),
+        Duration::from_secs(30),
+    );
+    assert_refused(
+        "SASL_SSL without OpenSSL in librdkafka",
+        &o,
+        &["OpenSSL not available", "kafka.producer"],
+    );
+    secrets_absent("SASL_SSL", &o);
+
+    let plain = with_producer("SASL_PLAINTEXT", "");
+    let o = walbridge("run", &plain, Duration::from_secs(8));
+    secrets_absent("SASL_PLAINTEXT", &o);
+    let o = walbridge("check", &plain, Duration::from_secs(30));
+    secrets_absent("check", &o);
+}

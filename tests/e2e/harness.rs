@@ -115,6 +115,8 @@ pub struct TestDb {
     pub kafka_extra: String,
     /// `metrics.listen` for walbridge (`ip:port`); no metrics section when `None`.
     pub metrics_listen: Option<String>,
+    /// More top-level sections (e.g. `telemetry:`), as YAML appended to the config.
+    pub extra_sections: String,
 }
 
 impl TestDb {
@@ -163,6 +165,7 @@ impl TestDb {
             registry_extra: String::new(),
             kafka_extra: String::new(),
             metrics_listen: None,
+            extra_sections: String::new(),
         }
     }
 
@@ -207,6 +210,7 @@ impl TestDb {
                 registry_extra = self.registry_extra,
                 kafka_extra = self.kafka_extra
             )
+            + &self.extra_sections
     }
 
     pub fn write_config(&self) -> PathBuf {

@@ -47,7 +47,9 @@ async fn every_pgoutput_v1_message_kind_decodes_from_a_real_server() {
     }
 
     let cfg: tokio_postgres::Config = dsn.parse().unwrap();
-    let conn = ReplicationConnection::connect(&cfg).await.unwrap();
+    let conn = ReplicationConnection::connect(&cfg, &cdc::tls::PgTls::disabled())
+        .await
+        .unwrap();
     let opts = [
         ("proto_version", "1".to_owned()),
         ("publication_names", "\"p\"".to_owned()),
@@ -156,7 +158,9 @@ async fn every_pgoutput_v1_message_kind_decodes_from_a_real_server() {
 async fn a_server_error_on_start_replication_is_reported_with_its_sqlstate() {
     let s = shared();
     let cfg: tokio_postgres::Config = s.pg.dsn("postgres").parse().unwrap();
-    let conn = ReplicationConnection::connect(&cfg).await.unwrap();
+    let conn = ReplicationConnection::connect(&cfg, &cdc::tls::PgTls::disabled())
+        .await
+        .unwrap();
     let err = match conn
         .start_replication(
             "no_such_slot",
