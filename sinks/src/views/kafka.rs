@@ -19,6 +19,7 @@
 //! compaction keeps the last. The sink stores no offsets of its own (`committed_offsets` is
 //! `None` until this process has written an epoch).
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,8 +29,8 @@ use datafusion::arrow::json::writer::LineDelimited;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use transforms::view::{Epoch, Offsets, ViewChanges};
 
 use super::{ViewSink, ViewSinkError, Written, advance, indices, key_names};
@@ -148,32 +149,49 @@ impl KafkaViewSink {
         let delete_keys = json_lines(&changes.deletes).map_err(arrow_err)?;
 
         // Deletes first, then upserts: should a key be in both, the row stays (last wins).
-        let mut pending = Vec::with_capacity(delete_keys.len() + upsert_keys.len());
-        for key in &delete_keys {
-            pending.push(
-                self.producer
-                    .send_result(FutureRecord::<String, String>::to(&topic).key(key))
-                    .map_err(|(e, _)| self.err(format!("producing to {topic}: {e}")))?,
-            );
-        }
-        for (key, value) in upsert_keys.iter().zip(&upsert_values) {
-            pending.push(
-                self.producer
-                    .send_result(FutureRecord::to(&topic).key(key).payload(value))
-                    .map_err(|(e, _)| self.err(format!("producing to {topic}: {e}")))?,
-            );
-        }
-        let n = pending.len();
-        for delivery in pending {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(self.err(format!("delivery to {topic} failed: {e}")));
-                }
-                Err(_) => return Err(self.err(format!("delivery to {topic} was cancelled"))),
+        let records = delete_keys
+            .iter()
+            .map(|k| (k, None))
+            .chain(upsert_keys.iter().zip(upsert_values.iter().map(Some)));
+        let mut pending = VecDeque::new();
+        let mut n = 0;
+        for (key, value) in records {
+            let mut record = FutureRecord::<String, String>::to(&topic).key(key);
+            if let Some(v) = value {
+                record = record.payload(v);
             }
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push_back(delivery);
+                        break;
+                    }
+                    // librdkafka's queue is full (an epoch larger than the queue): wait for the
+                    // oldest delivery, then try again. Memory stays bounded by the queue.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        match pending.pop_front() {
+                            Some(d) => self.delivered(&topic, d).await?,
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                    Err((e, _)) => return Err(self.err(format!("producing to {topic}: {e}"))),
+                }
+            }
+            n += 1;
+        }
+        for d in pending {
+            self.delivered(&topic, d).await?;
         }
         Ok(n)
+    }
+
+    async fn delivered(&self, topic: &str, d: DeliveryFuture) -> Result<(), ViewSinkError> {
+        match d.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(self.err(format!("delivery to {topic} failed: {e}"))),
+            Err(_) => Err(self.err(format!("delivery to {topic} was cancelled"))),
+        }
     }
 }
 
