@@ -97,3 +97,12 @@ if ! python3 -c 'import confluent_kafka.schema_registry.avro' 2>/dev/null; then
     echo "install-prereqs: installing confluent-kafka $CONFLUENT_KAFKA_VERSION (Python)"
     quietly python3 -m pip install --quiet "confluent-kafka[avro,schemaregistry]==$CONFLUENT_KAFKA_VERSION"
 fi
+
+# --- psycopg (Python) -------------------------------------------------------------------------
+
+# tests/e2e/views.rs queries the SQL endpoint with psycopg 3 (binary build: bundles libpq).
+PSYCOPG_VERSION=3.3.6
+if ! python3 -c 'import psycopg' 2>/dev/null; then
+    echo "install-prereqs: installing psycopg $PSYCOPG_VERSION (Python)"
+    quietly python3 -m pip install --quiet "psycopg[binary]==$PSYCOPG_VERSION"
+fi

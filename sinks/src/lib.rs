@@ -7,4 +7,9 @@
 //! - **progress only on durable write**: an ack is never sent early, and a change that cannot be
 //!   stored is reported as a failure, never dropped.
 
+//!
+//! [`views`] holds the sinks of the processors' live views (Kafka compacted topics, Postgres
+//! read-model tables, Parquet files), each with its delivery guarantee in its module doc.
+
 pub mod kafka;
+pub mod views;

@@ -12,6 +12,7 @@ mod metrics;
 mod replication;
 mod schema_change;
 mod snapshot;
+mod sql_sinks;
 mod streaming;
 mod telemetry;
 mod tls;

@@ -4,4 +4,5 @@
 //! and publish epochs), the SQL endpoint (which serves the latest snapshot of each view) and the
 //! view sinks (which apply each epoch's changes downstream).
 
+pub mod sql;
 pub mod view;

@@ -1,0 +1,237 @@
+//! Views as compacted Kafka topics: `<prefix>.view.<name>`, one record per changed key.
+//!
+//! An upsert is a record keyed by the row's key columns with the whole row as value; a delete is
+//! a tombstone (the key, no value). Topics that walbridge creates get `cleanup.policy=compact`,
+//! so the log converges to the view: the latest value per key, keys that left disappear.
+//!
+//! Encoding: JSON objects (`{"sku":"A-1","warehouse":"W1"}` → `{"sku":…,"available":3,…}`),
+//! columns in the view's order, nulls explicit. A view's shape belongs to processor code and
+//! changes with it; JSON keeps these topics readable by any consumer (and by a person with a
+//! console consumer) without a registry subject per view, and the key encoding is deterministic,
+//! which compaction needs (equal keys must be equal bytes). The raw change and business-event
+//! topics stay Avro under versioned contracts.
+//!
+//! Guarantee: at-least-once. `write` returns after every record of the epoch has its delivery
+//! report (`acks=all`, idempotent producer, so librdkafka's retries neither duplicate nor
+//! reorder). A key always goes to the same partition (`murmur2_random`), so records of a key
+//! stay in epoch order. After a crash the runtime replays epochs from the consumer group's
+//! commit; the records written again are equal to (or newer than) the ones already there, and
+//! compaction keeps the last. The sink stores no offsets of its own (`committed_offsets` is
+//! `None` until this process has written an epoch).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::json::WriterBuilder;
+use datafusion::arrow::json::writer::LineDelimited;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use transforms::view::{Epoch, Offsets, ViewChanges};
+
+use super::{ViewSink, ViewSinkError, Written, advance, indices, key_names};
+
+/// Settings of the Kafka view sink.
+#[derive(Debug, Clone)]
+pub struct KafkaViewSettings {
+    pub brokers: String,
+    /// Topics are `<prefix>.view.<view>`.
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// More librdkafka properties (security, tuning), passed through.
+    pub extra: Vec<(String, String)>,
+}
+
+pub struct KafkaViewSink {
+    name: String,
+    settings: KafkaViewSettings,
+    producer: FutureProducer,
+    /// Topics known to exist (created or found) by this process.
+    topics: std::collections::HashSet<String>,
+    offsets: Option<Offsets>,
+}
+
+impl KafkaViewSink {
+    pub fn new(name: &str, settings: KafkaViewSettings) -> Result<Self, ViewSinkError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &settings.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5");
+        for (k, v) in &settings.extra {
+            cfg.set(k, v);
+        }
+        let producer = cfg.create().map_err(|e| ViewSinkError::Kafka {
+            sink: name.to_owned(),
+            reason: format!("cannot create the producer: {e}"),
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            settings,
+            producer,
+            topics: Default::default(),
+            offsets: None,
+        })
+    }
+
+    /// The topic a view goes to.
+    pub fn topic(&self, view: &str) -> String {
+        format!("{}.view.{view}", self.settings.topic_prefix)
+    }
+
+    fn err(&self, reason: String) -> ViewSinkError {
+        ViewSinkError::Kafka {
+            sink: self.name.clone(),
+            reason,
+        }
+    }
+
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), ViewSinkError> {
+        if self.topics.contains(topic) {
+            return Ok(());
+        }
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.settings.brokers);
+        for (k, v) in &self.settings.extra {
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                cfg.set(k, v);
+            }
+        }
+        let admin: AdminClient<DefaultClientContext> = cfg
+            .create()
+            .map_err(|e| self.err(format!("cannot create the admin client: {e}")))?;
+        let new = NewTopic::new(
+            topic,
+            self.settings.partitions,
+            TopicReplication::Fixed(self.settings.replication_factor),
+        )
+        .set("cleanup.policy", "compact");
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin.create_topics([&new], &opts).await.map_err(|e| {
+            self.err(format!(
+                "cannot create topic {topic} on {}: {e}; check that the brokers are reachable and \
+                 that walbridge may create topics (or create it yourself with cleanup.policy=compact)",
+                self.settings.brokers
+            ))
+        })?;
+        for r in results {
+            match r {
+                Ok(t) => tracing::info!(topic = %t, "created compacted view topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(self.err(format!("cannot create topic {t}: {code}")));
+                }
+            }
+        }
+        self.topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    async fn write_view(&mut self, changes: &ViewChanges) -> Result<usize, ViewSinkError> {
+        let topic = self.topic(&changes.view);
+        self.ensure_topic(&topic).await?;
+        let arrow_err = |source| ViewSinkError::Arrow {
+            sink: self.name.clone(),
+            view: changes.view.clone(),
+            source,
+        };
+        let keys = key_names(changes);
+        let key_idx = indices(&self.name, &changes.view, &changes.upserts, &keys)?;
+        let upsert_keys = json_lines(&changes.upserts.project(&key_idx).map_err(arrow_err)?)
+            .map_err(arrow_err)?;
+        let upsert_values = json_lines(&changes.upserts).map_err(arrow_err)?;
+        let delete_keys = json_lines(&changes.deletes).map_err(arrow_err)?;
+
+        // Deletes first, then upserts: should a key be in both, the row stays (last wins).
+        let records = delete_keys
+            .iter()
+            .map(|k| (k, None))
+            .chain(upsert_keys.iter().zip(upsert_values.iter().map(Some)));
+        let mut pending = VecDeque::new();
+        let mut n = 0;
+        for (key, value) in records {
+            let mut record = FutureRecord::<String, String>::to(&topic).key(key);
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push_back(delivery);
+                        break;
+                    }
+                    // librdkafka's queue is full (an epoch larger than the queue): wait for the
+                    // oldest delivery, then try again. Memory stays bounded by the queue.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        match pending.pop_front() {
+                            Some(d) => self.delivered(&topic, d).await?,
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                    Err((e, _)) => return Err(self.err(format!("producing to {topic}: {e}"))),
+                }
+            }
+            n += 1;
+        }
+        for d in pending {
+            self.delivered(&topic, d).await?;
+        }
+        Ok(n)
+    }
+
+    async fn delivered(&self, topic: &str, d: DeliveryFuture) -> Result<(), ViewSinkError> {
+        match d.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(self.err(format!("delivery to {topic} failed: {e}"))),
+            Err(_) => Err(self.err(format!("delivery to {topic} was cancelled"))),
+        }
+    }
+}
+
+/// One JSON object per row, in the batch's column order, nulls explicit.
+fn json_lines(batch: &RecordBatch) -> Result<Vec<String>, datafusion::arrow::error::ArrowError> {
+    if batch.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let mut w = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, LineDelimited>(Vec::new());
+    w.write(batch)?;
+    w.finish()?;
+    let buf = w.into_inner();
+    let text = String::from_utf8(buf)
+        .map_err(|e| datafusion::arrow::error::ArrowError::JsonError(e.to_string()))?;
+    // JSON escapes newlines inside strings, so every line is one row.
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+#[async_trait]
+impl ViewSink for KafkaViewSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn committed_offsets(&self) -> Option<&Offsets> {
+        self.offsets.as_ref()
+    }
+
+    async fn write(&mut self, epoch: &Epoch) -> Result<Written, ViewSinkError> {
+        let mut records = 0;
+        for changes in &epoch.changes {
+            records += self.write_view(changes).await?;
+        }
+        advance(
+            self.offsets.get_or_insert_with(Offsets::default),
+            &epoch.offsets,
+        );
+        tracing::debug!(sink = %self.name, epoch = epoch.number, records, "view epoch produced");
+        Ok(Written::Stored)
+    }
+}

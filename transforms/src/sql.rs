@@ -1,0 +1,457 @@
+//! The analysts' SQL endpoint: the live views over the Postgres wire protocol.
+//!
+//! `psql`, psycopg, JDBC and BI tools connect as to a Postgres server; DataFusion plans and runs
+//! the queries (datafusion-postgres speaks the protocol, simple and extended). Every view of the
+//! [`Catalog`] is a table of the `public` schema, looked up when a query is planned, so views a
+//! processor registers later appear without a restart.
+//!
+//! Consistency: a scan takes the view's current [`Snapshot`](crate::view::Snapshot) (an `Arc`)
+//! once, when the query is planned, and reads only that; a publish that lands meanwhile swaps the
+//! catalog's pointer and leaves the running query's snapshot alone. So one query sees one epoch of
+//! each view it reads. (A query that reads the *same* view twice, e.g. a self-join, takes two
+//! snapshots, which may be one epoch apart.)
+//!
+//! Read-only: every statement that is not a query, `EXPLAIN`, `SET`/`SHOW`, a cursor or a
+//! transaction statement is refused before planning with SQLSTATE 25006
+//! (`read_only_sql_transaction`), also `COPY` (DataFusion's `COPY … TO` would write files on
+//! this machine) and `SELECT … INTO`. The schema provider refuses to register tables as well.
+//!
+//! Authentication: SCRAM-SHA-256 with the one configured user, so the password never crosses the
+//! wire (there is no TLS here). The password is hashed once at start and never logged.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::SchemaProvider;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{DataFusionError, ParamValues};
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::sqlparser::ast::{Query, SetExpr, Statement};
+use datafusion_postgres::hooks::HookClient;
+use datafusion_postgres::hooks::cursor::CursorStatementHook;
+use datafusion_postgres::hooks::set_show::SetShowHook;
+use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::pgwire::api::auth::sasl::SASLAuthStartupHandler;
+use datafusion_postgres::pgwire::api::auth::sasl::scram::{
+    ScramAuth, gen_salted_password, random_nonce,
+};
+use datafusion_postgres::pgwire::api::auth::{
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
+use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use datafusion_postgres::pgwire::api::results::Response;
+use datafusion_postgres::pgwire::api::{ClientInfo, PgWireServerHandlers};
+use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::{DfSessionService, QueryHook};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::view::{Catalog, ViewDef};
+
+/// PBKDF2 rounds of the SCRAM hash (RFC 7677's minimum; the work is done by the client).
+const SCRAM_ITERATIONS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error(
+        "sql: cannot listen on {addr}: {source}; pick a free address for sql.listen (port 0 picks one)"
+    )]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("sql: {0}")]
+    Config(String),
+    #[error("sql: cannot set up the query engine: {0}")]
+    Engine(#[from] DataFusionError),
+}
+
+/// Where to listen and who may connect.
+#[derive(Clone)]
+pub struct SqlOptions {
+    /// `host:port`; port 0 picks a free port (see [`ServerHandle::local_addr`]).
+    pub listen: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for SqlOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlOptions")
+            .field("listen", &self.listen)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A running endpoint. Dropping it (or [`ServerHandle::shutdown`]) stops accepting connections
+/// and closes the open ones.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The address actually bound (the port chosen when `listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shutdown(self) {}
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        // Aborting the accept task drops its JoinSet, which aborts every connection task.
+        self.accept.abort();
+    }
+}
+
+/// Starts serving `catalog` on `opts.listen`. Returns once the socket is bound.
+pub async fn serve(catalog: Arc<Catalog>, opts: SqlOptions) -> Result<ServerHandle, SqlError> {
+    if opts.user.is_empty() {
+        return Err(SqlError::Config(
+            "sql.user is empty; set the user analysts log in as".into(),
+        ));
+    }
+    if opts.password.is_empty() {
+        return Err(SqlError::Config(
+            "sql.password is empty; the endpoint always requires a password".into(),
+        ));
+    }
+    let ctx = Arc::new(session_context(catalog)?);
+    let hooks: Vec<Arc<dyn QueryHook>> = vec![
+        // First, so nothing else sees a statement that writes.
+        Arc::new(ReadOnlyHook),
+        Arc::new(CursorStatementHook),
+        Arc::new(SetShowHook),
+        Arc::new(TransactionStatementHook),
+    ];
+    let salt = random_nonce().into_bytes();
+    let login = Arc::new(Login {
+        user: opts.user.clone(),
+        salt: salt.clone(),
+        salted: gen_salted_password(&opts.password, &salt, SCRAM_ITERATIONS),
+    });
+    let handlers = Arc::new(Handlers {
+        session: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
+        login,
+    });
+
+    let listener = TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|source| SqlError::Bind {
+            addr: opts.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| SqlError::Bind {
+        addr: opts.listen.clone(),
+        source,
+    })?;
+    tracing::info!(listen = %addr, user = %opts.user, "sql endpoint listening");
+    let accept = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        let handlers = handlers.clone();
+                        connections.spawn(async move {
+                            if let Err(e) =
+                                datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await
+                            {
+                                tracing::debug!(peer = %peer, error = %e, "sql connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sql endpoint cannot accept a connection"),
+                },
+                // Reap finished connections so the set does not grow.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    });
+    Ok(ServerHandle { addr, accept })
+}
+
+fn session_context(catalog: Arc<Catalog>) -> Result<SessionContext, SqlError> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_default_catalog_and_schema("walbridge", "public");
+    let ctx = SessionContext::new_with_config(config);
+    let cat = ctx.catalog("walbridge").ok_or_else(|| {
+        SqlError::Config("the query engine has no default catalog (a bug)".into())
+    })?;
+    cat.register_schema("public", Arc::new(ViewSchema { catalog }))?;
+    // Clients such as psql's \d and BI tools read pg_catalog; datafusion-postgres emulates it.
+    datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog(
+        &ctx,
+        "walbridge",
+        datafusion_postgres::auth::AuthManager::new(),
+    )
+    .map_err(|e| SqlError::Engine(*e))?;
+    Ok(ctx)
+}
+
+/// The `public` schema: one table per view of the catalog, looked up at planning time.
+#[derive(Debug)]
+struct ViewSchema {
+    catalog: Arc<Catalog>,
+}
+
+#[async_trait]
+impl SchemaProvider for ViewSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.catalog.views().into_iter().map(|d| d.name).collect()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        Ok(self
+            .catalog
+            .views()
+            .into_iter()
+            .find(|d| d.name == name)
+            .map(|def| {
+                Arc::new(ViewTable {
+                    catalog: self.catalog.clone(),
+                    def,
+                }) as Arc<dyn TableProvider>
+            }))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.catalog.views().iter().any(|d| d.name == name)
+    }
+}
+
+/// One view; each scan reads the snapshot that is current when the scan is planned.
+#[derive(Debug)]
+struct ViewTable {
+    catalog: Arc<Catalog>,
+    def: ViewDef,
+}
+
+#[async_trait]
+impl TableProvider for ViewTable {
+    fn schema(&self) -> SchemaRef {
+        self.def.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        let batches = match self.catalog.snapshot(&self.def.name) {
+            Some(snapshot) => snapshot.batches.clone(),
+            None => Vec::new(),
+        };
+        let plan = MemorySourceConfig::try_new_exec(
+            &[batches],
+            self.def.schema.clone(),
+            projection.cloned(),
+        )?;
+        Ok(plan)
+    }
+}
+
+/// The one login: user name and the SCRAM-salted password.
+#[derive(Debug)]
+struct Login {
+    user: String,
+    salt: Vec<u8>,
+    salted: Vec<u8>,
+}
+
+#[async_trait]
+impl AuthSource for Login {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        match login.user() {
+            Some(user) if user == self.user => {
+                Ok(Password::new(Some(self.salt.clone()), self.salted.clone()))
+            }
+            other => {
+                let user = other.unwrap_or_default().to_owned();
+                tracing::info!(user = %user, "sql login refused: unknown user");
+                Err(PgWireError::InvalidPassword(user))
+            }
+        }
+    }
+}
+
+struct Handlers {
+    session: Arc<DfSessionService>,
+    login: Arc<Login>,
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.session.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.session.clone()
+    }
+
+    // Called once per connection: the SASL handler keeps the exchange's state, so each
+    // connection gets its own.
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        let mut params = DefaultServerParameterProvider::default();
+        params.default_transaction_read_only = true;
+        let mut scram = ScramAuth::new(self.login.clone());
+        scram.set_iterations(SCRAM_ITERATIONS);
+        Arc::new(SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram))
+    }
+}
+
+/// Refuses every statement that could change something.
+struct ReadOnlyHook;
+
+impl ReadOnlyHook {
+    fn check(statement: &Statement) -> PgWireResult<()> {
+        if is_read_only(statement) {
+            return Ok(());
+        }
+        let verb = statement
+            .to_string()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_uppercase();
+        Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+            "ERROR".to_owned(),
+            "25006".to_owned(),
+            format!(
+                "walbridge's SQL endpoint is read-only: {verb} is not allowed; the views change only \
+                 through the stream (query them with SELECT)"
+            ),
+        ))))
+    }
+}
+
+fn is_read_only(statement: &Statement) -> bool {
+    match statement {
+        Statement::Query(q) => query_is_read_only(q),
+        Statement::Explain { statement, .. } => is_read_only(statement),
+        Statement::ExplainTable { .. }
+        | Statement::Set(_)
+        | Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::ShowStatus { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowCatalogs { .. }
+        | Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Declare { .. }
+        | Statement::Fetch { .. }
+        | Statement::Close { .. }
+        | Statement::Discard { .. }
+        | Statement::Deallocate { .. } => true,
+        _ => false,
+    }
+}
+
+fn query_is_read_only(q: &Query) -> bool {
+    let ctes_ok = q
+        .with
+        .as_ref()
+        .is_none_or(|w| w.cte_tables.iter().all(|c| query_is_read_only(&c.query)));
+    ctes_ok && set_expr_is_read_only(&q.body)
+}
+
+fn set_expr_is_read_only(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(s) => s.into.is_none(),
+        SetExpr::Query(q) => query_is_read_only(q),
+        SetExpr::SetOperation { left, right, .. } => {
+            set_expr_is_read_only(left) && set_expr_is_read_only(right)
+        }
+        SetExpr::Values(_) | SetExpr::Table(_) => true,
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl QueryHook for ReadOnlyHook {
+    async fn handle_simple_query(
+        &self,
+        statement: &Statement,
+        _ctx: &SessionContext,
+        _client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        Self::check(statement).err().map(Err)
+    }
+
+    async fn handle_extended_parse_query(
+        &self,
+        statement: &Statement,
+        _ctx: &SessionContext,
+        _client: &(dyn ClientInfo + Send + Sync),
+    ) -> Option<PgWireResult<LogicalPlan>> {
+        Self::check(statement).err().map(Err)
+    }
+
+    async fn handle_extended_query(
+        &self,
+        statement: &Statement,
+        _plan: &LogicalPlan,
+        _params: &ParamValues,
+        _ctx: &SessionContext,
+        _client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        Self::check(statement).err().map(Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+
+    fn read_only(sql: &str) -> bool {
+        let stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).expect("parses");
+        stmts.iter().all(is_read_only)
+    }
+
+    #[test]
+    fn queries_pass_and_writes_are_refused() {
+        assert!(read_only("select * from v where a < 0"));
+        assert!(read_only(
+            "with x as (select 1) select * from x union select 2"
+        ));
+        assert!(read_only("explain select 1"));
+        assert!(read_only("set timezone = 'UTC'"));
+        assert!(read_only("begin; commit"));
+        for sql in [
+            "create table t (a int)",
+            "insert into v values (1)",
+            "update v set a = 1",
+            "delete from v",
+            "drop table v",
+            "copy v to '/tmp/x.csv'",
+            "copy v from '/tmp/x.csv'",
+            "select * into t2 from v",
+            "explain analyze insert into v values (1)",
+            "create view v2 as select 1",
+        ] {
+            assert!(!read_only(sql), "{sql} should be refused");
+        }
+    }
+}
