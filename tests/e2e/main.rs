@@ -13,6 +13,7 @@ mod schema_change;
 mod snapshot;
 mod streaming;
 mod types;
+mod views;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
