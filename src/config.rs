@@ -44,6 +44,41 @@ pub struct Config {
     pub events: Option<std::sync::Arc<crate::events::EventsConfig>>,
     /// OTLP trace export; none when the section is absent (off by default).
     pub telemetry: Option<crate::telemetry::TelemetryConfig>,
+    /// The stream processors (`walbridge process`); none when the section is absent.
+    pub processors: Option<ProcessorsConfig>,
+}
+
+/// `processors:`: how `walbridge process` keeps the live views (see the `transforms` crate).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessorsConfig {
+    pub group_id: String,
+    pub checkpoint_dir: PathBuf,
+    pub epoch_interval: Duration,
+    pub checkpoint_interval: Duration,
+    pub safety_stock: transforms::SafetyStock,
+    pub alerts_topic: Option<String>,
+}
+
+impl Config {
+    /// What the processors need, from `processors:` plus the kafka and registry sections.
+    pub fn processor_config(&self) -> Option<transforms::ProcessorConfig> {
+        let p = self.processors.as_ref()?;
+        Some(transforms::ProcessorConfig {
+            brokers: self.kafka.brokers.join(","),
+            topic_prefix: self.kafka.topic_prefix.clone(),
+            registry_url: self.registry.url.to_string(),
+            group_id: p.group_id.clone(),
+            checkpoint_dir: p.checkpoint_dir.clone(),
+            epoch_interval: p.epoch_interval,
+            checkpoint_interval: p.checkpoint_interval,
+            safety_stock: p.safety_stock.clone(),
+            alerts_topic: p
+                .alerts_topic
+                .clone()
+                .unwrap_or_else(|| format!("{}.alerts.oversell", self.kafka.topic_prefix)),
+            alerts_partitions: self.kafka.partitions,
+        })
+    }
 }
 
 /// The legacy Postgres database to capture changes from.
@@ -600,6 +635,48 @@ const KEYS: &[KeySpec] = &[
     ),
     key("telemetry.service_name", "a non-empty name", "walbridge"),
     key("log.format", "text or json", "json"),
+    key(
+        "processors",
+        "a mapping",
+        "processors: { group_id: walbridge-views, checkpoint_dir: .walbridge/processors }",
+    ),
+    key("processors.group_id", IDENT, "walbridge_views"),
+    key(
+        "processors.checkpoint_dir",
+        "a directory path",
+        ".walbridge/processors",
+    ),
+    key(
+        "processors.epoch_interval_ms",
+        "an integer number of milliseconds in 10..=60000",
+        "100",
+    ),
+    key(
+        "processors.checkpoint_interval_ms",
+        "an integer number of milliseconds in 100..=3600000",
+        "1000",
+    ),
+    key(
+        "processors.alerts_topic",
+        "a Kafka topic name",
+        "legacy.alerts.oversell",
+    ),
+    key(
+        "processors.safety_stock",
+        "a mapping with default, categories and skus",
+        "{ default: 2, categories: { electronics: 5 }, skus: { SKU-000001: 10 } }",
+    ),
+    key("processors.safety_stock.default", "an integer >= 0", "2"),
+    key(
+        "processors.safety_stock.categories",
+        "a mapping of product category to units",
+        "{ electronics: 5 }",
+    ),
+    key(
+        "processors.safety_stock.skus",
+        "a mapping of SKU to units",
+        "{ SKU-000001: 10 }",
+    ),
 ];
 
 fn spec(path: &str) -> Option<&'static KeySpec> {
@@ -635,6 +712,26 @@ struct RawConfig {
     log: Option<S<RawLog>>,
     events: Option<S<crate::events::config::RawEvents>>,
     telemetry: Option<S<RawTelemetry>>,
+    processors: Option<S<RawProcessors>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProcessors {
+    group_id: S<String>,
+    checkpoint_dir: Option<S<String>>,
+    epoch_interval_ms: Option<S<i64>>,
+    checkpoint_interval_ms: Option<S<i64>>,
+    alerts_topic: Option<S<String>>,
+    safety_stock: Option<S<RawSafetyStock>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSafetyStock {
+    default: Option<S<i64>>,
+    categories: Option<S<BTreeMap<String, S<i64>>>>,
+    skus: Option<S<BTreeMap<String, S<i64>>>>,
 }
 
 #[derive(Deserialize)]
@@ -1018,8 +1115,19 @@ impl Validator<'_> {
             None => Some(None),
             Some(t) => self.telemetry(&t.value).map(Some),
         };
-        let (source, kafka, registry, metrics, log, telemetry) =
-            (source?, kafka?, registry?, metrics?, log?, telemetry?);
+        let processors = match &raw.processors {
+            None => Some(None),
+            Some(p) => self.processors(&p.value).map(Some),
+        };
+        let (source, kafka, registry, metrics, log, telemetry, processors) = (
+            source?,
+            kafka?,
+            registry?,
+            metrics?,
+            log?,
+            telemetry?,
+            processors?,
+        );
         self.topic_lengths(&raw.source, &source, &kafka);
         if registry.on_incompatible == OnIncompatible::DeadLetter
             && kafka.dead_letter == DeadLetter::Stop
@@ -1060,6 +1168,7 @@ impl Validator<'_> {
             log,
             events,
             telemetry,
+            processors,
         })
     }
 
@@ -1106,6 +1215,75 @@ impl Validator<'_> {
         Some(crate::telemetry::TelemetryConfig {
             otlp_endpoint: endpoint,
             service_name,
+        })
+    }
+
+    fn processors(&mut self, raw: &RawProcessors) -> Option<ProcessorsConfig> {
+        let group_id = self.identifier(&raw.group_id, "processors.group_id");
+        let checkpoint_dir = match &raw.checkpoint_dir {
+            None => Some(PathBuf::from(".walbridge/processors")),
+            Some(d) => self
+                .string(d, "processors.checkpoint_dir")
+                .map(PathBuf::from),
+        };
+        let epoch = self.int_in(
+            &raw.epoch_interval_ms,
+            "processors.epoch_interval_ms",
+            10..=60_000,
+            100,
+        );
+        let checkpoint = self.int_in(
+            &raw.checkpoint_interval_ms,
+            "processors.checkpoint_interval_ms",
+            100..=3_600_000,
+            1000,
+        );
+        let alerts_topic = match &raw.alerts_topic {
+            None => Some(None),
+            Some(t) => self.string(t, "processors.alerts_topic").map(Some),
+        };
+        let mut safety = transforms::SafetyStock::default();
+        let mut ok = true;
+        if let Some(s) = &raw.safety_stock {
+            let s = &s.value;
+            match self.int_in(
+                &s.default,
+                "processors.safety_stock.default",
+                0..=i64::MAX,
+                0,
+            ) {
+                Some(d) => safety.default = d,
+                None => ok = false,
+            }
+            for (section, map, out) in [
+                ("categories", &s.categories, &mut safety.categories),
+                ("skus", &s.skus, &mut safety.skus),
+            ] {
+                for (k, v) in map.iter().flat_map(|m| m.value.iter()) {
+                    let path = format!("processors.safety_stock.{section}.{k}");
+                    match self.int_in(&Some(v.clone()), &path, 0..=i64::MAX, 0) {
+                        Some(n) => {
+                            out.insert(k.clone(), n);
+                        }
+                        None => ok = false,
+                    }
+                }
+            }
+        }
+        let (group_id, checkpoint_dir, epoch, checkpoint, alerts_topic) = (
+            group_id?,
+            checkpoint_dir?,
+            epoch?,
+            checkpoint?,
+            alerts_topic?,
+        );
+        ok.then_some(ProcessorsConfig {
+            group_id,
+            checkpoint_dir,
+            epoch_interval: Duration::from_millis(epoch as u64),
+            checkpoint_interval: Duration::from_millis(checkpoint as u64),
+            safety_stock: safety,
+            alerts_topic,
         })
     }
 

@@ -17,6 +17,7 @@ mod streaming;
 mod telemetry;
 mod tls;
 mod types;
+mod views;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;

@@ -3,6 +3,109 @@
 //! [`view`] is the contract between the processors (which fold change events into keyed state
 //! and publish epochs), the SQL endpoint (which serves the latest snapshot of each view) and the
 //! view sinks (which apply each epoch's changes downstream).
+//!
+//! ```text
+//!  <prefix>.oms.* / wms.stock_levels ──poll──▶ input::decode ──Event──▶ State::apply (fold)
+//!        ▲ seek to checkpoint offsets                                     │ every epoch_interval
+//!        │                                          ┌─────────────────────┤
+//!  checkpoint (rows by key + offsets) ◀── every checkpoint_interval       ▼
+//!                                       Catalog (Snapshot per view) + Epoch channel + alerts topic
+//! ```
+//!
+//! # Weighted rows, and where the old row comes from
+//!
+//! Every change is "retract the old row, add the new one" (insert +1, delete −1, update −old
+//! +new). The old row is taken from the processors' own last-row-per-primary-key state
+//! ([`state`]), not from the envelope's `before`. Why: `before` is complete only under
+//! `REPLICA IDENTITY FULL`, and the design promises the legacy team at most an optional
+//! `ALTER TABLE`; the per-key rows are needed anyway for the joins (order → customer for
+//! returns, product → category for safety stock, stock ↔ inventory cache for reconciliation);
+//! and they are the checkpoint, from which every aggregate is rebuilt on restore by the same
+//! code that folds live changes. Cost: memory for a projection of the input rows (a few tens of
+//! bytes per stock level, order, return), which is what Materialize holds too once it joins.
+//!
+//! # Views (schemas in [`state::view_defs`])
+//!
+//! - `stock_availability` (sku, location_code): on_hand, reserved, safety_stock,
+//!   available = on_hand − reserved − safety_stock. Safety stock per (sku, location) from
+//!   `processors.safety_stock`: the SKU's own value, else its category's (oms.products), else
+//!   the default.
+//! - `stock_availability_by_sku` (sku): sums over locations; `available` is the
+//!   available-to-promise. When it goes from ≥ 0 (or absent) to < 0, an `available_below_zero`
+//!   alert goes to `<prefix>.alerts.oversell` (JSON, keyed by SKU); a new order line on a SKU
+//!   whose available-to-promise is ≤ 0 at the end of the epoch raises
+//!   `order_on_unavailable_sku`. Alerts are at least once, with a deterministic `id`.
+//! - `reconciliation_diffs` (sku, location_code): oms.inventory_cache.available vs wms
+//!   on_hand − reserved; kind missing_in_oms / missing_in_wms / mismatch, both values,
+//!   magnitude = |oms − wms| (missing side counts 0), `since` = source commit time of the change
+//!   that opened the diff (kept while the diff stays open, whatever its kind becomes). A diff
+//!   that heals is deleted from the view.
+//! - `reconciliation_summary` (scope = 'all'): diffs by kind, units at risk (Σ magnitude),
+//!   oldest `since` (an ordered multiset, so healing the oldest diff moves it).
+//! - `customer_360` (customer_id, one row per oms.customers row): orders, lifetime_value,
+//!   avg_order_value (rounded half away from zero to cents), first/last_order_at count every
+//!   order except **cancelled** ones (never paid, or refunded in full); returned orders still
+//!   count (a return refunds one line and its amount is not in the source).
+//!   last_activity_at = latest updated_at of any order, cancelled ones included.
+//!   returns_count = oms.returns rows of the customer's orders; return_rate = share of counted
+//!   orders with a return. open_orders = pending, paid or shipped. segment: `prospect` (no
+//!   orders), `top_5pct` (LTV ≥ the k-th largest LTV among customers with orders,
+//!   k = ⌈5 % of them⌉; kept in an ordered set, and only customers between the old and the new
+//!   threshold are re-evaluated when it moves), `new` (one order), else `regular`. No expiry.
+//!
+//! # Consistency
+//!
+//! Topics are read independently, so between epochs a view can reflect, say, a stock level but
+//! not yet the inventory-cache row of the same transaction. Once the source is quiet and every
+//! partition is read, every view equals the SQL definition; [`check`] proves it against the
+//! database at one LSN (`walbridge views check`).
+//!
+//! # Restart
+//!
+//! The checkpoint holds the per-key rows, the open diffs' `since`, and the next offset of every
+//! partition, written atomically (temp + fsync + rename). On start the state is rebuilt from it
+//! and the consumer is assigned at its offsets: changes after the checkpoint are folded again,
+//! exactly once into the state. Epochs and alerts between the checkpoint and a crash are
+//! produced again (at least once): the first epoch after a restore is not a diff against what a
+//! sink holds, so a sink should store the offsets of the epochs it applied and skip older ones.
+//!
+//! # Scale-out (designed, not built yet)
+//!
+//! One processor instance reads *every* partition of its input topics (it assigns them itself,
+//! under `group_id` only for lag reporting): the views are keyed by SKU or customer while the
+//! topics are keyed by each table's primary key, so splitting partitions among instances would
+//! split a SKU's stock levels, or a customer's orders, across instances and make every
+//! aggregate wrong. Sharing the work needs co-partitioning:
+//!
+//! 1. A stateless *repartition* stage (any number of instances in one consumer group sharing
+//!    the CDC partitions) keeps last-row-per-PK only where a row's group key can change, and
+//!    produces each change's weighted rows (−old, +new) to an internal topic keyed by the group
+//!    key (`<prefix>.internal.by_sku`, `.by_customer`), each record tagged with its source
+//!    (topic, partition, offset).
+//! 2. Aggregating instances share the internal topics' partitions in a second consumer group.
+//!    Each keeps, per input partition, the high-water mark of source offsets it has applied, so
+//!    records produced twice by a repartitioner that crashed before committing are dropped.
+//! 3. State and offsets are checkpointed *per partition* in a store every instance can read
+//!    (a Postgres table, in the same transaction as the offsets), so after a rebalance the new
+//!    owner of a partition restores exactly that partition's state.
+//! 4. Order → customer joins (returns) need the order rows next to the customer: repartition
+//!    orders and returns by customer_id (returns through a small order_id → customer_id table
+//!    kept by the repartitioner). Reconciliation co-partitions stock levels and inventory cache
+//!    by (sku, location), which both topics already are keyed by, given equal partition counts.
+//! 5. The top-5 % threshold is global: each instance publishes its LTV histogram, a single
+//!    small task merges them and broadcasts the threshold.
+//!
+//! Missing today: all of the above; one instance per pipeline.
 
+pub mod bench;
+pub mod check;
+pub mod input;
+pub mod multiset;
+pub mod runtime;
 pub mod sql;
+pub mod state;
+pub mod table;
 pub mod view;
+
+pub use runtime::{ProcessError, ProcessorConfig, Running, run};
+pub use state::SafetyStock;

@@ -1,0 +1,1136 @@
+//! The processors' keyed state: the last row of every input key, the incremental aggregates
+//! built on it, and the views they publish.
+//!
+//! Every change is applied as "retract the old contribution, add the new one": the old row is
+//! the one kept per primary key here, the new one is the change's `after`. Aggregates are sums
+//! and counts (which retract by subtraction) and ordered multisets (min/max and the LTV rank,
+//! which retract by removing one copy). Nothing expires by time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::arrow::error::ArrowError;
+
+use crate::input::{Change, Event, Order, SkuLoc, Stock, TABLES};
+use crate::multiset::MultiSet;
+use crate::table::{Cell, Row, ViewTable};
+use crate::view::{Offsets, ViewChanges, ViewDef};
+
+/// Safety stock per SKU: a SKU's own setting, else its product category's, else the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SafetyStock {
+    pub default: i64,
+    pub categories: HashMap<String, i64>,
+    pub skus: HashMap<String, i64>,
+}
+
+impl SafetyStock {
+    pub fn of(&self, sku: &str, category: Option<&str>) -> i64 {
+        self.skus
+            .get(sku)
+            .or_else(|| category.and_then(|c| self.categories.get(c)))
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+/// An oversell alert, published as JSON keyed by SKU.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Alert {
+    /// Deterministic: `<source lsn>:<sku>:<kind>`, so consumers can drop the duplicates a
+    /// restart replays.
+    pub id: String,
+    /// `available_below_zero` or `order_on_unavailable_sku`.
+    pub kind: &'static str,
+    pub sku: String,
+    /// Available-to-promise of the SKU (all locations, after safety stock).
+    pub available: i64,
+    pub order_id: Option<i64>,
+    /// Commit time in the source of the change that raised it.
+    pub ts_ms: i64,
+    pub source_lsn: u64,
+}
+
+pub const STOCK_AVAILABILITY: &str = "stock_availability";
+pub const STOCK_BY_SKU: &str = "stock_availability_by_sku";
+pub const RECON_DIFFS: &str = "reconciliation_diffs";
+pub const RECON_SUMMARY: &str = "reconciliation_summary";
+pub const CUSTOMER_360: &str = "customer_360";
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// Every view the processors keep, in publishing order.
+pub fn view_defs() -> Vec<ViewDef> {
+    let f = |n: &str, t: DataType, null: bool| Field::new(n, t, null);
+    let def = |name: &str, fields: Vec<Field>, key: Vec<usize>, doc: &str| ViewDef {
+        name: name.into(),
+        schema: Arc::new(Schema::new(fields)),
+        key,
+        doc: doc.into(),
+    };
+    let money = DataType::Decimal128(20, 2);
+    vec![
+        def(
+            STOCK_AVAILABILITY,
+            vec![
+                f("sku", DataType::Utf8, false),
+                f("location_code", DataType::Utf8, false),
+                f("on_hand", DataType::Int64, false),
+                f("reserved", DataType::Int64, false),
+                f("safety_stock", DataType::Int64, false),
+                f("available", DataType::Int64, false),
+            ],
+            vec![0, 1],
+            "per sku and location: on_hand - reserved - safety_stock (wms.stock_levels)",
+        ),
+        def(
+            STOCK_BY_SKU,
+            vec![
+                f("sku", DataType::Utf8, false),
+                f("locations", DataType::Int64, false),
+                f("on_hand", DataType::Int64, false),
+                f("reserved", DataType::Int64, false),
+                f("safety_stock", DataType::Int64, false),
+                f("available", DataType::Int64, false),
+            ],
+            vec![0],
+            "per sku: sums over locations; available is the available-to-promise",
+        ),
+        def(
+            RECON_DIFFS,
+            vec![
+                f("sku", DataType::Utf8, false),
+                f("location_code", DataType::Utf8, false),
+                f("kind", DataType::Utf8, false),
+                f("oms_available", DataType::Int64, true),
+                f("wms_available", DataType::Int64, true),
+                f("magnitude", DataType::Int64, false),
+                f("since", ts(), false),
+            ],
+            vec![0, 1],
+            "where oms.inventory_cache.available and wms on_hand - reserved disagree; kind is missing_in_oms, missing_in_wms or mismatch",
+        ),
+        def(
+            RECON_SUMMARY,
+            vec![
+                f("scope", DataType::Utf8, false),
+                f("diffs", DataType::Int64, false),
+                f("missing_in_oms", DataType::Int64, false),
+                f("missing_in_wms", DataType::Int64, false),
+                f("mismatches", DataType::Int64, false),
+                f("units_at_risk", DataType::Int64, false),
+                f("oldest_since", ts(), true),
+            ],
+            vec![0],
+            "one row (scope 'all'): number of diffs by kind, sum of magnitudes, oldest open diff",
+        ),
+        def(
+            CUSTOMER_360,
+            vec![
+                f("customer_id", DataType::Int64, false),
+                f("orders", DataType::Int64, false),
+                f("lifetime_value", money.clone(), false),
+                f("avg_order_value", money, true),
+                f("first_order_at", ts(), true),
+                f("last_order_at", ts(), true),
+                f("last_activity_at", ts(), true),
+                f("returns_count", DataType::Int64, false),
+                f("return_rate", DataType::Float64, true),
+                f("open_orders", DataType::Int64, false),
+                f("segment", DataType::Utf8, false),
+            ],
+            vec![0],
+            "per customer: orders and lifetime value without cancelled orders, returns, open orders, segment (top_5pct, regular, new, prospect)",
+        ),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SkuSums {
+    locations: i64,
+    on_hand: i64,
+    reserved: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiffKind {
+    MissingInOms,
+    MissingInWms,
+    Mismatch,
+}
+
+impl DiffKind {
+    fn name(self) -> &'static str {
+        match self {
+            DiffKind::MissingInOms => "missing_in_oms",
+            DiffKind::MissingInWms => "missing_in_wms",
+            DiffKind::Mismatch => "mismatch",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Diff {
+    kind: DiffKind,
+    oms: Option<i64>,
+    wms: Option<i64>,
+    magnitude: i64,
+    /// Microseconds: source commit time of the change that opened the diff.
+    since: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct CustomerAgg {
+    orders: i64,
+    ltv_cents: i128,
+    open_orders: i64,
+    returns: i64,
+    returned_orders: i64,
+    placed: MultiSet<i64>,
+    activity: MultiSet<i64>,
+    /// The LTV under which this customer sits in the rank set, if it is ranked.
+    ranked: Option<i128>,
+}
+
+/// Which orders count toward orders, lifetime value and first/last order: all but cancelled
+/// ones (a cancelled order was never paid for, or was refunded in full). Returned orders count:
+/// a return refunds one line, and the refund amount is not in the source.
+fn counts(o: &Order) -> bool {
+    o.status != "cancelled"
+}
+
+fn is_open(o: &Order) -> bool {
+    matches!(o.status.as_str(), "pending" | "paid" | "shipped")
+}
+
+/// Share of customers (with orders) in the top segment, in percent.
+const TOP_PERCENT: usize = 5;
+
+/// What one epoch produced.
+#[derive(Debug, Default)]
+pub struct EpochOut {
+    pub changes: Vec<ViewChanges>,
+    pub alerts: Vec<Alert>,
+}
+
+pub struct State {
+    safety: SafetyStock,
+    // Input rows by primary key (projections).
+    products: HashMap<String, String>,
+    customers: HashSet<i64>,
+    orders: HashMap<i64, Order>,
+    returns: HashMap<i64, i64>,
+    returns_per_order: HashMap<i64, i64>,
+    cache: BTreeMap<SkuLoc, i64>,
+    stock: BTreeMap<SkuLoc, Stock>,
+    // Aggregates.
+    by_sku: HashMap<String, SkuSums>,
+    diffs: BTreeMap<SkuLoc, Diff>,
+    diff_since: MultiSet<i64>,
+    diff_units: i64,
+    diff_kinds: [i64; 3],
+    cust: HashMap<i64, CustomerAgg>,
+    ltv_rank: BTreeSet<(i128, i64)>,
+    threshold: Option<i128>,
+    // Keys touched this epoch (with the source position of the last change, for alerts).
+    dirty_stock: BTreeSet<SkuLoc>,
+    dirty_sku: BTreeMap<String, (u64, i64)>,
+    dirty_diffs: BTreeSet<SkuLoc>,
+    dirty_customers: BTreeSet<i64>,
+    new_lines: Vec<(String, i64, u64, i64)>,
+    // Published views.
+    views: Vec<ViewTable>,
+    pub offsets: Offsets,
+    pub epoch: u64,
+    /// Highest `source.lsn` applied.
+    pub max_lsn: u64,
+    /// Changes applied since start or restore.
+    pub applied: u64,
+    quiet_alerts: bool,
+}
+
+impl State {
+    pub fn new(safety: SafetyStock) -> State {
+        State {
+            safety,
+            products: HashMap::new(),
+            customers: HashSet::new(),
+            orders: HashMap::new(),
+            returns: HashMap::new(),
+            returns_per_order: HashMap::new(),
+            cache: BTreeMap::new(),
+            stock: BTreeMap::new(),
+            by_sku: HashMap::new(),
+            diffs: BTreeMap::new(),
+            diff_since: MultiSet::new(),
+            diff_units: 0,
+            diff_kinds: [0; 3],
+            cust: HashMap::new(),
+            ltv_rank: BTreeSet::new(),
+            threshold: None,
+            dirty_stock: BTreeSet::new(),
+            dirty_sku: BTreeMap::new(),
+            dirty_diffs: BTreeSet::new(),
+            dirty_customers: BTreeSet::new(),
+            new_lines: Vec::new(),
+            views: view_defs().into_iter().map(ViewTable::new).collect(),
+            offsets: Offsets::default(),
+            epoch: 0,
+            max_lsn: 0,
+            applied: 0,
+            quiet_alerts: false,
+        }
+    }
+
+    pub fn views(&self) -> &[ViewTable] {
+        &self.views
+    }
+
+    pub fn view(&self, name: &str) -> Option<&ViewTable> {
+        self.views.iter().find(|v| v.def.name == name)
+    }
+
+    fn view_mut(&mut self, name: &str) -> &mut ViewTable {
+        let i = self
+            .views
+            .iter()
+            .position(|v| v.def.name == name)
+            .unwrap_or(0);
+        &mut self.views[i]
+    }
+
+    /// Folds one change into the state.
+    pub fn apply(&mut self, ev: &Event) {
+        self.applied += 1;
+        self.max_lsn = self.max_lsn.max(ev.lsn);
+        match &ev.change {
+            Change::StockLevel { key, row } => self.stock_level(key, *row, ev),
+            Change::InventoryCache { key, available } => {
+                match available {
+                    Some(a) => self.cache.insert(key.clone(), *a),
+                    None => self.cache.remove(key),
+                };
+                self.reconcile(key, ev.ts_ms);
+            }
+            Change::Product { sku, category } => {
+                let old = match category {
+                    Some(c) => self.products.insert(sku.clone(), c.clone()),
+                    None => self.products.remove(sku),
+                };
+                if old.as_ref() != category.as_ref() {
+                    // Safety stock follows the category: every location of the SKU moves.
+                    let locs: Vec<SkuLoc> = self
+                        .stock
+                        .range((sku.clone(), String::new())..)
+                        .take_while(|(k, _)| &k.0 == sku)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    self.dirty_stock.extend(locs);
+                    self.dirty_sku.insert(sku.clone(), (ev.lsn, ev.ts_ms));
+                }
+            }
+            Change::Customer { id, exists } => {
+                let changed = if *exists {
+                    self.customers.insert(*id)
+                } else {
+                    self.customers.remove(id)
+                };
+                if changed {
+                    self.dirty_customers.insert(*id);
+                }
+            }
+            Change::Order { id, row } => {
+                let nret = self.returns_per_order.get(id).copied().unwrap_or(0);
+                if let Some(old) = self.orders.remove(id) {
+                    self.contribute(&old, nret, -1);
+                }
+                if let Some(new) = row {
+                    self.contribute(new, nret, 1);
+                    self.orders.insert(*id, new.clone());
+                }
+            }
+            Change::Return { id, order_id } => {
+                let old = match order_id {
+                    Some(o) => self.returns.insert(*id, *o),
+                    None => self.returns.remove(id),
+                };
+                if old != *order_id {
+                    if let Some(o) = old {
+                        self.returns_changed(o, -1);
+                    }
+                    if let Some(o) = order_id {
+                        self.returns_changed(*o, 1);
+                    }
+                }
+            }
+            Change::OrderLineAdded { order_id, sku } => {
+                self.new_lines
+                    .push((sku.clone(), *order_id, ev.lsn, ev.ts_ms));
+            }
+            Change::Truncate(table) => self.truncate(*table, ev),
+        }
+    }
+
+    fn stock_level(&mut self, key: &SkuLoc, row: Option<Stock>, ev: &Event) {
+        let old = match row {
+            Some(r) => self.stock.insert(key.clone(), r),
+            None => self.stock.remove(key),
+        };
+        if old == row {
+            return;
+        }
+        let sums = self.by_sku.entry(key.0.clone()).or_default();
+        if let Some(o) = old {
+            sums.locations -= 1;
+            sums.on_hand -= o.on_hand;
+            sums.reserved -= o.reserved;
+        }
+        if let Some(n) = row {
+            sums.locations += 1;
+            sums.on_hand += n.on_hand;
+            sums.reserved += n.reserved;
+        }
+        self.dirty_stock.insert(key.clone());
+        self.dirty_sku.insert(key.0.clone(), (ev.lsn, ev.ts_ms));
+        self.reconcile(key, ev.ts_ms);
+    }
+
+    /// Re-derives the diff of one (sku, location) right at the change, so `since` is the commit
+    /// time of exactly the change that opened it.
+    fn reconcile(&mut self, key: &SkuLoc, ts_ms: i64) {
+        let wms = self.stock.get(key).map(|s| s.on_hand - s.reserved);
+        let oms = self.cache.get(key).copied();
+        let kind = match (oms, wms) {
+            (None, None) => None,
+            (None, Some(_)) => Some(DiffKind::MissingInOms),
+            (Some(_), None) => Some(DiffKind::MissingInWms),
+            (Some(a), Some(b)) if a != b => Some(DiffKind::Mismatch),
+            _ => None,
+        };
+        let old = self.diffs.get(key).copied();
+        let new = kind.map(|kind| Diff {
+            kind,
+            oms,
+            wms,
+            magnitude: (oms.unwrap_or(0) - wms.unwrap_or(0)).abs(),
+            since: old.map_or(ts_ms.saturating_mul(1000), |d| d.since),
+        });
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            self.diff_since.update(&o.since, -1);
+            self.diff_units -= o.magnitude;
+            self.diff_kinds[o.kind as usize] -= 1;
+            self.diffs.remove(key);
+        }
+        if let Some(n) = new {
+            self.diff_since.update(&n.since, 1);
+            self.diff_units += n.magnitude;
+            self.diff_kinds[n.kind as usize] += 1;
+            self.diffs.insert(key.clone(), n);
+        }
+        self.dirty_diffs.insert(key.clone());
+    }
+
+    fn contribute(&mut self, o: &Order, nret: i64, w: i64) {
+        let a = self.cust.entry(o.customer_id).or_default();
+        if counts(o) {
+            a.orders += w;
+            a.ltv_cents += i128::from(w) * o.total_cents;
+            a.placed.update(&o.placed_at, w);
+            if nret > 0 {
+                a.returned_orders += w;
+            }
+        }
+        if is_open(o) {
+            a.open_orders += w;
+        }
+        a.returns += w * nret;
+        a.activity.update(&o.updated_at, w);
+        self.dirty_customers.insert(o.customer_id);
+    }
+
+    fn returns_changed(&mut self, order_id: i64, w: i64) {
+        let n = self.returns_per_order.get(&order_id).copied().unwrap_or(0);
+        let order = self.orders.get(&order_id).cloned();
+        if let Some(o) = &order {
+            self.contribute(o, n, -1);
+        }
+        let n = n + w;
+        if n == 0 {
+            self.returns_per_order.remove(&order_id);
+        } else {
+            self.returns_per_order.insert(order_id, n);
+        }
+        if let Some(o) = &order {
+            self.contribute(o, n, 1);
+        }
+    }
+
+    fn truncate(&mut self, table: usize, ev: &Event) {
+        let gone: Vec<Change> = match TABLES.get(table).copied() {
+            Some("oms.products") => self
+                .products
+                .keys()
+                .map(|sku| Change::Product {
+                    sku: sku.clone(),
+                    category: None,
+                })
+                .collect(),
+            Some("oms.customers") => self
+                .customers
+                .iter()
+                .map(|&id| Change::Customer { id, exists: false })
+                .collect(),
+            Some("oms.orders") => self
+                .orders
+                .keys()
+                .map(|&id| Change::Order { id, row: None })
+                .collect(),
+            Some("oms.returns") => self
+                .returns
+                .keys()
+                .map(|&id| Change::Return { id, order_id: None })
+                .collect(),
+            Some("oms.inventory_cache") => self
+                .cache
+                .keys()
+                .map(|k| Change::InventoryCache {
+                    key: k.clone(),
+                    available: None,
+                })
+                .collect(),
+            Some("wms.stock_levels") => self
+                .stock
+                .keys()
+                .map(|k| Change::StockLevel {
+                    key: k.clone(),
+                    row: None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for change in gone {
+            self.apply(&Event {
+                change,
+                lsn: ev.lsn,
+                ts_ms: ev.ts_ms,
+            });
+        }
+    }
+
+    fn safety_of(&self, sku: &str) -> i64 {
+        self.safety
+            .of(sku, self.products.get(sku).map(String::as_str))
+    }
+
+    /// Brings every view up to date with the changes applied since the last epoch and returns
+    /// what changed (and the alerts raised).
+    pub fn finish_epoch(&mut self) -> Result<EpochOut, ArrowError> {
+        let mut alerts = Vec::new();
+        // stock_availability
+        for key in std::mem::take(&mut self.dirty_stock) {
+            let row = self.stock.get(&key).map(|s| {
+                let safety = self.safety_of(&key.0);
+                vec![
+                    Cell::text(&key.0),
+                    Cell::text(&key.1),
+                    Cell::Int(s.on_hand),
+                    Cell::Int(s.reserved),
+                    Cell::Int(safety),
+                    Cell::Int(s.on_hand - s.reserved - safety),
+                ]
+            });
+            let k = vec![Cell::text(&key.0), Cell::text(&key.1)];
+            self.view_mut(STOCK_AVAILABILITY).set(k, row);
+        }
+        // stock_availability_by_sku and the below-zero alert
+        for (sku, (lsn, ts_ms)) in std::mem::take(&mut self.dirty_sku) {
+            let sums = self.by_sku.get(&sku).copied().unwrap_or_default();
+            let k = vec![Cell::text(&sku)];
+            let row = if sums.locations > 0 {
+                let safety = sums.locations * self.safety_of(&sku);
+                let available = sums.on_hand - sums.reserved - safety;
+                let before = self
+                    .view_mut(STOCK_BY_SKU)
+                    .get(&k)
+                    .and_then(|r| match r[5] {
+                        Cell::Int(v) => Some(v),
+                        _ => None,
+                    });
+                if available < 0 && before.is_none_or(|b| b >= 0) {
+                    alerts.push(Alert {
+                        id: format!("{lsn}:{sku}:available_below_zero"),
+                        kind: "available_below_zero",
+                        sku: sku.clone(),
+                        available,
+                        order_id: None,
+                        ts_ms,
+                        source_lsn: lsn,
+                    });
+                }
+                Some(vec![
+                    Cell::text(&sku),
+                    Cell::Int(sums.locations),
+                    Cell::Int(sums.on_hand),
+                    Cell::Int(sums.reserved),
+                    Cell::Int(safety),
+                    Cell::Int(available),
+                ])
+            } else {
+                self.by_sku.remove(&sku);
+                None
+            };
+            self.view_mut(STOCK_BY_SKU).set(k, row);
+        }
+        // Order lines that landed on a SKU with nothing left to promise.
+        for (sku, order_id, lsn, ts_ms) in std::mem::take(&mut self.new_lines) {
+            let k = vec![Cell::text(&sku)];
+            let available = match self.view_mut(STOCK_BY_SKU).get(&k).map(|r| &r[5]) {
+                Some(Cell::Int(v)) => *v,
+                _ => 0,
+            };
+            if available <= 0 {
+                alerts.push(Alert {
+                    id: format!("{lsn}:{sku}:order_on_unavailable_sku:{order_id}"),
+                    kind: "order_on_unavailable_sku",
+                    sku,
+                    available,
+                    order_id: Some(order_id),
+                    ts_ms,
+                    source_lsn: lsn,
+                });
+            }
+        }
+        // reconciliation
+        let summary_dirty = !self.dirty_diffs.is_empty() || self.epoch == 0;
+        for key in std::mem::take(&mut self.dirty_diffs) {
+            let row = self.diffs.get(&key).map(|d| {
+                let opt = |v: Option<i64>| v.map_or(Cell::Null, Cell::Int);
+                vec![
+                    Cell::text(&key.0),
+                    Cell::text(&key.1),
+                    Cell::text(d.kind.name()),
+                    opt(d.oms),
+                    opt(d.wms),
+                    Cell::Int(d.magnitude),
+                    Cell::Ts(d.since),
+                ]
+            });
+            let k = vec![Cell::text(&key.0), Cell::text(&key.1)];
+            self.view_mut(RECON_DIFFS).set(k, row);
+        }
+        if summary_dirty {
+            let row = vec![
+                Cell::text("all"),
+                Cell::Int(self.diffs.len() as i64),
+                Cell::Int(self.diff_kinds[DiffKind::MissingInOms as usize]),
+                Cell::Int(self.diff_kinds[DiffKind::MissingInWms as usize]),
+                Cell::Int(self.diff_kinds[DiffKind::Mismatch as usize]),
+                Cell::Int(self.diff_units),
+                self.diff_since.min().map_or(Cell::Null, |&s| Cell::Ts(s)),
+            ];
+            self.view_mut(RECON_SUMMARY)
+                .set(vec![Cell::text("all")], Some(row));
+        }
+        self.finish_customers();
+        if self.quiet_alerts {
+            alerts.clear();
+        }
+        let mut changes = Vec::new();
+        for v in &mut self.views {
+            if v.has_changes() {
+                changes.push(v.take_changes()?);
+            }
+        }
+        self.epoch += 1;
+        Ok(EpochOut { changes, alerts })
+    }
+
+    fn finish_customers(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty_customers);
+        for id in &dirty {
+            let exists = self.customers.contains(id);
+            let Some(a) = self.cust.get_mut(id) else {
+                continue;
+            };
+            let want = (exists && a.orders > 0).then_some(a.ltv_cents);
+            if a.ranked != want {
+                if let Some(old) = a.ranked {
+                    self.ltv_rank.remove(&(old, *id));
+                }
+                if let Some(new) = want {
+                    self.ltv_rank.insert((new, *id));
+                }
+                a.ranked = want;
+            }
+        }
+        // The top segment starts at the k-th largest LTV, k = ceil(5 % of ranked customers).
+        let n = self.ltv_rank.len();
+        let k = (n * TOP_PERCENT).div_ceil(100);
+        let threshold = if k == 0 {
+            None
+        } else {
+            self.ltv_rank.iter().nth_back(k - 1).map(|(v, _)| *v)
+        };
+        if threshold != self.threshold {
+            // Everyone whose LTV lies between the old and the new threshold may change segment.
+            let (lo, hi) = match (self.threshold, threshold) {
+                (Some(a), Some(b)) => (a.min(b), a.max(b)),
+                _ => (i128::MIN, i128::MAX),
+            };
+            dirty.extend(
+                self.ltv_rank
+                    .range((lo, i64::MIN)..=(hi, i64::MAX))
+                    .map(|(_, id)| *id),
+            );
+            self.threshold = threshold;
+        }
+        for id in dirty {
+            let row = self.customers.contains(&id).then(|| self.customer_row(id));
+            self.view_mut(CUSTOMER_360).set(vec![Cell::Int(id)], row);
+        }
+    }
+
+    fn customer_row(&self, id: i64) -> Row {
+        let empty = CustomerAgg::default();
+        let a = self.cust.get(&id).unwrap_or(&empty);
+        let ts = |v: Option<&i64>| v.map_or(Cell::Null, |&t| Cell::Ts(t));
+        let segment = if a.orders <= 0 {
+            "prospect"
+        } else if self.threshold.is_some_and(|t| a.ltv_cents >= t) {
+            "top_5pct"
+        } else if a.orders == 1 {
+            "new"
+        } else {
+            "regular"
+        };
+        vec![
+            Cell::Int(id),
+            Cell::Int(a.orders),
+            Cell::Dec(a.ltv_cents),
+            if a.orders > 0 {
+                Cell::Dec(div_round(a.ltv_cents, i128::from(a.orders)))
+            } else {
+                Cell::Null
+            },
+            ts(a.placed.min()),
+            ts(a.placed.max()),
+            ts(a.activity.max()),
+            Cell::Int(a.returns),
+            if a.orders > 0 {
+                Cell::Float(a.returned_orders as f64 / a.orders as f64)
+            } else {
+                Cell::Null
+            },
+            Cell::Int(a.open_orders),
+            Cell::text(segment),
+        ]
+    }
+}
+
+/// `n / d` rounded half away from zero (Postgres' `round(numeric)`).
+fn div_round(n: i128, d: i128) -> i128 {
+    let q = n / d;
+    let r = n % d;
+    if 2 * r.abs() >= d.abs() {
+        q + if (n < 0) != (d < 0) { -1 } else { 1 }
+    } else {
+        q
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint: the input rows by key and the offsets they reflect. Aggregates are rebuilt from
+// the rows on restore (the same code path as live changes, so restore cannot drift from the
+// live fold); only `since` is history that the rows cannot tell, so it is saved too.
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub version: u32,
+    pub topic_prefix: String,
+    pub epoch: u64,
+    pub max_lsn: u64,
+    pub offsets: Vec<(String, i32, i64)>,
+    products: Vec<(String, String)>,
+    customers: Vec<i64>,
+    orders: Vec<(i64, Order)>,
+    returns: Vec<(i64, i64)>,
+    cache: Vec<(SkuLoc, i64)>,
+    stock: Vec<(SkuLoc, Stock)>,
+    since: Vec<(SkuLoc, i64)>,
+}
+
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+impl State {
+    pub fn save(&self, topic_prefix: &str) -> Saved {
+        let mut orders: Vec<(i64, Order)> =
+            self.orders.iter().map(|(k, v)| (*k, v.clone())).collect();
+        orders.sort_by_key(|(k, _)| *k);
+        Saved {
+            version: CHECKPOINT_VERSION,
+            topic_prefix: topic_prefix.to_owned(),
+            epoch: self.epoch,
+            max_lsn: self.max_lsn,
+            offsets: self
+                .offsets
+                .0
+                .iter()
+                .map(|((t, p), o)| (t.clone(), *p, *o))
+                .collect(),
+            products: self
+                .products
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            customers: self.customers.iter().copied().collect(),
+            orders,
+            returns: self.returns.iter().map(|(k, v)| (*k, *v)).collect(),
+            cache: self.cache.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            stock: self.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            since: self
+                .diffs
+                .iter()
+                .map(|(k, d)| (k.clone(), d.since))
+                .collect(),
+        }
+    }
+
+    /// The state a checkpoint describes, with every view built (no alerts: they were raised
+    /// before the checkpoint was taken).
+    pub fn restore(saved: Saved, safety: SafetyStock) -> Result<State, ArrowError> {
+        let mut s = State::new(safety);
+        let ev = |change| Event {
+            change,
+            lsn: 0,
+            ts_ms: 0,
+        };
+        for (sku, category) in saved.products {
+            s.apply(&ev(Change::Product {
+                sku,
+                category: Some(category),
+            }));
+        }
+        for id in saved.customers {
+            s.apply(&ev(Change::Customer { id, exists: true }));
+        }
+        for (id, o) in saved.orders {
+            s.apply(&ev(Change::Order { id, row: Some(o) }));
+        }
+        for (id, o) in saved.returns {
+            s.apply(&ev(Change::Return {
+                id,
+                order_id: Some(o),
+            }));
+        }
+        for (key, a) in saved.cache {
+            s.apply(&ev(Change::InventoryCache {
+                key,
+                available: Some(a),
+            }));
+        }
+        for (key, row) in saved.stock {
+            s.apply(&ev(Change::StockLevel {
+                key,
+                row: Some(row),
+            }));
+        }
+        for (key, since) in saved.since {
+            if let Some(d) = s.diffs.get_mut(&key) {
+                s.diff_since.update(&d.since, -1);
+                d.since = since;
+                s.diff_since.update(&since, 1);
+            }
+        }
+        s.quiet_alerts = true;
+        s.finish_epoch()?;
+        s.quiet_alerts = false;
+        s.epoch = saved.epoch;
+        s.max_lsn = saved.max_lsn;
+        s.applied = 0;
+        s.offsets = Offsets(
+            saved
+                .offsets
+                .into_iter()
+                .map(|(t, p, o)| ((t, p), o))
+                .collect(),
+        );
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(change: Change) -> Event {
+        Event {
+            change,
+            lsn: 1,
+            ts_ms: 1_000,
+        }
+    }
+
+    fn stock(sku: &str, loc: &str, on_hand: i64, reserved: i64) -> Event {
+        ev(Change::StockLevel {
+            key: (sku.into(), loc.into()),
+            row: Some(Stock { on_hand, reserved }),
+        })
+    }
+
+    fn cells(s: &State, view: &str) -> Vec<Row> {
+        s.view(view).unwrap().rows().cloned().collect()
+    }
+
+    fn order(customer_id: i64, status: &str, total_cents: i128, at: i64) -> Order {
+        Order {
+            customer_id,
+            status: status.into(),
+            total_cents,
+            placed_at: at,
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn updates_retract_the_old_row_from_sums() {
+        let mut s = State::new(SafetyStock {
+            default: 1,
+            categories: HashMap::from([("toys".into(), 4)]),
+            skus: HashMap::new(),
+        });
+        s.apply(&ev(Change::Product {
+            sku: "A".into(),
+            category: Some("toys".into()),
+        }));
+        s.apply(&stock("A", "L1", 10, 2));
+        s.apply(&stock("A", "L2", 5, 0));
+        s.apply(&stock("A", "L1", 8, 3)); // update: -(10,2) +(8,3)
+        s.finish_epoch().unwrap();
+        assert_eq!(
+            cells(&s, STOCK_BY_SKU),
+            vec![vec![
+                Cell::text("A"),
+                Cell::Int(2),
+                Cell::Int(13),
+                Cell::Int(3),
+                Cell::Int(8),
+                Cell::Int(2)
+            ]]
+        );
+        // The category changes: safety stock of every location follows.
+        s.apply(&ev(Change::Product {
+            sku: "A".into(),
+            category: Some("books".into()),
+        }));
+        s.apply(&ev(Change::StockLevel {
+            key: ("A".into(), "L2".into()),
+            row: None,
+        }));
+        let out = s.finish_epoch().unwrap();
+        let rows = cells(&s, STOCK_AVAILABILITY);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0][4], Cell::Int(1), "default safety stock now");
+        assert_eq!(rows[0][5], Cell::Int(8 - 3 - 1));
+        let deleted: usize = out
+            .changes
+            .iter()
+            .filter(|c| c.view == STOCK_AVAILABILITY)
+            .map(|c| c.deletes.num_rows())
+            .sum();
+        assert_eq!(deleted, 1, "L2 left the view");
+    }
+
+    #[test]
+    fn going_below_zero_alerts_once() {
+        let mut s = State::new(SafetyStock {
+            default: 2,
+            ..Default::default()
+        });
+        s.apply(&stock("A", "L1", 5, 0));
+        assert!(s.finish_epoch().unwrap().alerts.is_empty());
+        s.apply(&stock("A", "L1", 5, 4));
+        let a = s.finish_epoch().unwrap().alerts;
+        assert_eq!(a.len(), 1);
+        assert_eq!((a[0].kind, a[0].available), ("available_below_zero", -1));
+        s.apply(&stock("A", "L1", 5, 5));
+        assert!(s.finish_epoch().unwrap().alerts.is_empty(), "already below");
+        s.apply(&ev(Change::OrderLineAdded {
+            order_id: 7,
+            sku: "A".into(),
+        }));
+        let a = s.finish_epoch().unwrap().alerts;
+        assert_eq!(a[0].kind, "order_on_unavailable_sku");
+        assert_eq!(a[0].order_id, Some(7));
+    }
+
+    #[test]
+    fn diffs_open_with_their_commit_time_and_retract_when_healed() {
+        let mut s = State::new(SafetyStock::default());
+        let key: SkuLoc = ("A".into(), "L1".into());
+        s.apply(&Event {
+            ts_ms: 5,
+            ..stock("A", "L1", 10, 0)
+        });
+        s.apply(&Event {
+            ts_ms: 6,
+            ..ev(Change::InventoryCache {
+                key: key.clone(),
+                available: Some(10),
+            })
+        });
+        s.finish_epoch().unwrap();
+        assert!(cells(&s, RECON_DIFFS).is_empty());
+        s.apply(&Event {
+            ts_ms: 7,
+            ..stock("A", "L1", 10, 3)
+        });
+        s.apply(&Event {
+            ts_ms: 9,
+            ..stock("A", "L1", 10, 4)
+        });
+        s.finish_epoch().unwrap();
+        let d = cells(&s, RECON_DIFFS);
+        assert_eq!(d[0][2], Cell::text("mismatch"));
+        assert_eq!(d[0][5], Cell::Int(4));
+        assert_eq!(d[0][6], Cell::Ts(7_000), "since the change that opened it");
+        let sum = cells(&s, RECON_SUMMARY);
+        assert_eq!(sum[0][5], Cell::Int(4));
+        s.apply(&ev(Change::InventoryCache {
+            key,
+            available: Some(6),
+        }));
+        let out = s.finish_epoch().unwrap();
+        assert!(cells(&s, RECON_DIFFS).is_empty(), "healed");
+        assert!(
+            out.changes
+                .iter()
+                .any(|c| c.view == RECON_DIFFS && c.deletes.num_rows() == 1)
+        );
+        assert_eq!(cells(&s, RECON_SUMMARY)[0][6], Cell::Null);
+    }
+
+    #[test]
+    fn cancelling_retracts_from_ltv_and_first_order() {
+        let mut s = State::new(SafetyStock::default());
+        s.apply(&ev(Change::Customer {
+            id: 1,
+            exists: true,
+        }));
+        s.apply(&ev(Change::Order {
+            id: 10,
+            row: Some(order(1, "paid", 1000, 100)),
+        }));
+        s.apply(&ev(Change::Order {
+            id: 11,
+            row: Some(order(1, "pending", 501, 200)),
+        }));
+        s.finish_epoch().unwrap();
+        let r = &cells(&s, CUSTOMER_360)[0];
+        assert_eq!(
+            (&r[1], &r[2], &r[3]),
+            (&Cell::Int(2), &Cell::Dec(1501), &Cell::Dec(751))
+        );
+        assert_eq!((&r[4], &r[5]), (&Cell::Ts(100), &Cell::Ts(200)));
+        s.apply(&ev(Change::Order {
+            id: 10,
+            row: Some(Order {
+                updated_at: 300,
+                ..order(1, "cancelled", 1000, 100)
+            }),
+        }));
+        s.finish_epoch().unwrap();
+        let r = &cells(&s, CUSTOMER_360)[0];
+        assert_eq!((&r[1], &r[2]), (&Cell::Int(1), &Cell::Dec(501)));
+        assert_eq!(r[4], Cell::Ts(200), "min moved past the retracted order");
+        assert_eq!(r[6], Cell::Ts(300), "cancelling is activity");
+        assert_eq!(
+            r[10],
+            Cell::text("top_5pct"),
+            "the only customer with orders is the top"
+        );
+    }
+
+    #[test]
+    fn top_segment_follows_the_ltv_distribution() {
+        let mut s = State::new(SafetyStock::default());
+        for id in 1..=40 {
+            s.apply(&ev(Change::Customer { id, exists: true }));
+            s.apply(&ev(Change::Order {
+                id,
+                row: Some(order(id, "paid", i128::from(id) * 100, id)),
+            }));
+        }
+        s.finish_epoch().unwrap();
+        let top = |s: &State| -> Vec<i64> {
+            cells(s, CUSTOMER_360)
+                .iter()
+                .filter(|r| r[10] == Cell::text("top_5pct"))
+                .map(|r| match r[0] {
+                    Cell::Int(v) => v,
+                    _ => 0,
+                })
+                .collect()
+        };
+        assert_eq!(top(&s), vec![39, 40], "k = ceil(40 * 5 %) = 2");
+        // Customer 40 cancels: 39 and 38 are now the top two.
+        s.apply(&ev(Change::Order {
+            id: 40,
+            row: Some(order(40, "cancelled", 4000, 40)),
+        }));
+        s.finish_epoch().unwrap();
+        assert_eq!(top(&s), vec![38, 39]);
+    }
+
+    #[test]
+    fn restore_rebuilds_the_same_views() {
+        let mut s = State::new(SafetyStock::default());
+        s.apply(&stock("A", "L1", 3, 1));
+        s.apply(&Event {
+            ts_ms: 42,
+            ..ev(Change::InventoryCache {
+                key: ("B".into(), "L1".into()),
+                available: Some(4),
+            })
+        });
+        s.apply(&ev(Change::Customer {
+            id: 1,
+            exists: true,
+        }));
+        s.apply(&ev(Change::Order {
+            id: 5,
+            row: Some(order(1, "paid", 250, 9)),
+        }));
+        s.apply(&ev(Change::Return {
+            id: 1,
+            order_id: Some(5),
+        }));
+        s.finish_epoch().unwrap();
+        let text = serde_json::to_string(&s.save("p")).unwrap();
+        let r =
+            State::restore(serde_json::from_str(&text).unwrap(), SafetyStock::default()).unwrap();
+        for v in s.views() {
+            assert_eq!(
+                cells(&s, &v.def.name),
+                cells(&r, &v.def.name),
+                "view {}",
+                v.def.name
+            );
+        }
+        assert_eq!(cells(&r, RECON_DIFFS).len(), 2);
+        assert_eq!(cells(&r, CUSTOMER_360)[0][7], Cell::Int(1), "one return");
+    }
+
+    #[test]
+    fn rounding_is_half_away_from_zero() {
+        assert_eq!(div_round(5, 2), 3);
+        assert_eq!(div_round(-5, 2), -3);
+        assert_eq!(div_round(4, 3), 1);
+        assert_eq!(div_round(1501, 2), 751);
+    }
+}
