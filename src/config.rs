@@ -2090,7 +2090,7 @@ registry:
         let errs = errors_of("");
         assert!(
             errs.to_string().contains(
-                "the document is empty; expected a mapping with keys source, kafka, registry, metrics, log, telemetry"
+                "the document is empty; expected a mapping with keys source, kafka, registry, metrics, log, events, telemetry, processors"
             ),
             "{errs}"
         );
