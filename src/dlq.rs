@@ -123,7 +123,7 @@ pub struct EventOrigin {
 }
 
 /// What failed, where, and how to fix it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Reason {
     pub message: String,
     /// The Postgres column, when one column is at fault.

@@ -771,17 +771,6 @@ impl Engine {
             Err((message, field)) => {
                 let rel = p.rel.and_then(|r| self.rels.get(&r));
                 let letter = Letter {
-                    format: crate::dlq::FORMAT.into(),
-                    event_id: event_id.clone(),
-                    schema: rel.map(|r| r.schema.clone()).unwrap_or_default(),
-                    table: rel.map(|r| r.table.clone()).unwrap_or_default(),
-                    topic: topic.clone(),
-                    op: p.op.into(),
-                    commit_lsn: m.lsn_text.into(),
-                    txid: m.xid,
-                    commit_ts_ms: m.commit_ms,
-                    snapshot: false,
-                    dead_lettered_at_ms: crate::pipeline::now_ms(),
                     reason: Reason {
                         message: format!(
                             "{} event of mapping {} violates contract {}: {message}",
@@ -806,6 +795,7 @@ impl Engine {
                         .zip(p.new_raw.as_ref())
                         .map(|(r, t)| Row::of_names(&r.names, t)),
                     event: Some(self.origin(Some(mi), &p)),
+                    ..letter_head(&event_id, rel, topic.clone(), p.op, m)
                 };
                 Ok(Built::Letter {
                     letter: Box::new(letter),
@@ -976,17 +966,6 @@ impl Engine {
             }
             Err((message, field)) => {
                 let letter = Letter {
-                    format: crate::dlq::FORMAT.into(),
-                    event_id: event_id.clone(),
-                    schema: rel.map(|r| r.schema.clone()).unwrap_or_default(),
-                    table: rel.map(|r| r.table.clone()).unwrap_or_default(),
-                    topic: topic.unwrap_or_default(),
-                    op: p.op.into(),
-                    commit_lsn: m.lsn_text.into(),
-                    txid: m.xid,
-                    commit_ts_ms: m.commit_ms,
-                    snapshot: false,
-                    dead_lettered_at_ms: crate::pipeline::now_ms(),
                     reason: Reason {
                         message: format!("outbox event {event_id} ({event_type}): {message}"),
                         column: field,
@@ -1005,6 +984,7 @@ impl Engine {
                         _ => None,
                     },
                     event: Some(self.origin(None, &p)),
+                    ..letter_head(&event_id, rel, topic.unwrap_or_default(), p.op, m)
                 };
                 Ok(Built::Letter {
                     letter: Box::new(letter),
@@ -1107,4 +1087,32 @@ fn tuple_bytes(old: Option<&Tuple>, new: Option<&Tuple>) -> usize {
             .sum::<usize>()
     };
     PENDING_OVERHEAD + old.map_or(0, one) + new.map_or(0, one)
+}
+
+/// The fields every business-event dead letter fills the same way; the caller adds the reason,
+/// the rows and the origin.
+fn letter_head(
+    event_id: &str,
+    rel: Option<&Rel>,
+    topic: String,
+    op: &str,
+    m: &EventMeta<'_>,
+) -> Letter {
+    Letter {
+        format: crate::dlq::FORMAT.into(),
+        event_id: event_id.to_owned(),
+        schema: rel.map(|r| r.schema.clone()).unwrap_or_default(),
+        table: rel.map(|r| r.table.clone()).unwrap_or_default(),
+        topic,
+        op: op.into(),
+        commit_lsn: m.lsn_text.into(),
+        txid: m.xid,
+        commit_ts_ms: m.commit_ms,
+        snapshot: false,
+        dead_lettered_at_ms: crate::pipeline::now_ms(),
+        reason: Reason::default(),
+        before: None,
+        after: None,
+        event: None,
+    }
 }
