@@ -628,10 +628,15 @@ async fn run_attempt(
     // A stop must finish within source.shutdown_timeout_ms, counted from the signal: also when
     // the pipeline is blocked handing a change to a full producer queue (broker down).
     let limit = cfg.source.shutdown_timeout;
-    let stop_at = std::sync::OnceLock::new();
+    // Whichever branch below sees the stop first records when it came: `process` may return
+    // before the timer branch is polled again, and the drain's budget and the exit message both
+    // depend on knowing that this was a requested stop.
+    let stop_at_cell = std::sync::OnceLock::new();
+    let stop_at = &stop_at_cell;
     let mut stop_seen = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
+        let _ = stop_at.set(std::time::Instant::now());
     };
     metrics.streaming();
     let (outcome, overdue) = tokio::select! {
