@@ -57,6 +57,52 @@ pub struct ProcessorsConfig {
     pub checkpoint_interval: Duration,
     pub safety_stock: transforms::SafetyStock,
     pub alerts_topic: Option<String>,
+    /// The analysts' SQL endpoint (`processors.sql`); none when absent.
+    pub sql: Option<SqlEndpointConfig>,
+    /// Where the views go besides the SQL endpoint (`processors.sinks`), in the order given.
+    pub sinks: Vec<ViewSinkConfig>,
+}
+
+/// `processors.sql`: the read-only Postgres-protocol endpoint over the live views.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SqlEndpointConfig {
+    pub listen: SocketAddr,
+    pub credentials: Credentials,
+}
+
+/// One entry of `processors.sinks`.
+#[derive(Clone, Debug)]
+pub enum ViewSinkConfig {
+    /// Compacted topics `<topic_prefix>.view.<view>` on the pipeline's brokers
+    /// (`topic_prefix` defaults to `kafka.topic_prefix`).
+    Kafka {
+        name: String,
+        topic_prefix: Option<String>,
+    },
+    /// Read-model tables in `schema` of the database at `dsn`.
+    Postgres {
+        name: String,
+        dsn: Dsn,
+        schema: String,
+    },
+    /// Parquet changelog files under `dir`.
+    Parquet { name: String, dir: PathBuf },
+}
+
+impl ViewSinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            ViewSinkConfig::Kafka { name, .. }
+            | ViewSinkConfig::Postgres { name, .. }
+            | ViewSinkConfig::Parquet { name, .. } => name,
+        }
+    }
+}
+
+impl PartialEq for ViewSinkConfig {
+    fn eq(&self, other: &Self) -> bool {
+        format!("{self:?}") == format!("{other:?}")
+    }
 }
 
 impl Config {
@@ -668,6 +714,45 @@ const KEYS: &[KeySpec] = &[
     ),
     key("processors.safety_stock.default", "an integer >= 0", "2"),
     key(
+        "processors.sql",
+        "a mapping with listen, user and password",
+        "sql: { listen: \"127.0.0.1:6875\", user: analyst, password: \"${WALBRIDGE_SQL_PASSWORD}\" }",
+    ),
+    key("processors.sql.listen", "host:port", "127.0.0.1:6875"),
+    key("processors.sql.user", "a non-empty user name", "analyst"),
+    key(
+        "processors.sql.password",
+        "a non-empty password (use ${VAR} or ${file:/path})",
+        "\"${WALBRIDGE_SQL_PASSWORD}\"",
+    ),
+    key(
+        "processors.sinks",
+        "a list of sinks, each with kind and name",
+        "sinks: [ { kind: kafka, name: views_topics }, { kind: parquet, name: lake, dir: lake } ]",
+    ),
+    key("processors.sinks.kind", "kafka, postgres or parquet", "postgres"),
+    key("processors.sinks.name", IDENT, "read_model"),
+    key(
+        "processors.sinks.topic_prefix",
+        "a Kafka topic name prefix (kafka sinks; default kafka.topic_prefix)",
+        "legacy",
+    ),
+    key(
+        "processors.sinks.dsn",
+        "a Postgres connection string (postgres sinks)",
+        "\"host=127.0.0.1 port=5432 user=app dbname=analytics\"",
+    ),
+    key(
+        "processors.sinks.schema",
+        "a schema name (postgres sinks; default walbridge_views)",
+        "walbridge_views",
+    ),
+    key(
+        "processors.sinks.dir",
+        "a directory path (parquet sinks)",
+        ".walbridge/lake",
+    ),
+    key(
         "processors.safety_stock.categories",
         "a mapping of product category to units",
         "{ electronics: 5 }",
@@ -724,6 +809,27 @@ struct RawProcessors {
     checkpoint_interval_ms: Option<S<i64>>,
     alerts_topic: Option<S<String>>,
     safety_stock: Option<S<RawSafetyStock>>,
+    sql: Option<S<RawSql>>,
+    sinks: Option<S<Vec<S<RawViewSink>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSql {
+    listen: S<String>,
+    user: S<String>,
+    password: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawViewSink {
+    kind: S<String>,
+    name: S<String>,
+    topic_prefix: Option<S<String>>,
+    dsn: Option<S<String>>,
+    schema: Option<S<String>>,
+    dir: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1270,12 +1376,22 @@ impl Validator<'_> {
                 }
             }
         }
-        let (group_id, checkpoint_dir, epoch, checkpoint, alerts_topic) = (
+        let sql = match &raw.sql {
+            None => Some(None),
+            Some(q) => self.sql_endpoint(&q.value).map(Some),
+        };
+        let sinks = match &raw.sinks {
+            None => Some(Vec::new()),
+            Some(list) => self.view_sinks(list),
+        };
+        let (group_id, checkpoint_dir, epoch, checkpoint, alerts_topic, sql, sinks) = (
             group_id?,
             checkpoint_dir?,
             epoch?,
             checkpoint?,
             alerts_topic?,
+            sql?,
+            sinks?,
         );
         ok.then_some(ProcessorsConfig {
             group_id,
@@ -1284,7 +1400,186 @@ impl Validator<'_> {
             checkpoint_interval: Duration::from_millis(checkpoint as u64),
             safety_stock: safety,
             alerts_topic,
+            sql,
+            sinks,
         })
+    }
+
+    fn sql_endpoint(&mut self, raw: &RawSql) -> Option<SqlEndpointConfig> {
+        let lpath = "processors.sql.listen";
+        let listen = self
+            .string(&raw.listen, lpath)
+            .and_then(|text| match text.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.invalid(&raw.listen.referenced, lpath, &text, None);
+                    None
+                }
+            });
+        let user = self
+            .string(&raw.user, "processors.sql.user")
+            .and_then(|u| {
+                if u.trim().is_empty() {
+                    self.invalid(&raw.user.referenced, "processors.sql.user", &u, Some("empty"));
+                    None
+                } else {
+                    Some(u)
+                }
+            });
+        let password = self
+            .string(&raw.password, "processors.sql.password")
+            .and_then(|p| {
+                if p.is_empty() {
+                    // Never echo a secret, not even an empty one's neighbours.
+                    self.error(
+                        &raw.password.referenced,
+                        "processors.sql.password",
+                        "the password is empty; analysts connect with a password, so set one (keep it out of the file with ${VAR} or ${file:/path})",
+                    );
+                    None
+                } else {
+                    Some(p)
+                }
+            });
+        Some(SqlEndpointConfig {
+            listen: listen?,
+            credentials: Credentials {
+                user: user?,
+                password: password?,
+            },
+        })
+    }
+
+    fn view_sinks(&mut self, list: &S<Vec<S<RawViewSink>>>) -> Option<Vec<ViewSinkConfig>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, raw) in list.value.iter().enumerate() {
+            let at = format!("processors.sinks[{i}]");
+            let r = &raw.value;
+            let name = self.identifier(&r.name, "processors.sinks.name");
+            if let Some(n) = &name
+                && let Some(first) = names.insert(n.clone(), i)
+            {
+                self.error(
+                    &r.name.referenced,
+                    &format!("{at}.name"),
+                    format!("sink name {n:?} is also used by processors.sinks[{first}]; every sink needs its own name (it keys the offsets the sink stores)"),
+                );
+                ok = false;
+            }
+            let kind = self.string(&r.kind, "processors.sinks.kind");
+            // Keys that belong to another kind are mistakes, not silently ignored settings.
+            let allowed: &[&str] = match kind.as_deref() {
+                Some("kafka") => &["topic_prefix"],
+                Some("postgres") => &["dsn", "schema"],
+                Some("parquet") => &["dir"],
+                Some(other) => {
+                    self.invalid(
+                        &r.kind.referenced,
+                        "processors.sinks.kind",
+                        other,
+                        None,
+                    );
+                    ok = false;
+                    continue;
+                }
+                None => {
+                    ok = false;
+                    continue;
+                }
+            };
+            let kind = kind.unwrap_or_default();
+            for (key, present) in [
+                ("topic_prefix", r.topic_prefix.as_ref().map(|v| &v.referenced)),
+                ("dsn", r.dsn.as_ref().map(|v| &v.referenced)),
+                ("schema", r.schema.as_ref().map(|v| &v.referenced)),
+                ("dir", r.dir.as_ref().map(|v| &v.referenced)),
+            ] {
+                if let Some(loc) = present
+                    && !allowed.contains(&key)
+                {
+                    self.error(
+                        loc,
+                        &format!("{at}.{key}"),
+                        format!("`{key}` does not apply to a {kind} sink (its keys: {}); remove it or change `kind`", allowed.join(", ")),
+                    );
+                    ok = false;
+                }
+            }
+            let sink = match kind.as_str() {
+                "kafka" => {
+                    let prefix = match &r.topic_prefix {
+                        None => Some(None),
+                        Some(p) => self.string(p, "processors.sinks.topic_prefix").map(Some),
+                    };
+                    name.zip(prefix).map(|(name, topic_prefix)| ViewSinkConfig::Kafka {
+                        name,
+                        topic_prefix,
+                    })
+                }
+                "postgres" => {
+                    let dsn = match &r.dsn {
+                        None => {
+                            self.error(
+                                &raw.referenced,
+                                &format!("{at}.dsn"),
+                                "a postgres sink needs `dsn`, the database its tables go to — e.g. dsn: \"host=127.0.0.1 port=5432 user=app dbname=analytics\"",
+                            );
+                            None
+                        }
+                        Some(d) => {
+                            let path = format!("{at}.dsn");
+                            self.string(d, &path).and_then(|text| match Dsn::parse(&text) {
+                                Ok(dsn) => Some(dsn),
+                                Err(reason) => {
+                                    let shown = redact_dsn(&text);
+                                    self.invalid(&d.referenced, &path, &shown, Some(&reason));
+                                    None
+                                }
+                            })
+                        }
+                    };
+                    let schema = match &r.schema {
+                        None => Some("walbridge_views".to_owned()),
+                        Some(s) => self.identifier(s, "processors.sinks.schema"),
+                    };
+                    match (name, dsn, schema) {
+                        (Some(name), Some(dsn), Some(schema)) => {
+                            Some(ViewSinkConfig::Postgres { name, dsn, schema })
+                        }
+                        _ => None,
+                    }
+                }
+                _ => {
+                    let dir = match &r.dir {
+                        None => {
+                            self.error(
+                                &raw.referenced,
+                                &format!("{at}.dir"),
+                                "a parquet sink needs `dir`, where its files go — e.g. dir: .walbridge/lake",
+                            );
+                            None
+                        }
+                        Some(d) => self.string(d, "processors.sinks.dir").and_then(|t| {
+                            if t.trim().is_empty() {
+                                self.invalid(&d.referenced, "processors.sinks.dir", &t, Some("empty"));
+                                None
+                            } else {
+                                Some(PathBuf::from(t))
+                            }
+                        }),
+                    };
+                    name.zip(dir)
+                        .map(|(name, dir)| ViewSinkConfig::Parquet { name, dir })
+                }
+            };
+            match sink {
+                Some(s) => out.push(s),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
     }
 
     fn metrics(&mut self, raw: &RawMetrics) -> Option<MetricsConfig> {
