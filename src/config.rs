@@ -730,7 +730,11 @@ const KEYS: &[KeySpec] = &[
         "a list of sinks, each with kind and name",
         "sinks: [ { kind: kafka, name: views_topics }, { kind: parquet, name: lake, dir: lake } ]",
     ),
-    key("processors.sinks.kind", "kafka, postgres or parquet", "postgres"),
+    key(
+        "processors.sinks.kind",
+        "kafka, postgres or parquet",
+        "postgres",
+    ),
     key("processors.sinks.name", IDENT, "read_model"),
     key(
         "processors.sinks.topic_prefix",
@@ -1407,25 +1411,28 @@ impl Validator<'_> {
 
     fn sql_endpoint(&mut self, raw: &RawSql) -> Option<SqlEndpointConfig> {
         let lpath = "processors.sql.listen";
-        let listen = self
-            .string(&raw.listen, lpath)
-            .and_then(|text| match text.parse::<SocketAddr>() {
-                Ok(a) => Some(a),
-                Err(_) => {
-                    self.invalid(&raw.listen.referenced, lpath, &text, None);
-                    None
-                }
-            });
-        let user = self
-            .string(&raw.user, "processors.sql.user")
-            .and_then(|u| {
-                if u.trim().is_empty() {
-                    self.invalid(&raw.user.referenced, "processors.sql.user", &u, Some("empty"));
-                    None
-                } else {
-                    Some(u)
-                }
-            });
+        let listen =
+            self.string(&raw.listen, lpath)
+                .and_then(|text| match text.parse::<SocketAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.invalid(&raw.listen.referenced, lpath, &text, None);
+                        None
+                    }
+                });
+        let user = self.string(&raw.user, "processors.sql.user").and_then(|u| {
+            if u.trim().is_empty() {
+                self.invalid(
+                    &raw.user.referenced,
+                    "processors.sql.user",
+                    &u,
+                    Some("empty"),
+                );
+                None
+            } else {
+                Some(u)
+            }
+        });
         let password = self
             .string(&raw.password, "processors.sql.password")
             .and_then(|p| {
@@ -1475,12 +1482,7 @@ impl Validator<'_> {
                 Some("postgres") => &["dsn", "schema"],
                 Some("parquet") => &["dir"],
                 Some(other) => {
-                    self.invalid(
-                        &r.kind.referenced,
-                        "processors.sinks.kind",
-                        other,
-                        None,
-                    );
+                    self.invalid(&r.kind.referenced, "processors.sinks.kind", other, None);
                     ok = false;
                     continue;
                 }
@@ -1491,7 +1493,10 @@ impl Validator<'_> {
             };
             let kind = kind.unwrap_or_default();
             for (key, present) in [
-                ("topic_prefix", r.topic_prefix.as_ref().map(|v| &v.referenced)),
+                (
+                    "topic_prefix",
+                    r.topic_prefix.as_ref().map(|v| &v.referenced),
+                ),
                 ("dsn", r.dsn.as_ref().map(|v| &v.referenced)),
                 ("schema", r.schema.as_ref().map(|v| &v.referenced)),
                 ("dir", r.dir.as_ref().map(|v| &v.referenced)),
@@ -1513,10 +1518,8 @@ impl Validator<'_> {
                         None => Some(None),
                         Some(p) => self.string(p, "processors.sinks.topic_prefix").map(Some),
                     };
-                    name.zip(prefix).map(|(name, topic_prefix)| ViewSinkConfig::Kafka {
-                        name,
-                        topic_prefix,
-                    })
+                    name.zip(prefix)
+                        .map(|(name, topic_prefix)| ViewSinkConfig::Kafka { name, topic_prefix })
                 }
                 "postgres" => {
                     let dsn = match &r.dsn {
@@ -1530,14 +1533,15 @@ impl Validator<'_> {
                         }
                         Some(d) => {
                             let path = format!("{at}.dsn");
-                            self.string(d, &path).and_then(|text| match Dsn::parse(&text) {
-                                Ok(dsn) => Some(dsn),
-                                Err(reason) => {
-                                    let shown = redact_dsn(&text);
-                                    self.invalid(&d.referenced, &path, &shown, Some(&reason));
-                                    None
-                                }
-                            })
+                            self.string(d, &path)
+                                .and_then(|text| match Dsn::parse(&text) {
+                                    Ok(dsn) => Some(dsn),
+                                    Err(reason) => {
+                                        let shown = redact_dsn(&text);
+                                        self.invalid(&d.referenced, &path, &shown, Some(&reason));
+                                        None
+                                    }
+                                })
                         }
                     };
                     let schema = match &r.schema {
@@ -1563,7 +1567,12 @@ impl Validator<'_> {
                         }
                         Some(d) => self.string(d, "processors.sinks.dir").and_then(|t| {
                             if t.trim().is_empty() {
-                                self.invalid(&d.referenced, "processors.sinks.dir", &t, Some("empty"));
+                                self.invalid(
+                                    &d.referenced,
+                                    "processors.sinks.dir",
+                                    &t,
+                                    Some("empty"),
+                                );
                                 None
                             } else {
                                 Some(PathBuf::from(t))

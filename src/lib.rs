@@ -11,6 +11,7 @@ pub mod emit;
 pub mod events;
 pub mod metrics;
 pub mod pipeline;
+pub mod process;
 pub mod resume;
 pub mod snapshot;
 pub mod stack;

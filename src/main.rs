@@ -441,22 +441,19 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
         }
         Command::Process { config } => {
             let cfg = load_config(&config)?;
-            let pc = cfg.processor_config().with_context(|| {
-                format!(
+            if cfg.processors.is_none() {
+                anyhow::bail!(
                     "{} has no processors section; add processors: {{ group_id: walbridge_views }}",
                     config.display()
-                )
-            })?;
-            let mut running = transforms::run(pc)?;
-            let stopper = running.stopper();
+                );
+            }
+            let process = walbridge::process::start(&cfg).await?;
+            let stopper = process.stopper();
             tokio::spawn(async move {
                 shutdown_signal().await;
                 stopper.store(true, std::sync::atomic::Ordering::SeqCst);
             });
-            // No view sink is wired here yet: closing the channel tells the processor not to
-            // send epochs; the catalog (running.catalog) keeps the views.
-            running.epochs.close();
-            running.join().await?;
+            process.join().await?;
             Ok(())
         }
         Command::Views { command } => match command {

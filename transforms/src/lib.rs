@@ -107,5 +107,7 @@ pub mod state;
 pub mod table;
 pub mod view;
 
-pub use runtime::{ProcessError, ProcessorConfig, Running, run};
+/// Arrow as the views use it, for crates that handle view batches without DataFusion itself.
+pub use datafusion::arrow;
+pub use runtime::{ProcessError, ProcessorConfig, Running, SinkFeed, SinkGate, run, run_with};
 pub use state::SafetyStock;

@@ -9,10 +9,29 @@
 //! the new checkpoint, never a torn one). On start the checkpoint is restored and the consumer
 //! is positioned at its offsets, so after `kill -9` the changes after the checkpoint are read
 //! and folded again, exactly once into the state.
+//!
+//! With view sinks ([`run_with`]) two more rules keep every sink exact across a crash:
+//!
+//! - **A checkpoint never gets ahead of the sinks.** Before writing one, the processor closes the
+//!   epoch (so the checkpoint's offsets are an epoch boundary), then waits until the sinks report
+//!   that epoch stored ([`SinkGate`]). Epochs whose views did not change are still sent, so a
+//!   sink's stored offsets follow the input even through quiet stretches. A sink is therefore
+//!   at or ahead of the checkpoint after any crash; one that is behind missed epochs (it was
+//!   reset or left out of the config) and the caller refuses to start it.
+//! - **Replay is cut where the sinks stand.** A sink ahead of the checkpoint holds the view as of
+//!   its stored offsets `Y`. Replaying from the checkpoint `X`, an epoch spanning `Y` would carry
+//!   the net change from `X` to its end, which misses a key that moved after `X` and came back
+//!   before the end (the sink would keep its value at `Y`). So the sinks' positions ahead of the
+//!   checkpoint become *cuts*: a message at or past a cut's offset for its partition is held
+//!   back (not folded) until every partition of the cut has reached it, the epoch is closed
+//!   exactly there (the state now equals the state at `Y`, which the sink skips as held), and
+//!   the held messages are folded after it. A cut that cannot be reached within
+//!   [`CUT_PATIENCE`] (the topic lost those offsets) is given up with a warning.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use avro::RegistryClient;
@@ -27,7 +46,50 @@ use tokio::sync::mpsc;
 
 use crate::input::{self, Schemas, TABLES};
 use crate::state::{Alert, SafetyStock, Saved, State};
-use crate::view::{Catalog, Epoch, Snapshot};
+use crate::view::{Catalog, Epoch, Offsets, Snapshot};
+
+/// How long replay waits to reach a sink's position before giving the cut up.
+pub const CUT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long a stopping processor waits for the sinks before it exits without a final checkpoint
+/// (the next start replays from the previous one).
+const STOP_SINK_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the view sinks report back to the processor: the last epoch all of them stored, or why
+/// they cannot go on.
+#[derive(Debug, Default)]
+pub struct SinkGate {
+    delivered: AtomicU64,
+    failure: Mutex<Option<String>>,
+}
+
+impl SinkGate {
+    /// Every sink stored every epoch up to `epoch`.
+    pub fn delivered(&self, epoch: u64) {
+        self.delivered.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    /// The sinks cannot store epochs any more; the processor stops with this reason.
+    pub fn fail(&self, reason: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert(reason);
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The view sinks a processor feeds (see the module doc).
+#[derive(Debug)]
+pub struct SinkFeed {
+    /// Each sink's stored offsets (empty for a sink that holds nothing yet).
+    pub positions: Vec<Offsets>,
+    pub gate: Arc<SinkGate>,
+}
 
 /// What a processor needs to run (built from the `processors:` section of pipelines.yaml).
 #[derive(Debug, Clone)]
@@ -81,6 +143,8 @@ pub enum ProcessError {
     Registry(#[from] avro::RegistryError),
     #[error("the processor thread panicked")]
     Panicked,
+    #[error("{0}")]
+    Sink(String),
 }
 
 fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessError {
@@ -91,6 +155,8 @@ fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> 
 /// A running processor: the live views and the epoch stream.
 pub struct Running {
     pub catalog: Arc<Catalog>,
+    /// The offsets of the checkpoint the processor started from (empty without one).
+    pub restored: Offsets,
     /// Every epoch, in order. Drain it (a full channel pauses the processor) or drop it.
     pub epochs: mpsc::Receiver<Epoch>,
     stop: Arc<AtomicBool>,
@@ -121,11 +187,34 @@ impl Running {
 /// Starts the processors (call inside a tokio runtime): restores the checkpoint, publishes the
 /// restored views, then consumes the change topics until stopped.
 pub fn run(config: ProcessorConfig) -> Result<Running, ProcessError> {
+    run_with(config, None)
+}
+
+/// [`run`], feeding view sinks: replay is cut at their positions and checkpoints wait for them
+/// (see the module doc). Epochs whose views did not change are sent too.
+pub fn run_with(config: ProcessorConfig, sinks: Option<SinkFeed>) -> Result<Running, ProcessError> {
     let catalog = Catalog::new();
     let (tx, rx) = mpsc::channel(64);
     let stop = Arc::new(AtomicBool::new(false));
     let state = load_checkpoint(&config)?;
     publish_all(&state, &catalog)?;
+    let restored = state.offsets.clone();
+    let mut cuts: Vec<Offsets> = sinks
+        .iter()
+        .flat_map(|s| s.positions.iter())
+        .filter(|p| !p.0.is_empty() && !restored.covers(p))
+        .cloned()
+        .collect();
+    // Positions of one run's epochs are ordered component-wise; the sum orders them the same.
+    cuts.sort_by_key(|c| c.0.values().sum::<i64>());
+    cuts.dedup();
+    if !cuts.is_empty() {
+        tracing::info!(
+            cuts = cuts.len(),
+            "replay will close epochs where the view sinks stand"
+        );
+    }
+    let gate = sinks.map(|s| s.gate);
     let handle = tokio::runtime::Handle::current();
     let (c, s, cat) = (config.clone(), stop.clone(), catalog.clone());
     let thread = std::thread::Builder::new()
@@ -136,6 +225,8 @@ pub fn run(config: ProcessorConfig) -> Result<Running, ProcessError> {
             p.epochs = Some(tx);
             p.alerts = true;
             p.checkpoints = true;
+            p.cuts = cuts.into();
+            p.gate = gate;
             p.run()
         })
         .map_err(|e| ProcessError::Checkpoint {
@@ -144,6 +235,7 @@ pub fn run(config: ProcessorConfig) -> Result<Running, ProcessError> {
         })?;
     Ok(Running {
         catalog,
+        restored,
         epochs: rx,
         stop,
         thread,
@@ -245,6 +337,16 @@ pub(crate) struct Processor {
     producer: Option<FutureProducer>,
     pending_alerts: Vec<(String, rdkafka::producer::DeliveryFuture)>,
     pub(crate) undecodable: u64,
+    /// Messages folded since the last epoch closed.
+    since_epoch: u64,
+    /// Sink positions ahead of the checkpoint, in order: replay closes an epoch at each.
+    cuts: VecDeque<Offsets>,
+    /// Messages at or past the first cut, waiting until every partition reached it.
+    held: Vec<(String, i32, i64, Option<Vec<u8>>)>,
+    cut_since: Option<Instant>,
+    gate: Option<Arc<SinkGate>>,
+    /// Number of the last epoch sent to the sinks.
+    last_sent: u64,
 }
 
 impl Processor {
@@ -288,6 +390,12 @@ impl Processor {
             producer: None,
             pending_alerts: Vec::new(),
             undecodable: 0,
+            since_epoch: 0,
+            cuts: VecDeque::new(),
+            held: Vec::new(),
+            cut_since: None,
+            gate: None,
+            last_sent: 0,
         })
     }
 
@@ -338,7 +446,6 @@ impl Processor {
         let mut next_checkpoint = Instant::now() + self.config.checkpoint_interval;
         let mut next_metadata = Instant::now() + Duration::from_secs(2);
         let mut saved_offsets = self.state.offsets.clone();
-        let mut since_epoch = 0u64;
         loop {
             if self.stopped() {
                 break;
@@ -365,36 +472,84 @@ impl Processor {
                         // Copied so the message's borrow of the consumer ends before the fold.
                         let payload = m.payload().map(<[u8]>::to_vec);
                         drop(m);
-                        if let Some(payload) = payload {
-                            self.fold(&topic, part, off, &payload)?;
-                        }
-                        self.state.offsets.0.insert((topic, part), off + 1);
-                        since_epoch += 1;
+                        self.take(topic, part, off, payload)?;
                     }
                     Err(e) => tracing::warn!(error = %e, "processor consumer poll"),
                 }
             }
+            if !self.cuts.is_empty() {
+                self.at_cuts()?;
+            }
             let now = Instant::now();
             if now >= next_epoch {
-                if since_epoch > 0 {
+                if self.since_epoch > 0 {
                     self.close_epoch()?;
-                    since_epoch = 0;
                 }
                 next_epoch = now + self.config.epoch_interval;
             }
             if self.checkpoints && now >= next_checkpoint {
-                if self.state.offsets != saved_offsets {
-                    self.checkpoint()?;
+                if self.state.offsets != saved_offsets && self.checkpoint()? {
                     saved_offsets = self.state.offsets.clone();
                 }
                 next_checkpoint = now + self.config.checkpoint_interval;
             }
         }
-        if since_epoch > 0 {
+        // Held messages stay unfolded: their offsets were not advanced, so they are read again.
+        if self.since_epoch > 0 {
             self.close_epoch()?;
         }
         if self.checkpoints && self.state.offsets != saved_offsets {
             self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Folds a message, or holds it back when it lies at or past the first cut.
+    fn take(
+        &mut self,
+        topic: String,
+        part: i32,
+        off: i64,
+        payload: Option<Vec<u8>>,
+    ) -> Result<(), ProcessError> {
+        if let Some(cut) = self.cuts.front()
+            && cut.0.get(&(topic.clone(), part)).is_some_and(|t| off >= *t)
+        {
+            self.held.push((topic, part, off, payload));
+            return Ok(());
+        }
+        if let Some(payload) = payload {
+            self.fold(&topic, part, off, &payload)?;
+        }
+        self.state.offsets.0.insert((topic, part), off + 1);
+        self.since_epoch += 1;
+        Ok(())
+    }
+
+    /// Closes the epoch at each cut every partition has reached, then folds what was held.
+    fn at_cuts(&mut self) -> Result<(), ProcessError> {
+        while let Some(cut) = self.cuts.front() {
+            let reached = cut.0.iter().all(|(tp, t)| {
+                self.state.offsets.0.get(tp).is_some_and(|o| o >= t)
+                    || self.held.iter().any(|h| h.0 == tp.0 && h.1 == tp.1)
+            });
+            if !reached {
+                let since = *self.cut_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < CUT_PATIENCE {
+                    return Ok(());
+                }
+                tracing::warn!(
+                    waited_s = CUT_PATIENCE.as_secs(),
+                    "replay did not reach a view sink's position (the topics no longer hold those offsets?); going on without the cut, so that sink may keep a value that changed and changed back until its key changes again"
+                );
+            } else if self.since_epoch > 0 {
+                self.close_epoch()?;
+            }
+            self.cuts.pop_front();
+            self.cut_since = None;
+            for (topic, part, off, payload) in std::mem::take(&mut self.held) {
+                self.take(topic, part, off, payload)?;
+            }
         }
         Ok(())
     }
@@ -458,13 +613,15 @@ impl Processor {
     }
 
     pub(crate) fn close_epoch(&mut self) -> Result<(), ProcessError> {
+        self.since_epoch = 0;
         let out = self.state.finish_epoch()?;
         if self.alerts {
             for a in &out.alerts {
                 self.send_alert(a)?;
             }
         }
-        if out.changes.is_empty() {
+        // Sinks get quiet epochs too: their stored offsets must keep up with the checkpoint.
+        if out.changes.is_empty() && self.gate.is_none() {
             return Ok(());
         }
         if let Some(catalog) = &self.catalog {
@@ -487,12 +644,47 @@ impl Processor {
                 offsets: self.state.offsets.clone(),
                 changes: out.changes,
             };
-            // A dropped receiver means nobody wants epochs: the views still go on.
+            let number = epoch.number;
             if tx.blocking_send(epoch).is_err() {
+                if let Some(g) = &self.gate {
+                    return Err(ProcessError::Sink(g.failure().unwrap_or_else(|| {
+                        "the view sinks stopped taking epochs".to_owned()
+                    })));
+                }
+                // Without sinks a dropped receiver means nobody wants epochs: views go on.
                 self.epochs = None;
+            } else {
+                self.last_sent = number;
             }
         }
         Ok(())
+    }
+
+    /// Waits until the sinks stored every epoch sent. False when stopping and they take too long
+    /// (the caller then skips the checkpoint).
+    fn wait_for_sinks(&mut self) -> Result<bool, ProcessError> {
+        let Some(gate) = self.gate.clone() else {
+            return Ok(true);
+        };
+        let started = Instant::now();
+        let mut stopping_since: Option<Instant> = None;
+        while gate.delivered.load(Ordering::SeqCst) < self.last_sent {
+            if let Some(f) = gate.failure() {
+                return Err(ProcessError::Sink(f));
+            }
+            if self.stopped() {
+                let s = *stopping_since.get_or_insert_with(Instant::now);
+                if s.elapsed() > STOP_SINK_PATIENCE {
+                    tracing::warn!(
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "view sinks did not store the last epochs in time; exiting without a final checkpoint (the next start replays them)"
+                    );
+                    return Ok(false);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(true)
     }
 
     fn alert_producer(&self) -> Result<FutureProducer, ProcessError> {
@@ -558,9 +750,19 @@ impl Processor {
         }
     }
 
-    /// Waits for every alert produced so far, then writes the checkpoint: an alert is never
-    /// behind a checkpoint that covers its change (at least once, duplicates carry one id).
-    fn checkpoint(&mut self) -> Result<(), ProcessError> {
+    /// Waits for every alert produced so far and for the sinks, then writes the checkpoint: an
+    /// alert or a sink is never behind a checkpoint that covers its change (at least once,
+    /// duplicates carry one id). False when it was skipped (stopping, sinks too slow).
+    fn checkpoint(&mut self) -> Result<bool, ProcessError> {
+        if self.gate.is_some() {
+            // The checkpoint's offsets must be an epoch boundary the sinks stored.
+            if self.since_epoch > 0 {
+                self.close_epoch()?;
+            }
+            if !self.wait_for_sinks()? {
+                return Ok(false);
+            }
+        }
         for (id, f) in std::mem::take(&mut self.pending_alerts) {
             let res = self.handle.block_on(f);
             let reason = match res {
@@ -586,7 +788,7 @@ impl Processor {
             tracing::debug!(error = %e, "committing processor offsets to the group");
         }
         tracing::debug!(epoch = self.state.epoch, "processor checkpoint written");
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -20,6 +20,17 @@ use datafusion::arrow::record_batch::RecordBatch;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Offsets(pub BTreeMap<(String, i32), i64>);
 
+impl Offsets {
+    /// True when every partition of `other` is at or behind this one (a partition this one does
+    /// not name counts as not covered).
+    pub fn covers(&self, other: &Offsets) -> bool {
+        other
+            .0
+            .iter()
+            .all(|(tp, o)| self.0.get(tp).is_some_and(|s| s >= o))
+    }
+}
+
 /// A view's name, shape and key.
 #[derive(Debug, Clone)]
 pub struct ViewDef {

@@ -1,0 +1,375 @@
+//! `walbridge process`: the stream processors with their SQL endpoint and view sinks, from the
+//! `processors:` section of the config.
+//!
+//! The processor thread folds the change topics into the views and sends an epoch per step
+//! (see `transforms::runtime`). One task here hands every epoch to every configured sink, in
+//! order, and reports back through a [`SinkGate`] which epoch all of them stored; the processor
+//! never checkpoints past that. Together with the replay cuts at the sinks' positions this is
+//! what keeps each sink exact after `kill -9` (the argument is in the runtime's module doc).
+//!
+//! Where a sink's position comes from: Postgres and Parquet sinks store their offsets with
+//! their data. The Kafka sink cannot, so after each epoch it stored this task writes its
+//! position to `<checkpoint_dir>/<group_id>.sink.<name>.json` (temp file, fsync, rename). The
+//! file is written only after the epoch's records were acknowledged, so it never claims more
+//! than the topic holds; a crash between the two replays that epoch (at-least-once, equal
+//! records, compaction keeps the last).
+//!
+//! Starting positions: a sink that holds nothing (new, or emptied on purpose) while the
+//! checkpoint holds views first gets every view's full content, then the epochs after it. A
+//! sink behind the checkpoint missed epochs (it was left out of the config for a while, or part
+//! of its data was removed): it is refused with the way to rebuild it, since applying later
+//! epochs would leave it silently wrong.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use sinks::views::ViewSink;
+use tokio::sync::mpsc;
+use transforms::arrow::array::RecordBatch;
+use transforms::arrow::compute::concat_batches;
+use transforms::view::{Catalog, Epoch, Offsets, ViewChanges};
+use transforms::{SinkFeed, SinkGate};
+
+use crate::config::{Config, ViewSinkConfig};
+
+/// How many times a sink's write of one epoch is tried (reopening the sink in between) before
+/// the processor stops with the error.
+const WRITE_ATTEMPTS: u32 = 6;
+
+/// A running `walbridge process`.
+pub struct Process {
+    pub catalog: Arc<Catalog>,
+    /// Where the SQL endpoint listens, when `processors.sql` is set.
+    pub sql_addr: Option<SocketAddr>,
+    stopper: Arc<std::sync::atomic::AtomicBool>,
+    running: transforms::Running,
+    driver: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _sql: Option<transforms::sql::ServerHandle>,
+}
+
+impl Process {
+    /// Stops the processor (final epoch, sinks, checkpoint) and waits for it and the sinks.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stopper
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.join().await
+    }
+
+    /// Waits until the processor ends (only an error, or [`Process::stop`], ends it).
+    pub async fn join(self) -> anyhow::Result<()> {
+        let processed = self.running.join().await;
+        let driven = match self.driver {
+            Some(d) => d
+                .await
+                .map_err(|_| anyhow!("the view sink task panicked"))?,
+            None => Ok(()),
+        };
+        // The sinks' own error says more than the processor's "sinks stopped".
+        driven?;
+        processed?;
+        Ok(())
+    }
+
+    /// A flag that stops the processor when set (for signal handlers).
+    pub fn stopper(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.stopper.clone()
+    }
+}
+
+/// One configured sink and where it stands.
+struct Slot {
+    cfg: ViewSinkConfig,
+    sink: Box<dyn ViewSink>,
+    position: Offsets,
+    /// The file keeping the position of a sink that stores none itself.
+    marker: Option<PathBuf>,
+}
+
+/// Starts the processors, the SQL endpoint and the sinks the config names.
+pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
+    let pc = cfg.processor_config().context(
+        "the config has no processors section; add processors: { group_id: walbridge_views }",
+    )?;
+    let pcfg = cfg
+        .processors
+        .as_ref()
+        .expect("processor_config checked it");
+
+    let mut slots = Vec::new();
+    for s in &pcfg.sinks {
+        let sink = open_sink(cfg, s).await?;
+        let marker = sink
+            .committed_offsets()
+            .is_none()
+            .then(|| marker_path(&pc, s.name()));
+        let position = match (sink.committed_offsets(), &marker) {
+            (Some(o), _) => o.clone(),
+            (None, Some(m)) => read_marker(m)?,
+            (None, None) => Offsets::default(),
+        };
+        tracing::info!(
+            sink = s.name(),
+            partitions = position.0.len(),
+            "view sink opened"
+        );
+        slots.push(Slot {
+            cfg: s.clone(),
+            sink,
+            position,
+            marker,
+        });
+    }
+
+    let gate = Arc::new(SinkGate::default());
+    let feed = (!slots.is_empty()).then(|| SinkFeed {
+        positions: slots.iter().map(|s| s.position.clone()).collect(),
+        gate: gate.clone(),
+    });
+    let mut running = transforms::run_with(pc.clone(), feed)?;
+    let stopper = running.stopper();
+    let catalog = running.catalog.clone();
+    let epochs = std::mem::replace(&mut running.epochs, mpsc::channel(1).1);
+
+    // A sink behind the checkpoint missed epochs: refuse it before it takes any.
+    let mut first = Vec::new();
+    for slot in &slots {
+        if running.restored.0.is_empty() || slot.position.covers(&running.restored) {
+            first.push(None);
+        } else if slot.position.0.is_empty() {
+            first.push(Some(full_epoch(&catalog, &running.restored)?));
+        } else {
+            stopper.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = running.join().await;
+            bail!(
+                "view sink {} holds the views as of offsets older than the processors' checkpoint {}: it missed the epochs in between \
+                 (it was left out of the config, or some of its data was removed). Empty it so it gets a full copy \
+                 ({}), or move the checkpoint away to rebuild every view and sink from the topics",
+                slot.cfg.name(),
+                pc.checkpoint_path().display(),
+                how_to_empty(&slot.cfg, &pc)
+            );
+        }
+    }
+    let driver = (!slots.is_empty()).then(|| {
+        let cfg = cfg.clone();
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let r = drive(&cfg, slots, first, epochs, &gate).await;
+            if let Err(e) = &r {
+                gate.fail(format!("{e:#}"));
+            }
+            r
+        })
+    });
+
+    let sql = match &pcfg.sql {
+        None => None,
+        Some(q) => {
+            let handle = transforms::sql::serve(
+                catalog.clone(),
+                transforms::sql::SqlOptions {
+                    listen: q.listen.to_string(),
+                    user: q.credentials.user.clone(),
+                    password: q.credentials.password.clone(),
+                },
+            )
+            .await
+            .with_context(|| format!("starting the SQL endpoint on {}", q.listen))?;
+            tracing::info!(listen = %handle.local_addr(), user = %q.credentials.user, "sql endpoint ready");
+            Some(handle)
+        }
+    };
+    Ok(Process {
+        catalog,
+        sql_addr: sql.as_ref().map(|s| s.local_addr()),
+        stopper,
+        running,
+        driver,
+        _sql: sql,
+    })
+}
+
+async fn open_sink(cfg: &Config, s: &ViewSinkConfig) -> anyhow::Result<Box<dyn ViewSink>> {
+    Ok(match s {
+        ViewSinkConfig::Kafka { name, topic_prefix } => {
+            Box::new(sinks::views::kafka::KafkaViewSink::new(
+                name,
+                sinks::views::kafka::KafkaViewSettings {
+                    brokers: cfg.kafka.bootstrap_servers(),
+                    topic_prefix: topic_prefix
+                        .clone()
+                        .unwrap_or_else(|| cfg.kafka.topic_prefix.clone()),
+                    partitions: cfg.kafka.partitions,
+                    replication_factor: i32::from(cfg.kafka.replication_factor),
+                    extra: cfg
+                        .kafka
+                        .producer
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                },
+            )?)
+        }
+        ViewSinkConfig::Postgres { name, dsn, schema } => Box::new(
+            sinks::views::postgres::PostgresViewSink::open(
+                name,
+                &sinks::views::postgres::PostgresViewSettings {
+                    dsn: dsn.expose().to_owned(),
+                    schema: schema.clone(),
+                },
+            )
+            .await
+            .with_context(|| format!("opening view sink {name} at {}", dsn.redacted()))?,
+        ),
+        ViewSinkConfig::Parquet { name, dir } => Box::new(
+            sinks::views::parquet::ParquetViewSink::open(name, dir)
+                .with_context(|| format!("opening view sink {name} in {}", dir.display()))?,
+        ),
+    })
+}
+
+fn how_to_empty(s: &ViewSinkConfig, pc: &transforms::ProcessorConfig) -> String {
+    match s {
+        ViewSinkConfig::Kafka { name, .. } => format!(
+            "delete its view topics and {}",
+            marker_path(pc, name).display()
+        ),
+        ViewSinkConfig::Postgres { name, schema, .. } => format!(
+            "drop its view tables in schema {schema} and DELETE FROM {schema}.walbridge_offsets WHERE sink = '{name}'"
+        ),
+        ViewSinkConfig::Parquet { dir, .. } => format!("remove {}", dir.display()),
+    }
+}
+
+/// Every row of every view at the restored checkpoint, as one epoch of upserts.
+fn full_epoch(catalog: &Catalog, at: &Offsets) -> anyhow::Result<Epoch> {
+    let mut changes = Vec::new();
+    let mut number = 0;
+    for def in catalog.views() {
+        let Some(snap) = catalog.snapshot(&def.name) else {
+            continue;
+        };
+        number = number.max(snap.epoch);
+        let upserts = concat_batches(&def.schema, &snap.batches)?;
+        let key_schema = Arc::new(def.schema.project(&def.key)?);
+        changes.push(ViewChanges {
+            view: def.name.clone(),
+            upserts,
+            deletes: RecordBatch::new_empty(key_schema),
+        });
+    }
+    Ok(Epoch {
+        number,
+        offsets: at.clone(),
+        changes,
+    })
+}
+
+/// Hands every epoch to every sink in order; tells the gate which epoch all of them stored.
+async fn drive(
+    cfg: &Config,
+    mut slots: Vec<Slot>,
+    first: Vec<Option<Epoch>>,
+    mut epochs: mpsc::Receiver<Epoch>,
+    gate: &SinkGate,
+) -> anyhow::Result<()> {
+    for (slot, epoch) in slots.iter_mut().zip(first) {
+        if let Some(e) = epoch {
+            tracing::info!(
+                sink = slot.cfg.name(),
+                views = e.changes.len(),
+                "view sink holds nothing yet; writing every view in full"
+            );
+            deliver(cfg, slot, &e).await?;
+        }
+    }
+    while let Some(epoch) = epochs.recv().await {
+        for slot in &mut slots {
+            if !epoch.offsets.0.is_empty() && slot.position.covers(&epoch.offsets) {
+                continue;
+            }
+            deliver(cfg, slot, &epoch).await?;
+        }
+        gate.delivered(epoch.number);
+    }
+    Ok(())
+}
+
+/// Writes one epoch to one sink, reopening it and trying again on errors (a write is
+/// idempotent by offsets, so a retry after an unknown outcome is safe).
+async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match slot.sink.write(epoch).await {
+            Ok(_) => break,
+            Err(e) if attempt < WRITE_ATTEMPTS => {
+                tracing::warn!(sink = slot.cfg.name(), epoch = epoch.number, attempt, error = %e, "view sink write failed; reopening the sink and trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+                attempt += 1;
+                match open_sink(cfg, &slot.cfg).await {
+                    Ok(s) => slot.sink = s,
+                    Err(e) => {
+                        tracing::warn!(sink = slot.cfg.name(), error = %format!("{e:#}"), "reopening the view sink failed")
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(anyhow!(e).context(format!(
+                    "view sink {} could not store epoch {} after {WRITE_ATTEMPTS} attempts; the processors stop so that no epoch is skipped (a restart resumes from the last checkpoint)",
+                    slot.cfg.name(),
+                    epoch.number
+                )));
+            }
+        }
+    }
+    sinks::views::advance(&mut slot.position, &epoch.offsets);
+    if let Some(m) = &slot.marker {
+        write_marker(m, &slot.position)?;
+    }
+    Ok(())
+}
+
+fn marker_path(pc: &transforms::ProcessorConfig, sink: &str) -> PathBuf {
+    pc.checkpoint_dir
+        .join(format!("{}.sink.{sink}.json", pc.group_id))
+}
+
+fn read_marker(path: &std::path::Path) -> anyhow::Result<Offsets> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Offsets::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let list: Vec<(String, i32, i64)> = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is not a walbridge sink position; remove it (the sink then gets every view in full)",
+            path.display()
+        )
+    })?;
+    Ok(Offsets(
+        list.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
+    ))
+}
+
+fn write_marker(path: &std::path::Path, at: &Offsets) -> anyhow::Result<()> {
+    use std::io::Write;
+    let list: Vec<(&str, i32, i64)> =
+        at.0.iter()
+            .map(|((t, p), o)| (t.as_str(), *p, *o))
+            .collect();
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec(&list)?)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(())
+}
