@@ -2,7 +2,7 @@
 //! view computed by plain SQL on the legacy database; a processor killed with `kill -9` in the
 //! middle of the stream and restarted ends with the same views.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -221,6 +221,378 @@ async fn a_processor_killed_mid_stream_ends_with_the_same_views() {
         0,
         "the restarted processor's final checkpoint was behind the topics:\n{}",
         report.render()
+    );
+    wb.stop();
+}
+
+/// A value as text that every sink can be brought to: integers and text as such, decimals with
+/// their scale, timestamps as microseconds, floats to 9 places.
+fn canon(col: &dyn datafusion::arrow::array::Array, i: usize) -> String {
+    use datafusion::arrow::array::{AsArray, types};
+    use datafusion::arrow::datatypes::{DataType, TimeUnit};
+    if col.is_null(i) {
+        return "null".into();
+    }
+    match col.data_type() {
+        DataType::Utf8 => col.as_string::<i32>().value(i).to_owned(),
+        DataType::Int64 => col.as_primitive::<types::Int64Type>().value(i).to_string(),
+        DataType::Float64 => format!("{:.9}", col.as_primitive::<types::Float64Type>().value(i)),
+        DataType::Decimal128(_, s) => {
+            let v = col.as_primitive::<types::Decimal128Type>().value(i);
+            let scale = 10i128.pow(u32::from(*s as u8));
+            let sign = if v < 0 { "-" } else { "" };
+            format!(
+                "{sign}{}.{:0width$}",
+                v.abs() / scale,
+                v.abs() % scale,
+                width = *s as usize
+            )
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => col
+            .as_primitive::<types::TimestampMicrosecondType>()
+            .value(i)
+            .to_string(),
+        other => panic!("no canonical form for {other}"),
+    }
+}
+
+type ViewRows = BTreeMap<Vec<String>, Vec<String>>;
+
+/// Rows of `batches` by key, every column canonical; `key` indexes the key columns.
+fn canon_rows(batches: &[datafusion::arrow::array::RecordBatch], key: &[usize]) -> ViewRows {
+    let mut out = ViewRows::new();
+    for b in batches {
+        for i in 0..b.num_rows() {
+            let row: Vec<String> = b.columns().iter().map(|c| canon(c.as_ref(), i)).collect();
+            out.insert(key.iter().map(|k| row[*k].clone()).collect(), row);
+        }
+    }
+    out
+}
+
+/// Every view as the final checkpoint holds it (which `check` proved equal to SQL).
+fn checkpoint_views(cfg: &walbridge::config::Config) -> BTreeMap<String, ViewRows> {
+    let state = transforms::runtime::load_checkpoint(&cfg.processor_config().unwrap()).unwrap();
+    state
+        .views()
+        .iter()
+        .map(|v| {
+            (
+                v.def.name.clone(),
+                canon_rows(&v.batches().unwrap(), &v.def.key),
+            )
+        })
+        .collect()
+}
+
+/// The read-model tables of a postgres sink, brought to the same canonical text.
+async fn postgres_sink_views(dsn: &str, schema: &str) -> BTreeMap<String, ViewRows> {
+    use datafusion::arrow::datatypes::DataType;
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut out = BTreeMap::new();
+    for def in transforms::state::view_defs() {
+        let cols: Vec<String> = def
+            .schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let c = format!("\"{}\"", f.name());
+                match f.data_type() {
+                    DataType::Utf8 | DataType::Int64 | DataType::Decimal128(..) => {
+                        format!("{c}::text")
+                    }
+                    DataType::Float64 => format!("trim(to_char({c}, 'FM999999990.000000000'))"),
+                    DataType::Timestamp(..) => {
+                        format!("(extract(epoch from {c}) * 1000000)::bigint::text")
+                    }
+                    other => panic!("no canonical form for {other}"),
+                }
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM \"{schema}\".\"{}\"",
+            cols.join(", "),
+            def.name
+        );
+        let mut rows = ViewRows::new();
+        for r in client
+            .query(&sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        {
+            let row: Vec<String> = (0..cols.len())
+                .map(|i| {
+                    r.get::<_, Option<String>>(i)
+                        .unwrap_or_else(|| "null".into())
+                })
+                .collect();
+            rows.insert(def.key.iter().map(|k| row[*k].clone()).collect(), row);
+        }
+        out.insert(def.name.clone(), rows);
+    }
+    out
+}
+
+/// A parquet sink's changelog files replayed in name order, applied by key.
+fn parquet_sink_views(dir: &std::path::Path) -> BTreeMap<String, ViewRows> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut out = BTreeMap::new();
+    for def in transforms::state::view_defs() {
+        let mut files: Vec<PathBuf> = Vec::new();
+        let view_dir = dir.join(&def.name);
+        for day in std::fs::read_dir(&view_dir).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(day.path()).unwrap().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.starts_with("part-") && name.ends_with(".parquet") {
+                    files.push(f.path());
+                }
+            }
+        }
+        files.sort_by_key(|p| p.file_name().unwrap().to_owned());
+        let mut rows = ViewRows::new();
+        let width = def.schema.fields().len();
+        for f in files {
+            let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&f).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+            for b in reader {
+                let b = b.unwrap();
+                let op = b.column_by_name("_op").unwrap().as_string::<i32>().clone();
+                for i in 0..b.num_rows() {
+                    let row: Vec<String> =
+                        (0..width).map(|c| canon(b.column(c).as_ref(), i)).collect();
+                    let key: Vec<String> = def.key.iter().map(|k| row[*k].clone()).collect();
+                    match op.value(i) {
+                        "upsert" => {
+                            rows.insert(key, row);
+                        }
+                        "delete" => {
+                            rows.remove(&key);
+                        }
+                        other => panic!("unknown _op {other} in {}", f.display()),
+                    }
+                }
+            }
+        }
+        out.insert(def.name.clone(), rows);
+    }
+    out
+}
+
+/// The compacted view topics of a kafka sink: the last value per key, tombstones remove it.
+/// Values are JSON; compared by key set and, for the stock view, by `available`.
+fn kafka_sink_keys(brokers: &str, prefix: &str, view: &str) -> BTreeMap<String, serde_json::Value> {
+    let topic = format!("{prefix}.view.{view}");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "views-sink-test")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut last: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut quiet = Instant::now() + Duration::from_secs(3);
+    while quiet.elapsed() < Duration::from_secs(1) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            quiet = Instant::now();
+            let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+            match m.payload() {
+                Some(v) => {
+                    last.insert(key, serde_json::from_slice(v).unwrap());
+                }
+                None => {
+                    last.remove(&key);
+                }
+            }
+        }
+    }
+    last
+}
+
+fn sinks_config(db: &TestDb, rm_dsn: &str, late: bool) -> (PathBuf, walbridge::config::Config) {
+    let mut yaml = db.config_yaml()
+        + &format!(
+            "processors:\n  group_id: views\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 3000\n  sql: {{ listen: \"127.0.0.1:0\", user: analyst, password: pw }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_rm }}\n    - {{ kind: parquet, name: lake, dir: \"{}\" }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}vt }}\n",
+            db.dir.join("processors").display(),
+            db.dir.join("lake").display(),
+            db.name,
+        );
+    if late {
+        yaml += &format!(
+            "    - {{ kind: parquet, name: late, dir: \"{}\" }}\n",
+            db.dir.join("late").display()
+        );
+    }
+    let path = db.dir.join(if late {
+        "sinks-late.yaml"
+    } else {
+        "sinks.yaml"
+    });
+    std::fs::write(&path, yaml).unwrap();
+    let cfg = walbridge::config::load(&path).expect("config with sinks");
+    (path, cfg)
+}
+
+fn assert_views_equal(
+    what: &str,
+    got: &BTreeMap<String, ViewRows>,
+    want: &BTreeMap<String, ViewRows>,
+) {
+    for (view, rows) in want {
+        let g = got.get(view).cloned().unwrap_or_default();
+        let missing: Vec<_> = rows
+            .iter()
+            .filter(|(k, v)| g.get(*k) != Some(v))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = g
+            .keys()
+            .filter(|k| !rows.contains_key(*k))
+            .take(5)
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{what}: view {view} differs from the processors' views ({} rows vs {}); wrong or missing: {missing:?}; extra keys: {extra:?}",
+            g.len(),
+            rows.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
+    let mut db = TestDb::new("views_sinks").await;
+    db.snapshot = "initial";
+    let rm_db = format!("{}_rm", db.name);
+    db.exec(&[&format!("CREATE DATABASE {rm_db}")]).await;
+    let rm_dsn = db
+        .dsn
+        .replace(&format!("dbname={}", db.name), &format!("dbname={rm_db}"));
+    assert_ne!(rm_dsn, db.dsn, "the test's dsn names its database");
+    let (path, cfg) = sinks_config(&db, &rm_dsn, false);
+    let mut wb = db.start().await;
+    let log = db.dir.join("process.log");
+    let p = Processor::start(&path, &log);
+    let ckpt = cfg.processor_config().unwrap().checkpoint_path();
+
+    // The checkpoint (every 3 s) lags the sinks (every 50 ms epoch): at the kill the sinks
+    // hold epochs past it, so the restart must cut its replay where they stand.
+    workload(&db, 7, 400, 2000.0).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ckpt.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint after 60 s:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    workload(&db, 8, 300, 2000.0).await;
+    p.kill9();
+    workload(&db, 9, 200, 2000.0).await;
+    let p = Processor::start(&path, &log);
+    workload(&db, 10, 200, 2000.0).await;
+    db.wait_caught_up(&mut wb).await;
+    check(&db, &cfg).await;
+    p.stop();
+    let report = check(&db, &cfg).await;
+    assert_eq!(
+        report.applied_after_checkpoint,
+        0,
+        "final checkpoint behind:\n{}",
+        report.render()
+    );
+    let want = checkpoint_views(&cfg);
+    let rm_schema = "views_rm";
+    assert_views_equal(
+        "postgres sink",
+        &postgres_sink_views(&rm_dsn, rm_schema).await,
+        &want,
+    );
+    assert_views_equal(
+        "parquet sink",
+        &parquet_sink_views(&db.dir.join("lake")),
+        &want,
+    );
+    for view in ["stock_availability", "customer_360"] {
+        let topics = kafka_sink_keys(&db.brokers, &format!("{}vt", db.name), view);
+        let want_keys = want[view].len();
+        assert_eq!(
+            topics.len(),
+            want_keys,
+            "kafka sink: {view} has {} keys, the view {want_keys}",
+            topics.len()
+        );
+    }
+    let stock = kafka_sink_keys(&db.brokers, &format!("{}vt", db.name), "stock_availability");
+    for row in want["stock_availability"].values() {
+        let k = format!(
+            "{{\"sku\":\"{}\",\"location_code\":\"{}\"}}",
+            row[0], row[1]
+        );
+        let got = stock.get(&k).unwrap_or_else(|| {
+            panic!(
+                "kafka sink lacks key {k}; has e.g. {:?}",
+                stock.keys().next()
+            )
+        });
+        assert_eq!(
+            got["available"].to_string(),
+            row[5],
+            "kafka sink: available of {k}"
+        );
+    }
+
+    // A sink added later gets every view in full, then the epochs after it.
+    let (late_path, _) = sinks_config(&db, &rm_dsn, true);
+    let p = Processor::start(&late_path, &log);
+    workload(&db, 11, 100, 2000.0).await;
+    db.wait_caught_up(&mut wb).await;
+    check(&db, &cfg).await;
+    p.stop();
+    let want = checkpoint_views(&cfg);
+    assert_views_equal(
+        "late parquet sink",
+        &parquet_sink_views(&db.dir.join("late")),
+        &want,
+    );
+    assert_views_equal(
+        "postgres sink after more",
+        &postgres_sink_views(&rm_dsn, rm_schema).await,
+        &want,
+    );
+
+    // Left out of the config while the views moved on, it is refused, not silently wrong.
+    let p = Processor::start(&path, &log);
+    workload(&db, 12, 100, 2000.0).await;
+    db.wait_caught_up(&mut wb).await;
+    check(&db, &cfg).await;
+    p.stop();
+    let out = Command::new(env!("CARGO_BIN_EXE_walbridge"))
+        .args(["process", "-c"])
+        .arg(&late_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a sink behind the checkpoint must be refused:\n{err}"
+    );
+    assert!(
+        err.contains("view sink late")
+            && err.contains("missed the epochs")
+            && err.contains(&db.dir.join("late").display().to_string()),
+        "says which sink, why, and how to rebuild it:\n{err}"
     );
     wb.stop();
 }

@@ -14,10 +14,10 @@
 //! Guarantee: at-least-once. `write` returns after every record of the epoch has its delivery
 //! report (`acks=all`, idempotent producer, so librdkafka's retries neither duplicate nor
 //! reorder). A key always goes to the same partition (`murmur2_random`), so records of a key
-//! stay in epoch order. After a crash the runtime replays epochs from the consumer group's
-//! commit; the records written again are equal to (or newer than) the ones already there, and
-//! compaction keeps the last. The sink stores no offsets of its own (`committed_offsets` is
-//! `None` until this process has written an epoch).
+//! stay in epoch order. After a crash the runtime replays epochs from the position `walbridge
+//! process` keeps for this sink (written after each epoch's deliveries); the records written
+//! again are equal to the ones already there, and compaction keeps the last. The sink stores no
+//! offsets of its own (`committed_offsets` is `None` until this process has written an epoch).
 
 use std::collections::VecDeque;
 use std::time::Duration;

@@ -9,20 +9,16 @@
 //! | [`postgres::PostgresViewSink`] | a table per view + `walbridge_offsets` | effectively once: changes and offsets commit in one transaction |
 //! | [`parquet::ParquetViewSink`] | `<dir>/<view>/date=YYYY-MM-DD/part-….parquet` changelog files | at-least-once per epoch file; torn files never visible |
 //!
-//! How the runtime drives them: on start it asks every sink for [`ViewSink::committed_offsets`]
-//! and replays its input from the smallest (a sink without its own offsets, `None`, relies on the
-//! consumer group's commit, which the runtime makes only after every sink's `write` returned for
-//! that epoch). It then hands every epoch to every sink in order; a sink skips the epochs it
-//! already holds ([`Written::AlreadyHeld`]). A `write` error means the epoch is not stored: the
-//! runtime drops the sink and starts over from the committed offsets (transient errors) or
-//! stops with the error.
-//!
-//! Replay caveat: an epoch carries net changes between its start and its end offsets. Skipping
-//! by offsets is exact when the replayed epochs end at the offsets a sink stored (the processor
-//! checkpoints with them, or the runtime cuts an epoch there). An epoch that *straddles* a sink's
-//! stored offsets is applied whole; its rows are absolute (full rows, whole-key deletes), so that
-//! is right for every key it names, but a key that changed and changed back inside it keeps the
-//! value it had at the sink's offsets until it changes again.
+//! How `walbridge process` drives them (`src/process.rs`, `transforms::runtime`): every epoch
+//! goes to every sink in order, a sink skips the epochs it already holds
+//! ([`Written::AlreadyHeld`]), and the processor checkpoints only offsets that every sink
+//! stored, so after a crash each sink is at or ahead of the checkpoint. The replay from the
+//! checkpoint closes an epoch exactly at each sink's stored offsets, so the epochs a sink is
+//! given start where it stands: an epoch carries net changes, and one that straddled a sink's
+//! position would miss a key that changed and changed back inside it. A sink that stores no
+//! offsets itself (Kafka) has its position kept in a file next to the checkpoint. A failed
+//! `write` is retried (the sink reopened); when it keeps failing the processor stops without
+//! checkpointing past the epoch, and the restart resumes there.
 
 pub mod kafka;
 pub mod parquet;
