@@ -61,6 +61,8 @@ pub struct ProcessorsConfig {
     pub sql: Option<SqlEndpointConfig>,
     /// Where the views go besides the SQL endpoint (`processors.sinks`), in the order given.
     pub sinks: Vec<ViewSinkConfig>,
+    /// `/metrics`, `/health` and `/ready` of `walbridge process` (`processors.metrics_listen`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `processors.sql`: the read-only Postgres-protocol endpoint over the live views.
@@ -731,6 +733,11 @@ const KEYS: &[KeySpec] = &[
         "sinks: [ { kind: kafka, name: views_topics }, { kind: parquet, name: lake, dir: lake } ]",
     ),
     key(
+        "processors.metrics_listen",
+        "host:port (a port of its own: metrics.listen is walbridge run's)",
+        "127.0.0.1:19188",
+    ),
+    key(
         "processors.sinks.kind",
         "kafka, postgres or parquet",
         "postgres",
@@ -815,6 +822,7 @@ struct RawProcessors {
     safety_stock: Option<S<RawSafetyStock>>,
     sql: Option<S<RawSql>>,
     sinks: Option<S<Vec<S<RawViewSink>>>>,
+    metrics_listen: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1388,6 +1396,19 @@ impl Validator<'_> {
             None => Some(Vec::new()),
             Some(list) => self.view_sinks(list),
         };
+        let mpath = "processors.metrics_listen";
+        let metrics_listen = match &raw.metrics_listen {
+            None => Some(None),
+            Some(m) => self
+                .string(m, mpath)
+                .and_then(|text| match text.parse::<SocketAddr>() {
+                    Ok(a) => Some(Some(a)),
+                    Err(_) => {
+                        self.invalid(&m.referenced, mpath, &text, None);
+                        None
+                    }
+                }),
+        };
         let (group_id, checkpoint_dir, epoch, checkpoint, alerts_topic, sql, sinks) = (
             group_id?,
             checkpoint_dir?,
@@ -1397,6 +1418,7 @@ impl Validator<'_> {
             sql?,
             sinks?,
         );
+        let metrics_listen = metrics_listen?;
         ok.then_some(ProcessorsConfig {
             group_id,
             checkpoint_dir,
@@ -1406,6 +1428,7 @@ impl Validator<'_> {
             alerts_topic,
             sql,
             sinks,
+            metrics_listen,
         })
     }
 

@@ -12,6 +12,7 @@ pub mod events;
 pub mod metrics;
 pub mod pipeline;
 pub mod process;
+pub mod process_metrics;
 pub mod resume;
 pub mod snapshot;
 pub mod stack;

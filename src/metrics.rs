@@ -52,7 +52,7 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
     /// For counters kept elsewhere (the sink's) and copied in at scrape time.
-    fn mirror(&self, v: u64) {
+    pub fn mirror(&self, v: u64) {
         self.0.store(v, Ordering::Relaxed);
     }
 }
@@ -697,7 +697,7 @@ pub fn error_reason(err: &anyhow::Error) -> &'static str {
     "other"
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -705,7 +705,7 @@ fn now_ms() -> i64 {
 }
 
 /// Aborts its task when dropped, so background work ends with `walbridge run`.
-pub struct TaskGuard(tokio::task::JoinHandle<()>);
+pub struct TaskGuard(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {

@@ -48,6 +48,7 @@ pub struct Process {
     running: transforms::Running,
     driver: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _sql: Option<transforms::sql::ServerHandle>,
+    _metrics: Option<crate::metrics::TaskGuard>,
 }
 
 impl Process {
@@ -165,6 +166,18 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         })
     });
 
+    let metrics = match pcfg.metrics_listen {
+        None => None,
+        Some(listen) => {
+            let m = crate::process_metrics::ProcessMetrics::new(
+                &cfg.kafka.bootstrap_servers(),
+                running.stats.clone(),
+                gate.clone(),
+                !pcfg.sinks.is_empty(),
+            )?;
+            Some(crate::process_metrics::serve(m, listen).await?)
+        }
+    };
     let sql = match &pcfg.sql {
         None => None,
         Some(q) => {
@@ -189,6 +202,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         running,
         driver,
         _sql: sql,
+        _metrics: metrics,
     })
 }
 

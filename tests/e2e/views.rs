@@ -419,10 +419,15 @@ fn kafka_sink_keys(brokers: &str, prefix: &str, view: &str) -> BTreeMap<String, 
     last
 }
 
-fn sinks_config(db: &TestDb, rm_dsn: &str, late: bool) -> (PathBuf, walbridge::config::Config) {
+fn sinks_config(
+    db: &TestDb,
+    rm_dsn: &str,
+    late: bool,
+    metrics_port: u16,
+) -> (PathBuf, walbridge::config::Config) {
     let mut yaml = db.config_yaml()
         + &format!(
-            "processors:\n  group_id: views\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 3000\n  sql: {{ listen: \"127.0.0.1:0\", user: analyst, password: pw }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_rm }}\n    - {{ kind: parquet, name: lake, dir: \"{}\" }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}vt }}\n",
+            "processors:\n  metrics_listen: \"127.0.0.1:{metrics_port}\"\n  group_id: views\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 3000\n  sql: {{ listen: \"127.0.0.1:0\", user: analyst, password: pw }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_rm }}\n    - {{ kind: parquet, name: lake, dir: \"{}\" }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}vt }}\n",
             db.dir.join("processors").display(),
             db.dir.join("lake").display(),
             db.name,
@@ -479,7 +484,8 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
         .dsn
         .replace(&format!("dbname={}", db.name), &format!("dbname={rm_db}"));
     assert_ne!(rm_dsn, db.dsn, "the test's dsn names its database");
-    let (path, cfg) = sinks_config(&db, &rm_dsn, false);
+    let port = walbridge::stack::free_port();
+    let (path, cfg) = sinks_config(&db, &rm_dsn, false, port);
     let mut wb = db.start().await;
     let log = db.dir.join("process.log");
     let p = Processor::start(&path, &log);
@@ -504,6 +510,7 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
     workload(&db, 10, 200, 2000.0).await;
     db.wait_caught_up(&mut wb).await;
     check(&db, &cfg).await;
+    processor_metrics_show_progress(port, &cfg).await;
     p.stop();
     let report = check(&db, &cfg).await;
     assert_eq!(
@@ -554,7 +561,7 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
     }
 
     // A sink added later gets every view in full, then the epochs after it.
-    let (late_path, _) = sinks_config(&db, &rm_dsn, true);
+    let (late_path, _) = sinks_config(&db, &rm_dsn, true, port);
     let p = Processor::start(&late_path, &log);
     workload(&db, 11, 100, 2000.0).await;
     db.wait_caught_up(&mut wb).await;
@@ -595,4 +602,49 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
         "says which sink, why, and how to rebuild it:\n{err}"
     );
     wb.stop();
+}
+
+/// The processor's metrics endpoint, once it caught up: messages folded, every partition's lag
+/// reported, no epoch waiting for the sinks, a recent checkpoint, healthy.
+async fn processor_metrics_show_progress(port: u16, cfg: &walbridge::config::Config) {
+    let base = format!("http://127.0.0.1:{port}");
+    let topic = format!("{}.wms.stock_levels", cfg.kafka.topic_prefix);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let samples = walbridge::status::parse(&text);
+        let v = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
+        let lags: Vec<f64> = samples
+            .iter()
+            .filter(|s| {
+                s.name == "walbridge_processor_consumer_lag_messages"
+                    && s.labels.get("topic") == Some(&topic)
+            })
+            .map(|s| s.value)
+            .collect();
+        let ok = v("walbridge_processor_messages_total").is_some_and(|n| n > 0.0)
+            && v("walbridge_processor_epochs_total").is_some_and(|n| n > 0.0)
+            && v("walbridge_processor_sink_backlog_epochs") == Some(0.0)
+            && v("walbridge_processor_checkpoint_age_ms")
+                .is_some_and(|a| (0.0..10_000.0).contains(&a))
+            && v("walbridge_processor_source_lag_ms").is_some_and(|a| a >= 0.0)
+            && v("walbridge_processor_up") == Some(1.0)
+            && lags.len() == cfg.kafka.partitions as usize
+            && lags.iter().all(|l| *l >= 0.0);
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processor metrics did not show progress:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let health = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
 }

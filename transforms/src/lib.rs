@@ -109,5 +109,7 @@ pub mod view;
 
 /// Arrow as the views use it, for crates that handle view batches without DataFusion itself.
 pub use datafusion::arrow;
-pub use runtime::{ProcessError, ProcessorConfig, Running, SinkFeed, SinkGate, run, run_with};
+pub use runtime::{
+    ProcessError, ProcessorConfig, ProcessorStats, Running, SinkFeed, SinkGate, run, run_with,
+};
 pub use state::SafetyStock;

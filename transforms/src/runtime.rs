@@ -30,7 +30,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,11 @@ pub struct SinkGate {
 }
 
 impl SinkGate {
+    /// Number of the last epoch every sink stored.
+    pub fn delivered_epoch(&self) -> u64 {
+        self.delivered.load(Ordering::SeqCst)
+    }
+
     /// Every sink stored every epoch up to `epoch`.
     pub fn delivered(&self, epoch: u64) {
         self.delivered.fetch_max(epoch, Ordering::SeqCst);
@@ -75,8 +80,37 @@ impl SinkGate {
         f.get_or_insert(reason);
     }
 
-    fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<String> {
         self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What a running processor has done, for its metrics endpoint. Updated with relaxed atomics on
+/// the processor thread (a counter add per message, a lock per epoch for the positions).
+#[derive(Debug, Default)]
+pub struct ProcessorStats {
+    /// Change messages folded.
+    pub messages: AtomicU64,
+    /// Messages skipped because they could not be decoded (logged with their offsets).
+    pub undecodable: AtomicU64,
+    pub epochs: AtomicU64,
+    /// Number of the last epoch closed.
+    pub epoch: AtomicU64,
+    pub checkpoints: AtomicU64,
+    /// Unix ms of the last checkpoint written (0: none yet by this process).
+    pub last_checkpoint_ms: AtomicI64,
+    /// Source commit time (Unix ms) of the newest change folded.
+    pub newest_source_ms: AtomicI64,
+    /// Next offset per partition as of the last epoch.
+    pub positions: Mutex<Offsets>,
+}
+
+impl ProcessorStats {
+    pub fn positions(&self) -> Offsets {
+        self.positions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -157,6 +191,7 @@ pub struct Running {
     pub catalog: Arc<Catalog>,
     /// The offsets of the checkpoint the processor started from (empty without one).
     pub restored: Offsets,
+    pub stats: Arc<ProcessorStats>,
     /// Every epoch, in order. Drain it (a full channel pauses the processor) or drop it.
     pub epochs: mpsc::Receiver<Epoch>,
     stop: Arc<AtomicBool>,
@@ -215,6 +250,10 @@ pub fn run_with(config: ProcessorConfig, sinks: Option<SinkFeed>) -> Result<Runn
         );
     }
     let gate = sinks.map(|s| s.gate);
+    let stats = Arc::new(ProcessorStats::default());
+    *stats.positions.lock().unwrap_or_else(|e| e.into_inner()) = restored.clone();
+    stats.epoch.store(state.epoch, Ordering::Relaxed);
+    let st = stats.clone();
     let handle = tokio::runtime::Handle::current();
     let (c, s, cat) = (config.clone(), stop.clone(), catalog.clone());
     let thread = std::thread::Builder::new()
@@ -227,6 +266,7 @@ pub fn run_with(config: ProcessorConfig, sinks: Option<SinkFeed>) -> Result<Runn
             p.checkpoints = true;
             p.cuts = cuts.into();
             p.gate = gate;
+            p.stats = st;
             p.run()
         })
         .map_err(|e| ProcessError::Checkpoint {
@@ -236,6 +276,7 @@ pub fn run_with(config: ProcessorConfig, sinks: Option<SinkFeed>) -> Result<Runn
     Ok(Running {
         catalog,
         restored,
+        stats,
         epochs: rx,
         stop,
         thread,
@@ -347,6 +388,7 @@ pub(crate) struct Processor {
     gate: Option<Arc<SinkGate>>,
     /// Number of the last epoch sent to the sinks.
     last_sent: u64,
+    stats: Arc<ProcessorStats>,
 }
 
 impl Processor {
@@ -396,6 +438,7 @@ impl Processor {
             cut_since: None,
             gate: None,
             last_sent: 0,
+            stats: Arc::default(),
         })
     }
 
@@ -523,6 +566,7 @@ impl Processor {
         }
         self.state.offsets.0.insert((topic, part), off + 1);
         self.since_epoch += 1;
+        self.stats.messages.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -573,6 +617,7 @@ impl Processor {
             Ok(x) => x,
             Err(e) => {
                 self.undecodable += 1;
+                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic, partition = part, offset = off, error = %e, "change skipped: not in registry framing");
                 return Ok(());
             }
@@ -586,10 +631,14 @@ impl Processor {
             Ok(events) => {
                 for ev in &events {
                     self.state.apply(ev);
+                    self.stats
+                        .newest_source_ms
+                        .fetch_max(ev.ts_ms, Ordering::Relaxed);
                 }
             }
             Err(e) => {
                 self.undecodable += 1;
+                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic, partition = part, offset = off, error = %e, "change skipped: cannot decode it for the views");
             }
         }
@@ -615,6 +664,13 @@ impl Processor {
     pub(crate) fn close_epoch(&mut self) -> Result<(), ProcessError> {
         self.since_epoch = 0;
         let out = self.state.finish_epoch()?;
+        self.stats.epochs.fetch_add(1, Ordering::Relaxed);
+        self.stats.epoch.store(self.state.epoch, Ordering::Relaxed);
+        *self
+            .stats
+            .positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.state.offsets.clone();
         if self.alerts {
             for a in &out.alerts {
                 self.send_alert(a)?;
@@ -787,6 +843,13 @@ impl Processor {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "committing processor offsets to the group");
         }
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_checkpoint_ms.store(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            Ordering::Relaxed,
+        );
         tracing::debug!(epoch = self.state.epoch, "processor checkpoint written");
         Ok(true)
     }
