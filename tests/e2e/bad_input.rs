@@ -392,6 +392,57 @@ async fn config_mistakes_are_refused_with_the_key_and_a_fix() {
             ),
             vec!["registry.on_incompatible", "set kafka.dead_letter: topic"],
         ),
+        (
+            "a postgres view sink without a dsn",
+            format!(
+                "{good}processors:\n  group_id: v\n  sinks:\n    - {{ kind: postgres, name: rm }}\n"
+            ),
+            vec![
+                "processors.sinks[0].dsn",
+                "a postgres sink needs `dsn`",
+                "e.g. dsn:",
+            ],
+        ),
+        (
+            "a view sink of an unknown kind",
+            format!(
+                "{good}processors:\n  group_id: v\n  sinks:\n    - {{ kind: s3, name: lake }}\n"
+            ),
+            vec![
+                "processors.sinks.kind",
+                "kafka, postgres or parquet",
+                "got \"s3\"",
+            ],
+        ),
+        (
+            "two view sinks with one name",
+            format!(
+                "{good}processors:\n  group_id: v\n  sinks:\n    - {{ kind: parquet, name: lake, dir: a }}\n    - {{ kind: kafka, name: lake }}\n"
+            ),
+            vec![
+                "processors.sinks[1].name",
+                "also used by processors.sinks[0]",
+                "its own name",
+            ],
+        ),
+        (
+            "a key of another sink kind",
+            format!(
+                "{good}processors:\n  group_id: v\n  sinks:\n    - {{ kind: kafka, name: t, dir: lake }}\n"
+            ),
+            vec![
+                "processors.sinks[0].dir",
+                "does not apply to a kafka sink",
+                "topic_prefix",
+            ],
+        ),
+        (
+            "an empty SQL endpoint password",
+            format!(
+                "{good}processors:\n  group_id: v\n  sql: {{ listen: \"127.0.0.1:6875\", user: analyst, password: \"\" }}\n"
+            ),
+            vec!["processors.sql.password", "the password is empty", "${VAR}"],
+        ),
     ];
     let n = cases.len();
     for (what, yaml, needles) in cases {
