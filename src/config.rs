@@ -125,6 +125,7 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| format!("{}.alerts.oversell", self.kafka.topic_prefix)),
             alerts_partitions: self.kafka.partitions,
+            kafka_properties: self.kafka.connection_properties(),
         })
     }
 }
@@ -292,6 +293,29 @@ impl KafkaConfig {
     /// `<prefix>.<schema>.<table>`.
     pub fn topic_for(&self, schema: &str, table: &str) -> String {
         format!("{}.{schema}.{table}", self.topic_prefix)
+    }
+
+    /// The properties of `kafka.producer` that say how to connect (`security.*`, `sasl.*`,
+    /// `ssl.*`): every Kafka client walbridge makes gets them, not only the producer.
+    pub fn connection_properties(&self) -> Vec<(String, String)> {
+        self.producer
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.")
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// A librdkafka client config with the brokers and the connection properties, for the
+    /// consumers and admin clients (`tail`, `verify`, `dlq`, the processors' metrics).
+    pub fn client(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap_servers());
+        for (k, v) in self.connection_properties() {
+            c.set(k, v);
+        }
+        c
     }
 
     /// `<prefix>.dlq`: two parts, so it never collides with a table's three-part topic.

@@ -116,10 +116,10 @@ pub async fn run(seconds: Duration, rate: f64) -> anyhow::Result<()> {
 
 /// Per-topic counts, then the last `limit` events of `table` (or of all topics) as JSON.
 pub async fn print_tail(cfg: &Config, table: Option<&str>, limit: usize) -> anyhow::Result<()> {
-    let brokers = cfg.kafka.bootstrap_servers();
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
-    let topics = tail::topics_with_prefix(&brokers, &format!("{}.", cfg.kafka.topic_prefix))?;
-    let events = tail::read_all(&brokers, &registry, &topics, Duration::from_secs(120)).await?;
+    let kafka = cfg.kafka.client();
+    let topics = tail::topics_with_prefix(&kafka, &format!("{}.", cfg.kafka.topic_prefix))?;
+    let events = tail::read_all(&kafka, &registry, &topics, Duration::from_secs(120)).await?;
     // Per topic: snapshot rows (op r), streamed changes, tombstones.
     let mut counts: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
     for e in &events {

@@ -338,7 +338,7 @@ pub async fn read(cfg: &Config) -> anyhow::Result<Contents> {
     let registry = RegistryClient::new(cfg.registry.url.as_str())?;
     let topic = cfg.kafka.dead_letter_topic();
     let events = crate::tail::read_all(
-        &cfg.kafka.bootstrap_servers(),
+        &cfg.kafka.client(),
         &registry,
         std::slice::from_ref(&topic),
         Duration::from_secs(120),

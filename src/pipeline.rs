@@ -186,8 +186,21 @@ pub async fn run_observed(
     let result = async { loop {
         let started = std::time::Instant::now();
         metrics.attempt_started();
+        // A stop must end the process within the shutdown timeout also while an attempt is still
+        // starting (topic creation against a broker it cannot reach waits up to a minute); a
+        // streaming attempt drains within the timeout by itself, so this only fires after it.
+        let mut stop_seen = stop_rx.clone();
+        let limit = cfg.source.shutdown_timeout;
         let result = tokio::select! {
             r = run_attempt(&cfg, stop_rx.clone(), &confirmed_tx, observe.discard, &metrics, tracer.clone()) => r,
+            _ = async {
+                let _ = stop_seen.wait_for(|s| *s).await;
+                tokio::time::sleep(limit + Duration::from_secs(2)).await;
+            } => Err(anyhow::anyhow!(
+                "shutdown did not finish within source.shutdown_timeout_ms ({} ms): walbridge was still starting or reconnecting. \
+                 Nothing was confirmed to the source past what Kafka acknowledged, so nothing is lost",
+                limit.as_millis()
+            )),
             _ = &mut stopper => unreachable!("the stopper never completes"),
         };
         let err = match result {

@@ -47,6 +47,7 @@ pub struct Process {
     stopper: Arc<std::sync::atomic::AtomicBool>,
     running: transforms::Running,
     driver: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _lock: std::fs::File,
     _sql: Option<transforms::sql::ServerHandle>,
     _metrics: Option<crate::metrics::TaskGuard>,
 }
@@ -98,6 +99,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         .processors
         .as_ref()
         .expect("processor_config checked it");
+    let lock = lock_group(&pc)?;
 
     let mut slots = Vec::new();
     for s in &pcfg.sinks {
@@ -170,7 +172,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         None => None,
         Some(listen) => {
             let m = crate::process_metrics::ProcessMetrics::new(
-                &cfg.kafka.bootstrap_servers(),
+                &cfg.kafka.client(),
                 running.stats.clone(),
                 gate.clone(),
                 !pcfg.sinks.is_empty(),
@@ -201,6 +203,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         stopper,
         running,
         driver,
+        _lock: lock,
         _sql: sql,
         _metrics: metrics,
     })
@@ -346,6 +349,32 @@ async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result
         write_marker(m, &slot.position)?;
     }
     Ok(())
+}
+
+/// One processor per group: two would write the same checkpoint and the same sinks. The lock
+/// is the kernel's (`flock`), so it goes with the process however it ends.
+fn lock_group(pc: &transforms::ProcessorConfig) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(&pc.checkpoint_dir)
+        .with_context(|| format!("creating {}", pc.checkpoint_dir.display()))?;
+    let path = pc.checkpoint_dir.join(format!("{}.lock", pc.group_id));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        bail!(
+            "another walbridge process already runs the processors of group {} (it holds {}); \
+             one instance per processors.group_id for now: stop the other one, or give this one its own group_id and checkpoint_dir",
+            pc.group_id,
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 fn marker_path(pc: &transforms::ProcessorConfig, sink: &str) -> PathBuf {

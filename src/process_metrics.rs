@@ -40,13 +40,13 @@ pub struct ProcessMetrics {
 
 impl ProcessMetrics {
     pub fn new(
-        brokers: &str,
+        kafka: &ClientConfig,
         stats: Arc<ProcessorStats>,
         gate: Arc<SinkGate>,
         sinks: bool,
     ) -> anyhow::Result<Arc<ProcessMetrics>> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let consumer: BaseConsumer = kafka
+            .clone()
             .set("group.id", "walbridge-process-metrics")
             .set("enable.auto.commit", "false")
             .create()

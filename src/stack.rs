@@ -512,6 +512,12 @@ impl Broker {
 
     /// Starts a broker on a fixed port (for the demo).
     pub fn start_on(port: u16) -> Result<Broker, StackError> {
+        Broker::start_advertising(port, port)
+    }
+
+    /// Starts a broker on `port` that tells clients to connect to `advertised` (a proxy in
+    /// front of it, such as the TLS terminator of the Kafka TLS test).
+    pub fn start_advertising(port: u16, advertised: u16) -> Result<Broker, StackError> {
         let tansu = find_tansu()?;
         // Readiness is "the port accepts connections": someone else listening would fake it.
         if !port_is_free(port) {
@@ -524,13 +530,14 @@ impl Broker {
             .try_clone()
             .map_err(io_err(format!("open {}", log.display())))?;
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(&tansu)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
                 "--storage-engine",
                 "memory://tansu/",
             ])

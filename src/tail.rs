@@ -43,13 +43,13 @@ const FIRST_FETCH: Duration = Duration::from_secs(4);
 /// `QUIET`: tansu 0.6.0's ListOffsets answers are unreliable (seen here: a high watermark of 20 on
 /// a partition holding 959 records), so the watermark alone cannot say where the end is.
 pub async fn read_all(
-    brokers: &str,
+    kafka: &ClientConfig,
     registry: &RegistryClient,
     topics: &[String],
     deadline: Duration,
 ) -> anyhow::Result<Vec<Event>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = kafka
+        .clone()
         .set("group.id", "walbridge-tail")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
@@ -175,14 +175,16 @@ pub async fn read_all(
 }
 
 /// The broker's topics whose names start with `prefix`, sorted.
-pub fn topics_with_prefix(brokers: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("creating the Kafka client")?;
+pub fn topics_with_prefix(kafka: &ClientConfig, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let consumer: BaseConsumer = kafka.create().context("creating the Kafka client")?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
-        .with_context(|| format!("listing topics on {brokers}"))?;
+        .with_context(|| {
+            format!(
+                "listing topics on {}",
+                kafka.get("bootstrap.servers").unwrap_or("?")
+            )
+        })?;
     let mut names: Vec<String> = md
         .topics()
         .iter()

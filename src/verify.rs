@@ -556,7 +556,7 @@ async fn verify_table(
     let mut attempt = 0;
     let fold = loop {
         let events = tail::read_all(
-            &cfg.kafka.bootstrap_servers(),
+            &cfg.kafka.client(),
             registry,
             std::slice::from_ref(&topic),
             opts.read_deadline,

@@ -40,9 +40,10 @@ if [ ! -x "$PG_BIN/postgres" ]; then
     installing_postgres=true
 fi
 # librdkafka is built from source by rdkafka-sys (./configure && make); zlib is found through
-# pkg-config (libz-sys would otherwise compile its own copy). The TLS tests make their
-# certificates with the openssl CLI.
-for p in gcc make pkg-config zlib1g-dev openssl; do
+# pkg-config (libz-sys would otherwise compile its own copy); libssl-dev gives it OpenSSL for
+# Kafka TLS and SASL/SCRAM (rdkafka's `ssl` feature). The TLS tests make their certificates
+# with the openssl CLI.
+for p in gcc make pkg-config zlib1g-dev libssl-dev openssl; do
     is_installed "$p" || packages+=("$p")
 done
 

@@ -370,13 +370,14 @@ impl TestDb {
     /// under load can outlast.
     pub async fn events_until(&self, complete: impl Fn(&[Event]) -> bool) -> Vec<Event> {
         let registry = avro::RegistryClient::new(&self.registry_url).unwrap();
-        let topics = tail::topics_with_prefix(&self.brokers, &format!("{}.", self.name)).unwrap();
+        let mut kafka = rdkafka::ClientConfig::new();
+        kafka.set("bootstrap.servers", &self.brokers);
+        let topics = tail::topics_with_prefix(&kafka, &format!("{}.", self.name)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let events =
-                tail::read_all(&self.brokers, &registry, &topics, Duration::from_secs(120))
-                    .await
-                    .unwrap();
+            let events = tail::read_all(&kafka, &registry, &topics, Duration::from_secs(120))
+                .await
+                .unwrap();
             if complete(&events) || Instant::now() > deadline {
                 return events;
             }

@@ -491,6 +491,30 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
     let p = Processor::start(&path, &log);
     let ckpt = cfg.processor_config().unwrap().checkpoint_path();
 
+    // A second instance of the same group is refused while the first runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("sql endpoint ready")
+    {
+        assert!(Instant::now() < deadline, "processor did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = Command::new(env!("CARGO_BIN_EXE_walbridge"))
+        .args(["process", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "a second processor of one group must be refused:\n{err}"
+    );
+    assert!(
+        err.contains("already runs the processors of group views"),
+        "{err}"
+    );
+
     // The checkpoint (every 3 s) lags the sinks (every 50 ms epoch): at the kill the sinks
     // hold epochs past it, so the restart must cut its replay where they stand.
     workload(&db, 7, 400, 2000.0).await;

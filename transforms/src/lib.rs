@@ -65,9 +65,10 @@
 //! The checkpoint holds the per-key rows, the open diffs' `since`, and the next offset of every
 //! partition, written atomically (temp + fsync + rename). On start the state is rebuilt from it
 //! and the consumer is assigned at its offsets: changes after the checkpoint are folded again,
-//! exactly once into the state. Epochs and alerts between the checkpoint and a crash are
-//! produced again (at least once): the first epoch after a restore is not a diff against what a
-//! sink holds, so a sink should store the offsets of the epochs it applied and skip older ones.
+//! exactly once into the state. Alerts between the checkpoint and a crash are produced again
+//! (at least once, same ids). View sinks stay exact: checkpoints wait until the sinks stored the
+//! epoch they end at, and the replay closes epochs exactly where each sink stands (see
+//! [`runtime`]'s module doc for the argument; `walbridge process` wires the sinks).
 //!
 //! # Scale-out (designed, not built yet)
 //!

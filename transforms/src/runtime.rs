@@ -141,9 +141,22 @@ pub struct ProcessorConfig {
     /// Where oversell alerts go (default `<prefix>.alerts.oversell`).
     pub alerts_topic: String,
     pub alerts_partitions: i32,
+    /// How to connect (`security.*`, `sasl.*`, `ssl.*` librdkafka properties), for every
+    /// client the processor makes.
+    pub kafka_properties: Vec<(String, String)>,
 }
 
 impl ProcessorConfig {
+    /// A librdkafka config with the brokers and the connection properties.
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.kafka_properties {
+            c.set(k, v);
+        }
+        c
+    }
+
     pub fn checkpoint_path(&self) -> PathBuf {
         self.checkpoint_dir
             .join(format!("{}.checkpoint.json", self.group_id))
@@ -398,8 +411,8 @@ impl Processor {
         state: State,
         until: Until,
     ) -> Result<Processor, ProcessError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        let consumer: BaseConsumer = config
+            .client()
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -744,14 +757,16 @@ impl Processor {
     }
 
     fn alert_producer(&self) -> Result<FutureProducer, ProcessError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
+        let producer: FutureProducer = self
+            .config
+            .client()
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create()
             .map_err(kafka("creating the alert producer"))?;
-        let admin: AdminClient<_> = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
+        let admin: AdminClient<_> = self
+            .config
+            .client()
             .create()
             .map_err(kafka("creating the admin client"))?;
         let topic = NewTopic::new(
