@@ -862,7 +862,7 @@ async fn unencodable_values_are_dead_lettered_with_the_column() {
 
 /// Kafka security settings go to librdkafka through `kafka.producer` (security.protocol, sasl.*,
 /// ssl.*). The secrets among them are never printed: not when librdkafka refuses the settings
-/// (this build of librdkafka has no OpenSSL, so SASL_SSL is refused at start), and not while
+/// (a private key file that is not there is refused at start), and not while
 /// the broker refuses or ignores a SASL login (tansu has no SASL: run retries until stopped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_secrets_in_producer_settings_are_never_printed() {
@@ -904,16 +904,20 @@ async fn kafka_secrets_in_producer_settings_are_never_printed() {
         }
     };
 
-    let key_password = format!("    ssl.key.password: \"{KEY_SECRET}\"\n");
+    // A private key librdkafka cannot load (the secret is the key's passphrase).
+    let bad_key = format!(
+        "    ssl.key.password: \"{KEY_SECRET}\"\n    ssl.key.location: \"{}\"\n",
+        db.dir.join("no-such-key.pem").display()
+    );
     let o = walbridge(
         "run",
-        &with_producer("SASL_SSL", &key_password),
+        &with_producer("SASL_SSL", &bad_key),
         Duration::from_secs(30),
     );
     assert_refused(
-        "SASL_SSL without OpenSSL in librdkafka",
+        "SASL_SSL with a key file that is not there",
         &o,
-        &["OpenSSL not available", "kafka.producer"],
+        &["ssl.key.location", "kafka.producer"],
     );
     secrets_absent("SASL_SSL", &o);
 
