@@ -566,7 +566,7 @@ async fn print_sinks(cfg: &Config) -> anyhow::Result<()> {
                     "{}.view.",
                     topic_prefix.as_deref().unwrap_or(&cfg.kafka.topic_prefix)
                 );
-                let topics = tail::topics_with_prefix(&cfg.kafka.bootstrap_servers(), &prefix)?;
+                let topics = tail::topics_with_prefix(&cfg.kafka.client(), &prefix)?;
                 println!("  {name} (kafka): compacted topics {}", topics.join(", "));
             }
             ViewSinkConfig::Postgres { name, dsn, schema } => {
