@@ -103,8 +103,8 @@ async fn check(db: &TestDb, cfg: &walbridge::config::Config) -> transforms::chec
     report
 }
 
-/// SKUs of the alerts in the alert topic.
-fn alerted_skus(brokers: &str, topic: &str) -> BTreeSet<String> {
+/// SKUs of the alerts in the alert topic, and the order ids of the order_on_unavailable_sku ones.
+fn alerted_skus(brokers: &str, topic: &str) -> (BTreeSet<String>, BTreeSet<i64>) {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "views-test")
@@ -118,6 +118,7 @@ fn alerted_skus(brokers: &str, topic: &str) -> BTreeSet<String> {
     }
     c.assign(&tpl).unwrap();
     let mut skus = BTreeSet::new();
+    let mut orders = BTreeSet::new();
     let mut last = Instant::now() + Duration::from_secs(3);
     while last.elapsed() < Duration::from_secs(1) {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
@@ -129,10 +130,13 @@ fn alerted_skus(brokers: &str, topic: &str) -> BTreeSet<String> {
                 Some(key.as_str()),
                 "alerts are keyed by sku"
             );
+            if v["kind"] == "order_on_unavailable_sku" {
+                orders.insert(v["order_id"].as_i64().expect("order_id"));
+            }
             skus.insert(key);
         }
     }
-    skus
+    (skus, orders)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +146,12 @@ async fn views_equal_sql_on_the_source_after_a_workload() {
     let (path, cfg) = config(&db, 200);
     let mut wb = db.start().await;
     let p = Processor::start(&path, &db.dir.join("process.log"));
+    let orders_before: i64 = db
+        .client
+        .query_one("SELECT coalesce(max(id), 0) FROM oms.orders", &[])
+        .await
+        .unwrap()
+        .get(0);
     workload(&db, 7, 600, 3000.0).await;
     db.wait_caught_up(&mut wb).await;
 
@@ -174,9 +184,18 @@ async fn views_equal_sql_on_the_source_after_a_workload() {
         !below.is_empty(),
         "safety stock 100000 on SKU-000001 puts it below zero"
     );
-    let alerted = alerted_skus(&db.brokers, &pc.alerts_topic);
+    let (alerted, alerted_orders) = alerted_skus(&db.brokers, &pc.alerts_topic);
     let silent: Vec<&String> = below.difference(&alerted).collect();
     assert!(silent.is_empty(), "below zero without an alert: {silent:?}");
+    // Orders the snapshot read were placed before walbridge looked: no alert for them.
+    let old: Vec<&i64> = alerted_orders
+        .iter()
+        .filter(|o| **o <= orders_before)
+        .collect();
+    assert!(
+        old.is_empty(),
+        "order_on_unavailable_sku alerts for orders of the snapshot: {old:?}"
+    );
     wb.stop();
 }
 

@@ -186,7 +186,9 @@ pub fn decode(table: usize, writer: &Schema, mut datum: &[u8]) -> Result<Vec<Eve
         }
     }
     if let (Some(a), Some(k)) = (after, new_key) {
-        if let Some(c) = k.upsert(a, op == "c" || op == "r")? {
+        // Only a live insert is a new order line: a snapshot row (op r) is an order placed
+        // before walbridge looked, and alerting on it would flood the alert topic at start.
+        if let Some(c) = k.upsert(a, op == "c")? {
             out.push(at(c));
         }
     }
