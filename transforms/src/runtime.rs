@@ -541,7 +541,11 @@ impl Processor {
                 if self.since_epoch > 0 {
                     self.close_epoch()?;
                 }
-                next_epoch = now + self.config.epoch_interval;
+                // Publishing rebuilds each changed view's snapshot, which costs in proportion
+                // to the view, not to the change: while that is slow (large views, a backlog to
+                // fold), epochs stretch so that closing them takes at most a fifth of the time.
+                let cost = now.elapsed();
+                next_epoch = Instant::now() + self.config.epoch_interval.max(cost * 4);
             }
             if self.checkpoints && now >= next_checkpoint {
                 if self.state.offsets != saved_offsets && self.checkpoint()? {
