@@ -882,10 +882,27 @@ mod tests {
         m.table("a.b").produced(Op::Create, 10);
         m.registry
             .gauge("walbridge_snapshot_rows_estimate", "x", &[("table", "a.b")]);
-        let exported: std::collections::HashSet<String> = crate::status::parse(&m.render())
+        let mut exported: std::collections::HashSet<String> = crate::status::parse(&m.render())
             .into_iter()
             .map(|s| s.name)
             .collect();
+        // `walbridge process` serves its own: every family it registers up front, plus the
+        // per-partition lag, which appears once a partition is assigned.
+        let mut kafka = rdkafka::ClientConfig::new();
+        kafka.set("bootstrap.servers", "127.0.0.1:1");
+        let pm = crate::process_metrics::ProcessMetrics::new(
+            &kafka,
+            std::sync::Arc::default(),
+            std::sync::Arc::default(),
+            true,
+        )
+        .unwrap();
+        exported.extend(
+            crate::status::parse(&pm.render_for_test())
+                .into_iter()
+                .map(|s| s.name),
+        );
+        exported.insert(crate::process_metrics::CONSUMER_LAG.to_owned());
         let dashboard: serde_json::Value =
             serde_json::from_str(include_str!("grafana-dashboard.json")).unwrap();
         let mut used = 0;
@@ -905,7 +922,7 @@ mod tests {
                 }
             }
         }
-        assert!(used >= 14, "{used}");
+        assert!(used >= 20, "{used}");
     }
 
     #[test]

@@ -20,6 +20,9 @@ use transforms::{ProcessorStats, SinkGate};
 
 use crate::metrics::{Counter, Gauge, Registry, TaskGuard, now_ms};
 
+/// Per input partition; registered when the processor has a position there.
+pub const CONSUMER_LAG: &str = "walbridge_processor_consumer_lag_messages";
+
 pub struct ProcessMetrics {
     registry: Registry,
     stats: Arc<ProcessorStats>,
@@ -147,13 +150,18 @@ impl ProcessMetrics {
             let part = partition.to_string();
             self.registry
                 .gauge(
-                    "walbridge_processor_consumer_lag_messages",
+                    CONSUMER_LAG,
                     "Messages in the partition after the processor's position (broker high watermark minus position).",
                     &[("topic", topic), ("partition", &part)],
                 )
                 .set(lag);
         }
         self.registry.render()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn render_for_test(&self) -> String {
+        self.render()
     }
 
     fn health(&self) -> Result<(), String> {
