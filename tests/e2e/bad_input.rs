@@ -815,6 +815,41 @@ async fn unreachable_services_are_named_while_run_retries() {
             &[needle, "connecting to the source", "source.dsn"],
         );
     }
+
+    // Kafka unreachable: librdkafka names the broker and the refusal while run keeps trying
+    // (a broker that is restarting comes back), and SIGTERM still ends it.
+    let c = s.pg.connect("postgres").await.unwrap();
+    c.batch_execute("CREATE TABLE IF NOT EXISTS public.bi_unreach_kafka (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let mut y = base("bi_unreach_kafka");
+    y.tables = "[public.bi_unreach_kafka]".into();
+    y.brokers = format!("127.0.0.1:{closed}");
+    let cfg = dir.join("unreach-kafka.yaml");
+    std::fs::write(
+        &cfg,
+        y.render().replace(
+            "  snapshot: never\n",
+            "  snapshot: never\n  shutdown_timeout_ms: 1000\n",
+        ),
+    )
+    .unwrap();
+    let o = walbridge("run", &cfg, Duration::from_secs(5));
+    assert!(
+        o.status.is_none(),
+        "kafka unreachable: run gave up:\n{}",
+        o.text
+    );
+    assert_says(
+        "kafka unreachable",
+        &o,
+        &[&format!("127.0.0.1:{closed}"), "Connection refused"],
+    );
+    let _ = c
+        .batch_execute(
+            "SELECT pg_drop_replication_slot('bi_unreach_kafka'); DROP PUBLICATION IF EXISTS bi_unreach_kafka",
+        )
+        .await;
 }
 
 /// Values Postgres accepts but Avro cannot carry go to the dead-letter topic with the column and
