@@ -70,6 +70,9 @@ pub struct ProcessorsConfig {
 pub struct SqlEndpointConfig {
     pub listen: SocketAddr,
     pub credentials: Credentials,
+    /// Certificate and key: TLS, required of every client.
+    pub tls: Option<transforms::sql::SqlTls>,
+    pub max_connections: usize,
 }
 
 /// One entry of `processors.sinks`.
@@ -745,6 +748,26 @@ const KEYS: &[KeySpec] = &[
         "sql: { listen: \"127.0.0.1:6875\", user: analyst, password: \"${WALBRIDGE_SQL_PASSWORD}\" }",
     ),
     key("processors.sql.listen", "host:port", "127.0.0.1:6875"),
+    key(
+        "processors.sql.tls",
+        "a mapping with cert and key (PEM files)",
+        "tls: { cert: /etc/walbridge/sql.crt, key: /etc/walbridge/sql.key }",
+    ),
+    key(
+        "processors.sql.tls.cert",
+        "a PEM certificate chain file",
+        "/etc/walbridge/sql.crt",
+    ),
+    key(
+        "processors.sql.tls.key",
+        "a PEM private key file",
+        "/etc/walbridge/sql.key",
+    ),
+    key(
+        "processors.sql.max_connections",
+        "an integer in 1..=10000",
+        "64",
+    ),
     key("processors.sql.user", "a non-empty user name", "analyst"),
     key(
         "processors.sql.password",
@@ -855,6 +878,15 @@ struct RawSql {
     listen: S<String>,
     user: S<String>,
     password: S<String>,
+    tls: Option<S<RawSqlTls>>,
+    max_connections: Option<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSqlTls {
+    cert: S<String>,
+    key: S<String>,
 }
 
 #[derive(Deserialize)]
@@ -1495,12 +1527,33 @@ impl Validator<'_> {
                     Some(p)
                 }
             });
+        let tls = match &raw.tls {
+            None => Some(None),
+            Some(t) => {
+                let cert = self.string(&t.value.cert, "processors.sql.tls.cert");
+                let key = self.string(&t.value.key, "processors.sql.tls.key");
+                cert.zip(key).map(|(cert, key)| {
+                    Some(transforms::sql::SqlTls {
+                        cert: PathBuf::from(cert),
+                        key: PathBuf::from(key),
+                    })
+                })
+            }
+        };
+        let max = self.int_in(
+            &raw.max_connections,
+            "processors.sql.max_connections",
+            1..=10_000,
+            transforms::sql::DEFAULT_MAX_CONNECTIONS as i64,
+        );
         Some(SqlEndpointConfig {
             listen: listen?,
             credentials: Credentials {
                 user: user?,
                 password: password?,
             },
+            tls: tls?,
+            max_connections: max? as usize,
         })
     }
 

@@ -189,6 +189,8 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
                     listen: q.listen.to_string(),
                     user: q.credentials.user.clone(),
                     password: q.credentials.password.clone(),
+                    tls: q.tls.clone(),
+                    max_connections: q.max_connections,
                 },
             )
             .await

@@ -195,7 +195,12 @@ fn catalog_with_stock(rows: &[(&str, &str, i64)]) -> Arc<Catalog> {
 }
 
 fn psql(port: u16, password: &str, sql: &str) -> std::process::Output {
+    psql_with(port, password, sql, &[])
+}
+
+fn psql_with(port: u16, password: &str, sql: &str, env: &[(&str, &str)]) -> std::process::Output {
     Command::new("psql")
+        .envs(env.iter().copied())
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER])
         .args([
             "-d",
@@ -220,6 +225,8 @@ fn sql_opts() -> SqlOptions {
         listen: "127.0.0.1:0".into(),
         user: USER.into(),
         password: PASSWORD.into(),
+        tls: None,
+        max_connections: 8,
     }
 }
 
@@ -740,4 +747,99 @@ fn parquet_files(view_dir: &Path) -> Vec<std::path::PathBuf> {
     }
     files.sort_by_key(|f| f.file_name().map(|n| n.to_owned()));
     files
+}
+
+/// With a certificate the endpoint speaks TLS: psql verifies it (verify-full against the CA) and
+/// queries; a client that does not ask for TLS is refused with what to do. Past
+/// max_connections a client is refused with SQLSTATE 53300, and one gets in again once another
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_required_when_configured_and_connections_are_limited() {
+    let dir = scratch("sql-tls");
+    let (cert, key, ca, _) = crate::tls::make_certs(&dir.join("certs"));
+    let catalog = catalog_with_stock(&[("A", "W1", 5), ("B", "W1", -2)]);
+    let mut opts = sql_opts();
+    opts.tls = Some(transforms::sql::SqlTls { cert, key });
+    let server = serve(catalog.clone(), opts).await.expect("serve");
+    let port = server.local_addr().port();
+    let ca = ca.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        psql_with(
+            port,
+            PASSWORD,
+            "select sku from stock_availability where available < 0",
+            &[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", &ca)],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "B\n");
+    let out = tokio::task::spawn_blocking(move || {
+        psql_with(port, PASSWORD, "select 1", &[("PGSSLMODE", "disable")])
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a plain connection was served");
+    assert!(
+        err.contains("accepts TLS connections only") && err.contains("sslmode=require"),
+        "{err}"
+    );
+    drop(server);
+
+    let mut opts = sql_opts();
+    opts.max_connections = 2;
+    let server = serve(catalog, opts).await.expect("serve");
+    let dsn = format!(
+        "host=127.0.0.1 port={} user={USER} password='{PASSWORD}' dbname=walbridge",
+        server.local_addr().port()
+    );
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok::<_, tokio_postgres::Error>(c)
+    };
+    let a = connect().await.expect("first");
+    let _b = connect().await.expect("second");
+    let e = connect()
+        .await
+        .err()
+        .expect("a third connection over the limit");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{e}"
+    );
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(msg.contains("max_connections"), "{msg}");
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match connect().await {
+            Ok(c) => {
+                let n: i64 = c
+                    .query_one("select count(*) from stock_availability", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(n, 2);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no slot freed after a client left: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

@@ -29,7 +29,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA and a server certificate it signed for `localhost` and `127.0.0.1`, plus a second CA
 /// that signed nothing. Returns (server cert, server key, CA, other CA).
-fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+pub(crate) fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     for ca in ["ca", "other-ca"] {
         openssl(

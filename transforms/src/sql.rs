@@ -17,10 +17,17 @@
 //! this machine) and `SELECT … INTO`. The schema provider refuses to register tables as well.
 //!
 //! Authentication: SCRAM-SHA-256 with the one configured user, so the password never crosses the
-//! wire (there is no TLS here). The password is hashed once at start and never logged.
+//! wire. The password is hashed once at start and never logged. With a certificate configured
+//! ([`SqlTls`]) the endpoint speaks TLS and refuses clients that do not ask for it (SQLSTATE
+//! 28000), so query results never cross the network in the clear either.
+//!
+//! Connections beyond [`SqlOptions::max_connections`] are refused at startup with SQLSTATE 53300
+//! (`too_many_connections`), as Postgres does, instead of piling up: every connection holds a
+//! DataFusion session.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -71,7 +78,23 @@ pub enum SqlError {
     Config(String),
     #[error("sql: cannot set up the query engine: {0}")]
     Engine(#[from] DataFusionError),
+    #[error("sql: TLS: {what} {path}: {reason}")]
+    Tls {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
+
+/// The endpoint's certificate chain and private key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Connections served at once when nothing else is configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 
 /// Where to listen and who may connect.
 #[derive(Clone)]
@@ -80,6 +103,10 @@ pub struct SqlOptions {
     pub listen: String,
     pub user: String,
     pub password: String,
+    /// TLS, required of every client when set.
+    pub tls: Option<SqlTls>,
+    /// Connections beyond this are refused with SQLSTATE 53300.
+    pub max_connections: usize,
 }
 
 impl fmt::Debug for SqlOptions {
@@ -88,6 +115,8 @@ impl fmt::Debug for SqlOptions {
             .field("listen", &self.listen)
             .field("user", &self.user)
             .field("password", &"<redacted>")
+            .field("tls", &self.tls)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -141,10 +170,15 @@ pub async fn serve(catalog: Arc<Catalog>, opts: SqlOptions) -> Result<ServerHand
         salt: salt.clone(),
         salted: gen_salted_password(&opts.password, &salt, SCRAM_ITERATIONS),
     });
-    let handlers = Arc::new(Handlers {
+    let tls = opts.tls.as_ref().map(tls_acceptor).transpose()?;
+    let handlers = Handlers {
         session: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
         login,
-    });
+        require_tls: tls.is_some(),
+        refuse: None,
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
+    let max = opts.max_connections.max(1);
 
     let listener = TcpListener::bind(&opts.listen)
         .await
@@ -163,10 +197,19 @@ pub async fn serve(catalog: Arc<Catalog>, opts: SqlOptions) -> Result<ServerHand
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((socket, peer)) => {
-                        let handlers = handlers.clone();
+                        let permit = slots.clone().try_acquire_owned().ok();
+                        let mut handlers = handlers.clone();
+                        if permit.is_none() {
+                            tracing::warn!(peer = %peer, max_connections = max, "sql connection refused: too many connections");
+                            handlers.refuse = Some(format!(
+                                "sorry, too many clients already: this endpoint serves {max} connections at once (processors.sql.max_connections)"
+                            ));
+                        }
+                        let tls = tls.clone();
                         connections.spawn(async move {
+                            let _permit = permit;
                             if let Err(e) =
-                                datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await
+                                datafusion_postgres::pgwire::tokio::process_socket(socket, tls, Arc::new(handlers)).await
                             {
                                 tracing::debug!(peer = %peer, error = %e, "sql connection ended with an error");
                             }
@@ -293,9 +336,97 @@ impl AuthSource for Login {
     }
 }
 
+#[derive(Clone)]
 struct Handlers {
     session: Arc<DfSessionService>,
     login: Arc<Login>,
+    require_tls: bool,
+    /// Set for a connection over the limit: its startup is answered with this (53300).
+    refuse: Option<String>,
+}
+
+/// Reads the PEM files into a TLS acceptor (rustls on ring, as the rest of walbridge).
+fn tls_acceptor(t: &SqlTls) -> Result<tokio_rustls::TlsAcceptor, SqlError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| SqlError::Tls {
+            what: "cannot read the certificate",
+            path: t.cert.clone(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(SqlError::Tls {
+            what: "no certificate in",
+            path: t.cert.clone(),
+            reason: "expected a PEM file with -----BEGIN CERTIFICATE-----".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key).map_err(|e| SqlError::Tls {
+        what: "cannot read the private key",
+        path: t.key.clone(),
+        reason: e.to_string(),
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+    .map_err(|e| SqlError::Tls {
+        what: "the certificate and key do not make a TLS server",
+        path: t.cert.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The per-connection checks before authentication: the connection limit, and TLS when the
+/// endpoint has a certificate.
+struct Guarded<H> {
+    inner: H,
+    require_tls: bool,
+    refuse: Option<String>,
+}
+
+#[async_trait]
+impl<H: StartupHandler> StartupHandler for Guarded<H> {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: datafusion_postgres::pgwire::messages::PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo
+            + futures_util::Sink<datafusion_postgres::pgwire::messages::PgWireBackendMessage>
+            + Unpin
+            + Send
+            + Sync,
+        C::Error: fmt::Debug,
+        PgWireError: From<
+            <C as futures_util::Sink<
+                datafusion_postgres::pgwire::messages::PgWireBackendMessage,
+            >>::Error,
+        >,
+    {
+        let fatal = |code: &str, message: String| {
+            PgWireError::UserError(Box::new(ErrorInfo::new(
+                "FATAL".to_owned(),
+                code.to_owned(),
+                message,
+            )))
+        };
+        if let Some(why) = &self.refuse {
+            return Err(fatal("53300", why.clone()));
+        }
+        if self.require_tls && !client.is_secure() {
+            return Err(fatal(
+                "28000",
+                "this endpoint accepts TLS connections only: connect with sslmode=require, or verify-full with sslrootcert naming its CA".to_owned(),
+            ));
+        }
+        self.inner.on_startup(client, message).await
+    }
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -314,7 +445,11 @@ impl PgWireServerHandlers for Handlers {
         params.default_transaction_read_only = true;
         let mut scram = ScramAuth::new(self.login.clone());
         scram.set_iterations(SCRAM_ITERATIONS);
-        Arc::new(SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram))
+        Arc::new(Guarded {
+            inner: SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram),
+            require_tls: self.require_tls,
+            refuse: self.refuse.clone(),
+        })
     }
 }
 
