@@ -144,6 +144,8 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         } else if slot.position.0.is_empty() {
             first.push(Some(full_epoch(&catalog, &running.restored)?));
         } else {
+            // Nobody will drive the sinks: the processor must not wait for them on its way out.
+            gate.fail("the processors stopped at start: a view sink was refused".into());
             stopper.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = running.join().await;
             bail!(
