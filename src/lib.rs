@@ -19,3 +19,4 @@ pub mod status;
 pub mod tail;
 pub mod telemetry;
 pub mod verify;
+pub mod views_bench;
