@@ -188,6 +188,20 @@ enum ViewsCommand {
         events: u64,
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Also measure commit → visible in SQL on a throwaway stack under the demo's workload
+        /// for this long (0 skips it; -c names the config to take events and processors from,
+        /// default pipelines.yaml).
+        #[arg(long, default_value_t = 0)]
+        latency_seconds: u64,
+        /// The workload's offered transactions per second (spike profile, as `walbridge demo`).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// How often a probe polls the SQL endpoint for its change (the latency's resolution).
+        #[arg(long, default_value_t = 5)]
+        poll_ms: u64,
+        /// Pause between one probe becoming visible and the next probe's commit.
+        #[arg(long, default_value_t = 100)]
+        probe_gap_ms: u64,
     },
 }
 
@@ -475,7 +489,26 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            ViewsCommand::Bench { events, config } => {
+            ViewsCommand::Bench {
+                events,
+                config,
+                latency_seconds,
+                rate,
+                poll_ms,
+                probe_gap_ms,
+            } => {
+                if latency_seconds > 0 {
+                    // The fold figure first, before the stack competes for the cores.
+                    transforms::bench::run(events, None).await?;
+                    return walbridge::views_bench::run(walbridge::views_bench::LatencyOptions {
+                        config: config.unwrap_or_else(|| PathBuf::from("pipelines.yaml")),
+                        duration: Duration::from_secs(latency_seconds),
+                        rate,
+                        poll: Duration::from_millis(poll_ms),
+                        probe_gap: Duration::from_millis(probe_gap_ms),
+                    })
+                    .await;
+                }
                 let pc = match config {
                     Some(c) => {
                         Some(load_config(&c)?.processor_config().with_context(|| {

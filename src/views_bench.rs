@@ -1,0 +1,634 @@
+//! `walbridge views bench --latency-seconds N`: how long a change in the legacy database takes
+//! to show in a SQL query on the live views, under the demo's load.
+//!
+//! The stack is the demo's, throwaway: a Postgres with the legacy fixtures, tansu, the pipeline
+//! (with the config's business-event mappings) and `walbridge process` (the config's processors
+//! and view sinks, an epoch every 50 ms at most, the SQL endpoint on a free port). While the
+//! fixture workload runs at `--rate` with the spike profile (`walbridge demo`'s load: the first
+//! 20 % of the run at 5x the rate), probes run one after the other:
+//!
+//! ```text
+//! probe i: UPDATE wms.stock_levels SET on_hand = i  (sku WB-PROBE, no product: the workload never picks it)
+//!   t0 = the UPDATE returns (simple query protocol: the server commits before it answers)
+//!   ├─ Kafka ack:      walbridge's confirmed LSN passes the probe's commit LSN
+//!   ├─ Kafka visible:  a consumer of legacy.wms.stock_levels receives the probe's record
+//!   └─ SQL visible:    `select on_hand from stock_availability where sku = 'WB-PROBE' …`
+//!                      on the SQL endpoint returns i (polled every --poll-ms)
+//! then a pause of --probe-gap-ms, and the next probe.
+//! ```
+//!
+//! "Produced" is the commit in the legacy database, as the client sees it: stricter than the
+//! moment the change is produced to Kafka, since it includes the WAL decoding, walbridge's
+//! encoding and the broker's ack. The Kafka ack is walbridge's own commit → ack latency (what
+//! `walbridge bench` measures with pg_recvlogical as the limit), the physical reference for the
+//! part before the processor; the printed ratio says what the processor path adds to it. The
+//! commit LSN comes from the record's `walbridge.lsn` header, so the ack time of a probe whose
+//! record the consumer missed is unknown (counted, not guessed).
+//!
+//! Resolution: SQL visibility is sampled every `--poll-ms` (and one query's own time), so a
+//! figure is late by up to that much; the consumer uses `fetch.wait.max.ms` 10, so its figure
+//! can be late by up to that when the topic is otherwise quiet. Probes are sequential, a few per
+//! second: the p99 of a 60 s run rests on a few hundred probes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cdc::Lsn;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, Dsn, ViewSinkConfig};
+use crate::stack::{Broker, Postgres};
+
+/// The probe row's SKU: not in oms.products, so the workload never picks it.
+const PROBE_SKU: &str = "WB-PROBE";
+/// How long one probe may take before it counts as lost.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the processors may take to read the initial snapshot from the topics.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What to run.
+pub struct LatencyOptions {
+    /// The pipeline config whose events and processors sections are used (`pipelines.yaml`);
+    /// addresses, ports and directories are replaced by the throwaway stack's.
+    pub config: PathBuf,
+    pub duration: Duration,
+    /// The workload's transactions per second (spike profile).
+    pub rate: f64,
+    pub poll: Duration,
+    pub probe_gap: Duration,
+}
+
+/// One probe's times from the commit.
+#[derive(Default, Clone, Copy)]
+struct Probe {
+    /// Seconds into the workload when it started.
+    at: f64,
+    ack: Option<Duration>,
+    kafka: Option<Duration>,
+    sql: Option<Duration>,
+}
+
+pub async fn run(opts: LatencyOptions) -> anyhow::Result<()> {
+    let base = crate::config::load(&opts.config)
+        .map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", opts.config.display()))?;
+    anyhow::ensure!(
+        base.processors.is_some(),
+        "{} has no processors section; the latency bench needs one (see pipelines.yaml)",
+        opts.config.display()
+    );
+    let dir = std::env::temp_dir().join(format!("walbridge-views-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = run_in(&opts, base, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Result<()> {
+    println!("load average before: {}", loadavg());
+    let pg = Postgres::start(dir)?;
+    pg.create_database("legacy").await?;
+    pg.create_database("analytics").await?;
+    let client = pg.connect("legacy").await?;
+    let report = legacy_fixtures::init(&client, &legacy_fixtures::InitOptions::default()).await?;
+    println!(
+        "legacy fixtures: {} rows in {:.1?}",
+        report.total_rows(),
+        report.elapsed
+    );
+    if let Some(ev) = &base.events {
+        for need in crate::events::needs_full(&client, ev).await? {
+            client.batch_execute(&need.fix()).await?;
+        }
+    }
+    let location: String = client
+        .query_one(
+            "SELECT code::text FROM wms.locations ORDER BY code LIMIT 1",
+            &[],
+        )
+        .await?
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO wms.stock_levels (sku, location_code, on_hand, reserved) VALUES ($1, $2, 0, 0)",
+            &[&PROBE_SKU, &location],
+        )
+        .await?;
+    // Production's default: the commit's WAL is flushed (and the walsender woken) before the
+    // client hears of it (the throwaway cluster runs with it off).
+    client.batch_execute("SET synchronous_commit = on").await?;
+
+    let broker = Broker::start()?;
+    let cfg = stack_config(base, &pg, &broker, dir)?;
+    let pc = cfg
+        .processor_config()
+        .context("processors section vanished")?;
+    let topic = cfg.kafka.topic_for("wms", "stock_levels");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (obs_tx, obs_rx) = tokio::sync::oneshot::channel();
+    let pipeline = tokio::spawn(crate::pipeline::run_observed(
+        cfg.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+        crate::pipeline::Observe {
+            confirmed: Some(obs_tx),
+            discard: false,
+        },
+    ));
+    let confirmed = obs_rx.await.context("the pipeline did not start")?;
+    let acks = AckHistory::record(confirmed.clone());
+    // The snapshot is done once a change committed after the slot's creation is confirmed.
+    let t = Instant::now();
+    while client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await?
+        .is_none()
+    {
+        anyhow::ensure!(
+            t.elapsed() < CATCH_UP_TIMEOUT,
+            "the pipeline did not create its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = current_lsn(&client).await?;
+    client
+        .execute(
+            "UPDATE wms.stock_levels SET updated_at = now() WHERE sku = $1",
+            &[&PROBE_SKU],
+        )
+        .await?;
+    wait_confirmed(confirmed.clone(), Lsn(before.0 + 1), CATCH_UP_TIMEOUT)
+        .await
+        .context("the pipeline did not finish the initial snapshot")?;
+    println!("pipeline: snapshot in Kafka after {:.1?}", t.elapsed());
+
+    let consumer = ProbeConsumer::start(&pc.brokers, &topic)?;
+    let process = crate::process::start(&cfg).await?;
+    let sql_addr = process.sql_addr.context("the SQL endpoint did not start")?;
+    let sql = cfg
+        .processors
+        .as_ref()
+        .and_then(|p| p.sql.as_ref())
+        .context("processors.sql is not set")?;
+    let (sql_client, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user={} password='{}' dbname=walbridge",
+            sql_addr.ip(),
+            sql_addr.port(),
+            sql.credentials.user,
+            sql.credentials.password.replace('\'', "\\'")
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .context("connecting to the SQL endpoint")?;
+    tokio::spawn(conn);
+    let query = format!(
+        "select on_hand from stock_availability where sku = '{PROBE_SKU}' and location_code = '{location}'"
+    );
+
+    // First probe: the processors read everything the snapshot put into the topics first.
+    let t = Instant::now();
+    let mut prober = Prober {
+        client: &client,
+        sql: &sql_client,
+        query: &query,
+        poll: opts.poll,
+        consumer,
+        acks: &acks,
+        marker: 0,
+        // Past the snapshot, so the probe row's snapshot record is not taken for a probe.
+        before: current_lsn(&client).await?,
+    };
+    let first = prober.probe(CATCH_UP_TIMEOUT).await?;
+    anyhow::ensure!(
+        first.sql.is_some(),
+        "the first probe did not show in stock_availability within {CATCH_UP_TIMEOUT:?}: the processors \
+         did not catch up with the snapshot (a debug build folds the fixtures' ~900k rows slowly; use --release)"
+    );
+    println!(
+        "processors caught up with the snapshot in {:.1?}; probing for {:?} under the workload",
+        t.elapsed(),
+        opts.duration
+    );
+
+    let workload_client = pg.connect("legacy").await?;
+    let sim_opts = legacy_fixtures::SimulateOptions {
+        seed: 7,
+        rate: opts.rate,
+        duration: opts.duration,
+        profile: legacy_fixtures::Profile::Spike,
+        max_transactions: None,
+    };
+    let workload =
+        tokio::spawn(async move { legacy_fixtures::simulate(&workload_client, &sim_opts).await });
+    let started = Instant::now();
+    let mut probes = Vec::new();
+    while started.elapsed() < opts.duration && !workload.is_finished() {
+        let at = started.elapsed().as_secs_f64();
+        let mut p = prober.probe(PROBE_TIMEOUT).await?;
+        p.at = at;
+        probes.push(p);
+        tokio::time::sleep(opts.probe_gap).await;
+    }
+    let sim = workload.await.context("the workload task panicked")??;
+    println!("load average after:  {}", loadavg());
+    process.stop().await?;
+    prober.consumer.stop();
+    let _ = stop_tx.send(());
+    pipeline.await.context("the pipeline task panicked")??;
+
+    println!(
+        "\nworkload: {} transactions at {:.0} tx/s achieved ({} tx/s offered, spike profile: the first 20 % at 5x)",
+        sim.transactions, sim.achieved_rate, opts.rate
+    );
+    print_figures(&probes, opts.duration.as_secs_f64() * 0.2, opts.poll);
+    drop(broker);
+    drop(pg);
+    Ok(())
+}
+
+/// The config with the throwaway stack's addresses and directories.
+fn stack_config(
+    mut cfg: Config,
+    pg: &Postgres,
+    broker: &Broker,
+    dir: &Path,
+) -> anyhow::Result<Config> {
+    cfg.source.dsn = Dsn::parse(&pg.dsn("legacy")).map_err(|e| anyhow::anyhow!(e))?;
+    cfg.source.state_dir = dir.join("state");
+    cfg.kafka.brokers = vec![broker.bootstrap()];
+    let port = crate::stack::free_port();
+    cfg.registry.url = format!("http://127.0.0.1:{port}").parse()?;
+    let listen = format!("127.0.0.1:{port}").parse()?;
+    match &mut cfg.registry.embedded {
+        Some(e) => {
+            e.listen = listen;
+            e.data_dir = dir.join("registry");
+        }
+        None => anyhow::bail!("the latency bench runs the embedded registry; the config has none"),
+    }
+    cfg.metrics = None;
+    cfg.telemetry = None;
+    let p = cfg
+        .processors
+        .as_mut()
+        .context("the config has no processors section")?;
+    p.checkpoint_dir = dir.join("processors");
+    p.epoch_interval = p.epoch_interval.min(Duration::from_millis(50));
+    match &mut p.sql {
+        Some(s) => s.listen = "127.0.0.1:0".parse()?,
+        None => anyhow::bail!("the latency bench queries processors.sql; the config has none"),
+    }
+    for s in &mut p.sinks {
+        match s {
+            ViewSinkConfig::Kafka { .. } => {}
+            ViewSinkConfig::Postgres { dsn, .. } => {
+                *dsn = Dsn::parse(&pg.dsn("analytics")).map_err(|e| anyhow::anyhow!(e))?;
+            }
+            ViewSinkConfig::Parquet { name, dir: d } => *d = dir.join(format!("lake-{name}")),
+        }
+    }
+    Ok(cfg)
+}
+
+struct Prober<'a> {
+    client: &'a tokio_postgres::Client,
+    sql: &'a tokio_postgres::Client,
+    query: &'a str,
+    poll: Duration,
+    consumer: ProbeConsumer,
+    acks: &'a AckHistory,
+    marker: i64,
+    /// The WAL insert position after the previous probe's commit: this probe's commit is after it.
+    before: Lsn,
+}
+
+impl Prober<'_> {
+    /// One probe: commit a new marker, then wait for it in Kafka and in SQL.
+    async fn probe(&mut self, timeout: Duration) -> anyhow::Result<Probe> {
+        self.marker += 1;
+        let marker = self.marker;
+        // Simple query protocol: the server commits before it sends CommandComplete (the
+        // extended protocol commits at Sync, after it), so t0 is after the commit.
+        self.client
+            .simple_query(&format!(
+                "UPDATE wms.stock_levels SET on_hand = {marker}, updated_at = now() WHERE sku = '{PROBE_SKU}'"
+            ))
+            .await
+            .context("probe update")?;
+        let t0 = Instant::now();
+        let after = current_lsn(self.client).await?;
+        let (before, deadline) = (self.before, t0 + timeout);
+        self.before = after;
+
+        let kafka = self.consumer.wait(before, after, deadline);
+        let sql = async {
+            loop {
+                let rows = self.sql.simple_query(self.query).await?;
+                let seen = rows.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<i64>().ok(),
+                    _ => None,
+                });
+                if seen == Some(marker) {
+                    return Ok::<_, anyhow::Error>(Some(t0.elapsed()));
+                }
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                tokio::time::sleep(self.poll).await;
+            }
+        };
+        let (kafka, sql) = tokio::join!(kafka, sql);
+        let sql = sql.context("querying the SQL endpoint")?;
+        let (kafka, ack) = match kafka {
+            Some((seen, commit)) => (
+                Some(seen.saturating_duration_since(t0)),
+                self.acks
+                    .first_past(commit, deadline)
+                    .await
+                    .map(|at| at.saturating_duration_since(t0)),
+            ),
+            None => (None, None),
+        };
+        Ok(Probe {
+            at: 0.0,
+            ack,
+            kafka,
+            sql,
+        })
+    }
+}
+
+/// Every change of walbridge's confirmed LSN with the time it was seen.
+struct AckHistory {
+    seen: Arc<std::sync::Mutex<Vec<(Instant, Lsn)>>>,
+    changed: tokio::sync::watch::Receiver<Lsn>,
+}
+
+impl AckHistory {
+    fn record(mut confirmed: tokio::sync::watch::Receiver<Lsn>) -> AckHistory {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let changed = confirmed.clone();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while confirmed.changed().await.is_ok() {
+                let l = *confirmed.borrow_and_update();
+                if let Ok(mut v) = log.lock() {
+                    v.push((Instant::now(), l));
+                }
+            }
+        });
+        AckHistory { seen, changed }
+    }
+
+    /// When the confirmed LSN first passed `commit` (the commit record's start, so the
+    /// transaction is acked once the confirmed end LSN is beyond it).
+    async fn first_past(&self, commit: Lsn, deadline: Instant) -> Option<Instant> {
+        let mut changed = self.changed.clone();
+        loop {
+            let hit = self.seen.lock().ok().and_then(|v| {
+                // Entries are in time order with the LSN never going back: the first past it.
+                let i = v.partition_point(|(_, l)| *l <= commit);
+                v.get(i).map(|(t, _)| *t)
+            });
+            if hit.is_some() {
+                return hit;
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            // The recorder task may not have logged the newest value yet; look again soon.
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(5)), changed.changed()).await;
+        }
+    }
+}
+
+/// A consumer of the stock_levels change topic reporting the probe row's records: the time it
+/// received each and its commit LSN (`walbridge.lsn`).
+struct ProbeConsumer {
+    rx: mpsc::UnboundedReceiver<(Instant, Lsn)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProbeConsumer {
+    fn start(brokers: &str, topic: &str) -> anyhow::Result<ProbeConsumer> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "walbridge-views-bench")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "10")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .context("creating the probe consumer")?;
+        let mut tpl = TopicPartitionList::new();
+        let t = Instant::now();
+        // A topic created a moment ago may not be in the broker's metadata yet.
+        while tpl.count() == 0 {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "topic {topic} has no partitions"
+            );
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .with_context(|| format!("reading metadata of {topic}"))?;
+            for t in md.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+                }
+            }
+            if tpl.count() == 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        consumer.assign(&tpl).context("assigning the probe topic")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let key = PROBE_SKU.as_bytes();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let m = match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "probe consumer poll");
+                        continue;
+                    }
+                    None => continue,
+                };
+                let at = Instant::now();
+                // The key is the Avro of (sku, location_code): the SKU's bytes appear as is.
+                if !m
+                    .key()
+                    .is_some_and(|k| k.windows(key.len()).any(|w| w == key))
+                {
+                    continue;
+                }
+                let lsn = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|hd| hd.key == "walbridge.lsn")
+                        .and_then(|hd| std::str::from_utf8(hd.value?).ok()?.parse::<Lsn>().ok())
+                });
+                if let Some(l) = lsn
+                    && tx.send((at, l)).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(ProbeConsumer {
+            rx,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The probe record committed between `before` and `after`: when it arrived, its commit LSN.
+    async fn wait(&mut self, before: Lsn, after: Lsn, deadline: Instant) -> Option<(Instant, Lsn)> {
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let (at, lsn) = tokio::time::timeout(left, self.rx.recv()).await.ok()??;
+            if lsn > before && lsn <= after {
+                return Some((at, lsn));
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ProbeConsumer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn current_lsn(client: &tokio_postgres::Client) -> anyhow::Result<Lsn> {
+    let l: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    Ok(l.parse()?)
+}
+
+async fn wait_confirmed(
+    mut confirmed: tokio::sync::watch::Receiver<Lsn>,
+    lsn: Lsn,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(timeout, confirmed.wait_for(|c| *c >= lsn))
+        .await
+        .with_context(|| format!("not confirmed within {timeout:?}"))?
+        .context("the pipeline stopped")?;
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<&str> = s.split_whitespace().take(3).collect();
+            (f.len() == 3).then(|| format!("{} {} {} (1, 5, 15 min)", f[0], f[1], f[2]))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// p50, p99 and max of the durations present, and how many are missing.
+fn summary(mut d: Vec<Duration>, missing: usize) -> (String, Option<(Duration, Duration)>) {
+    d.sort();
+    if d.is_empty() {
+        return (format!("no samples ({missing} missing)"), None);
+    }
+    // Nearest rank: the smallest value with at least p of the samples at or below it.
+    let rank = |p: f64| d[((p * d.len() as f64).ceil() as usize).clamp(1, d.len()) - 1];
+    let (p50, p99, max) = (rank(0.50), rank(0.99), d[d.len() - 1]);
+    let mut s = format!(
+        "p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms   ({} probes",
+        ms(p50),
+        ms(p99),
+        ms(max),
+        d.len()
+    );
+    if missing > 0 {
+        s.push_str(&format!(", {missing} not seen within {PROBE_TIMEOUT:?}"));
+    }
+    s.push(')');
+    (s, Some((p50, p99)))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration) {
+    let pick = |f: fn(&Probe) -> Option<Duration>, keep: &dyn Fn(&Probe) -> bool| {
+        let kept: Vec<&Probe> = probes.iter().filter(|p| keep(p)).collect();
+        let vals: Vec<Duration> = kept.iter().filter_map(|p| f(p)).collect();
+        let missing = kept.len() - vals.len();
+        summary(vals, missing)
+    };
+    let all = |_: &Probe| true;
+    println!(
+        "\nevent produced (commit in the legacy database) → visible, {} sequential probes",
+        probes.len()
+    );
+    let (ack, ack_p) = pick(|p| p.ack, &all);
+    let (kafka, _) = pick(|p| p.kafka, &all);
+    let (sql, sql_p) = pick(|p| p.sql, &all);
+    println!("  acked by Kafka (walbridge's confirmed LSN):   {ack}");
+    println!("  received by a Kafka consumer of the topic:    {kafka}");
+    println!(
+        "  in SQL on stock_availability (polled every {} ms): {sql}",
+        poll.as_millis()
+    );
+    let (spike, _) = pick(|p| p.sql, &|p: &Probe| p.at < spike_secs);
+    let (steady, _) = pick(|p| p.sql, &|p: &Probe| p.at >= spike_secs);
+    println!("    during the spike (first {spike_secs:.0} s):      {spike}");
+    println!("    after it:                                 {steady}");
+    if let (Some((a50, a99)), Some((s50, s99))) = (ack_p, sql_p) {
+        println!(
+            "  ratio SQL-visible / Kafka-ack:                p50 {:.1}x   p99 {:.1}x",
+            s50.as_secs_f64() / a50.as_secs_f64().max(1e-6),
+            s99.as_secs_f64() / a99.as_secs_f64().max(1e-6)
+        );
+        let verdict = if s99 <= Duration::from_millis(100) {
+            "met"
+        } else {
+            "NOT met"
+        };
+        println!("  target p99 ≤ 100 ms commit → SQL: {verdict}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn percentiles_are_nearest_rank_and_missing_probes_are_reported() {
+        let d: Vec<Duration> = (1..=200).map(Duration::from_millis).collect();
+        let (text, p) = super::summary(d, 3);
+        assert_eq!(
+            p,
+            Some((Duration::from_millis(100), Duration::from_millis(198)))
+        );
+        assert!(text.contains("3 not seen"), "{text}");
+    }
+}
