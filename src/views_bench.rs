@@ -215,7 +215,8 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
     anyhow::ensure!(
         first.sql.is_some(),
         "the first probe did not show in stock_availability within {CATCH_UP_TIMEOUT:?}: the processors \
-         did not catch up with the snapshot (a debug build folds the fixtures' ~900k rows slowly; use --release)"
+         did not catch up with the snapshot's ~900k changes (each epoch rebuilds every changed view in full; a debug \
+         build is slower still)"
     );
     println!(
         "processors caught up with the snapshot in {:.1?}; probing for {:?} under the workload",
