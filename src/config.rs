@@ -1452,18 +1452,9 @@ impl Validator<'_> {
             None => Some(Vec::new()),
             Some(list) => self.view_sinks(list),
         };
-        let mpath = "processors.metrics_listen";
         let metrics_listen = match &raw.metrics_listen {
             None => Some(None),
-            Some(m) => self
-                .string(m, mpath)
-                .and_then(|text| match text.parse::<SocketAddr>() {
-                    Ok(a) => Some(Some(a)),
-                    Err(_) => {
-                        self.invalid(&m.referenced, mpath, &text, None);
-                        None
-                    }
-                }),
+            Some(m) => self.socket_addr(m, "processors.metrics_listen").map(Some),
         };
         let (group_id, checkpoint_dir, epoch, checkpoint, alerts_topic, sql, sinks) = (
             group_id?,
@@ -1489,16 +1480,7 @@ impl Validator<'_> {
     }
 
     fn sql_endpoint(&mut self, raw: &RawSql) -> Option<SqlEndpointConfig> {
-        let lpath = "processors.sql.listen";
-        let listen =
-            self.string(&raw.listen, lpath)
-                .and_then(|text| match text.parse::<SocketAddr>() {
-                    Ok(a) => Some(a),
-                    Err(_) => {
-                        self.invalid(&raw.listen.referenced, lpath, &text, None);
-                        None
-                    }
-                });
+        let listen = self.socket_addr(&raw.listen, "processors.sql.listen");
         let user = self.string(&raw.user, "processors.sql.user").and_then(|u| {
             if u.trim().is_empty() {
                 self.invalid(
@@ -1692,12 +1674,17 @@ impl Validator<'_> {
     }
 
     fn metrics(&mut self, raw: &RawMetrics) -> Option<MetricsConfig> {
-        let path = "metrics.listen";
-        let text = self.string(&raw.listen, path)?;
+        let listen = self.socket_addr(&raw.listen, "metrics.listen")?;
+        Some(MetricsConfig { listen })
+    }
+
+    /// A `host:port` listen address; reported against `path` when it does not parse.
+    fn socket_addr(&mut self, s: &S<String>, path: &str) -> Option<SocketAddr> {
+        let text = self.string(s, path)?;
         match text.parse::<SocketAddr>() {
-            Ok(listen) => Some(MetricsConfig { listen }),
+            Ok(a) => Some(a),
             Err(_) => {
-                self.invalid(&raw.listen.referenced, path, &text, None);
+                self.invalid(&s.referenced, path, &text, None);
                 None
             }
         }
@@ -2047,16 +2034,7 @@ impl Validator<'_> {
     }
 
     fn embedded(&mut self, raw: &RawEmbedded) -> Option<EmbeddedRegistry> {
-        let lpath = "registry.embedded.listen";
-        let listen =
-            self.string(&raw.listen, lpath)
-                .and_then(|text| match text.parse::<SocketAddr>() {
-                    Ok(a) => Some(a),
-                    Err(_) => {
-                        self.invalid(&raw.listen.referenced, lpath, &text, None);
-                        None
-                    }
-                });
+        let listen = self.socket_addr(&raw.listen, "registry.embedded.listen");
         let dpath = "registry.embedded.data_dir";
         let data_dir = self.string(&raw.data_dir, dpath).and_then(|text| {
             if text.trim().is_empty() {
