@@ -331,11 +331,13 @@ async fn a_registry_outage_during_a_new_table_is_retried_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpublished_churn_does_not_make_the_idle_slot_retain_wal() {
-    // 120 MiB of WAL, paced at about 2.5 MiB/s: Postgres moves a slot's restart_lsn only at a
-    // running-transactions record, which it writes every 15 s (or at a checkpoint), so even a
-    // slot confirmed up to the last heartbeat retains up to 15 s of WAL (about 38 MiB here;
-    // measured 46 MiB at 3 MiB/s). 64 MiB leaves room for that and no more: a slot held back
-    // would retain everything written.
+    // 120 MiB of WAL, paced at about 2.5 MiB/s. Postgres moves a slot's restart_lsn only at a
+    // running-transactions record, and when a transaction is open at that record, only back to
+    // the record before it. The background writer logs one every 15 s, so on its own a slot
+    // confirmed up to its last heartbeat still retains up to about 30 s of WAL (75 MiB here,
+    // seen on CI). A CHECKPOINT also logs one, so the test issues one every 8 MiB, between its
+    // own transactions: then a slot that keeps up retains about 16 MiB, and one held back
+    // retains everything written. 64 MiB tells the two apart with room for a slow machine.
     const TOTAL_MIB: u64 = 120;
     const MIB_PER_S: f64 = 2.5;
     let started = Instant::now();
@@ -347,10 +349,15 @@ async fn unpublished_churn_does_not_make_the_idle_slot_retain_wal() {
     let t0 = Instant::now();
     let mut max_retained = 0u64;
     let mut step = 0;
+    let mut next_checkpoint = 8u64 << 20;
     loop {
         let written = db.current_lsn().await.0 - begin.0;
         if written >= TOTAL_MIB << 20 {
             break;
+        }
+        if written >= next_checkpoint {
+            db.exec(&["CHECKPOINT"]).await;
+            next_checkpoint = written + (8 << 20);
         }
         // Pace: no more than MIB_PER_S on average.
         let due = Duration::from_secs_f64(written as f64 / f64::from(1 << 20) / MIB_PER_S);
