@@ -253,7 +253,7 @@ pub async fn run(seconds: Duration, rate: f64) -> anyhow::Result<()> {
 /// The demo's shop: a fifth of the fixtures' default catalogue and customers, so the snapshot
 /// and its fold take seconds (also in a debug build), and a spike's orders move the
 /// availability of a catalogue this size visibly.
-const DEMO_SHOP: legacy_fixtures::InitOptions = legacy_fixtures::InitOptions {
+pub(crate) const DEMO_SHOP: legacy_fixtures::InitOptions = legacy_fixtures::InitOptions {
     seed: 42,
     products: 2_000,
     customers: 10_000,

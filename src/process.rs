@@ -274,7 +274,7 @@ fn full_epoch(catalog: &Catalog, at: &Offsets) -> anyhow::Result<Epoch> {
             continue;
         };
         number = number.max(snap.epoch);
-        let upserts = concat_batches(&def.schema, &snap.batches)?;
+        let upserts = concat_batches(&def.schema, &snap.rows.batches()?)?;
         let key_schema = Arc::new(def.schema.project(&def.key)?);
         changes.push(ViewChanges {
             view: def.name.clone(),

@@ -1,7 +1,8 @@
 //! `walbridge views bench --latency-seconds N`: how long a change in the legacy database takes
 //! to show in a SQL query on the live views, under the demo's load.
 //!
-//! The stack is the demo's, throwaway: a Postgres with the legacy fixtures, tansu, the pipeline
+//! The stack is the demo's, throwaway: a Postgres with the demo's shop (`demo::DEMO_SHOP`:
+//! 2,000 products at 20 locations, 10,000 customers), tansu, the pipeline
 //! (with the config's business-event mappings) and `walbridge process` (the config's processors
 //! and view sinks, an epoch every 50 ms at most, the SQL endpoint on a free port). While the
 //! fixture workload runs at `--rate` with the spike profile (`walbridge demo`'s load: the first
@@ -96,7 +97,7 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
     pg.create_database("legacy").await?;
     pg.create_database("analytics").await?;
     let client = pg.connect("legacy").await?;
-    let report = legacy_fixtures::init(&client, &legacy_fixtures::InitOptions::default()).await?;
+    let report = legacy_fixtures::init(&client, &crate::demo::DEMO_SHOP).await?;
     println!(
         "legacy fixtures: {} rows in {:.1?}",
         report.total_rows(),

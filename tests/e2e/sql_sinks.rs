@@ -25,7 +25,8 @@ use sinks::views::parquet::ParquetViewSink;
 use sinks::views::postgres::{PostgresViewSettings, PostgresViewSink};
 use sinks::views::{ViewSink, Written};
 use transforms::sql::{SqlOptions, serve};
-use transforms::view::{Catalog, Epoch, Offsets, Snapshot, ViewChanges, ViewDef};
+use transforms::table::{Cell, ViewTable};
+use transforms::view::{Catalog, Epoch, Offsets, Snapshot, ViewChanges, ViewDef, ViewRows};
 
 use crate::harness::{scratch, shared};
 
@@ -188,7 +189,7 @@ fn catalog_with_stock(rows: &[(&str, &str, i64)]) -> Arc<Catalog> {
         Snapshot {
             epoch: 1,
             offsets: offsets(&[(0, 10)]),
-            batches: vec![stock_rows(rows)],
+            rows: ViewRows::from_batches(stock_def().schema, vec![stock_rows(rows)]),
         },
     );
     catalog
@@ -258,7 +259,10 @@ async fn psql_queries_the_live_views_with_a_password_and_cannot_write() {
         Snapshot {
             epoch: 1,
             offsets: offsets(&[(0, 10)]),
-            batches: vec![customer_rows(&[(7, Some("x@example.com"), 990, Some(T1))])],
+            rows: ViewRows::from_batches(
+                customer_def().schema,
+                vec![customer_rows(&[(7, Some("x@example.com"), 990, Some(T1))])],
+            ),
         },
     );
     let out = tokio::task::spawn_blocking(move || {
@@ -308,7 +312,8 @@ async fn psql_queries_the_live_views_with_a_password_and_cannot_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_extended_protocol_and_a_query_racing_publishes_sees_one_snapshot() {
-    const ROWS: usize = 200;
+    // Several chunks of a processor's view table, each copied on write while queries read it.
+    const ROWS: usize = 3000;
     let catalog = catalog_with_stock(&[]);
     let server = serve(catalog.clone(), sql_opts()).await.expect("serve");
     let port = server.local_addr().port();
@@ -326,23 +331,24 @@ async fn tokio_postgres_extended_protocol_and_a_query_racing_publishes_sees_one_
         let (catalog, stop) = (catalog.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut epoch = 0u64;
-            let skus: Vec<String> = (0..ROWS).map(|i| format!("S{i:04}")).collect();
+            let mut table = ViewTable::new(stock_def());
             while !stop.load(Ordering::Relaxed) {
                 epoch += 1;
-                let rows: Vec<(&str, &str, i64)> = skus
-                    .iter()
-                    .map(|s| (s.as_str(), "W1", epoch as i64))
-                    .collect();
-                // Half the rows per batch: a snapshot of several batches.
-                let (a, b) = rows.split_at(ROWS / 2);
+                for i in 0..ROWS {
+                    let (sku, w) = (Cell::text(&format!("S{i:04}")), Cell::text("W1"));
+                    let row = vec![sku.clone(), w.clone(), Cell::Int(epoch as i64)];
+                    table.set(vec![sku, w], Some(row));
+                }
                 catalog.publish(
                     &stock_def(),
                     Snapshot {
                         epoch,
                         offsets: offsets(&[(0, epoch as i64)]),
-                        batches: vec![stock_rows(a), stock_rows(b)],
+                        rows: table.published(),
                     },
                 );
+                // Pace the publishes so queries see several epochs while this runs.
+                std::thread::sleep(Duration::from_millis(5));
             }
             epoch
         })

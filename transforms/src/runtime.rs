@@ -359,7 +359,7 @@ fn publish_all(state: &State, catalog: &Catalog) -> Result<(), ProcessError> {
             Snapshot {
                 epoch: state.epoch,
                 offsets: state.offsets.clone(),
-                batches: v.batches()?,
+                rows: v.published(),
             },
         );
     }
@@ -705,7 +705,7 @@ impl Processor {
                         Snapshot {
                             epoch: self.state.epoch,
                             offsets: self.state.offsets.clone(),
-                            batches: v.batches()?,
+                            rows: v.published(),
                         },
                     );
                 }

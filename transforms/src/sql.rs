@@ -299,8 +299,9 @@ impl TableProvider for ViewTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        // Building the chunks that changed since the last reader happens here, once.
         let batches = match self.catalog.snapshot(&self.def.name) {
-            Some(snapshot) => snapshot.batches.clone(),
+            Some(snapshot) => snapshot.rows.batches()?,
             None => Vec::new(),
         };
         let plan = MemorySourceConfig::try_new_exec(

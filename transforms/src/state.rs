@@ -6,7 +6,7 @@
 //! and counts (which retract by subtraction) and ordered multisets (min/max and the LTV rank,
 //! which retract by removing one copy). Nothing expires by time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
@@ -14,7 +14,12 @@ use datafusion::arrow::error::ArrowError;
 
 use crate::input::{Change, Event, Order, SkuLoc, Stock, TABLES};
 use crate::multiset::MultiSet;
-use crate::table::{Cell, Row, ViewTable};
+use crate::table::{Cell, Row, ViewTable, hasher};
+
+/// Hash maps for the per-event state: ordered maps cost a cache miss per key comparison,
+/// which dominated the fold. Fixed seeds keep epochs deterministic.
+type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+type Set<K> = HashSet<K, ahash::RandomState>;
 use crate::view::{Offsets, ViewChanges, ViewDef};
 
 /// Safety stock per SKU: a SKU's own setting, else its product category's, else the default.
@@ -224,11 +229,13 @@ pub struct State {
     orders: HashMap<i64, Order>,
     returns: HashMap<i64, i64>,
     returns_per_order: HashMap<i64, i64>,
-    cache: BTreeMap<SkuLoc, i64>,
-    stock: BTreeMap<SkuLoc, Stock>,
+    cache: Map<SkuLoc, i64>,
+    stock: Map<SkuLoc, Stock>,
+    /// The locations of each SKU's stock levels (a product change moves all of them).
+    locations: Map<String, Vec<String>>,
     // Aggregates.
-    by_sku: HashMap<String, SkuSums>,
-    diffs: BTreeMap<SkuLoc, Diff>,
+    by_sku: Map<String, SkuSums>,
+    diffs: Map<SkuLoc, Diff>,
     diff_since: MultiSet<i64>,
     diff_units: i64,
     diff_kinds: [i64; 3],
@@ -236,9 +243,9 @@ pub struct State {
     ltv_rank: BTreeSet<(i128, i64)>,
     threshold: Option<i128>,
     // Keys touched this epoch (with the source position of the last change, for alerts).
-    dirty_stock: BTreeSet<SkuLoc>,
-    dirty_sku: BTreeMap<String, (u64, i64)>,
-    dirty_diffs: BTreeSet<SkuLoc>,
+    dirty_stock: Set<SkuLoc>,
+    dirty_sku: Map<String, (u64, i64)>,
+    dirty_diffs: Set<SkuLoc>,
     dirty_customers: BTreeSet<i64>,
     new_lines: Vec<(String, i64, u64, i64)>,
     // Published views.
@@ -261,19 +268,20 @@ impl State {
             orders: HashMap::new(),
             returns: HashMap::new(),
             returns_per_order: HashMap::new(),
-            cache: BTreeMap::new(),
-            stock: BTreeMap::new(),
-            by_sku: HashMap::new(),
-            diffs: BTreeMap::new(),
+            cache: Map::with_hasher(hasher()),
+            stock: Map::with_hasher(hasher()),
+            locations: Map::with_hasher(hasher()),
+            by_sku: Map::with_hasher(hasher()),
+            diffs: Map::with_hasher(hasher()),
             diff_since: MultiSet::new(),
             diff_units: 0,
             diff_kinds: [0; 3],
             cust: HashMap::new(),
             ltv_rank: BTreeSet::new(),
             threshold: None,
-            dirty_stock: BTreeSet::new(),
-            dirty_sku: BTreeMap::new(),
-            dirty_diffs: BTreeSet::new(),
+            dirty_stock: Set::with_hasher(hasher()),
+            dirty_sku: Map::with_hasher(hasher()),
+            dirty_diffs: Set::with_hasher(hasher()),
             dirty_customers: BTreeSet::new(),
             new_lines: Vec::new(),
             views: view_defs().into_iter().map(ViewTable::new).collect(),
@@ -309,10 +317,15 @@ impl State {
         match &ev.change {
             Change::StockLevel { key, row } => self.stock_level(key, *row, ev),
             Change::InventoryCache { key, available } => {
-                match available {
-                    Some(a) => self.cache.insert(key.clone(), *a),
-                    None => self.cache.remove(key),
-                };
+                match (available, self.cache.get_mut(key)) {
+                    (Some(a), Some(v)) => *v = *a,
+                    (Some(a), None) => {
+                        self.cache.insert(key.clone(), *a);
+                    }
+                    (None, _) => {
+                        self.cache.remove(key);
+                    }
+                }
                 self.reconcile(key, ev.ts_ms);
             }
             Change::Product { sku, category } => {
@@ -322,13 +335,9 @@ impl State {
                 };
                 if old.as_ref() != category.as_ref() {
                     // Safety stock follows the category: every location of the SKU moves.
-                    let locs: Vec<SkuLoc> = self
-                        .stock
-                        .range((sku.clone(), String::new())..)
-                        .take_while(|(k, _)| &k.0 == sku)
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    self.dirty_stock.extend(locs);
+                    let locs = self.locations.get(sku).into_iter().flatten();
+                    self.dirty_stock
+                        .extend(locs.map(|l| (sku.clone(), l.clone())));
                     self.dirty_sku.insert(sku.clone(), (ev.lsn, ev.ts_ms));
                 }
             }
@@ -375,14 +384,36 @@ impl State {
     }
 
     fn stock_level(&mut self, key: &SkuLoc, row: Option<Stock>, ev: &Event) {
-        let old = match row {
-            Some(r) => self.stock.insert(key.clone(), r),
-            None => self.stock.remove(key),
+        // The hot path: look up before inserting, so a known key costs no String copies.
+        let old = match (row, self.stock.get_mut(key)) {
+            (Some(r), Some(s)) => Some(std::mem::replace(s, r)),
+            (Some(r), None) => {
+                self.locations
+                    .entry(key.0.clone())
+                    .or_default()
+                    .push(key.1.clone());
+                self.stock.insert(key.clone(), r)
+            }
+            (None, _) => {
+                let old = self.stock.remove(key);
+                if old.is_some() {
+                    if let Some(locs) = self.locations.get_mut(&key.0) {
+                        locs.retain(|l| *l != key.1);
+                        if locs.is_empty() {
+                            self.locations.remove(&key.0);
+                        }
+                    }
+                }
+                old
+            }
         };
         if old == row {
             return;
         }
-        let sums = self.by_sku.entry(key.0.clone()).or_default();
+        if !self.by_sku.contains_key(&key.0) {
+            self.by_sku.insert(key.0.clone(), SkuSums::default());
+        }
+        let sums = self.by_sku.get_mut(&key.0).expect("inserted above");
         if let Some(o) = old {
             sums.locations -= 1;
             sums.on_hand -= o.on_hand;
@@ -393,8 +424,15 @@ impl State {
             sums.on_hand += n.on_hand;
             sums.reserved += n.reserved;
         }
-        self.dirty_stock.insert(key.clone());
-        self.dirty_sku.insert(key.0.clone(), (ev.lsn, ev.ts_ms));
+        if !self.dirty_stock.contains(key) {
+            self.dirty_stock.insert(key.clone());
+        }
+        match self.dirty_sku.get_mut(&key.0) {
+            Some(at) => *at = (ev.lsn, ev.ts_ms),
+            None => {
+                self.dirty_sku.insert(key.0.clone(), (ev.lsn, ev.ts_ms));
+            }
+        }
         self.reconcile(key, ev.ts_ms);
     }
 
@@ -425,15 +463,24 @@ impl State {
             self.diff_since.update(&o.since, -1);
             self.diff_units -= o.magnitude;
             self.diff_kinds[o.kind as usize] -= 1;
-            self.diffs.remove(key);
+        }
+        match (new, self.diffs.get_mut(key)) {
+            (Some(n), Some(d)) => *d = n,
+            (Some(n), None) => {
+                self.diffs.insert(key.clone(), n);
+            }
+            (None, _) => {
+                self.diffs.remove(key);
+            }
         }
         if let Some(n) = new {
             self.diff_since.update(&n.since, 1);
             self.diff_units += n.magnitude;
             self.diff_kinds[n.kind as usize] += 1;
-            self.diffs.insert(key.clone(), n);
         }
-        self.dirty_diffs.insert(key.clone());
+        if !self.dirty_diffs.contains(key) {
+            self.dirty_diffs.insert(key.clone());
+        }
     }
 
     fn contribute(&mut self, o: &Order, nret: i64, w: i64) {
@@ -533,23 +580,27 @@ impl State {
     pub fn finish_epoch(&mut self) -> Result<EpochOut, ArrowError> {
         let mut alerts = Vec::new();
         // stock_availability
-        for key in std::mem::take(&mut self.dirty_stock) {
+        let dirty: Vec<SkuLoc> = self.dirty_stock.drain().collect();
+        for key in dirty {
+            // One allocation per key cell, shared by the key and the row.
+            let (sku, loc) = (Cell::text(&key.0), Cell::text(&key.1));
             let row = self.stock.get(&key).map(|s| {
                 let safety = self.safety_of(&key.0);
                 vec![
-                    Cell::text(&key.0),
-                    Cell::text(&key.1),
+                    sku.clone(),
+                    loc.clone(),
                     Cell::Int(s.on_hand),
                     Cell::Int(s.reserved),
                     Cell::Int(safety),
                     Cell::Int(s.on_hand - s.reserved - safety),
                 ]
             });
-            let k = vec![Cell::text(&key.0), Cell::text(&key.1)];
+            let k = vec![sku, loc];
             self.view_mut(STOCK_AVAILABILITY).set(k, row);
         }
         // stock_availability_by_sku and the below-zero alert
-        for (sku, (lsn, ts_ms)) in std::mem::take(&mut self.dirty_sku) {
+        let dirty: Vec<(String, (u64, i64))> = self.dirty_sku.drain().collect();
+        for (sku, (lsn, ts_ms)) in dirty {
             let sums = self.by_sku.get(&sku).copied().unwrap_or_default();
             let k = vec![Cell::text(&sku)];
             let row = if sums.locations > 0 {
@@ -574,7 +625,7 @@ impl State {
                     });
                 }
                 Some(vec![
-                    Cell::text(&sku),
+                    k[0].clone(),
                     Cell::Int(sums.locations),
                     Cell::Int(sums.on_hand),
                     Cell::Int(sums.reserved),
@@ -587,6 +638,8 @@ impl State {
             };
             self.view_mut(STOCK_BY_SKU).set(k, row);
         }
+        // In SKU order, whatever order the SKUs changed in.
+        alerts.sort_by(|a: &Alert, b: &Alert| a.sku.cmp(&b.sku));
         // Order lines that landed on a SKU with nothing left to promise.
         for (sku, order_id, lsn, ts_ms) in std::mem::take(&mut self.new_lines) {
             let k = vec![Cell::text(&sku)];
@@ -608,12 +661,14 @@ impl State {
         }
         // reconciliation
         let summary_dirty = !self.dirty_diffs.is_empty() || self.epoch == 0;
-        for key in std::mem::take(&mut self.dirty_diffs) {
+        let dirty: Vec<SkuLoc> = self.dirty_diffs.drain().collect();
+        for key in dirty {
+            let (sku, loc) = (Cell::text(&key.0), Cell::text(&key.1));
             let row = self.diffs.get(&key).map(|d| {
                 let opt = |v: Option<i64>| v.map_or(Cell::Null, Cell::Int);
                 vec![
-                    Cell::text(&key.0),
-                    Cell::text(&key.1),
+                    sku.clone(),
+                    loc.clone(),
                     Cell::text(d.kind.name()),
                     opt(d.oms),
                     opt(d.wms),
@@ -621,7 +676,7 @@ impl State {
                     Cell::Ts(d.since),
                 ]
             });
-            let k = vec![Cell::text(&key.0), Cell::text(&key.1)];
+            let k = vec![sku, loc];
             self.view_mut(RECON_DIFFS).set(k, row);
         }
         if summary_dirty {

@@ -6,8 +6,9 @@
 //! keys that left, never no-op rewrites. Rows are kept sorted by key, so a snapshot's batch
 //! order is deterministic (tests and the self-check compare them as they are).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock};
 
 use datafusion::arrow::array::{
     ArrayRef, Decimal128Builder, Float64Builder, Int64Builder, StringBuilder,
@@ -65,6 +66,20 @@ impl PartialEq for Cell {
     }
 }
 impl Eq for Cell {}
+impl Hash for Cell {
+    /// Consistent with `Eq`: equal cells have the same variant and value (floats by bits,
+    /// which is what `total_cmp` equality means).
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.rank().hash(state);
+        match self {
+            Cell::Null => {}
+            Cell::Int(v) | Cell::Ts(v) => v.hash(state),
+            Cell::Text(s) => s.hash(state),
+            Cell::Dec(v) => v.hash(state),
+            Cell::Float(v) => v.to_bits().hash(state),
+        }
+    }
+}
 impl PartialOrd for Cell {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
@@ -96,78 +111,230 @@ impl std::fmt::Display for Cell {
 
 pub type Row = Vec<Cell>;
 
+/// Rows per chunk. Small enough that an epoch touching a few keys rebuilds a few hundred
+/// rows, large enough that a whole view stays a few hundred batches.
+const CHUNK_ROWS: usize = 512;
+
+/// The hasher of view keys: fixed seeds, so the order changes come out in depends only on the
+/// order they were made in (tests and sinks see the same epochs run after run).
+pub(crate) fn hasher() -> ahash::RandomState {
+    ahash::RandomState::with_seeds(0x7761_6c62, 0x7269_6467, 0x6520_7669, 0x6577_7321)
+}
+
+/// A range of slots of a view's rows, and its Arrow batch once somebody read it.
+///
+/// Chunks are shared between the table and the snapshots it published: the table changes a
+/// chunk through `Arc::make_mut`, which copies it only while a snapshot still holds it, and
+/// the copy starts without a batch. So a published snapshot never changes, and a chunk's batch
+/// is built at most once per content, by the first reader.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// `None`: a free slot (its key left the view).
+    rows: Vec<Option<Row>>,
+    batch: OnceLock<RecordBatch>,
+}
+
+impl Clone for Chunk {
+    fn clone(&self) -> Self {
+        Self {
+            rows: self.rows.clone(),
+            batch: OnceLock::new(),
+        }
+    }
+}
+
+impl Chunk {
+    fn live(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().flatten()
+    }
+
+    fn batch(&self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+        if let Some(b) = self.batch.get() {
+            return Ok(b.clone());
+        }
+        let rows: Vec<&Row> = self.live().collect();
+        let b = build_batch(schema, &rows)?;
+        // Two readers may race to build the same chunk; either result is the same.
+        Ok(self.batch.get_or_init(|| b).clone())
+    }
+}
+
+/// A view's rows at one epoch, as published. Cheap to take (the chunks are shared); the Arrow
+/// batches are built when first read, chunk by chunk, and kept with the chunk.
+#[derive(Debug, Clone)]
+pub struct ViewRows {
+    schema: SchemaRef,
+    chunks: Arc<[Arc<Chunk>]>,
+    /// Batches given as they are (snapshots built outside a processor, e.g. in tests).
+    given: Vec<RecordBatch>,
+}
+
+impl ViewRows {
+    pub fn from_batches(schema: SchemaRef, batches: Vec<RecordBatch>) -> Self {
+        Self {
+            schema,
+            chunks: Arc::from(Vec::new()),
+            given: batches,
+        }
+    }
+
+    /// Every row, in batches of the view's schema (in no particular order, like a table).
+    pub fn batches(&self) -> Result<Vec<RecordBatch>, ArrowError> {
+        let mut out = self.given.clone();
+        for c in self.chunks.iter() {
+            let b = c.batch(&self.schema)?;
+            if b.num_rows() > 0 {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.chunks.iter().map(|c| c.live().count()).sum::<usize>()
+            + self.given.iter().map(RecordBatch::num_rows).sum::<usize>()
+    }
+}
+
+/// What happened to a key since the last [`ViewTable::take_changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Changed {
+    Upserted,
+    Deleted,
+}
+
 /// A view's rows by key, plus the changes since the last [`ViewTable::take_changes`].
+///
+/// Rows live in slots: a hash index maps each key to its slot, slot `s` is row `s % 512` of
+/// chunk `s / 512` (see [`Chunk`]), and a key that leaves frees its slot for the next new key.
+/// A write costs one hash lookup and touches one chunk, whatever the view's size (an ordered
+/// map paid a cache miss per key comparison, which dominated the fold); publishing shares the
+/// chunks, so its cost follows the number of chunks, not rows, and a reader rebuilds only the
+/// chunks that changed since the last read.
 #[derive(Debug)]
 pub struct ViewTable {
     pub def: ViewDef,
-    rows: BTreeMap<Row, Row>,
-    upserted: BTreeSet<Row>,
-    deleted: BTreeSet<Row>,
+    index: HashMap<Row, u32, ahash::RandomState>,
+    chunks: Vec<Arc<Chunk>>,
+    free: Vec<u32>,
+    changed: HashMap<Row, Changed, ahash::RandomState>,
 }
 
 impl ViewTable {
     pub fn new(def: ViewDef) -> Self {
         Self {
             def,
-            rows: BTreeMap::new(),
-            upserted: BTreeSet::new(),
-            deleted: BTreeSet::new(),
+            index: HashMap::with_hasher(hasher()),
+            chunks: Vec::new(),
+            free: Vec::new(),
+            changed: HashMap::with_hasher(hasher()),
         }
     }
 
+    #[cfg(debug_assertions)]
     fn key_of(&self, row: &Row) -> Row {
         self.def.key.iter().map(|&i| row[i].clone()).collect()
     }
 
+    fn slot(&self, s: u32) -> &Option<Row> {
+        let s = s as usize;
+        &self.chunks[s / CHUNK_ROWS].rows[s % CHUNK_ROWS]
+    }
+
+    /// The slot for writing: its chunk is copied if a snapshot still reads it, and loses its
+    /// old batch.
+    fn slot_mut(&mut self, s: u32) -> &mut Option<Row> {
+        let s = s as usize;
+        let c = Arc::make_mut(&mut self.chunks[s / CHUNK_ROWS]);
+        c.batch.take();
+        &mut c.rows[s % CHUNK_ROWS]
+    }
+
+    fn new_slot(&mut self) -> u32 {
+        if let Some(s) = self.free.pop() {
+            return s;
+        }
+        let n = self.chunks.last().map_or(CHUNK_ROWS, |c| c.rows.len());
+        if n == CHUNK_ROWS {
+            self.chunks.push(Arc::new(Chunk {
+                rows: Vec::with_capacity(CHUNK_ROWS),
+                batch: OnceLock::new(),
+            }));
+        }
+        let ci = self.chunks.len() - 1;
+        let c = Arc::make_mut(&mut self.chunks[ci]);
+        c.batch.take();
+        c.rows.push(None);
+        (ci * CHUNK_ROWS + c.rows.len() - 1) as u32
+    }
+
     /// Sets the row of `key` (`None`: the key leaves the view). No-op writes are not recorded.
     pub fn set(&mut self, key: Row, row: Option<Row>) {
-        match row {
-            Some(row) => {
+        let at = self.index.get(&key).copied();
+        match (row, at) {
+            (Some(row), at) => {
+                #[cfg(debug_assertions)]
                 debug_assert_eq!(self.key_of(&row), key);
-                if self.rows.get(&key) == Some(&row) {
-                    return;
-                }
-                self.deleted.remove(&key);
-                self.upserted.insert(key.clone());
-                self.rows.insert(key, row);
+                let s = match at {
+                    Some(s) if self.slot(s).as_ref() == Some(&row) => return,
+                    Some(s) => s,
+                    None => {
+                        let s = self.new_slot();
+                        self.index.insert(key.clone(), s);
+                        s
+                    }
+                };
+                *self.slot_mut(s) = Some(row);
+                self.changed.insert(key, Changed::Upserted);
             }
-            None => {
-                if self.rows.remove(&key).is_some() {
-                    self.upserted.remove(&key);
-                    self.deleted.insert(key);
-                }
+            (None, Some(s)) => {
+                *self.slot_mut(s) = None;
+                self.free.push(s);
+                self.index.remove(&key);
+                self.changed.insert(key, Changed::Deleted);
             }
+            (None, None) => {}
         }
     }
 
     pub fn get(&self, key: &Row) -> Option<&Row> {
-        self.rows.get(key)
+        self.index.get(key).and_then(|&s| self.slot(s).as_ref())
     }
 
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.index.is_empty()
     }
 
+    /// Every row, in key order (sorts: for checks and tests, not per epoch).
     pub fn rows(&self) -> impl Iterator<Item = &Row> {
-        self.rows.values()
+        let mut keyed: Vec<(&Row, u32)> = self.index.iter().map(|(k, &s)| (k, s)).collect();
+        keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        keyed
+            .into_iter()
+            .filter_map(move |(_, s)| self.slot(s).as_ref())
     }
 
     pub fn has_changes(&self) -> bool {
-        !self.upserted.is_empty() || !self.deleted.is_empty()
+        !self.changed.is_empty()
     }
 
     /// The changes recorded since the last call, as Arrow batches, and forgets them.
     pub fn take_changes(&mut self) -> Result<ViewChanges, ArrowError> {
-        let upserted = std::mem::take(&mut self.upserted);
-        let deleted = std::mem::take(&mut self.deleted);
-        let rows: Vec<&Row> = upserted.iter().filter_map(|k| self.rows.get(k)).collect();
+        let changed = std::mem::replace(&mut self.changed, HashMap::with_hasher(hasher()));
+        let mut rows = Vec::new();
+        let mut keys = Vec::new();
+        for (k, c) in &changed {
+            match c {
+                Changed::Upserted => rows.extend(self.get(k)),
+                Changed::Deleted => keys.push(k),
+            }
+        }
         let upserts = build_batch(&self.def.schema, &rows)?;
         let key_schema = Arc::new(self.def.schema.project(&self.def.key)?);
-        let keys: Vec<&Row> = deleted.iter().collect();
         let deletes = build_batch(&key_schema, &keys)?;
         Ok(ViewChanges {
             view: self.def.name.clone(),
@@ -176,15 +343,22 @@ impl ViewTable {
         })
     }
 
-    /// Every row, in key order, in batches of at most 8192 rows.
+    /// The rows as they are now, to publish: shares the chunks, builds nothing.
+    pub fn published(&self) -> ViewRows {
+        ViewRows {
+            schema: self.def.schema.clone(),
+            chunks: Arc::from(self.chunks.as_slice()),
+            given: Vec::new(),
+        }
+    }
+
+    /// Every row, in batches of the view's schema (one empty batch when there are no rows).
     pub fn batches(&self) -> Result<Vec<RecordBatch>, ArrowError> {
-        let rows: Vec<&Row> = self.rows.values().collect();
-        if rows.is_empty() {
+        let out = self.published().batches()?;
+        if out.is_empty() {
             return Ok(vec![RecordBatch::new_empty(self.def.schema.clone())]);
         }
-        rows.chunks(8192)
-            .map(|c| build_batch(&self.def.schema, c))
-            .collect()
+        Ok(out)
     }
 }
 
@@ -306,5 +480,100 @@ mod tests {
         // A key that never was there: deleting it is no change.
         t.set(vec![Cell::text("b")], None);
         assert!(!t.has_changes());
+    }
+
+    fn value(b: &RecordBatch, i: usize) -> i64 {
+        use datafusion::arrow::array::{Array, Int64Array};
+        let col = b.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+        assert!(!col.is_null(i));
+        col.value(i)
+    }
+
+    #[test]
+    fn slots_are_reused_and_the_table_holds_the_same_rows_as_a_map() {
+        let mut t = table();
+        let mut model = std::collections::BTreeMap::new();
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut peak = 0;
+        for round in 0..40 {
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let k = format!("k{:05}", x % 6000);
+                // Early rounds mostly insert, later ones mostly delete, then insert again.
+                let delete = (x >> 32) % 40 < round.min(34);
+                let key = vec![Cell::text(&k)];
+                if delete {
+                    t.set(key, None);
+                    model.remove(&k);
+                } else {
+                    let v = (x >> 40) as i64 % 1000;
+                    t.set(key, Some(vec![Cell::text(&k), Cell::Int(v)]));
+                    model.insert(k, v);
+                }
+            }
+            let got: Vec<(String, i64)> = t
+                .rows()
+                .map(|r| match (&r[0], &r[1]) {
+                    (Cell::Text(k), Cell::Int(v)) => (k.to_string(), *v),
+                    other => panic!("unexpected row {other:?}"),
+                })
+                .collect();
+            let want: Vec<(String, i64)> = model.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            assert_eq!(got, want, "round {round}");
+            assert_eq!(t.len(), model.len());
+            peak = peak.max(model.len());
+            assert!(
+                t.chunks.len() <= peak.div_ceil(CHUNK_ROWS),
+                "{} chunks for at most {peak} rows: freed slots were not reused",
+                t.chunks.len()
+            );
+            let rows: usize = t.batches().unwrap().iter().map(RecordBatch::num_rows).sum();
+            assert_eq!(rows, model.len());
+            if let Some((k, v)) = model.iter().next() {
+                let row = t.get(&vec![Cell::text(k)]).expect("first key found");
+                assert!(matches!(row[1], Cell::Int(g) if g == *v));
+            }
+        }
+        assert!(
+            model.len() < peak / 2,
+            "the deletes won ({} rows)",
+            model.len()
+        );
+    }
+
+    #[test]
+    fn a_published_snapshot_never_changes_and_unchanged_chunks_are_built_once() {
+        let mut t = table();
+        let set = |t: &mut ViewTable, i: usize, v: i64| {
+            let k = Cell::text(&format!("k{i:05}"));
+            t.set(vec![k.clone()], Some(vec![k, Cell::Int(v)]));
+        };
+        for i in 0..3000 {
+            set(&mut t, i, 1);
+        }
+        let first = t.published();
+        let before = first.batches().unwrap();
+        assert!(before.len() > 2, "3000 rows make several chunks");
+        // Change one row in the last chunk, after publishing.
+        set(&mut t, 2999, 2);
+        let second = t.published();
+        let after = second.batches().unwrap();
+        let last = |bs: &[RecordBatch]| {
+            let b = bs.last().unwrap().clone();
+            let n = b.num_rows();
+            value(&b, n - 1)
+        };
+        assert_eq!(last(&first.batches().unwrap()), 1, "the old snapshot moved");
+        assert_eq!(last(&after), 2);
+        assert_eq!(first.num_rows(), 3000);
+        assert_eq!(second.num_rows(), 3000);
+        // The first chunk did not change: both snapshots read the very same batch.
+        assert!(Arc::ptr_eq(before[0].column(1), after[0].column(1)));
+        assert!(!Arc::ptr_eq(
+            before.last().unwrap().column(1),
+            after.last().unwrap().column(1)
+        ));
     }
 }

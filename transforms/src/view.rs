@@ -16,6 +16,8 @@ use std::sync::{Arc, RwLock};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 
+pub use crate::table::ViewRows;
+
 /// Next offset to consume, per (topic, partition).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Offsets(pub BTreeMap<(String, i32), i64>);
@@ -49,8 +51,8 @@ pub struct ViewDef {
 pub struct Snapshot {
     pub epoch: u64,
     pub offsets: Offsets,
-    /// Rows of the view; all batches have the view's schema.
-    pub batches: Vec<RecordBatch>,
+    /// Rows of the view (`rows.batches()` builds what no reader built yet).
+    pub rows: ViewRows,
 }
 
 /// What changed in one view during one epoch.
