@@ -353,6 +353,15 @@ async fn tokio_postgres_extended_protocol_and_a_query_racing_publishes_sees_one_
             epoch
         })
     };
+    // Queries start once the publisher's first epoch is there (before it the view is empty).
+    let first = Instant::now();
+    while catalog
+        .snapshot("stock_availability")
+        .is_none_or(|s| s.rows.num_rows() < ROWS)
+    {
+        assert!(first.elapsed() < Duration::from_secs(30), "no epoch published");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let stmt = client
         .prepare("select min(available), max(available), count(*) from stock_availability where available >= $1")
         .await
