@@ -359,7 +359,10 @@ async fn tokio_postgres_extended_protocol_and_a_query_racing_publishes_sees_one_
         .snapshot("stock_availability")
         .is_none_or(|s| s.rows.num_rows() < ROWS)
     {
-        assert!(first.elapsed() < Duration::from_secs(30), "no epoch published");
+        assert!(
+            first.elapsed() < Duration::from_secs(30),
+            "no epoch published"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let stmt = client

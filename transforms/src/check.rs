@@ -329,7 +329,7 @@ fn compare(state: &State, expected: &BTreeMap<String, Vec<Row>>) -> Vec<ViewRepo
             .filter(|(_, f)| UNCHECKED.contains(&f.name().as_str()))
             .map(|(i, _)| i)
             .collect();
-        let key = |r: &Row| -> Row { d.key.iter().map(|&i| r[i].clone()).collect() };
+        let key = |r: &[Cell]| -> Row { d.key.iter().map(|&i| r[i].clone()).collect() };
         let show = |k: &Row| {
             k.iter()
                 .map(ToString::to_string)
@@ -338,7 +338,7 @@ fn compare(state: &State, expected: &BTreeMap<String, Vec<Row>>) -> Vec<ViewRepo
         };
         let stream: BTreeMap<Row, Row> = state
             .view(&d.name)
-            .map(|v| v.rows().map(|r| (key(r), r.clone())).collect())
+            .map(|v| v.rows().map(|r| (key(r), r.to_vec())).collect())
             .unwrap_or_default();
         let sql: BTreeMap<Row, Row> = expected[&d.name]
             .iter()

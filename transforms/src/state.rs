@@ -939,7 +939,7 @@ mod tests {
     }
 
     fn cells(s: &State, view: &str) -> Vec<Row> {
-        s.view(view).unwrap().rows().cloned().collect()
+        s.view(view).unwrap().rows().map(<[Cell]>::to_vec).collect()
     }
 
     fn order(customer_id: i64, status: &str, total_cents: i128, at: i64) -> Order {

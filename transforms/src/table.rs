@@ -111,6 +111,9 @@ impl std::fmt::Display for Cell {
 
 pub type Row = Vec<Cell>;
 
+/// A stored row: shared, so copying a chunk (see [`Chunk`]) copies pointers, not rows.
+type Stored = Arc<[Cell]>;
+
 /// Rows per chunk. Small enough that an epoch touching a few keys rebuilds a few hundred
 /// rows, large enough that a whole view stays a few hundred batches.
 const CHUNK_ROWS: usize = 512;
@@ -130,7 +133,7 @@ pub(crate) fn hasher() -> ahash::RandomState {
 #[derive(Debug, Default)]
 pub struct Chunk {
     /// `None`: a free slot (its key left the view).
-    rows: Vec<Option<Row>>,
+    rows: Vec<Option<Stored>>,
     batch: OnceLock<RecordBatch>,
 }
 
@@ -144,15 +147,15 @@ impl Clone for Chunk {
 }
 
 impl Chunk {
-    fn live(&self) -> impl Iterator<Item = &Row> {
-        self.rows.iter().flatten()
+    fn live(&self) -> impl Iterator<Item = &[Cell]> {
+        self.rows.iter().flatten().map(|r| &r[..])
     }
 
     fn batch(&self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
         if let Some(b) = self.batch.get() {
             return Ok(b.clone());
         }
-        let rows: Vec<&Row> = self.live().collect();
+        let rows: Vec<&[Cell]> = self.live().collect();
         let b = build_batch(schema, &rows)?;
         // Two readers may race to build the same chunk; either result is the same.
         Ok(self.batch.get_or_init(|| b).clone())
@@ -236,14 +239,14 @@ impl ViewTable {
         self.def.key.iter().map(|&i| row[i].clone()).collect()
     }
 
-    fn slot(&self, s: u32) -> &Option<Row> {
+    fn slot(&self, s: u32) -> &Option<Stored> {
         let s = s as usize;
         &self.chunks[s / CHUNK_ROWS].rows[s % CHUNK_ROWS]
     }
 
     /// The slot for writing: its chunk is copied if a snapshot still reads it, and loses its
     /// old batch.
-    fn slot_mut(&mut self, s: u32) -> &mut Option<Row> {
+    fn slot_mut(&mut self, s: u32) -> &mut Option<Stored> {
         let s = s as usize;
         let c = Arc::make_mut(&mut self.chunks[s / CHUNK_ROWS]);
         c.batch.take();
@@ -276,7 +279,7 @@ impl ViewTable {
                 #[cfg(debug_assertions)]
                 debug_assert_eq!(self.key_of(&row), key);
                 let s = match at {
-                    Some(s) if self.slot(s).as_ref() == Some(&row) => return,
+                    Some(s) if self.slot(s).as_deref() == Some(&row[..]) => return,
                     Some(s) => s,
                     None => {
                         let s = self.new_slot();
@@ -284,7 +287,7 @@ impl ViewTable {
                         s
                     }
                 };
-                *self.slot_mut(s) = Some(row);
+                *self.slot_mut(s) = Some(Stored::from(row));
                 self.changed.insert(key, Changed::Upserted);
             }
             (None, Some(s)) => {
@@ -297,8 +300,8 @@ impl ViewTable {
         }
     }
 
-    pub fn get(&self, key: &Row) -> Option<&Row> {
-        self.index.get(key).and_then(|&s| self.slot(s).as_ref())
+    pub fn get(&self, key: &Row) -> Option<&[Cell]> {
+        self.index.get(key).and_then(|&s| self.slot(s).as_deref())
     }
 
     pub fn len(&self) -> usize {
@@ -310,12 +313,12 @@ impl ViewTable {
     }
 
     /// Every row, in key order (sorts: for checks and tests, not per epoch).
-    pub fn rows(&self) -> impl Iterator<Item = &Row> {
+    pub fn rows(&self) -> impl Iterator<Item = &[Cell]> {
         let mut keyed: Vec<(&Row, u32)> = self.index.iter().map(|(k, &s)| (k, s)).collect();
         keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
         keyed
             .into_iter()
-            .filter_map(move |(_, s)| self.slot(s).as_ref())
+            .filter_map(move |(_, s)| self.slot(s).as_deref())
     }
 
     pub fn has_changes(&self) -> bool {
@@ -330,7 +333,7 @@ impl ViewTable {
         for (k, c) in &changed {
             match c {
                 Changed::Upserted => rows.extend(self.get(k)),
-                Changed::Deleted => keys.push(k),
+                Changed::Deleted => keys.push(&k[..]),
             }
         }
         let upserts = build_batch(&self.def.schema, &rows)?;
@@ -363,10 +366,10 @@ impl ViewTable {
 }
 
 /// Builds one batch of `schema` from rows whose cells follow the schema's column types.
-pub fn build_batch(schema: &SchemaRef, rows: &[&Row]) -> Result<RecordBatch, ArrowError> {
+pub fn build_batch<'a>(schema: &SchemaRef, rows: &[&'a [Cell]]) -> Result<RecordBatch, ArrowError> {
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for (i, field) in schema.fields().iter().enumerate() {
-        let cell = |r: &&Row| r.get(i).cloned().unwrap_or(Cell::Null);
+        let cell = |r: &'a [Cell]| r.get(i).unwrap_or(&Cell::Null);
         let wrong = |c: &Cell| {
             ArrowError::InvalidArgumentError(format!(
                 "column {} ({}) got a {c:?} cell: a processor built a row that does not match the view's schema",
@@ -378,10 +381,10 @@ pub fn build_batch(schema: &SchemaRef, rows: &[&Row]) -> Result<RecordBatch, Arr
             DataType::Int64 => {
                 let mut b = Int64Builder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(r) {
-                        Cell::Int(v) => b.append_value(v),
+                    match cell(*r) {
+                        Cell::Int(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
-                        c => return Err(wrong(&c)),
+                        c => return Err(wrong(c)),
                     }
                 }
                 Arc::new(b.finish())
@@ -389,10 +392,10 @@ pub fn build_batch(schema: &SchemaRef, rows: &[&Row]) -> Result<RecordBatch, Arr
             DataType::Utf8 => {
                 let mut b = StringBuilder::with_capacity(rows.len(), rows.len() * 12);
                 for r in rows {
-                    match cell(r) {
-                        Cell::Text(v) => b.append_value(&*v),
+                    match cell(*r) {
+                        Cell::Text(v) => b.append_value(&**v),
                         Cell::Null => b.append_null(),
-                        c => return Err(wrong(&c)),
+                        c => return Err(wrong(c)),
                     }
                 }
                 Arc::new(b.finish())
@@ -400,10 +403,10 @@ pub fn build_batch(schema: &SchemaRef, rows: &[&Row]) -> Result<RecordBatch, Arr
             DataType::Float64 => {
                 let mut b = Float64Builder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(r) {
-                        Cell::Float(v) => b.append_value(v),
+                    match cell(*r) {
+                        Cell::Float(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
-                        c => return Err(wrong(&c)),
+                        c => return Err(wrong(c)),
                     }
                 }
                 Arc::new(b.finish())
@@ -411,10 +414,10 @@ pub fn build_batch(schema: &SchemaRef, rows: &[&Row]) -> Result<RecordBatch, Arr
             DataType::Decimal128(p, s) => {
                 let mut b = Decimal128Builder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(r) {
-                        Cell::Dec(v) => b.append_value(v),
+                    match cell(*r) {
+                        Cell::Dec(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
-                        c => return Err(wrong(&c)),
+                        c => return Err(wrong(c)),
                     }
                 }
                 Arc::new(b.finish().with_precision_and_scale(*p, *s)?)
@@ -422,10 +425,10 @@ pub fn build_batch(schema: &SchemaRef, rows: &[&Row]) -> Result<RecordBatch, Arr
             DataType::Timestamp(TimeUnit::Microsecond, tz) => {
                 let mut b = TimestampMicrosecondBuilder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(r) {
-                        Cell::Ts(v) => b.append_value(v),
+                    match cell(*r) {
+                        Cell::Ts(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
-                        c => return Err(wrong(&c)),
+                        c => return Err(wrong(c)),
                     }
                 }
                 Arc::new(b.finish().with_timezone_opt(tz.clone()))
