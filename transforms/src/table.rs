@@ -6,7 +6,7 @@
 //! keys that left, never no-op rewrites. Rows are kept sorted by key, so a snapshot's batch
 //! order is deterministic (tests and the self-check compare them as they are).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, OnceLock};
 
@@ -199,13 +199,6 @@ impl ViewRows {
     }
 }
 
-/// What happened to a key since the last [`ViewTable::take_changes`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Changed {
-    Upserted,
-    Deleted,
-}
-
 /// A view's rows by key, plus the changes since the last [`ViewTable::take_changes`].
 ///
 /// Rows live in slots: a hash index maps each key to its slot, slot `s` is row `s % 512` of
@@ -214,13 +207,21 @@ enum Changed {
 /// map paid a cache miss per key comparison, which dominated the fold); publishing shares the
 /// chunks, so its cost follows the number of chunks, not rows, and a reader rebuilds only the
 /// chunks that changed since the last read.
+///
+/// Changes are recorded as slot numbers (upserts: the slot's row at [`Self::take_changes`]
+/// is the key's last value) and keys (deletes), not as a map of keys, so recording a write
+/// costs no hashing and taking the changes reads slots in order.
 #[derive(Debug)]
 pub struct ViewTable {
     pub def: ViewDef,
     index: HashMap<Row, u32, ahash::RandomState>,
     chunks: Vec<Arc<Chunk>>,
     free: Vec<u32>,
-    changed: HashMap<Row, Changed, ahash::RandomState>,
+    /// Slots written since the last take, once each (`is_dirty` per slot).
+    dirty: Vec<u32>,
+    is_dirty: Vec<bool>,
+    /// Keys that left since the last take and did not come back.
+    deleted: HashSet<Row, ahash::RandomState>,
 }
 
 impl ViewTable {
@@ -230,7 +231,9 @@ impl ViewTable {
             index: HashMap::with_hasher(hasher()),
             chunks: Vec::new(),
             free: Vec::new(),
-            changed: HashMap::with_hasher(hasher()),
+            dirty: Vec::new(),
+            is_dirty: Vec::new(),
+            deleted: HashSet::with_hasher(hasher()),
         }
     }
 
@@ -268,6 +271,7 @@ impl ViewTable {
         let c = Arc::make_mut(&mut self.chunks[ci]);
         c.batch.take();
         c.rows.push(None);
+        self.is_dirty.push(false);
         (ci * CHUNK_ROWS + c.rows.len() - 1) as u32
     }
 
@@ -288,13 +292,19 @@ impl ViewTable {
                     }
                 };
                 *self.slot_mut(s) = Some(Stored::from(row));
-                self.changed.insert(key, Changed::Upserted);
+                if !std::mem::replace(&mut self.is_dirty[s as usize], true) {
+                    self.dirty.push(s);
+                }
+                if !self.deleted.is_empty() {
+                    self.deleted.remove(&key);
+                }
             }
             (None, Some(s)) => {
+                // The slot may stay dirty: it is empty at the take, or holds the next new key.
                 *self.slot_mut(s) = None;
                 self.free.push(s);
                 self.index.remove(&key);
-                self.changed.insert(key, Changed::Deleted);
+                self.deleted.insert(key);
             }
             (None, None) => {}
         }
@@ -322,20 +332,23 @@ impl ViewTable {
     }
 
     pub fn has_changes(&self) -> bool {
-        !self.changed.is_empty()
+        !self.dirty.is_empty() || !self.deleted.is_empty()
     }
 
     /// The changes recorded since the last call, as Arrow batches, and forgets them.
     pub fn take_changes(&mut self) -> Result<ViewChanges, ArrowError> {
-        let changed = std::mem::replace(&mut self.changed, HashMap::with_hasher(hasher()));
-        let mut rows = Vec::new();
-        let mut keys = Vec::new();
-        for (k, c) in &changed {
-            match c {
-                Changed::Upserted => rows.extend(self.get(k)),
-                Changed::Deleted => keys.push(&k[..]),
-            }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        for &s in &dirty {
+            self.is_dirty[s as usize] = false;
         }
+        let deleted = std::mem::replace(&mut self.deleted, HashSet::with_hasher(hasher()));
+        let rows: Vec<&[Cell]> = dirty
+            .iter()
+            .filter_map(|&s| self.slot(s).as_deref())
+            .collect();
+        let mut keys: Vec<&[Cell]> = deleted.iter().map(|k| &k[..]).collect();
+        keys.sort_unstable();
         let upserts = build_batch(&self.def.schema, &rows)?;
         let key_schema = Arc::new(self.def.schema.project(&self.def.key)?);
         let deletes = build_batch(&key_schema, &keys)?;
@@ -498,6 +511,8 @@ mod tests {
         let mut model = std::collections::BTreeMap::new();
         let mut x: u64 = 0x2545_F491_4F6C_DD1D;
         let mut peak = 0;
+        // What a sink holds after applying every epoch's changes.
+        let mut replica = std::collections::BTreeMap::new();
         for round in 0..40 {
             for _ in 0..2000 {
                 x ^= x << 13;
@@ -516,6 +531,22 @@ mod tests {
                     model.insert(k, v);
                 }
             }
+            let c = t.take_changes().unwrap();
+            assert!(!t.has_changes());
+            let text = |b: &RecordBatch, i: usize| {
+                use datafusion::arrow::array::{Array, StringArray};
+                let col = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                col.value(i).to_string()
+            };
+            // A key that came and went within one epoch is sent as a delete too: sinks
+            // delete idempotently, and knowing it was never sent would cost a lookup.
+            for i in 0..c.deletes.num_rows() {
+                replica.remove(&text(&c.deletes, i));
+            }
+            for i in 0..c.upserts.num_rows() {
+                replica.insert(text(&c.upserts, i), value(&c.upserts, i));
+            }
+            assert_eq!(replica, model, "round {round}: the changes do not add up");
             let got: Vec<(String, i64)> = t
                 .rows()
                 .map(|r| match (&r[0], &r[1]) {
