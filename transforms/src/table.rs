@@ -3,8 +3,12 @@
 //! A processor decides per epoch which keys it touched and what each key's row is now; the
 //! table compares that with what it last published and records only real changes, so an
 //! [`Epoch`](crate::view::Epoch) carries upserts for rows whose value moved and deletes for
-//! keys that left, never no-op rewrites. Rows are kept sorted by key, so a snapshot's batch
-//! order is deterministic (tests and the self-check compare them as they are).
+//! keys that left, never no-op rewrites.
+//!
+//! Rows sit in slots, in the order their keys first came (a freed slot goes to the next new
+//! key), so a scan returns them in no key order, like a table; [`ViewTable::rows`] sorts for
+//! the self-check. Hashing uses fixed seeds, so the same changes give the same epochs and
+//! batches run after run.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
