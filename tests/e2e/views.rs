@@ -3,7 +3,7 @@
 //! middle of the stream and restarted ends with the same views.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,18 @@ async fn workload(db: &TestDb, seed: u64, transactions: u64, rate: f64) {
     legacy_fixtures::simulate(&db.client, &opts)
         .await
         .expect("simulate");
+}
+
+/// Runs `walbridge process -c path`, asserts it fails, and returns its stderr.
+fn process_refused(path: &Path, what: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_walbridge"))
+        .args(["process", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{what} must be refused:\n{err}");
+    err
 }
 
 async fn check(db: &TestDb, cfg: &walbridge::config::Config) -> transforms::check::Report {
@@ -519,16 +531,7 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
         assert!(Instant::now() < deadline, "processor did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let second = Command::new(env!("CARGO_BIN_EXE_walbridge"))
-        .args(["process", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        !second.status.success(),
-        "a second processor of one group must be refused:\n{err}"
-    );
+    let err = process_refused(&path, "a second processor of one group");
     assert!(
         err.contains("already runs the processors of group views"),
         "{err}"
@@ -628,16 +631,7 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
     db.wait_caught_up(&mut wb).await;
     check(&db, &cfg).await;
     p.stop();
-    let out = Command::new(env!("CARGO_BIN_EXE_walbridge"))
-        .args(["process", "-c"])
-        .arg(&late_path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "a sink behind the checkpoint must be refused:\n{err}"
-    );
+    let err = process_refused(&late_path, "a sink behind the checkpoint");
     assert!(
         err.contains("view sink late")
             && err.contains("missed the epochs")
