@@ -17,7 +17,11 @@
 //! | `verify-full` | always | as `verify-ca`, and valid for `host=` |
 //!
 //! Unlike libpq, no default `~/.postgresql/root.crt` is read: the CA is always named in the DSN,
-//! so what is trusted is visible in the config. `sslcert` + `sslkey` (PEM) send a client
+//! so what is trusted is visible in the config. `sslrootcert=system` (libpq 16) trusts the
+//! system's CA bundle instead: `$SSL_CERT_FILE` when set (as OpenSSL reads it), else the first
+//! of the distributions' bundle paths in [`SYSTEM_BUNDLES`]. Any public CA could then sign a
+//! certificate for another server, so, as in libpq, it implies `verify-full` and refuses a
+//! weaker `sslmode`. `sslcert` + `sslkey` (PEM) send a client
 //! certificate. Crypto is rustls with the ring provider (aws-lc-rs needs cmake to build).
 
 use std::fmt;
@@ -121,6 +125,14 @@ pub enum TlsError {
     NoCertificate { key: &'static str, path: PathBuf },
     #[error("TLS settings rejected: {0}")]
     Config(String),
+    #[error(
+        "sslrootcert=system trusts every CA of the system, so it needs sslmode=verify-full (any of those CAs can sign a certificate for another server), not sslmode={0}: use sslmode=verify-full, or name your own CA with sslrootcert=/path/to/ca.crt"
+    )]
+    SystemNeedsVerifyFull(SslMode),
+    #[error(
+        "sslrootcert=system: no CA certificates found in {looked}; install the ca-certificates package or point SSL_CERT_FILE at a PEM bundle"
+    )]
+    NoSystemRoots { looked: String },
     #[error("{0}")]
     BadDsn(String),
     /// The handshake failed for a reason the user must fix (certificate, name, protocol).
@@ -143,9 +155,13 @@ pub enum TlsError {
 /// DSN without them, for tokio-postgres' parser, and the keys.
 pub fn split_dsn(text: &str) -> Result<(String, TlsOptions), TlsError> {
     let mut opts = TlsOptions::default();
+    let mut mode_given = false;
     let mut take = |key: &str, value: String| -> Result<bool, TlsError> {
         match key {
-            "sslmode" => opts.mode = SslMode::parse(&value)?,
+            "sslmode" => {
+                opts.mode = SslMode::parse(&value)?;
+                mode_given = true;
+            }
             "sslrootcert" => opts.rootcert = Some(PathBuf::from(value)),
             "sslcert" => opts.cert = Some(PathBuf::from(value)),
             "sslkey" => opts.key = Some(PathBuf::from(value)),
@@ -181,7 +197,52 @@ pub fn split_dsn(text: &str) -> Result<(String, TlsOptions), TlsError> {
         }
         kept.join(" ")
     };
+    if opts.rootcert.as_deref() == Some(Path::new(SYSTEM)) {
+        match opts.mode {
+            SslMode::VerifyFull => {}
+            _ if !mode_given => opts.mode = SslMode::VerifyFull,
+            weaker => return Err(TlsError::SystemNeedsVerifyFull(weaker)),
+        }
+    }
     Ok((rest, opts))
+}
+
+/// `sslrootcert=system`: the system's CA bundle (a file literally named `system` is `./system`).
+const SYSTEM: &str = "system";
+
+/// Where distributions keep the system CA bundle, in the order they are tried when
+/// `$SSL_CERT_FILE` is not set: Debian/Ubuntu, Fedora/RHEL, openSUSE, Alpine/macOS/BSD.
+pub const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The system's trusted CAs and the file they came from.
+fn system_roots() -> Result<(RootCertStore, PathBuf), TlsError> {
+    let candidates: Vec<PathBuf> = match std::env::var_os("SSL_CERT_FILE") {
+        Some(f) if !f.is_empty() => vec![PathBuf::from(f)],
+        _ => SYSTEM_BUNDLES.iter().map(PathBuf::from).collect(),
+    };
+    for path in &candidates {
+        let Ok(iter) = CertificateDer::pem_file_iter(path) else {
+            continue;
+        };
+        let mut roots = RootCertStore::empty();
+        // A bundle may hold a certificate webpki cannot parse; libpq skips those too.
+        roots.add_parsable_certificates(iter.filter_map(Result::ok));
+        if !roots.is_empty() {
+            return Ok((roots, path.clone()));
+        }
+    }
+    Err(TlsError::NoSystemRoots {
+        looked: candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// libpq `key = value` pairs: (key, value as written, value unquoted).
@@ -258,6 +319,8 @@ fn percent_decode(s: &str) -> Result<String, TlsError> {
 pub struct PgTls {
     mode: SslMode,
     config: Option<Arc<ClientConfig>>,
+    /// What signs an accepted certificate, for the "unknown issuer" message.
+    trust: Arc<str>,
 }
 
 impl fmt::Debug for PgTls {
@@ -272,6 +335,7 @@ impl PgTls {
         PgTls {
             mode: SslMode::Disable,
             config: None,
+            trust: Arc::from(""),
         }
     }
 
@@ -285,16 +349,28 @@ impl PgTls {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut trust = String::new();
         let verifier: Arc<dyn ServerCertVerifier> = match &opts.rootcert {
             Some(path) => {
-                let mut roots = RootCertStore::empty();
-                for cert in read_certs("sslrootcert", path)? {
-                    roots.add(cert).map_err(|e| TlsError::File {
-                        key: "sslrootcert",
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                }
+                let roots = if path == Path::new(SYSTEM) {
+                    let (roots, file) = system_roots()?;
+                    trust = format!(
+                        "any CA the system trusts (sslrootcert=system read {}); the server's CA is not among them: add it to the system store, or name it with sslrootcert=/path/to/ca.crt",
+                        file.display()
+                    );
+                    roots
+                } else {
+                    let mut roots = RootCertStore::empty();
+                    for cert in read_certs("sslrootcert", path)? {
+                        roots.add(cert).map_err(|e| TlsError::File {
+                            key: "sslrootcert",
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    }
+                    trust = "the CA in sslrootcert; point sslrootcert at the CA that signed the server's certificate".to_owned();
+                    roots
+                };
                 let webpki =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
@@ -342,6 +418,7 @@ impl PgTls {
         Ok(PgTls {
             mode: opts.mode,
             config: Some(Arc::new(config)),
+            trust: Arc::from(trust),
         })
     }
 
@@ -379,7 +456,7 @@ impl PgTls {
         tokio_rustls::TlsConnector::from(config)
             .connect(name, stream)
             .await
-            .map_err(|e| explain(e, host, self.mode))
+            .map_err(|e| explain(e, host, self.mode, &self.trust))
     }
 }
 
@@ -401,7 +478,7 @@ fn server_name(host: &str, mode: SslMode) -> Result<ServerName<'static>, TlsErro
 }
 
 /// Turns a failed handshake into what to fix; plain network errors stay I/O errors (retried).
-fn explain(e: io::Error, host: &str, mode: SslMode) -> TlsError {
+fn explain(e: io::Error, host: &str, mode: SslMode, trust: &str) -> TlsError {
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
         return TlsError::Io {
             host: host.to_owned(),
@@ -415,7 +492,7 @@ fn explain(e: io::Error, host: &str, mode: SslMode) -> TlsError {
             "the server's certificate is not valid for the name {host:?}; connect with host= set to a name in the certificate (its CN/subjectAltName), or use sslmode=verify-ca to check only the CA"
         ),
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            "the server's certificate is not signed by the CA in sslrootcert; point sslrootcert at the CA that signed the server's certificate".to_owned()
+            format!("the server's certificate is not signed by {trust}")
         }
         rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
@@ -686,5 +763,22 @@ mod tests {
         let (_, o) = split_dsn("host=h sslcert=/tmp/c.pem").unwrap();
         let e = PgTls::new(&o).unwrap_err().to_string();
         assert!(e.contains("without sslkey"), "{e}");
+    }
+
+    #[test]
+    fn sslrootcert_system_implies_verify_full_and_refuses_weaker_modes() {
+        let (_, o) = split_dsn("host=h sslrootcert=system").unwrap();
+        assert_eq!(o.mode, SslMode::VerifyFull);
+        let (_, o) = split_dsn("postgres://u@h/x?sslrootcert=system&sslmode=verify-full").unwrap();
+        assert_eq!(o.mode, SslMode::VerifyFull);
+        for weak in ["disable", "prefer", "require", "verify-ca"] {
+            let e = split_dsn(&format!("host=h sslmode={weak} sslrootcert=system"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("sslmode=verify-full") && e.contains(weak), "{e}");
+        }
+        // A file named system is ./system, as in libpq.
+        let (_, o) = split_dsn("host=h sslmode=require sslrootcert=./system").unwrap();
+        assert_eq!(o.mode, SslMode::Require);
     }
 }

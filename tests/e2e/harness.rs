@@ -117,6 +117,8 @@ pub struct TestDb {
     pub metrics_listen: Option<String>,
     /// More top-level sections (e.g. `telemetry:`), as YAML appended to the config.
     pub extra_sections: String,
+    /// Environment variables for the walbridge child (e.g. `SSL_CERT_FILE`).
+    pub child_env: Vec<(String, String)>,
 }
 
 impl TestDb {
@@ -166,6 +168,7 @@ impl TestDb {
             kafka_extra: String::new(),
             metrics_listen: None,
             extra_sections: String::new(),
+            child_env: Vec::new(),
         }
     }
 
@@ -226,7 +229,11 @@ impl TestDb {
     /// made in that window lies before it. A walsender in state `streaming` (or `catchup`) has
     /// run `START_REPLICATION`.
     pub async fn start(&self) -> Walbridge {
-        let mut wb = Walbridge::start(&self.write_config(), &self.dir.join("walbridge.log"));
+        let mut wb = Walbridge::start_with_env(
+            &self.write_config(),
+            &self.dir.join("walbridge.log"),
+            &self.child_env,
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let streaming = self
@@ -393,6 +400,10 @@ pub struct Walbridge {
 
 impl Walbridge {
     pub fn start(config: &Path, log: &Path) -> Walbridge {
+        Self::start_with_env(config, log, &[])
+    }
+
+    pub fn start_with_env(config: &Path, log: &Path, env: &[(String, String)]) -> Walbridge {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -405,6 +416,7 @@ impl Walbridge {
                 "RUST_LOG",
                 std::env::var("WALBRIDGE_TEST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()

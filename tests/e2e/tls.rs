@@ -224,7 +224,7 @@ fn refused(db: &TestDb, what: &str, dsn: &str, needles: &[&str]) {
     let path = db.dir.join(format!("{what}.yaml"));
     std::fs::write(&path, y).unwrap();
     let log = db.dir.join(format!("{what}.log"));
-    let mut wb = harness::Walbridge::start(&path, &log);
+    let mut wb = harness::Walbridge::start_with_env(&path, &log, &db.child_env);
     let status = wb.wait(Duration::from_secs(30));
     let text = wb.log();
     if std::env::var_os("WALBRIDGE_TEST_DUMP").is_some() {
@@ -299,6 +299,52 @@ async fn tls_verify_full_and_require_stream_and_mistakes_are_refused() {
         "plain",
         &dsn(p, &name, "host=127.0.0.1", "sslmode=disable"),
         &["no encryption", "sslmode=require", "source.dsn"],
+    );
+
+    // sslrootcert=system (libpq 16): the system's CA bundle, here one that holds the test CA
+    // (SSL_CERT_FILE, as OpenSSL reads it). It implies verify-full.
+    db.child_env = vec![("SSL_CERT_FILE".into(), ca.clone())];
+    streams_with(
+        &mut db,
+        dsn(p, &name, "host=localhost", "sslrootcert=system"),
+        990003,
+    )
+    .await;
+    // A system bundle without the server's CA (the other CA stands in for the public CAs of a
+    // machine's store, so the test does not depend on what this machine has installed).
+    let other = other_ca.display().to_string();
+    db.child_env = vec![("SSL_CERT_FILE".into(), other.clone())];
+    refused(
+        &db,
+        "system-store",
+        &dsn(p, &name, "host=localhost", "sslrootcert=system"),
+        &[
+            "not signed by any CA the system trusts",
+            &format!("sslrootcert=system read {other}"),
+            "source.dsn",
+        ],
+    );
+    db.child_env = vec![("SSL_CERT_FILE".into(), "/nonexistent/bundle.pem".into())];
+    refused(
+        &db,
+        "system-none",
+        &dsn(p, &name, "host=localhost", "sslrootcert=system"),
+        &[
+            "no CA certificates found in /nonexistent/bundle.pem",
+            "SSL_CERT_FILE",
+        ],
+    );
+    db.child_env.clear();
+    refused(
+        &db,
+        "system-weak",
+        &dsn(
+            p,
+            &name,
+            "host=localhost",
+            "sslmode=require sslrootcert=system",
+        ),
+        &["sslrootcert=system", "sslmode=verify-full", "source.dsn"],
     );
 }
 
