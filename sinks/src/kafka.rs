@@ -104,7 +104,22 @@ struct AckContext {
     stats: Arc<SinkStats>,
 }
 
-impl ClientContext for AckContext {}
+impl ClientContext for AckContext {
+    /// librdkafka's client-level errors. A refused SASL login is retried by librdkafka (the
+    /// credentials may be fixed on the broker), so it is only logged, with the settings to check.
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                tracing::error!(
+                    target: "librdkafka",
+                    %reason,
+                    "Kafka refused walbridge's login: check security.protocol, sasl.mechanisms, sasl.username and sasl.password in kafka.producer (retrying until the login succeeds or walbridge is stopped)"
+                );
+            }
+            _ => tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}"),
+        }
+    }
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = usize;

@@ -10,6 +10,7 @@ mod faults;
 mod harness;
 mod metrics;
 mod replication;
+mod sasl;
 mod schema_change;
 mod snapshot;
 mod sql_sinks;
