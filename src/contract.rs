@@ -65,7 +65,11 @@ pub async fn admit(
         .send()
         .await
         .with_context(|| {
-            format!("asking the registry whether {subject} may take the new shape of {table}")
+            format!(
+                "asking the registry at {base} whether {subject} may take the new shape of {table} \
+                 (check registry.url and that the registry is up; walbridge retries with backoff \
+                 and sends nothing of {table} until it answers)"
+            )
         })?;
     let status = res.status().as_u16();
     let answer: Json = res.json_or_null().await;

@@ -320,6 +320,11 @@ async fn a_registry_outage_during_a_new_table_is_retried_and_loses_nothing() {
         retries >= 2,
         "expected retries with backoff while the registry was down, saw {retries}:\n{log}"
     );
+    // The retries say where to look (tests/bad-input.md case 71).
+    assert!(
+        log.contains("check registry.url and that the registry is up"),
+        "the retries do not say what to check:\n{log}"
+    );
     assert_equal(&report);
     assert_eq!(report.tables[0].distinct_event_ids, 300);
     assert_eq!(report.tables[1].distinct_event_ids, 200);
