@@ -21,6 +21,7 @@ use datafusion::arrow::datatypes::DataType;
 use crate::runtime::{self, ProcessError, ProcessorConfig};
 use crate::state::{self, SafetyStock, State};
 use crate::table::{Cell, Row};
+use crate::view::Offsets;
 
 /// Columns the check does not compare (see the module doc).
 const UNCHECKED: [&str; 2] = ["since", "oldest_since"];
@@ -72,6 +73,10 @@ pub struct Report {
     /// Changes folded after the checkpoint (0: the checkpoint alone was up to date).
     pub applied_after_checkpoint: u64,
     pub undecodable: u64,
+    /// Reading rounds (each ends at a quiet period) and where the last one stopped: the next
+    /// offset of every partition read, to tell a short read from a wrong fold.
+    pub rounds: u32,
+    pub positions: Offsets,
 }
 
 impl Report {
@@ -84,6 +89,13 @@ impl Report {
             "views at LSN {} ({} changes folded after the checkpoint)\n",
             self.lsn, self.applied_after_checkpoint
         );
+        if !self.equal() {
+            s += &format!("read in {} rounds, stopped at:", self.rounds);
+            for ((topic, partition), next) in &self.positions.0 {
+                s += &format!(" {topic}[{partition}]={next}");
+            }
+            s.push('\n');
+        }
         for v in &self.views {
             let verdict = if v.equal() { "equal" } else { "DIFFERENT" };
             s += &format!(
@@ -274,16 +286,18 @@ pub async fn check(
         .await
         .map_err(|_| ProcessError::Panicked)??;
     let mut undecodable = 0;
-    // The topics' end is a quiet second (tansu's watermarks are unreliable); a fetch that
-    // stalls longer under load ends a round early, so a differing result is read on from where
-    // it stopped, as long as rounds still find changes.
+    // The topics' end is a quiet period (tansu's watermarks are unreliable); a fetch that
+    // stalls longer under load ends a round early. So a differing result is read on from where
+    // it stopped, with a quiet period that doubles each round (1, 2, 4, 8 s): it ends when the
+    // views are equal, or when a round of at least 4 s found nothing new.
     let mut views;
-    let mut round = 0;
+    let mut round: u32 = 0;
     loop {
         let cfg = config.clone();
         let before = state.applied;
+        let quiet = Duration::from_secs(1 << round.min(3));
         let (s, u) = tokio::task::spawn_blocking(move || {
-            let (mut s, u) = runtime::catch_up(&cfg, state, Duration::from_secs(1))?;
+            let (mut s, u) = runtime::catch_up(&cfg, state, quiet)?;
             s.finish_epoch()?;
             Ok::<_, ProcessError>((s, u))
         })
@@ -299,16 +313,23 @@ pub async fn check(
         }
         views = compare(&state, &expected);
         round += 1;
-        if views.iter().all(ViewReport::equal) || state.applied == before || round >= 5 {
+        let nothing_new = state.applied == before && quiet >= Duration::from_secs(4);
+        if views.iter().all(ViewReport::equal) || nothing_new || round >= 8 {
             break;
         }
-        tracing::info!(round, "views differ after a quiet second; reading on");
+        tracing::info!(
+            round,
+            ?quiet,
+            "views differ after a quiet period; reading on"
+        );
     }
     Ok(Report {
         lsn,
         views,
         applied_after_checkpoint: state.applied,
         undecodable,
+        rounds: round,
+        positions: state.offsets.clone(),
     })
 }
 
