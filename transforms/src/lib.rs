@@ -100,7 +100,6 @@
 
 pub mod bench;
 pub mod check;
-pub mod checkpoint;
 pub mod input;
 pub mod multiset;
 pub mod runtime;

@@ -94,7 +94,10 @@ pub fn holds(stored: &Offsets, epoch: &Offsets) -> bool {
 
 /// `stored` moved forward by `epoch` (per partition the larger offset: progress never goes back).
 pub fn advance(stored: &mut Offsets, epoch: &Offsets) {
-    stored.advance(epoch);
+    for (tp, next) in &epoch.0 {
+        let e = stored.0.entry(tp.clone()).or_insert(*next);
+        *e = (*e).max(*next);
+    }
 }
 
 /// Names of a view's key columns: the `deletes` batch holds exactly them, in key order.
