@@ -286,16 +286,16 @@ pub async fn check(
         .await
         .map_err(|_| ProcessError::Panicked)??;
     let mut undecodable = 0;
-    // The topics' end is a quiet period (tansu's watermarks are unreliable); a fetch that
-    // stalls longer under load ends a round early. So a differing result is read on from where
-    // it stopped, with a quiet period that doubles each round (1, 2, 4, 8 s): it ends when the
-    // views are equal, or when a round of at least 4 s found nothing new.
+    // The topics' end is a quiet second (tansu's watermarks are unreliable); a fetch that
+    // stalls longer under load ends a round early, so a differing result is read on from where
+    // it stopped, as long as rounds still find changes. (Longer quiet periods, tried in session
+    // 6, made the views tests fail more often, for a reason not yet understood.)
     let mut views;
     let mut round: u32 = 0;
     loop {
         let cfg = config.clone();
         let before = state.applied;
-        let quiet = Duration::from_secs(1 << round.min(3));
+        let quiet = Duration::from_secs(1);
         let (s, u) = tokio::task::spawn_blocking(move || {
             let (mut s, u) = runtime::catch_up(&cfg, state, quiet)?;
             s.finish_epoch()?;
@@ -313,15 +313,10 @@ pub async fn check(
         }
         views = compare(&state, &expected);
         round += 1;
-        let nothing_new = state.applied == before && quiet >= Duration::from_secs(4);
-        if views.iter().all(ViewReport::equal) || nothing_new || round >= 8 {
+        if views.iter().all(ViewReport::equal) || state.applied == before || round >= 5 {
             break;
         }
-        tracing::info!(
-            round,
-            ?quiet,
-            "views differ after a quiet period; reading on"
-        );
+        tracing::info!(round, "views differ after a quiet second; reading on");
     }
     Ok(Report {
         lsn,
