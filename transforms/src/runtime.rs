@@ -398,6 +398,9 @@ pub(crate) struct Processor {
     /// Messages at or past the first cut, waiting until every partition reached it.
     held: Vec<(String, i32, i64, Option<Vec<u8>>)>,
     cut_since: Option<Instant>,
+    /// Partitions assigned at a stored offset whose first message has not come yet: the
+    /// offset wanted, and how far back the last re-read started (see [`Self::resume_gap`]).
+    resume: std::collections::HashMap<(String, i32), (i64, i64)>,
     gate: Option<Arc<SinkGate>>,
     /// Number of the last epoch sent to the sinks.
     last_sent: u64,
@@ -449,6 +452,7 @@ impl Processor {
             cuts: VecDeque::new(),
             held: Vec::new(),
             cut_since: None,
+            resume: Default::default(),
             gate: None,
             last_sent: 0,
             stats: Arc::default(),
@@ -481,6 +485,13 @@ impl Processor {
             self.consumer
                 .assign(&tpl)
                 .map_err(kafka("assigning partitions"))?;
+            self.resume = self
+                .state
+                .offsets
+                .0
+                .iter()
+                .map(|(tp, o)| (tp.clone(), (*o, *o)))
+                .collect();
             tracing::info!(partitions = n, "processor partitions assigned");
             self.assigned = n;
         }
@@ -565,7 +576,70 @@ impl Processor {
     }
 
     /// Folds a message, or holds it back when it lies at or past the first cut.
+    /// A broker that answers a fetch from inside a record batch with the *next* batch (tansu 0.6
+    /// does: it lists batches by base offset, `>=` the offset asked) silently skips the rest of
+    /// that batch. Stored offsets (a checkpoint, the check's start) often lie inside a batch,
+    /// so the first message after an assignment is checked: when it lies past the offset
+    /// asked, the partition is read again from further back (twice as far each time) and the
+    /// messages before the wanted offset are dropped. On a broker that answers from inside a
+    /// batch this never triggers. Returns true when `off` is to be dropped.
+    fn resume_gap(&mut self, key: &(String, i32), off: i64) -> Result<bool, ProcessError> {
+        let Some(&(want, from)) = self.resume.get(key) else {
+            return Ok(false);
+        };
+        let (topic, part) = (key.0.as_str(), key.1);
+        if off < want {
+            return Ok(true);
+        }
+        if off == want || from == 0 {
+            if off > want {
+                tracing::warn!(
+                    topic,
+                    partition = part,
+                    wanted = want,
+                    first = off,
+                    "messages before the first one available were not read (deleted by retention?)"
+                );
+            }
+            self.resume.remove(key);
+            return Ok(false);
+        }
+        // Twice as far back as last time (at least 64 messages).
+        let dist = (want - from).max(off - want).max(32);
+        let back = (want - 2 * dist).max(0);
+        tracing::info!(
+            topic,
+            partition = part,
+            wanted = want,
+            got = off,
+            from = back,
+            "fetch answered past the offset asked; reading the partition again from further back"
+        );
+        self.consumer
+            .seek(topic, part, Offset::Offset(back), Duration::from_secs(10))
+            .map_err(kafka("seeking back to a stored offset"))?;
+        self.resume.insert(key.clone(), (want, back));
+        Ok(true)
+    }
+
     fn take(
+        &mut self,
+        topic: String,
+        part: i32,
+        off: i64,
+        payload: Option<Vec<u8>>,
+    ) -> Result<(), ProcessError> {
+        if !self.resume.is_empty() {
+            let key = (topic, part);
+            if self.resume_gap(&key, off)? {
+                return Ok(());
+            }
+            return self.take_checked(key.0, part, off, payload);
+        }
+        self.take_checked(topic, part, off, payload)
+    }
+
+    fn take_checked(
         &mut self,
         topic: String,
         part: i32,
