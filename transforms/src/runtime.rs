@@ -398,9 +398,9 @@ pub(crate) struct Processor {
     /// Messages at or past the first cut, waiting until every partition reached it.
     held: Vec<(String, i32, i64, Option<Vec<u8>>)>,
     cut_since: Option<Instant>,
-    /// Partitions assigned at a stored offset whose first message has not come yet: the
-    /// offset wanted, and how far back the last re-read started (see [`Self::resume_gap`]).
-    resume: std::collections::HashMap<(String, i32), (i64, i64)>,
+    /// Partitions being read again after a gap: the offset wanted, where the last re-read
+    /// started, and whether a message before the wanted one came since (see [`Self::gap_check`]).
+    resume: std::collections::HashMap<(String, i32), (i64, i64, bool)>,
     gate: Option<Arc<SinkGate>>,
     /// Number of the last epoch sent to the sinks.
     last_sent: u64,
@@ -485,13 +485,7 @@ impl Processor {
             self.consumer
                 .assign(&tpl)
                 .map_err(kafka("assigning partitions"))?;
-            self.resume = self
-                .state
-                .offsets
-                .0
-                .iter()
-                .map(|(tp, o)| (tp.clone(), (*o, *o)))
-                .collect();
+            self.resume.clear();
             tracing::info!(partitions = n, "processor partitions assigned");
             self.assigned = n;
         }
@@ -575,53 +569,70 @@ impl Processor {
         Ok(())
     }
 
-    /// Folds a message, or holds it back when it lies at or past the first cut.
-    /// A broker that answers a fetch from inside a record batch with the *next* batch (tansu 0.6
-    /// does: it lists batches by base offset, `>=` the offset asked) silently skips the rest of
-    /// that batch. Stored offsets (a checkpoint, the check's start) often lie inside a batch,
-    /// so the first message after an assignment is checked: when it lies past the offset
-    /// asked, the partition is read again from further back (twice as far each time) and the
-    /// messages before the wanted offset are dropped. On a broker that answers from inside a
-    /// batch this never triggers. Returns true when `off` is to be dropped.
-    fn resume_gap(&mut self, key: &(String, i32), off: i64) -> Result<bool, ProcessError> {
-        let Some(&(want, from)) = self.resume.get(key) else {
+    /// Change topics are contiguous (walbridge's producer is idempotent, not transactional), so
+    /// a message past the next offset expected means the broker skipped some. tansu 0.6 does:
+    /// it answers a fetch from inside a record batch with the *next* batch (its dynostore lists
+    /// batches by base offset `>=` the offset asked), and under concurrent produce requests a
+    /// fetch can also see a later batch before an earlier one. Either way the skipped messages
+    /// would be lost to the views without a trace. So the partition is sought back (twice as
+    /// far each time) until a message at or before the expected offset comes, and what lies
+    /// before it is dropped. A gap that stays after messages before it were seen is real (a
+    /// compacted topic), and so is one that reaches the partition's start: it is accepted.
+    /// Returns true when the message is to be dropped.
+    fn gap_check(&mut self, key: &(String, i32), off: i64) -> Result<bool, ProcessError> {
+        if let Some(&(want, from, seen_before)) = self.resume.get(key) {
+            if off < want {
+                self.resume.insert(key.clone(), (want, from, true));
+                return Ok(true);
+            }
+            if off == want || seen_before || from == 0 {
+                if off > want {
+                    tracing::warn!(topic = %key.0, partition = key.1, expected = want, first = off, "messages missing in the topic (compacted or deleted); going on from the next one");
+                }
+                self.resume.remove(key);
+                return Ok(false);
+            }
+            return self.seek_back(key, want, from, off);
+        }
+        let Some(&expected) = self.state.offsets.0.get(key) else {
             return Ok(false);
         };
-        let (topic, part) = (key.0.as_str(), key.1);
-        if off < want {
+        if off < expected {
+            // Already folded (read again after a seek).
             return Ok(true);
         }
-        if off == want || from == 0 {
-            if off > want {
-                tracing::warn!(
-                    topic,
-                    partition = part,
-                    wanted = want,
-                    first = off,
-                    "messages before the first one available were not read (deleted by retention?)"
-                );
-            }
-            self.resume.remove(key);
+        if off == expected || self.held.iter().any(|h| h.0 == key.0 && h.1 == key.1) {
             return Ok(false);
         }
+        self.seek_back(key, expected, expected, off)
+    }
+
+    fn seek_back(
+        &mut self,
+        key: &(String, i32),
+        want: i64,
+        from: i64,
+        got: i64,
+    ) -> Result<bool, ProcessError> {
         // Twice as far back as last time (at least 64 messages).
-        let dist = (want - from).max(off - want).max(32);
+        let dist = (want - from).max(got - want).max(32);
         let back = (want - 2 * dist).max(0);
         tracing::info!(
-            topic,
-            partition = part,
+            topic = %key.0,
+            partition = key.1,
             wanted = want,
-            got = off,
+            got,
             from = back,
-            "fetch answered past the offset asked; reading the partition again from further back"
+            "fetch answered past the offset expected; reading the partition again from further back"
         );
         self.consumer
-            .seek(topic, part, Offset::Offset(back), Duration::from_secs(10))
-            .map_err(kafka("seeking back to a stored offset"))?;
-        self.resume.insert(key.clone(), (want, back));
+            .seek(&key.0, key.1, Offset::Offset(back), Duration::from_secs(10))
+            .map_err(kafka("seeking back to the offset expected"))?;
+        self.resume.insert(key.clone(), (want, back, false));
         Ok(true)
     }
 
+    /// Folds a message, or holds it back when it lies at or past the first cut.
     fn take(
         &mut self,
         topic: String,
@@ -629,14 +640,11 @@ impl Processor {
         off: i64,
         payload: Option<Vec<u8>>,
     ) -> Result<(), ProcessError> {
-        if !self.resume.is_empty() {
-            let key = (topic, part);
-            if self.resume_gap(&key, off)? {
-                return Ok(());
-            }
-            return self.take_checked(key.0, part, off, payload);
+        let key = (topic, part);
+        if self.gap_check(&key, off)? {
+            return Ok(());
         }
-        self.take_checked(topic, part, off, payload)
+        self.take_checked(key.0, part, off, payload)
     }
 
     fn take_checked(
