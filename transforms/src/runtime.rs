@@ -400,7 +400,7 @@ pub(crate) struct Processor {
     cut_since: Option<Instant>,
     /// Partitions being read again after a gap: the offset wanted, where the last re-read
     /// started, and whether a message before the wanted one came since (see [`Self::gap_check`]).
-    resume: std::collections::HashMap<(String, i32), (i64, i64, bool)>,
+    gap_chase: std::collections::HashMap<(String, i32), (i64, i64, bool)>,
     gate: Option<Arc<SinkGate>>,
     /// Number of the last epoch sent to the sinks.
     last_sent: u64,
@@ -452,7 +452,7 @@ impl Processor {
             cuts: VecDeque::new(),
             held: Vec::new(),
             cut_since: None,
-            resume: Default::default(),
+            gap_chase: Default::default(),
             gate: None,
             last_sent: 0,
             stats: Arc::default(),
@@ -485,7 +485,7 @@ impl Processor {
             self.consumer
                 .assign(&tpl)
                 .map_err(kafka("assigning partitions"))?;
-            self.resume.clear();
+            self.gap_chase.clear();
             tracing::info!(partitions = n, "processor partitions assigned");
             self.assigned = n;
         }
@@ -580,16 +580,16 @@ impl Processor {
     /// compacted topic), and so is one that reaches the partition's start: it is accepted.
     /// Returns true when the message is to be dropped.
     fn gap_check(&mut self, key: &(String, i32), off: i64) -> Result<bool, ProcessError> {
-        if let Some(&(want, from, seen_before)) = self.resume.get(key) {
+        if let Some(&(want, from, seen_before)) = self.gap_chase.get(key) {
             if off < want {
-                self.resume.insert(key.clone(), (want, from, true));
+                self.gap_chase.insert(key.clone(), (want, from, true));
                 return Ok(true);
             }
             if off == want || seen_before || from == 0 {
                 if off > want {
                     tracing::warn!(topic = %key.0, partition = key.1, expected = want, first = off, "messages missing in the topic (compacted or deleted); going on from the next one");
                 }
-                self.resume.remove(key);
+                self.gap_chase.remove(key);
                 return Ok(false);
             }
             return self.seek_back(key, want, from, off);
@@ -628,7 +628,7 @@ impl Processor {
         self.consumer
             .seek(&key.0, key.1, Offset::Offset(back), Duration::from_secs(10))
             .map_err(kafka("seeking back to the offset expected"))?;
-        self.resume.insert(key.clone(), (want, back, false));
+        self.gap_chase.insert(key.clone(), (want, back, false));
         Ok(true)
     }
 
