@@ -53,6 +53,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// The processor's live counters.
+    pub fn stats(&self) -> Arc<transforms::ProcessorStats> {
+        self.running.stats.clone()
+    }
+
     /// Stops the processor (final epoch, sinks, checkpoint) and waits for it and the sinks.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stopper
@@ -216,7 +221,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
 async fn open_sink(cfg: &Config, s: &ViewSinkConfig) -> anyhow::Result<Box<dyn ViewSink>> {
     Ok(match s {
         ViewSinkConfig::Kafka { name, topic_prefix } => {
-            Box::new(sinks::views::kafka::KafkaViewSink::new(
+            let mut sink = sinks::views::kafka::KafkaViewSink::new(
                 name,
                 sinks::views::kafka::KafkaViewSettings {
                     brokers: cfg.kafka.bootstrap_servers(),
@@ -232,7 +237,14 @@ async fn open_sink(cfg: &Config, s: &ViewSinkConfig) -> anyhow::Result<Box<dyn V
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
                 },
-            )?)
+            )?;
+            let defs = transforms::state::view_defs();
+            let views: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
+            // Not fatal here: the first write of each view tries again (and retries).
+            if let Err(e) = sink.create_topics(&views).await {
+                tracing::warn!(sink = %name, error = %e, "creating the view topics failed; each view's first write tries again");
+            }
+            Box::new(sink)
         }
         ViewSinkConfig::Postgres { name, dsn, schema } => Box::new(
             sinks::views::postgres::PostgresViewSink::open(
@@ -292,112 +304,6 @@ fn full_epoch(catalog: &Catalog, at: &Offsets) -> anyhow::Result<Epoch> {
 /// At most this many queued epochs go to the sinks as one.
 const MAX_COALESCED: usize = 256;
 
-/// Consecutive epochs as one: per view and key the last change wins (within an epoch deletes
-/// come before upserts, as the sinks apply them), offsets are the last epoch's.
-///
-/// Why this is exact for every sink, also one whose position lies inside the span: the rows are
-/// absolute (whole rows, whole-key deletes), so the result names every key that changed in any
-/// of the epochs with its value at the end. A sink holding the first epochs gets some keys again
-/// with the value it already has, and every key that changed after its position with the right
-/// value; what a net diff across its position would miss (a key changed and changed back) is
-/// not lost here, since each epoch was computed from the state at its own start.
-fn coalesce(mut epochs: Vec<Epoch>) -> anyhow::Result<Epoch> {
-    use std::collections::HashMap;
-    use transforms::arrow::array::ArrayRef;
-    use transforms::arrow::compute::interleave;
-    use transforms::arrow::row::{RowConverter, SortField};
-
-    if epochs.len() == 1 {
-        return Ok(epochs.pop().expect("one epoch"));
-    }
-    let last = epochs.last().expect("not empty");
-    let (number, mut offsets) = (last.number, last.offsets.clone());
-    for e in &epochs {
-        sinks::views::advance(&mut offsets, &e.offsets);
-    }
-    // Views in order of first appearance, each with its epochs' (upserts, deletes) in order.
-    let mut views: Vec<(String, Vec<(&RecordBatch, &RecordBatch)>)> = Vec::new();
-    for e in &epochs {
-        for c in &e.changes {
-            match views.iter_mut().find(|(v, _)| *v == c.view) {
-                Some((_, list)) => list.push((&c.upserts, &c.deletes)),
-                None => views.push((c.view.clone(), vec![(&c.upserts, &c.deletes)])),
-            }
-        }
-    }
-    let mut changes = Vec::with_capacity(views.len());
-    for (view, parts) in views {
-        let key_schema = parts[0].1.schema();
-        let row_schema = parts[0].0.schema();
-        let key_idx: Vec<usize> = key_schema
-            .fields()
-            .iter()
-            .map(|f| row_schema.index_of(f.name()))
-            .collect::<Result<_, _>>()?;
-        let converter = RowConverter::new(
-            key_schema
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
-        // Last change per key: (is upsert, part, row), in first-seen order of the keys.
-        let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::new();
-        let mut last: Vec<(bool, usize, usize)> = Vec::new();
-        let mut record = |key: &[u8], change: (bool, usize, usize)| match slot_of.get(key) {
-            Some(i) => last[*i] = change,
-            None => {
-                slot_of.insert(key.to_vec(), last.len());
-                last.push(change);
-            }
-        };
-        for (p, (upserts, deletes)) in parts.iter().enumerate() {
-            let rows = converter.convert_columns(deletes.columns())?;
-            for r in 0..deletes.num_rows() {
-                record(rows.row(r).as_ref(), (false, p, r));
-            }
-            let keys: Vec<ArrayRef> = key_idx.iter().map(|i| upserts.column(*i).clone()).collect();
-            let rows = converter.convert_columns(&keys)?;
-            for r in 0..upserts.num_rows() {
-                record(rows.row(r).as_ref(), (true, p, r));
-            }
-        }
-        let pick = |upsert: bool| -> Vec<(usize, usize)> {
-            last.iter()
-                .filter(|(u, _, _)| *u == upsert)
-                .map(|(_, p, r)| (*p, *r))
-                .collect()
-        };
-        let gather = |batches: Vec<&RecordBatch>,
-                      at: &[(usize, usize)]|
-         -> anyhow::Result<RecordBatch> {
-            let schema = batches[0].schema();
-            let columns = (0..schema.fields().len())
-                .map(|c| {
-                    let arrays: Vec<&dyn transforms::arrow::array::Array> =
-                        batches.iter().map(|b| b.column(c).as_ref()).collect();
-                    interleave(&arrays, at)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(RecordBatch::try_new_with_options(
-                schema,
-                columns,
-                &transforms::arrow::array::RecordBatchOptions::new().with_row_count(Some(at.len())),
-            )?)
-        };
-        changes.push(ViewChanges {
-            view,
-            upserts: gather(parts.iter().map(|p| p.0).collect(), &pick(true))?,
-            deletes: gather(parts.iter().map(|p| p.1).collect(), &pick(false))?,
-        });
-    }
-    Ok(Epoch {
-        number,
-        offsets,
-        changes,
-    })
-}
-
 /// Hands every epoch to every sink in order; tells the gate which epoch all of them stored.
 async fn drive(
     cfg: &Config,
@@ -426,7 +332,7 @@ async fn drive(
                 Err(_) => break,
             }
         }
-        let epoch = coalesce(queued)?;
+        let epoch = transforms::view::coalesce(queued)?;
         for slot in &mut slots {
             if !epoch.offsets.0.is_empty() && slot.position.covers(&epoch.offsets) {
                 continue;
@@ -538,82 +444,4 @@ fn write_marker(path: &std::path::Path, at: &Offsets) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use transforms::arrow::array::{Int64Array, StringArray};
-    use transforms::arrow::datatypes::{DataType, Field, Schema};
-
-    fn changes(upserts: &[(&str, i64)], deletes: &[&str]) -> ViewChanges {
-        let rows = Arc::new(Schema::new(vec![
-            Field::new("sku", DataType::Utf8, false),
-            Field::new("available", DataType::Int64, false),
-        ]));
-        let keys = Arc::new(Schema::new(vec![Field::new("sku", DataType::Utf8, false)]));
-        ViewChanges {
-            view: "v".into(),
-            upserts: RecordBatch::try_new(
-                rows,
-                vec![
-                    Arc::new(StringArray::from_iter_values(upserts.iter().map(|u| u.0))),
-                    Arc::new(Int64Array::from_iter_values(upserts.iter().map(|u| u.1))),
-                ],
-            )
-            .unwrap(),
-            deletes: RecordBatch::try_new(
-                keys,
-                vec![Arc::new(StringArray::from_iter_values(
-                    deletes.iter().copied(),
-                ))],
-            )
-            .unwrap(),
-        }
-    }
-
-    fn epoch(n: u64, next: i64, c: ViewChanges) -> Epoch {
-        Epoch {
-            number: n,
-            offsets: Offsets([(("t".to_owned(), 0), next)].into_iter().collect()),
-            changes: vec![c],
-        }
-    }
-
-    fn contents(c: &ViewChanges) -> (Vec<(String, i64)>, Vec<String>) {
-        use transforms::arrow::array::AsArray;
-        use transforms::arrow::datatypes::Int64Type;
-        let u = &c.upserts;
-        let ups = (0..u.num_rows())
-            .map(|i| {
-                (
-                    u.column(0).as_string::<i32>().value(i).to_owned(),
-                    u.column(1).as_primitive::<Int64Type>().value(i),
-                )
-            })
-            .collect();
-        let d = &c.deletes;
-        let dels = (0..d.num_rows())
-            .map(|i| d.column(0).as_string::<i32>().value(i).to_owned())
-            .collect();
-        (ups, dels)
-    }
-
-    #[test]
-    fn coalesced_epochs_keep_the_last_change_of_every_key() {
-        let merged = coalesce(vec![
-            epoch(1, 10, changes(&[("a", 1), ("b", 2)], &["x"])),
-            // a leaves, b changes, c arrives, x comes back
-            epoch(2, 20, changes(&[("b", 3), ("c", 4), ("x", 5)], &["a"])),
-            // c leaves and comes back within one epoch: deletes first, so it stays
-            epoch(3, 30, changes(&[("c", 6)], &["c"])),
-        ])
-        .unwrap();
-        assert_eq!(merged.number, 3);
-        assert_eq!(merged.offsets.0[&("t".to_owned(), 0)], 30);
-        let (mut ups, dels) = contents(&merged.changes[0]);
-        ups.sort();
-        assert_eq!(ups, [("b".into(), 3), ("c".into(), 6), ("x".into(), 5)]);
-        assert_eq!(dels, ["a"]);
-    }
 }

@@ -100,6 +100,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod checkpoint;
 pub mod input;
 pub mod multiset;
 pub mod runtime;

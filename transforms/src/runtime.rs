@@ -1,10 +1,13 @@
 //! The processor loop: Kafka in, state folded, epochs and alerts out, checkpoints on disk.
 //!
 //! One thread owns the consumer and the [`State`]; nothing else touches the state, so the fold
-//! needs no locks. Every `epoch_interval` it closes an epoch: views are brought up to date,
-//! changed views are published to the [`Catalog`] and the [`Epoch`] is sent to the channel
-//! (which blocks when the receiver is full: a slow sink slows the processor, it does not grow
-//! memory). Every `checkpoint_interval` the alerts produced so far are flushed and the state is
+//! needs no locks. It closes an epoch as soon as it has read everything the consumer holds
+//! (at most one per [`MIN_EPOCH_GAP`]), or after `epoch_interval` while messages keep coming:
+//! views are brought up to date, changed views are published to the [`Catalog`] and the
+//! [`Epoch`] is sent to the channel. A full channel (a slow sink) does not stop the fold or
+//! the SQL views: epochs wait in the processor and are merged once [`MAX_UNSENT`] queue up, so
+//! memory is bounded by the views' size; only a checkpoint waits for the sinks (below).
+//! Every `checkpoint_interval` the alerts produced so far are flushed and the state is
 //! written with the offsets it reflects (temp file, fsync, rename: a crash leaves the old or
 //! the new checkpoint, never a torn one). On start the checkpoint is restored and the consumer
 //! is positioned at its offsets, so after `kill -9` the changes after the checkpoint are read
@@ -50,6 +53,17 @@ use crate::view::{Catalog, Epoch, Offsets, Snapshot};
 
 /// How long replay waits to reach a sink's position before giving the cut up.
 pub const CUT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The shortest time between two epochs closed because the input was drained. Closing on
+/// drain, not on a timer, is what keeps a change's way into SQL short (a timer adds half its
+/// period on average); the gap bounds the epoch rate when changes trickle in one by one.
+pub const MIN_EPOCH_GAP: Duration = Duration::from_millis(5);
+
+/// How long a periodic checkpoint waits for the sinks before it is put off.
+const CHECKPOINT_SINK_PATIENCE: Duration = Duration::from_millis(20);
+
+/// Epochs held back while the sinks' channel is full before they are merged into one.
+const MAX_UNSENT: usize = 64;
 
 /// How long a stopping processor waits for the sinks before it exits without a final checkpoint
 /// (the next start replays from the previous one).
@@ -330,7 +344,7 @@ pub fn load_checkpoint(config: &ProcessorConfig) -> Result<State, ProcessError> 
     Ok(state)
 }
 
-fn write_checkpoint(path: &Path, saved: &Saved) -> Result<(), ProcessError> {
+pub(crate) fn write_checkpoint(path: &Path, saved: &Saved) -> Result<(), ProcessError> {
     use std::io::Write;
     let err = |what: String| ProcessError::Checkpoint {
         path: path.to_owned(),
@@ -404,6 +418,10 @@ pub(crate) struct Processor {
     gate: Option<Arc<SinkGate>>,
     /// Number of the last epoch sent to the sinks.
     last_sent: u64,
+    /// Epochs closed while the sinks' channel was full, oldest first (see [`Self::send_epochs`]).
+    unsent: Vec<Epoch>,
+    /// Writes checkpoints off this thread (when checkpointing; see [`crate::checkpoint`]).
+    writer: Option<crate::checkpoint::Writer>,
     stats: Arc<ProcessorStats>,
 }
 
@@ -422,7 +440,10 @@ impl Processor {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("allow.auto.create.topics", "false")
-            .set("fetch.wait.max.ms", "50")
+            // tansu holds every fetch for the whole wait, data or not, so this bounds the
+            // delay before a change is read; a Kafka broker answers as soon as data arrives and
+            // the value only sets how often an idle consumer asks.
+            .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(kafka("creating the consumer"))?;
         let registry = RegistryClient::new(&config.registry_url)?;
@@ -455,6 +476,8 @@ impl Processor {
             gap_chase: Default::default(),
             gate: None,
             last_sent: 0,
+            unsent: Vec::new(),
+            writer: None,
             stats: Arc::default(),
         })
     }
@@ -462,23 +485,19 @@ impl Processor {
     /// Assigns every partition of the change topics that exist, at the state's offsets (the
     /// beginning for partitions the state has not seen). Returns how many partitions.
     fn assign(&mut self) -> Result<usize, ProcessError> {
-        let md = self
-            .consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(kafka("reading topic metadata"))?;
+        let parts = partitions_of(&self.consumer, &self.topics)?;
+        self.assign_partitions(&parts)
+    }
+
+    fn assign_partitions(&mut self, parts: &[(String, i32)]) -> Result<usize, ProcessError> {
         let mut tpl = TopicPartitionList::new();
-        for t in md.topics() {
-            if !self.topics.iter().any(|(n, _)| n == t.name()) {
-                continue;
-            }
-            for p in t.partitions() {
-                let at = match self.state.offsets.0.get(&(t.name().to_owned(), p.id())) {
-                    Some(o) => Offset::Offset(*o),
-                    None => Offset::Beginning,
-                };
-                tpl.add_partition_offset(t.name(), p.id(), at)
-                    .map_err(kafka("building the assignment"))?;
-            }
+        for (topic, p) in parts {
+            let at = match self.state.offsets.0.get(&(topic.clone(), *p)) {
+                Some(o) => Offset::Offset(*o),
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(topic, *p, at)
+                .map_err(kafka("building the assignment"))?;
         }
         let n = tpl.count();
         if n != self.assigned {
@@ -500,16 +519,38 @@ impl Processor {
         if self.alerts {
             self.producer = Some(self.alert_producer()?);
         }
+        if self.checkpoints && self.writer.is_none() {
+            // The writer's replica starts from the whole state (once); after that the
+            // checkpoints hand over only what changed.
+            let replica =
+                crate::checkpoint::Replica::new(self.state.save(&self.config.topic_prefix));
+            self.state.track_checkpoint_changes(true);
+            self.writer = Some(crate::checkpoint::Writer::start(
+                self.config.checkpoint_path(),
+                replica,
+                self.stats.clone(),
+            )?);
+        }
         self.assign()?;
         let started = Instant::now();
         let mut last_message = Instant::now();
         let mut next_epoch = Instant::now() + self.config.epoch_interval;
+        // The earliest time an epoch may close because the input is drained.
+        let mut next_drain_close = Instant::now();
         let mut next_checkpoint = Instant::now() + self.config.checkpoint_interval;
-        let mut next_metadata = Instant::now() + Duration::from_secs(2);
+        // When the checkpoint now put off first fell due.
+        let mut checkpoint_due: Option<Instant> = None;
+        // Partitions that appear later (a topic created after the start, more partitions) are
+        // found by a thread of its own: a metadata request takes tens of milliseconds, which
+        // would delay every change in flight if the fold waited for it.
+        let watch = MetadataWatch::start(&self.config, self.topics.clone())?;
         let mut saved_offsets = self.state.offsets.clone();
         loop {
             if self.stopped() {
                 break;
+            }
+            if !self.unsent.is_empty() {
+                self.send_epochs(false)?;
             }
             if let Until::Quiet(q) = self.until
                 && started.elapsed() > Duration::from_secs(4)
@@ -518,15 +559,21 @@ impl Processor {
                 break;
             }
             let now = Instant::now();
-            if now >= next_metadata {
-                self.assign()?;
-                next_metadata = now + Duration::from_secs(2);
+            if let Some(parts) = watch.latest() {
+                self.assign_partitions(&parts)?;
             }
-            let wait = next_epoch
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(100));
-            if let Some(m) = self.consumer.poll(wait) {
-                match m {
+            // With changes folded and not yet published, only wait until a close on drain is
+            // allowed; otherwise until the timer.
+            let wait = if self.since_epoch > 0 {
+                next_drain_close.saturating_duration_since(now)
+            } else {
+                next_epoch.saturating_duration_since(now)
+            }
+            .min(Duration::from_millis(100));
+            let mut drained = false;
+            match self.consumer.poll(wait) {
+                None => drained = true,
+                Some(m) => match m {
                     Ok(m) => {
                         last_message = Instant::now();
                         let (topic, part, off) = (m.topic().to_owned(), m.partition(), m.offset());
@@ -536,27 +583,42 @@ impl Processor {
                         self.take(topic, part, off, payload)?;
                     }
                     Err(e) => tracing::warn!(error = %e, "processor consumer poll"),
-                }
+                },
             }
             if !self.cuts.is_empty() {
                 self.at_cuts()?;
             }
             let now = Instant::now();
-            if now >= next_epoch {
+            let on_drain = drained && self.since_epoch > 0 && now >= next_drain_close;
+            if now >= next_epoch || on_drain {
                 if self.since_epoch > 0 {
                     self.close_epoch()?;
                 }
-                // Publishing rebuilds each changed view's snapshot, which costs in proportion
-                // to the view, not to the change: while that is slow (large views, a backlog to
-                // fold), epochs stretch so that closing them takes at most a fifth of the time.
+                // While a backlog is folded (no drain), epochs stretch so that closing them takes
+                // at most a fifth of the time. A close on drain does not stretch the next one:
+                // the backlog that made it large is gone, and time spent closing while caught up
+                // costs no throughput (falling behind ends the drains, and the stretch is back).
                 let cost = now.elapsed();
                 next_epoch = Instant::now() + self.config.epoch_interval.max(cost * 4);
+                next_drain_close = Instant::now() + MIN_EPOCH_GAP;
             }
             if self.checkpoints && now >= next_checkpoint {
-                if self.state.offsets != saved_offsets && self.checkpoint()? {
+                // A checkpoint waits for the sinks to store its epoch. While they are busy
+                // (a first full copy, a slow transaction) it is put off, so the views keep
+                // moving; put off too long, it waits for them.
+                let due = *checkpoint_due.get_or_insert(now);
+                let patience = (due.elapsed() < self.config.checkpoint_interval * 5)
+                    .then_some(CHECKPOINT_SINK_PATIENCE);
+                if self.state.offsets == saved_offsets {
+                    checkpoint_due = None;
+                    next_checkpoint = now + self.config.checkpoint_interval;
+                } else if self.checkpoint(patience)? {
                     saved_offsets = self.state.offsets.clone();
+                    checkpoint_due = None;
+                    next_checkpoint = now + self.config.checkpoint_interval;
+                } else {
+                    next_checkpoint = now + Duration::from_millis(50);
                 }
-                next_checkpoint = now + self.config.checkpoint_interval;
             }
         }
         // Held messages stay unfolded: their offsets were not advanced, so they are read again.
@@ -564,7 +626,11 @@ impl Processor {
             self.close_epoch()?;
         }
         if self.checkpoints && self.state.offsets != saved_offsets {
-            self.checkpoint()?;
+            self.checkpoint(None)?;
+        }
+        // The last checkpoint is on disk when the processor returns.
+        if let Some(w) = self.writer.take() {
+            w.finish()?;
         }
         Ok(())
     }
@@ -762,7 +828,14 @@ impl Processor {
 
     pub(crate) fn close_epoch(&mut self) -> Result<(), ProcessError> {
         self.since_epoch = 0;
+        let t = Instant::now();
         let out = self.state.finish_epoch()?;
+        tracing::trace!(
+            epoch = self.state.epoch,
+            views = out.changes.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "processor epoch closed"
+        );
         self.stats.epochs.fetch_add(1, Ordering::Relaxed);
         self.stats.epoch.store(self.state.epoch, Ordering::Relaxed);
         *self
@@ -793,39 +866,91 @@ impl Processor {
                 }
             }
         }
-        if let Some(tx) = &self.epochs {
-            let epoch = Epoch {
+        if self.epochs.is_some() {
+            self.unsent.push(Epoch {
                 number: self.state.epoch,
                 offsets: self.state.offsets.clone(),
                 changes: out.changes,
-            };
-            let number = epoch.number;
-            if tx.blocking_send(epoch).is_err() {
-                if let Some(g) = &self.gate {
-                    return Err(ProcessError::Sink(g.failure().unwrap_or_else(|| {
-                        "the view sinks stopped taking epochs".to_owned()
-                    })));
-                }
-                // Without sinks a dropped receiver means nobody wants epochs: views go on.
-                self.epochs = None;
-            } else {
-                self.last_sent = number;
-            }
+            });
+            self.send_epochs(false)?;
         }
         Ok(())
     }
 
-    /// Waits until the sinks stored every epoch sent. False when stopping and they take too long
-    /// (the caller then skips the checkpoint).
-    fn wait_for_sinks(&mut self) -> Result<bool, ProcessError> {
+    /// Hands the closed epochs to the sinks' channel. When it is full (a sink is slower than
+    /// the epochs, or busy with a first full copy), the epochs wait here and the processor goes
+    /// on folding and publishing to SQL, so a query's freshness never waits for a sink. Past
+    /// [`MAX_UNSENT`] they are merged into one ([`crate::view::coalesce`], exact for every
+    /// sink), so memory stays bounded by the views' size, not by how long the sink is slow.
+    /// `block`: wait for room instead (before a checkpoint, which must not pass the sinks).
+    fn send_epochs(&mut self, block: bool) -> Result<(), ProcessError> {
+        let Some(tx) = &self.epochs else {
+            self.unsent.clear();
+            return Ok(());
+        };
+        let mut sent = 0;
+        let mut closed = false;
+        for epoch in self.unsent.iter() {
+            let res = if block {
+                tx.blocking_send(epoch.clone()).map_err(|_| ())
+            } else {
+                match tx.try_reserve() {
+                    Ok(permit) => {
+                        permit.send(epoch.clone());
+                        Ok(())
+                    }
+                    Err(mpsc::error::TrySendError::Full(())) => break,
+                    Err(mpsc::error::TrySendError::Closed(())) => Err(()),
+                }
+            };
+            if res.is_err() {
+                closed = true;
+                break;
+            }
+            self.last_sent = epoch.number;
+            sent += 1;
+        }
+        self.unsent.drain(..sent);
+        if closed {
+            if let Some(g) = &self.gate {
+                return Err(ProcessError::Sink(g.failure().unwrap_or_else(|| {
+                    "the view sinks stopped taking epochs".to_owned()
+                })));
+            }
+            // Without sinks a dropped receiver means nobody wants epochs: views go on.
+            self.epochs = None;
+            self.unsent.clear();
+            return Ok(());
+        }
+        if self.unsent.len() >= MAX_UNSENT {
+            let merged = crate::view::coalesce(std::mem::take(&mut self.unsent))?;
+            self.unsent.push(merged);
+        }
+        Ok(())
+    }
+
+    /// Waits until the sinks stored every epoch closed. False when stopping and they take too
+    /// long, or past `patience` when one is given (the caller then skips the checkpoint).
+    fn wait_for_sinks(&mut self, patience: Option<Duration>) -> Result<bool, ProcessError> {
         let Some(gate) = self.gate.clone() else {
             return Ok(true);
         };
+        if patience.is_some() {
+            self.send_epochs(false)?;
+            if !self.unsent.is_empty() {
+                return Ok(false);
+            }
+        } else {
+            self.send_epochs(true)?;
+        }
         let started = Instant::now();
         let mut stopping_since: Option<Instant> = None;
         while gate.delivered.load(Ordering::SeqCst) < self.last_sent {
             if let Some(f) = gate.failure() {
                 return Err(ProcessError::Sink(f));
+            }
+            if patience.is_some_and(|p| started.elapsed() > p) {
+                return Ok(false);
             }
             if self.stopped() {
                 let s = *stopping_since.get_or_insert_with(Instant::now);
@@ -909,14 +1034,15 @@ impl Processor {
 
     /// Waits for every alert produced so far and for the sinks, then writes the checkpoint: an
     /// alert or a sink is never behind a checkpoint that covers its change (at least once,
-    /// duplicates carry one id). False when it was skipped (stopping, sinks too slow).
-    fn checkpoint(&mut self) -> Result<bool, ProcessError> {
+    /// duplicates carry one id). False when it was skipped: the sinks had not stored its epoch
+    /// within `patience`, or in time while stopping.
+    fn checkpoint(&mut self, patience: Option<Duration>) -> Result<bool, ProcessError> {
         if self.gate.is_some() {
             // The checkpoint's offsets must be an epoch boundary the sinks stored.
             if self.since_epoch > 0 {
                 self.close_epoch()?;
             }
-            if !self.wait_for_sinks()? {
+            if !self.wait_for_sinks(patience)? {
                 return Ok(false);
             }
         }
@@ -933,8 +1059,18 @@ impl Processor {
                 reason,
             });
         }
-        let path = self.config.checkpoint_path();
-        write_checkpoint(&path, &self.state.save(&self.config.topic_prefix))?;
+        let t = Instant::now();
+        let delta = self.state.take_delta();
+        let delta_ms = t.elapsed().as_millis() as u64;
+        match &mut self.writer {
+            Some(w) => w.send(delta)?,
+            None => {
+                return Err(ProcessError::Checkpoint {
+                    path: self.config.checkpoint_path(),
+                    what: "no checkpoint writer (a bug: checkpoints were not set up)".into(),
+                });
+            }
+        }
         // Also in the consumer group, so lag tools show where the processors are. The
         // checkpoint, not the group, is what a restart resumes from.
         let mut tpl = TopicPartitionList::new();
@@ -944,15 +1080,80 @@ impl Processor {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "committing processor offsets to the group");
         }
-        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_checkpoint_ms.store(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
-            Ordering::Relaxed,
+        tracing::trace!(
+            epoch = self.state.epoch,
+            delta_ms,
+            "processor checkpoint handed to the writer"
         );
-        tracing::debug!(epoch = self.state.epoch, "processor checkpoint written");
         Ok(true)
+    }
+}
+
+/// The change topics' partitions as the broker reports them.
+fn partitions_of(
+    consumer: &BaseConsumer,
+    topics: &[(String, usize)],
+) -> Result<Vec<(String, i32)>, ProcessError> {
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(kafka("reading topic metadata"))?;
+    let mut parts = Vec::new();
+    for t in md.topics() {
+        if topics.iter().any(|(n, _)| n == t.name()) {
+            parts.extend(t.partitions().iter().map(|p| (t.name().to_owned(), p.id())));
+        }
+    }
+    Ok(parts)
+}
+
+/// Reads the change topics' partitions every 2 s on a thread of its own; the processor picks
+/// up the newest list without waiting. The thread ends when the watch is dropped.
+struct MetadataWatch {
+    latest: Arc<Mutex<Option<Vec<(String, i32)>>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MetadataWatch {
+    fn start(config: &ProcessorConfig, topics: Vec<(String, usize)>) -> Result<Self, ProcessError> {
+        let consumer: BaseConsumer = config
+            .client()
+            .create()
+            .map_err(kafka("creating the metadata client"))?;
+        let latest = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, stopped) = (latest.clone(), stop.clone());
+        // A thread that cannot start leaves the assignment as it is: no new partitions.
+        let started = std::thread::Builder::new()
+            .name("processor-metadata".into())
+            .spawn(move || {
+                loop {
+                    for _ in 0..20 {
+                        std::thread::sleep(Duration::from_millis(100));
+                        if stopped.load(Ordering::Relaxed) {
+                            return;
+                        }
+                    }
+                    match partitions_of(&consumer, &topics) {
+                        Ok(parts) => *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(parts),
+                        Err(e) => tracing::warn!(error = %e, "processor metadata refresh"),
+                    }
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start the processor's metadata thread; new partitions are not picked up");
+        }
+        Ok(MetadataWatch { latest, stop })
+    }
+
+    /// The list read since the last call, if any.
+    fn latest(&self) -> Option<Vec<(String, i32)>> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl Drop for MetadataWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

@@ -248,6 +248,8 @@ pub struct State {
     dirty_diffs: Set<SkuLoc>,
     dirty_customers: BTreeSet<i64>,
     new_lines: Vec<(String, i64, u64, i64)>,
+    /// Input keys changed since the last checkpoint delta (when tracking is on).
+    ckpt: Option<CkptDirty>,
     // Published views.
     views: Vec<ViewTable>,
     pub offsets: Offsets,
@@ -284,6 +286,7 @@ impl State {
             dirty_diffs: Set::with_hasher(hasher()),
             dirty_customers: BTreeSet::new(),
             new_lines: Vec::new(),
+            ckpt: None,
             views: view_defs().into_iter().map(ViewTable::new).collect(),
             offsets: Offsets::default(),
             epoch: 0,
@@ -317,6 +320,9 @@ impl State {
         match &ev.change {
             Change::StockLevel { key, row } => self.stock_level(key, *row, ev),
             Change::InventoryCache { key, available } => {
+                if let Some(c) = &mut self.ckpt {
+                    c.cache.mark(key);
+                }
                 match (available, self.cache.get_mut(key)) {
                     (Some(a), Some(v)) => *v = *a,
                     (Some(a), None) => {
@@ -329,6 +335,9 @@ impl State {
                 self.reconcile(key, ev.ts_ms);
             }
             Change::Product { sku, category } => {
+                if let Some(c) = &mut self.ckpt {
+                    c.products.mark(sku);
+                }
                 let old = match category {
                     Some(c) => self.products.insert(sku.clone(), c.clone()),
                     None => self.products.remove(sku),
@@ -342,6 +351,9 @@ impl State {
                 }
             }
             Change::Customer { id, exists } => {
+                if let Some(c) = &mut self.ckpt {
+                    c.customers.insert(*id);
+                }
                 let changed = if *exists {
                     self.customers.insert(*id)
                 } else {
@@ -352,6 +364,9 @@ impl State {
                 }
             }
             Change::Order { id, row } => {
+                if let Some(c) = &mut self.ckpt {
+                    c.orders.insert(*id);
+                }
                 let nret = self.returns_per_order.get(id).copied().unwrap_or(0);
                 if let Some(old) = self.orders.remove(id) {
                     self.contribute(&old, nret, -1);
@@ -362,6 +377,9 @@ impl State {
                 }
             }
             Change::Return { id, order_id } => {
+                if let Some(c) = &mut self.ckpt {
+                    c.returns.insert(*id);
+                }
                 let old = match order_id {
                     Some(o) => self.returns.insert(*id, *o),
                     None => self.returns.remove(id),
@@ -384,6 +402,9 @@ impl State {
     }
 
     fn stock_level(&mut self, key: &SkuLoc, row: Option<Stock>, ev: &Event) {
+        if let Some(c) = &mut self.ckpt {
+            c.stock.mark(key);
+        }
         // The hot path: look up before inserting, so a known key costs no String copies.
         let old = match (row, self.stock.get_mut(key)) {
             (Some(r), Some(s)) => Some(std::mem::replace(s, r)),
@@ -472,6 +493,9 @@ impl State {
             (None, _) => {
                 self.diffs.remove(key);
             }
+        }
+        if let Some(c) = &mut self.ckpt {
+            c.since.mark(key);
         }
         if let Some(n) = new {
             self.diff_since.update(&n.since, 1);
@@ -811,16 +835,73 @@ pub struct Saved {
     pub epoch: u64,
     pub max_lsn: u64,
     pub offsets: Vec<(String, i32, i64)>,
-    products: Vec<(String, String)>,
-    customers: Vec<i64>,
-    orders: Vec<(i64, Order)>,
-    returns: Vec<(i64, i64)>,
-    cache: Vec<(SkuLoc, i64)>,
-    stock: Vec<(SkuLoc, Stock)>,
-    since: Vec<(SkuLoc, i64)>,
+    pub(crate) products: Vec<(String, String)>,
+    pub(crate) customers: Vec<i64>,
+    pub(crate) orders: Vec<(i64, Order)>,
+    pub(crate) returns: Vec<(i64, i64)>,
+    pub(crate) cache: Vec<(SkuLoc, i64)>,
+    pub(crate) stock: Vec<(SkuLoc, Stock)>,
+    pub(crate) since: Vec<(SkuLoc, i64)>,
 }
 
 pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// A set of keys that clones a key only the first time it is marked (the fold's hot path).
+#[derive(Debug)]
+struct Marks<K: std::hash::Hash + Eq>(Set<K>);
+
+impl<K: std::hash::Hash + Eq> Default for Marks<K> {
+    fn default() -> Self {
+        Marks(Set::with_hasher(hasher()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Marks<K> {
+    fn mark<Q>(&mut self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if !self.0.contains(key) {
+            self.0.insert(key.to_owned());
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> IntoIterator for Marks<K> {
+    type Item = K;
+    type IntoIter = std::collections::hash_set::IntoIter<K>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// Input keys changed since the last checkpoint delta.
+#[derive(Debug, Default)]
+struct CkptDirty {
+    products: Marks<String>,
+    customers: BTreeSet<i64>,
+    orders: BTreeSet<i64>,
+    returns: BTreeSet<i64>,
+    cache: Marks<SkuLoc>,
+    stock: Marks<SkuLoc>,
+    since: Marks<SkuLoc>,
+}
+
+/// The change of the checkpointed state since the previous delta (see [`State::take_delta`]).
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    pub epoch: u64,
+    pub max_lsn: u64,
+    pub offsets: Vec<(String, i32, i64)>,
+    pub products: Vec<(String, Option<String>)>,
+    pub customers: Vec<(i64, bool)>,
+    pub orders: Vec<(i64, Option<Order>)>,
+    pub returns: Vec<(i64, Option<i64>)>,
+    pub cache: Vec<(SkuLoc, Option<i64>)>,
+    pub stock: Vec<(SkuLoc, Option<Stock>)>,
+    pub since: Vec<(SkuLoc, Option<i64>)>,
+}
 
 impl State {
     pub fn save(&self, topic_prefix: &str) -> Saved {
@@ -852,6 +933,77 @@ impl State {
                 .diffs
                 .iter()
                 .map(|(k, d)| (k.clone(), d.since))
+                .collect(),
+        }
+    }
+
+    /// Starts (or stops) recording which input keys change, for [`State::take_delta`]. What
+    /// was recorded before is dropped: the caller has just taken a full [`State::save`].
+    pub fn track_checkpoint_changes(&mut self, on: bool) {
+        self.ckpt = on.then(CkptDirty::default);
+    }
+
+    /// What changed since the last delta (or since tracking started): the current row of every
+    /// input key that changed (`None`: gone) and the position. Applied in order to the
+    /// [`Saved`] the tracking started from, the deltas give exactly [`State::save`] (see
+    /// `crate::checkpoint`). Costs in proportion to the keys changed, not to the state.
+    pub fn take_delta(&mut self) -> Delta {
+        let c = self.ckpt.replace(CkptDirty::default()).unwrap_or_default();
+        Delta {
+            epoch: self.epoch,
+            max_lsn: self.max_lsn,
+            offsets: self
+                .offsets
+                .0
+                .iter()
+                .map(|((t, p), o)| (t.clone(), *p, *o))
+                .collect(),
+            products: c
+                .products
+                .into_iter()
+                .map(|k| {
+                    let v = self.products.get(&k).cloned();
+                    (k, v)
+                })
+                .collect(),
+            customers: c
+                .customers
+                .into_iter()
+                .map(|k| (k, self.customers.contains(&k)))
+                .collect(),
+            orders: c
+                .orders
+                .into_iter()
+                .map(|k| (k, self.orders.get(&k).cloned()))
+                .collect(),
+            returns: c
+                .returns
+                .into_iter()
+                .map(|k| (k, self.returns.get(&k).copied()))
+                .collect(),
+            cache: c
+                .cache
+                .into_iter()
+                .map(|k| {
+                    let v = self.cache.get(&k).copied();
+                    (k, v)
+                })
+                .collect(),
+            stock: c
+                .stock
+                .into_iter()
+                .map(|k| {
+                    let v = self.stock.get(&k).copied();
+                    (k, v)
+                })
+                .collect(),
+            since: c
+                .since
+                .into_iter()
+                .map(|k| {
+                    let v = self.diffs.get(&k).map(|d| d.since);
+                    (k, v)
+                })
                 .collect(),
         }
     }

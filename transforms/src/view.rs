@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
 pub use crate::table::ViewRows;
@@ -30,6 +31,14 @@ impl Offsets {
             .0
             .iter()
             .all(|(tp, o)| self.0.get(tp).is_some_and(|s| s >= o))
+    }
+
+    /// Moved forward by `other`: per partition the larger offset (progress never goes back).
+    pub fn advance(&mut self, other: &Offsets) {
+        for (tp, next) in &other.0 {
+            let e = self.0.entry(tp.clone()).or_insert(*next);
+            *e = (*e).max(*next);
+        }
     }
 }
 
@@ -106,5 +115,189 @@ impl Catalog {
     pub fn views(&self) -> Vec<ViewDef> {
         let views = self.views.read().unwrap_or_else(|e| e.into_inner());
         views.values().map(|(d, _)| d.clone()).collect()
+    }
+}
+
+/// Consecutive epochs as one: per view and key the last change wins (within an epoch deletes
+/// come before upserts, as the sinks apply them), offsets are the last epoch's.
+///
+/// Why this is exact for every sink, also one whose position lies inside the span: the rows are
+/// absolute (whole rows, whole-key deletes), so the result names every key that changed in any
+/// of the epochs with its value at the end. A sink holding the first epochs gets some keys again
+/// with the value it already has, and every key that changed after its position with the right
+/// value; what a net diff across its position would miss (a key changed and changed back) is
+/// not lost here, since each epoch was computed from the state at its own start.
+pub fn coalesce(mut epochs: Vec<Epoch>) -> Result<Epoch, ArrowError> {
+    use datafusion::arrow::array::{Array, ArrayRef, RecordBatchOptions};
+    use datafusion::arrow::compute::interleave;
+    use datafusion::arrow::row::{RowConverter, SortField};
+    use std::collections::HashMap;
+
+    if epochs.len() == 1 {
+        return Ok(epochs.pop().expect("one epoch"));
+    }
+    let last = epochs.last().expect("not empty");
+    let (number, mut offsets) = (last.number, last.offsets.clone());
+    for e in &epochs {
+        offsets.advance(&e.offsets);
+    }
+    // Views in order of first appearance, each with its epochs' (upserts, deletes) in order.
+    let mut views: Vec<(String, Vec<(&RecordBatch, &RecordBatch)>)> = Vec::new();
+    for e in &epochs {
+        for c in &e.changes {
+            match views.iter_mut().find(|(v, _)| *v == c.view) {
+                Some((_, list)) => list.push((&c.upserts, &c.deletes)),
+                None => views.push((c.view.clone(), vec![(&c.upserts, &c.deletes)])),
+            }
+        }
+    }
+    let mut changes = Vec::with_capacity(views.len());
+    for (view, parts) in views {
+        let key_schema = parts[0].1.schema();
+        let row_schema = parts[0].0.schema();
+        let key_idx: Vec<usize> = key_schema
+            .fields()
+            .iter()
+            .map(|f| row_schema.index_of(f.name()))
+            .collect::<Result<_, _>>()?;
+        let converter = RowConverter::new(
+            key_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        // Last change per key: (is upsert, part, row), in first-seen order of the keys.
+        let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut last: Vec<(bool, usize, usize)> = Vec::new();
+        let mut record = |key: &[u8], change: (bool, usize, usize)| match slot_of.get(key) {
+            Some(i) => last[*i] = change,
+            None => {
+                slot_of.insert(key.to_vec(), last.len());
+                last.push(change);
+            }
+        };
+        for (p, (upserts, deletes)) in parts.iter().enumerate() {
+            let rows = converter.convert_columns(deletes.columns())?;
+            for r in 0..deletes.num_rows() {
+                record(rows.row(r).as_ref(), (false, p, r));
+            }
+            let keys: Vec<ArrayRef> = key_idx.iter().map(|i| upserts.column(*i).clone()).collect();
+            let rows = converter.convert_columns(&keys)?;
+            for r in 0..upserts.num_rows() {
+                record(rows.row(r).as_ref(), (true, p, r));
+            }
+        }
+        let pick = |upsert: bool| -> Vec<(usize, usize)> {
+            last.iter()
+                .filter(|(u, _, _)| *u == upsert)
+                .map(|(_, p, r)| (*p, *r))
+                .collect()
+        };
+        let gather = |batches: Vec<&RecordBatch>,
+                      at: &[(usize, usize)]|
+         -> Result<RecordBatch, ArrowError> {
+            let schema = batches[0].schema();
+            let columns = (0..schema.fields().len())
+                .map(|c| {
+                    let arrays: Vec<&dyn Array> =
+                        batches.iter().map(|b| b.column(c).as_ref()).collect();
+                    interleave(&arrays, at)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new_with_options(
+                schema,
+                columns,
+                &RecordBatchOptions::new().with_row_count(Some(at.len())),
+            )?)
+        };
+        changes.push(ViewChanges {
+            view,
+            upserts: gather(parts.iter().map(|p| p.0).collect(), &pick(true))?,
+            deletes: gather(parts.iter().map(|p| p.1).collect(), &pick(false))?,
+        });
+    }
+    Ok(Epoch {
+        number,
+        offsets,
+        changes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    fn changes(upserts: &[(&str, i64)], deletes: &[&str]) -> ViewChanges {
+        let rows = Arc::new(Schema::new(vec![
+            Field::new("sku", DataType::Utf8, false),
+            Field::new("available", DataType::Int64, false),
+        ]));
+        let keys = Arc::new(Schema::new(vec![Field::new("sku", DataType::Utf8, false)]));
+        ViewChanges {
+            view: "v".into(),
+            upserts: RecordBatch::try_new(
+                rows,
+                vec![
+                    Arc::new(StringArray::from_iter_values(upserts.iter().map(|u| u.0))),
+                    Arc::new(Int64Array::from_iter_values(upserts.iter().map(|u| u.1))),
+                ],
+            )
+            .unwrap(),
+            deletes: RecordBatch::try_new(
+                keys,
+                vec![Arc::new(StringArray::from_iter_values(
+                    deletes.iter().copied(),
+                ))],
+            )
+            .unwrap(),
+        }
+    }
+
+    fn epoch(n: u64, next: i64, c: ViewChanges) -> Epoch {
+        Epoch {
+            number: n,
+            offsets: Offsets([(("t".to_owned(), 0), next)].into_iter().collect()),
+            changes: vec![c],
+        }
+    }
+
+    fn contents(c: &ViewChanges) -> (Vec<(String, i64)>, Vec<String>) {
+        use datafusion::arrow::array::AsArray;
+        use datafusion::arrow::datatypes::Int64Type;
+        let u = &c.upserts;
+        let ups = (0..u.num_rows())
+            .map(|i| {
+                (
+                    u.column(0).as_string::<i32>().value(i).to_owned(),
+                    u.column(1).as_primitive::<Int64Type>().value(i),
+                )
+            })
+            .collect();
+        let d = &c.deletes;
+        let dels = (0..d.num_rows())
+            .map(|i| d.column(0).as_string::<i32>().value(i).to_owned())
+            .collect();
+        (ups, dels)
+    }
+
+    #[test]
+    fn coalesced_epochs_keep_the_last_change_of_every_key() {
+        let merged = coalesce(vec![
+            epoch(1, 10, changes(&[("a", 1), ("b", 2)], &["x"])),
+            // a leaves, b changes, c arrives, x comes back
+            epoch(2, 20, changes(&[("b", 3), ("c", 4), ("x", 5)], &["a"])),
+            // c leaves and comes back within one epoch: deletes first, so it stays
+            epoch(3, 30, changes(&[("c", 6)], &["c"])),
+        ])
+        .unwrap();
+        assert_eq!(merged.number, 3);
+        assert_eq!(merged.offsets.0[&("t".to_owned(), 0)], 30);
+        let (mut ups, dels) = contents(&merged.changes[0]);
+        ups.sort();
+        assert_eq!(ups, [("b".into(), 3), ("c".into(), 6), ("x".into(), 5)]);
+        assert_eq!(dels, ["a"]);
     }
 }

@@ -92,10 +92,22 @@ impl KafkaViewSink {
         }
     }
 
+    /// Creates the topics of these views (or finds them) in one request. Called when the sink
+    /// opens, so that the first epochs do not wait for topic creation (seconds on some brokers)
+    /// while the processor's epochs queue up behind them.
+    pub async fn create_topics(&mut self, views: &[&str]) -> Result<(), ViewSinkError> {
+        let topics: Vec<String> = views.iter().map(|v| self.topic(v)).collect();
+        self.ensure_topics(&topics).await
+    }
+
     async fn ensure_topic(&mut self, topic: &str) -> Result<(), ViewSinkError> {
         if self.topics.contains(topic) {
             return Ok(());
         }
+        self.ensure_topics(&[topic.to_owned()]).await
+    }
+
+    async fn ensure_topics(&mut self, topics: &[String]) -> Result<(), ViewSinkError> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.settings.brokers);
         for (k, v) in &self.settings.extra {
@@ -106,17 +118,23 @@ impl KafkaViewSink {
         let admin: AdminClient<DefaultClientContext> = cfg
             .create()
             .map_err(|e| self.err(format!("cannot create the admin client: {e}")))?;
-        let new = NewTopic::new(
-            topic,
-            self.settings.partitions,
-            TopicReplication::Fixed(self.settings.replication_factor),
-        )
-        .set("cleanup.policy", "compact");
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    self.settings.partitions,
+                    TopicReplication::Fixed(self.settings.replication_factor),
+                )
+                .set("cleanup.policy", "compact")
+            })
+            .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin.create_topics([&new], &opts).await.map_err(|e| {
+        let results = admin.create_topics(&new, &opts).await.map_err(|e| {
             self.err(format!(
-                "cannot create topic {topic} on {}: {e}; check that the brokers are reachable and \
+                "cannot create topic {} on {}: {e}; check that the brokers are reachable and \
                  that walbridge may create topics (or create it yourself with cleanup.policy=compact)",
+                topics.join(", "),
                 self.settings.brokers
             ))
         })?;
@@ -129,7 +147,7 @@ impl KafkaViewSink {
                 }
             }
         }
-        self.topics.insert(topic.to_owned());
+        self.topics.extend(topics.iter().cloned());
         Ok(())
     }
 

@@ -94,10 +94,7 @@ pub fn holds(stored: &Offsets, epoch: &Offsets) -> bool {
 
 /// `stored` moved forward by `epoch` (per partition the larger offset: progress never goes back).
 pub fn advance(stored: &mut Offsets, epoch: &Offsets) {
-    for (tp, next) in &epoch.0 {
-        let e = stored.0.entry(tp.clone()).or_insert(*next);
-        *e = (*e).max(*next);
-    }
+    stored.advance(epoch);
 }
 
 /// Names of a view's key columns: the `deletes` batch holds exactly them, in key order.

@@ -1,0 +1,370 @@
+//! Checkpoints written off the fold's thread.
+//!
+//! A checkpoint is the whole input state (every row by key) with the offsets it reflects.
+//! Copying and serializing all of it on the processor's thread took 60–200 ms at the demo's
+//! size, and every change that arrived meanwhile waited: the tail of "commit → visible in SQL".
+//! So the processor hands over only a [`Delta`] (the current row of each key that changed since
+//! the last one, [`State::take_delta`]), and a writer thread keeps a [`Replica`] of the saved
+//! state, applies the deltas in order and writes full checkpoint files (temp, fsync, rename),
+//! the same format [`crate::runtime::load_checkpoint`] reads.
+//!
+//! Why the file equals what [`State::save`] would have written at the delta's epoch: the
+//! replica starts from a full save, and each delta names every input key whose row changed
+//! since the previous one, with its value at the moment the delta was taken; the offsets,
+//! epoch and LSN are taken at that same moment. So after applying deltas 1..n the replica holds,
+//! for every key, its row as of delta n (keys not named kept their value, which did not change).
+//! A unit test checks this against `save` on a random workload.
+//!
+//! Ordering with the sinks and alerts is unchanged: the processor takes the delta only where it
+//! took the checkpoint before (after the sinks stored the epoch and the alerts were acked), and
+//! the file appears later, never earlier, so a crash finds a checkpoint at or behind what the
+//! sinks hold. A write error stops the processor at its next checkpoint or at exit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::input::{Order, SkuLoc, Stock};
+use crate::runtime::{ProcessError, ProcessorStats};
+use crate::state::{CHECKPOINT_VERSION, Delta, Saved};
+
+/// The checkpointed state, kept by the writer thread.
+#[derive(Debug, Default)]
+pub struct Replica {
+    topic_prefix: String,
+    epoch: u64,
+    max_lsn: u64,
+    offsets: Vec<(String, i32, i64)>,
+    products: BTreeMap<String, String>,
+    customers: BTreeSet<i64>,
+    orders: BTreeMap<i64, Order>,
+    returns: BTreeMap<i64, i64>,
+    cache: BTreeMap<SkuLoc, i64>,
+    stock: BTreeMap<SkuLoc, Stock>,
+    since: BTreeMap<SkuLoc, i64>,
+}
+
+fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(v) => {
+            map.insert(key, v);
+        }
+        None => {
+            map.remove(&key);
+        }
+    }
+}
+
+impl Replica {
+    pub fn new(saved: Saved) -> Replica {
+        Replica {
+            topic_prefix: saved.topic_prefix,
+            epoch: saved.epoch,
+            max_lsn: saved.max_lsn,
+            offsets: saved.offsets,
+            products: saved.products.into_iter().collect(),
+            customers: saved.customers.into_iter().collect(),
+            orders: saved.orders.into_iter().collect(),
+            returns: saved.returns.into_iter().collect(),
+            cache: saved.cache.into_iter().collect(),
+            stock: saved.stock.into_iter().collect(),
+            since: saved.since.into_iter().collect(),
+        }
+    }
+
+    pub fn apply(&mut self, d: Delta) {
+        self.epoch = d.epoch;
+        self.max_lsn = d.max_lsn;
+        self.offsets = d.offsets;
+        for (k, v) in d.products {
+            put(&mut self.products, k, v);
+        }
+        for (k, exists) in d.customers {
+            if exists {
+                self.customers.insert(k);
+            } else {
+                self.customers.remove(&k);
+            }
+        }
+        for (k, v) in d.orders {
+            put(&mut self.orders, k, v);
+        }
+        for (k, v) in d.returns {
+            put(&mut self.returns, k, v);
+        }
+        for (k, v) in d.cache {
+            put(&mut self.cache, k, v);
+        }
+        for (k, v) in d.stock {
+            put(&mut self.stock, k, v);
+        }
+        for (k, v) in d.since {
+            put(&mut self.since, k, v);
+        }
+    }
+
+    pub fn to_saved(&self) -> Saved {
+        Saved {
+            version: CHECKPOINT_VERSION,
+            topic_prefix: self.topic_prefix.clone(),
+            epoch: self.epoch,
+            max_lsn: self.max_lsn,
+            offsets: self.offsets.clone(),
+            products: self
+                .products
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            customers: self.customers.iter().copied().collect(),
+            orders: self.orders.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            returns: self.returns.iter().map(|(k, v)| (*k, *v)).collect(),
+            cache: self.cache.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            stock: self.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            since: self.since.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+}
+
+/// The writer thread and its queue (one delta waiting while one is written: a disk slower than
+/// the checkpoint interval slows the processor's checkpoints, it does not grow memory).
+pub struct Writer {
+    tx: Option<SyncSender<Delta>>,
+    thread: Option<JoinHandle<()>>,
+    failed: Arc<Mutex<Option<String>>>,
+    path: PathBuf,
+}
+
+impl Writer {
+    pub fn start(
+        path: PathBuf,
+        mut replica: Replica,
+        stats: Arc<ProcessorStats>,
+    ) -> Result<Writer, ProcessError> {
+        let (tx, rx) = sync_channel::<Delta>(1);
+        let failed = Arc::new(Mutex::new(None));
+        let (fail, file) = (failed.clone(), path.clone());
+        let thread = std::thread::Builder::new()
+            .name("processor-checkpoint".into())
+            .spawn(move || {
+                for delta in rx {
+                    let t = std::time::Instant::now();
+                    let epoch = delta.epoch;
+                    replica.apply(delta);
+                    if let Err(e) = crate::runtime::write_checkpoint(&file, &replica.to_saved()) {
+                        *fail.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                        return;
+                    }
+                    stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    stats.last_checkpoint_ms.store(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64),
+                        Ordering::Relaxed,
+                    );
+                    tracing::debug!(
+                        epoch,
+                        ms = t.elapsed().as_millis() as u64,
+                        "processor checkpoint written"
+                    );
+                }
+            })
+            .map_err(|e| ProcessError::Checkpoint {
+                path: path.clone(),
+                what: format!("cannot start the checkpoint thread: {e}"),
+            })?;
+        Ok(Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+            failed,
+            path,
+        })
+    }
+
+    fn failure(&self) -> Result<(), ProcessError> {
+        match self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            // The thread's message already names the file (a ProcessError::Checkpoint).
+            Some(what) => Err(ProcessError::Checkpoint {
+                path: self.path.clone(),
+                what: format!("writing it failed: {what}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a delta; waits while another one is already waiting.
+    pub fn send(&mut self, delta: Delta) -> Result<(), ProcessError> {
+        self.failure()?;
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(delta).is_ok());
+        if !sent {
+            self.failure()?;
+            return Err(ProcessError::Checkpoint {
+                path: self.path.clone(),
+                what: "the checkpoint thread stopped".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued delta is written.
+    pub fn finish(mut self) -> Result<(), ProcessError> {
+        self.stop();
+        self.failure()
+    }
+
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{Change, Event};
+    use crate::state::{SafetyStock, State};
+
+    /// A small deterministic generator (no rand dependency for one test).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn change(r: &mut Lcg) -> Change {
+        let sku = format!("S{}", r.next(30));
+        let loc = format!("L{}", r.next(4));
+        let gone = r.next(5) == 0;
+        match r.next(7) {
+            0 => Change::Product {
+                sku,
+                category: (!gone).then(|| format!("c{}", r.next(3))),
+            },
+            1 => Change::Customer {
+                id: r.next(40) as i64,
+                exists: !gone,
+            },
+            2 => Change::Order {
+                id: r.next(80) as i64,
+                row: (!gone).then(|| Order {
+                    customer_id: r.next(40) as i64,
+                    status: ["pending", "paid", "cancelled"][r.next(3) as usize].into(),
+                    total_cents: r.next(10_000) as i128,
+                    placed_at: r.next(1000) as i64,
+                    updated_at: r.next(1000) as i64,
+                }),
+            },
+            3 => Change::Return {
+                id: r.next(30) as i64,
+                order_id: (!gone).then(|| r.next(80) as i64),
+            },
+            4 => Change::InventoryCache {
+                key: (sku, loc),
+                available: (!gone).then(|| r.next(50) as i64),
+            },
+            _ => Change::StockLevel {
+                key: (sku, loc),
+                row: (!gone).then(|| Stock {
+                    on_hand: r.next(50) as i64,
+                    reserved: r.next(10) as i64,
+                }),
+            },
+        }
+    }
+
+    /// `Saved` with every list sorted, so two saves of equal states compare equal.
+    fn normal(s: Saved) -> String {
+        let mut v = serde_json::to_value(&s).unwrap();
+        for (_, list) in v.as_object_mut().unwrap().iter_mut() {
+            if let Some(a) = list.as_array_mut() {
+                a.sort_by_key(|x| x.to_string());
+            }
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn deltas_applied_in_order_give_the_full_save() {
+        let mut r = Lcg(7);
+        let mut state = State::new(SafetyStock::default());
+        for i in 0..300 {
+            state.apply(&Event {
+                change: change(&mut r),
+                lsn: i,
+                ts_ms: i as i64,
+            });
+        }
+        state.finish_epoch().unwrap();
+        let mut replica = Replica::new(state.save("p"));
+        state.track_checkpoint_changes(true);
+        for round in 0..40u64 {
+            for i in 0..r.next(60) {
+                state.apply(&Event {
+                    change: change(&mut r),
+                    lsn: 1000 + round * 100 + i,
+                    ts_ms: (round * 1000 + i) as i64,
+                });
+            }
+            state.finish_epoch().unwrap();
+            state.offsets.0.insert(("t".into(), 0), round as i64);
+            replica.apply(state.take_delta());
+            assert_eq!(
+                normal(replica.to_saved()),
+                normal(state.save("p")),
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_writer_writes_the_replica_and_reports_a_bad_path() {
+        let dir = std::env::temp_dir().join(format!("wb-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut state = State::new(SafetyStock::default());
+        state.track_checkpoint_changes(true);
+        let replica = Replica::new(state.save("p"));
+        let path = dir.join("views.json");
+        let mut w = Writer::start(path.clone(), replica, Arc::default()).unwrap();
+        state.apply(&Event {
+            change: Change::Customer {
+                id: 9,
+                exists: true,
+            },
+            lsn: 5,
+            ts_ms: 5,
+        });
+        w.send(state.take_delta()).unwrap();
+        w.finish().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let saved: Saved = serde_json::from_str(&text).unwrap();
+        assert_eq!(normal(saved), normal(state.save("p")));
+
+        // A file where the directory should be: the write fails and the processor hears it.
+        let blocked = dir.join("views.json").join("x.json");
+        let mut w = Writer::start(blocked, Replica::default(), Arc::default()).unwrap();
+        w.send(Delta::default()).unwrap();
+        let e = w.finish().unwrap_err().to_string();
+        assert!(e.contains("x.json"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
