@@ -685,3 +685,73 @@ async fn processor_metrics_show_progress(port: u16, cfg: &walbridge::config::Con
     let health = reqwest::get(format!("{base}/health")).await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
 }
+
+/// A checkpoint's offset can lie inside the topic's last record batch: the processor was
+/// stopped between two messages of one fetch. tansu answers a fetch from there with nothing
+/// (it lists batches from the offset asked on), so a restarted processor used to wait, without
+/// the rest of that batch, until more changes came. Here ten messages after the checkpoint
+/// sit in the one batch of a quiet partition; every one of them must be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_inside_the_last_record_batch_reads_the_rest_of_it() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+    let db = TestDb::new("views_mid_batch").await;
+    let (_, cfg) = config(&db, 200);
+    let pc = cfg.processor_config().unwrap();
+    let topic = format!("{}.wms.stock_levels", pc.topic_prefix);
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", &db.brokers)
+        .create()
+        .unwrap();
+    admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    // One produce request: a long linger puts the twenty messages in one batch.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &db.brokers)
+        .set("linger.ms", "500")
+        .create()
+        .unwrap();
+    let payloads: Vec<String> = (0..20).map(|i| format!("not a change {i}")).collect();
+    let sends: Vec<_> = payloads
+        .iter()
+        .map(|p| producer.send_result(FutureRecord::<(), _>::to(&topic).partition(0).payload(p)))
+        .collect();
+    for s in sends {
+        s.unwrap().await.unwrap().unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    // A checkpoint after the first ten.
+    let mut saved = transforms::state::State::new(pc.safety_stock.clone()).save(&pc.topic_prefix);
+    saved.offsets = vec![(topic.clone(), 0, 10)];
+    std::fs::create_dir_all(&pc.checkpoint_dir).unwrap();
+    std::fs::write(pc.checkpoint_path(), serde_json::to_vec(&saved).unwrap()).unwrap();
+
+    let running = transforms::run(pc.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let read = loop {
+        let skipped = running
+            .stats
+            .undecodable
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if skipped >= 10 || Instant::now() > deadline {
+            break skipped;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    running.stop().await.unwrap();
+    // The messages are not changes, so each read one counts as undecodable: exactly the ten
+    // after the checkpoint, none before it twice.
+    assert_eq!(
+        read, 10,
+        "messages after the checkpoint read by the processor"
+    );
+    let after = transforms::runtime::load_checkpoint(&pc).unwrap();
+    assert_eq!(after.offsets.0.get(&(topic.clone(), 0)), Some(&20));
+}

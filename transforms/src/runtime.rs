@@ -380,6 +380,32 @@ fn publish_all(state: &State, catalog: &Catalog) -> Result<(), ProcessError> {
     Ok(())
 }
 
+/// How long a re-read partition may stay silent before it is read from further back.
+const CHASE_PATIENCE: Duration = Duration::from_millis(300);
+
+/// A partition being read again until the broker answers at or before `want`.
+#[derive(Clone, Copy, Debug)]
+struct Chase {
+    /// The next offset to fold.
+    want: i64,
+    /// Where this re-read started.
+    from: i64,
+    /// A message before `want` came since: the read is aligned.
+    seen_before: bool,
+    sought: Instant,
+}
+
+impl Chase {
+    fn new(want: i64, from: i64) -> Chase {
+        Chase {
+            want,
+            from,
+            seen_before: false,
+            sought: Instant::now(),
+        }
+    }
+}
+
 /// When the loop ends.
 pub(crate) enum Until {
     Stopped(Arc<AtomicBool>),
@@ -412,9 +438,9 @@ pub(crate) struct Processor {
     /// Messages at or past the first cut, waiting until every partition reached it.
     held: Vec<(String, i32, i64, Option<Vec<u8>>)>,
     cut_since: Option<Instant>,
-    /// Partitions being read again after a gap: the offset wanted, where the last re-read
-    /// started, and whether a message before the wanted one came since (see [`Self::gap_check`]).
-    gap_chase: std::collections::HashMap<(String, i32), (i64, i64, bool)>,
+    /// Partitions being read again after a gap or from a stored offset, until the broker
+    /// answered at or before the offset wanted (see [`Self::gap_check`]).
+    gap_chase: std::collections::HashMap<(String, i32), Chase>,
     gate: Option<Arc<SinkGate>>,
     /// Number of the last epoch sent to the sinks.
     last_sent: u64,
@@ -491,9 +517,18 @@ impl Processor {
 
     fn assign_partitions(&mut self, parts: &[(String, i32)]) -> Result<usize, ProcessError> {
         let mut tpl = TopicPartitionList::new();
+        let mut chase = std::collections::HashMap::new();
         for (topic, p) in parts {
+            // A stored offset may lie inside a record batch, which tansu answers with the next
+            // batch, or with nothing when it is the partition's last: the tail would be lost
+            // until more changes come. So reading starts one message early, and the partition
+            // is chased back until the broker answers with that message or an earlier one.
             let at = match self.state.offsets.0.get(&(topic.clone(), *p)) {
-                Some(o) => Offset::Offset(*o),
+                Some(&o) if o > 0 => {
+                    chase.insert((topic.clone(), *p), Chase::new(o, o - 1));
+                    Offset::Offset(o - 1)
+                }
+                Some(&o) => Offset::Offset(o),
                 None => Offset::Beginning,
             };
             tpl.add_partition_offset(topic, *p, at)
@@ -504,7 +539,7 @@ impl Processor {
             self.consumer
                 .assign(&tpl)
                 .map_err(kafka("assigning partitions"))?;
-            self.gap_chase.clear();
+            self.gap_chase = chase;
             tracing::info!(partitions = n, "processor partitions assigned");
             self.assigned = n;
         }
@@ -552,9 +587,13 @@ impl Processor {
             if !self.unsent.is_empty() {
                 self.send_epochs(false)?;
             }
+            if !self.gap_chase.is_empty() {
+                self.chase_silent()?;
+            }
             if let Until::Quiet(q) = self.until
                 && started.elapsed() > Duration::from_secs(4)
                 && last_message.elapsed() > q
+                && !self.chasing()
             {
                 break;
             }
@@ -646,9 +685,17 @@ impl Processor {
     /// compacted topic), and so is one that reaches the partition's start: it is accepted.
     /// Returns true when the message is to be dropped.
     fn gap_check(&mut self, key: &(String, i32), off: i64) -> Result<bool, ProcessError> {
-        if let Some(&(want, from, seen_before)) = self.gap_chase.get(key) {
+        if let Some(&Chase {
+            want,
+            from,
+            seen_before,
+            ..
+        }) = self.gap_chase.get(key)
+        {
             if off < want {
-                self.gap_chase.insert(key.clone(), (want, from, true));
+                if let Some(c) = self.gap_chase.get_mut(key) {
+                    c.seen_before = true;
+                }
                 return Ok(true);
             }
             if off == want || seen_before || from == 0 {
@@ -687,15 +734,41 @@ impl Processor {
             topic = %key.0,
             partition = key.1,
             wanted = want,
-            got,
+            got = (got != want).then_some(got),
             from = back,
-            "fetch answered past the offset expected; reading the partition again from further back"
+            "the broker answered past the offset expected, or not at all; reading the partition again from further back"
         );
         self.consumer
             .seek(&key.0, key.1, Offset::Offset(back), Duration::from_secs(10))
             .map_err(kafka("seeking back to the offset expected"))?;
-        self.gap_chase.insert(key.clone(), (want, back, false));
+        self.gap_chase.insert(key.clone(), Chase::new(want, back));
         Ok(true)
+    }
+
+    /// A chased partition the broker has not answered for [`CHASE_PATIENCE`] is read from
+    /// further back: its read starts inside the partition's last batch (see
+    /// [`Self::assign_partitions`]).
+    fn chase_silent(&mut self) -> Result<(), ProcessError> {
+        let silent: Vec<((String, i32), Chase)> = self
+            .gap_chase
+            .iter()
+            .filter(|(_, c)| !c.seen_before && c.sought.elapsed() >= CHASE_PATIENCE)
+            .map(|(k, c)| (k.clone(), *c))
+            .collect();
+        for (key, c) in silent {
+            if c.from == 0 {
+                // The whole partition was asked for and nothing came: nothing to align with.
+                self.gap_chase.remove(&key);
+            } else {
+                self.seek_back(&key, c.want, c.from, c.want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// True while a partition still waits for the broker to answer at or before its offset.
+    fn chasing(&self) -> bool {
+        self.gap_chase.values().any(|c| !c.seen_before)
     }
 
     /// Folds a message, or holds it back when it lies at or past the first cut.
