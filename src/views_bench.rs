@@ -72,6 +72,9 @@ struct Probe {
     /// Seconds into the workload when it started.
     at: f64,
     ack: Option<Duration>,
+    /// When walbridge handed the record to its producer: the record's CreateTime (whole ms,
+    /// wall clock), so this splits commit → Kafka into walbridge's part and the broker's.
+    produced: Option<Duration>,
     kafka: Option<Duration>,
     sql: Option<Duration>,
 }
@@ -344,6 +347,7 @@ impl Prober<'_> {
             .await
             .context("probe update")?;
         let t0 = Instant::now();
+        let t0_wall = std::time::SystemTime::now();
         let after = current_lsn(self.client).await?;
         let (before, deadline) = (self.before, t0 + timeout);
         self.before = after;
@@ -367,8 +371,13 @@ impl Prober<'_> {
         };
         let (kafka, sql) = tokio::join!(kafka, sql);
         let sql = sql.context("querying the SQL endpoint")?;
+        let produced = kafka.and_then(|(_, _, created)| {
+            let created = std::time::UNIX_EPOCH + Duration::from_millis(created?);
+            // Whole milliseconds: a record stamped in t0's millisecond counts as 0.
+            Some(created.duration_since(t0_wall).unwrap_or_default())
+        });
         let (kafka, ack) = match kafka {
-            Some((seen, commit)) => (
+            Some((seen, commit, _)) => (
                 Some(seen.saturating_duration_since(t0)),
                 self.acks
                     .first_past(commit, deadline)
@@ -380,6 +389,7 @@ impl Prober<'_> {
         Ok(Probe {
             at: 0.0,
             ack,
+            produced,
             kafka,
             sql,
         })
@@ -432,7 +442,7 @@ impl AckHistory {
 /// A consumer of the stock_levels change topic reporting the probe row's records: the time it
 /// received each and its commit LSN (`walbridge.lsn`).
 struct ProbeConsumer {
-    rx: mpsc::UnboundedReceiver<(Instant, Lsn)>,
+    rx: mpsc::UnboundedReceiver<(Instant, Lsn, Option<u64>)>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -496,8 +506,12 @@ impl ProbeConsumer {
                         .find(|hd| hd.key == "walbridge.lsn")
                         .and_then(|hd| std::str::from_utf8(hd.value?).ok()?.parse::<Lsn>().ok())
                 });
+                let created = match m.timestamp() {
+                    rdkafka::Timestamp::CreateTime(ms) => u64::try_from(ms).ok(),
+                    _ => None,
+                };
                 if let Some(l) = lsn
-                    && tx.send((at, l)).is_err()
+                    && tx.send((at, l, created)).is_err()
                 {
                     break;
                 }
@@ -510,13 +524,19 @@ impl ProbeConsumer {
         })
     }
 
-    /// The probe record committed between `before` and `after`: when it arrived, its commit LSN.
-    async fn wait(&mut self, before: Lsn, after: Lsn, deadline: Instant) -> Option<(Instant, Lsn)> {
+    /// The probe record committed between `before` and `after`: when it arrived, its commit
+    /// LSN, and its CreateTime (Unix ms).
+    async fn wait(
+        &mut self,
+        before: Lsn,
+        after: Lsn,
+        deadline: Instant,
+    ) -> Option<(Instant, Lsn, Option<u64>)> {
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
-            let (at, lsn) = tokio::time::timeout(left, self.rx.recv()).await.ok()??;
+            let (at, lsn, created) = tokio::time::timeout(left, self.rx.recv()).await.ok()??;
             if lsn > before && lsn <= after {
-                return Some((at, lsn));
+                return Some((at, lsn, created));
             }
         }
     }
@@ -605,8 +625,10 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration) {
         probes.len()
     );
     let (ack, ack_p) = pick(|p| p.ack, &all);
+    let (produced, _) = pick(|p| p.produced, &all);
     let (kafka, _) = pick(|p| p.kafka, &all);
     let (sql, sql_p) = pick(|p| p.sql, &all);
+    println!("  handed to Kafka (record CreateTime, ±1 ms):   {produced}");
     println!("  acked by Kafka (walbridge's confirmed LSN):   {ack}");
     println!("  received by a Kafka consumer of the topic:    {kafka}");
     println!(

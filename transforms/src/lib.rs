@@ -96,6 +96,14 @@
 //! 5. The top-5 % threshold is global: each instance publishes its LTV histogram, a single
 //!    small task merges them and broadcasts the threshold.
 //!
+//! What tansu 0.6 (the broker the tests run on) allows, read in its sources (session 7): classic
+//! consumer groups assign partitions and rebalance on a clean `LeaveGroup` (at least 3 s per
+//! rebalance), but a member that dies without leaving is noticed only on another member's
+//! heartbeat and its partitions, or the leadership, are not handed on; there is no `EndTxn`, so
+//! no transactional producer. So the failover test (kill -9 of one instance) cannot run on
+//! tansu's group coordinator, and the per-source-offset dedup of step 2 is needed in place of
+//! transactions.
+//!
 //! Missing today: all of the above; one instance per pipeline.
 
 pub mod bench;
