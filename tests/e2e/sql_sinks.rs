@@ -861,3 +861,76 @@ async fn tls_is_required_when_configured_and_connections_are_limited() {
         }
     }
 }
+
+/// psql's Ctrl-C and psycopg's `cancel()` send a cancel request on a connection of its own. It
+/// ends the running query with 57014, in the simple and the extended protocol, and the
+/// connection goes on serving queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_ends_a_long_query_and_the_connection_goes_on() {
+    use tokio_postgres::error::SqlState;
+    let catalog = catalog_with_stock(&[("A", "W1", 5), ("B", "W1", -2)]);
+    let server = serve(catalog, sql_opts()).await.expect("serve");
+    let port = server.local_addr().port();
+    let dsn =
+        format!("host=127.0.0.1 port={port} user={USER} password='{PASSWORD}' dbname=walbridge");
+    let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let client = Arc::new(client);
+    // Hours of work for DataFusion (a sum, so no statistics shortcut).
+    const LONG: &str = "select sum(value) from range(0, 100000000000)";
+
+    for extended in [false, true] {
+        let token = client.cancel_token();
+        let c = client.clone();
+        let query = tokio::spawn(async move {
+            if extended {
+                c.query(LONG, &[]).await.map(|_| ())
+            } else {
+                c.simple_query(LONG).await.map(|_| ())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!query.is_finished(), "the long query ended on its own");
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("send the cancel request");
+        let ended = tokio::time::timeout(Duration::from_secs(30), query)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("query (extended: {extended}) still runs 30 s after its cancel")
+            })
+            .unwrap();
+        let err = ended.expect_err("a canceled query fails");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::QUERY_CANCELED),
+            "extended: {extended}: {err:?}"
+        );
+        // The same connection answers the next query.
+        let n: i64 = client
+            .query_one("select count(*) from stock_availability", &[])
+            .await
+            .expect("the connection goes on after a cancel")
+            .get(0);
+        assert_eq!(n, 2);
+    }
+
+    // A cancel with a key no connection has changes nothing.
+    let other = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(other.1);
+    let idle_token = other.0.cancel_token();
+    drop(other.0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = idle_token.cancel_query(tokio_postgres::NoTls).await;
+    let n: i64 = client
+        .query_one("select count(*) from stock_availability", &[])
+        .await
+        .expect("query after a stray cancel")
+        .get(0);
+    assert_eq!(n, 2);
+}

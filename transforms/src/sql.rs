@@ -21,6 +21,14 @@
 //! ([`SqlTls`]) the endpoint speaks TLS and refuses clients that do not ask for it (SQLSTATE
 //! 28000), so query results never cross the network in the clear either.
 //!
+//! Cancel: a client's cancel request (psql's Ctrl-C, psycopg's `cancel()`, JDBC's
+//! `Statement.cancel`) names the connection by the process id and secret key sent at login.
+//! It ends the query running on that connection with SQLSTATE 57014 (`query_canceled`),
+//! whether the query is still being planned or already streaming rows (DataFusion computes as
+//! rows are pulled, so the row stream is where a long query spends its time). The connection
+//! stays usable. A cancel with an unknown key, or for an idle connection, does nothing, as in
+//! Postgres.
+//!
 //! Connections beyond [`SqlOptions::max_connections`] are refused at startup with SQLSTATE 53300
 //! (`too_many_connections`), as Postgres does, instead of piling up: every connection holds a
 //! DataFusion session.
@@ -52,11 +60,17 @@ use datafusion_postgres::pgwire::api::auth::sasl::scram::{
 use datafusion_postgres::pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
+use datafusion_postgres::pgwire::api::cancel::CancelHandler;
+use datafusion_postgres::pgwire::api::portal::Portal;
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use datafusion_postgres::pgwire::api::results::Response;
-use datafusion_postgres::pgwire::api::{ClientInfo, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::cancel::CancelRequest;
 use datafusion_postgres::{DfSessionService, QueryHook};
+use futures_util::StreamExt;
+use std::collections::HashMap;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -172,7 +186,10 @@ pub async fn serve(catalog: Arc<Catalog>, opts: SqlOptions) -> Result<ServerHand
     });
     let tls = opts.tls.as_ref().map(tls_acceptor).transpose()?;
     let handlers = Handlers {
-        session: Arc::new(DfSessionService::new_with_hooks(ctx, hooks)),
+        session: Arc::new(Cancelable(Arc::new(DfSessionService::new_with_hooks(
+            ctx, hooks,
+        )))),
+        cancels: Arc::new(Cancels::default()),
         login,
         require_tls: tls.is_some(),
         refuse: None,
@@ -339,7 +356,8 @@ impl AuthSource for Login {
 
 #[derive(Clone)]
 struct Handlers {
-    session: Arc<DfSessionService>,
+    session: Arc<Cancelable>,
+    cancels: Arc<Cancels>,
     login: Arc<Login>,
     require_tls: bool,
     /// Set for a connection over the limit: its startup is answered with this (53300).
@@ -388,6 +406,7 @@ struct Guarded<H> {
     inner: H,
     require_tls: bool,
     refuse: Option<String>,
+    cancels: Arc<Cancels>,
 }
 
 #[async_trait]
@@ -426,7 +445,14 @@ impl<H: StartupHandler> StartupHandler for Guarded<H> {
                 "this endpoint accepts TLS connections only: connect with sslmode=require, or verify-full with sslrootcert naming its CA".to_owned(),
             ));
         }
-        self.inner.on_startup(client, message).await
+        self.inner.on_startup(client, message).await?;
+        // The login handler sets the connection's key when the password was accepted.
+        let (pid, key) = client.pid_and_secret_key();
+        if pid != 0 && client.session_extensions().get::<CancelToken>().is_none() {
+            let token = self.cancels.register(pid, key.to_bytes().to_vec());
+            client.session_extensions().insert(token);
+        }
+        Ok(())
     }
 }
 
@@ -450,7 +476,203 @@ impl PgWireServerHandlers for Handlers {
             inner: SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram),
             require_tls: self.require_tls,
             refuse: self.refuse.clone(),
+            cancels: self.cancels.clone(),
         })
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.cancels.clone()
+    }
+}
+
+/// The logged-in connections by cancel key (pid, secret): each has a counter that a cancel
+/// request bumps; a query is canceled when the counter moves while it runs.
+#[derive(Default)]
+struct Cancels {
+    by_key: std::sync::Mutex<HashMap<(i32, Vec<u8>), tokio::sync::watch::Sender<u64>>>,
+}
+
+impl Cancels {
+    fn register(self: &Arc<Self>, pid: i32, secret: Vec<u8>) -> CancelToken {
+        let (tx, rx) = tokio::sync::watch::channel(0);
+        let key = (pid, secret);
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        // Keys are random; a clash (one in 2^32) leaves the newer connection uncancelable
+        // rather than letting one client cancel another's queries.
+        let registered = !map.contains_key(&key);
+        if registered {
+            map.insert(key.clone(), tx);
+        }
+        CancelToken {
+            rx,
+            key: registered.then_some(key),
+            cancels: self.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl CancelHandler for Cancels {
+    async fn on_cancel_request(&self, req: CancelRequest) {
+        let key = (req.pid, req.secret_key.to_bytes().to_vec());
+        let map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&key) {
+            Some(tx) => {
+                tx.send_modify(|n| *n += 1);
+                tracing::info!(pid = req.pid, "sql query cancel requested");
+            }
+            None => tracing::debug!(pid = req.pid, "sql cancel request for no known connection"),
+        }
+    }
+}
+
+/// A connection's end of [`Cancels`], kept in its session; unregisters when the connection ends.
+struct CancelToken {
+    rx: tokio::sync::watch::Receiver<u64>,
+    key: Option<(i32, Vec<u8>)>,
+    cancels: Arc<Cancels>,
+}
+
+impl Drop for CancelToken {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut map = self
+                .cancels
+                .by_key
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.remove(&key);
+        }
+    }
+}
+
+/// The query handlers with cancel requests honoured (see the module doc).
+struct Cancelable(Arc<DfSessionService>);
+
+/// Runs `work` unless the connection's cancel counter moves first; wraps the row streams of
+/// its responses the same way.
+async fn cancelable<T>(
+    token: Option<Arc<CancelToken>>,
+    work: impl std::future::Future<Output = PgWireResult<T>>,
+    wrap: impl Fn(T, tokio::sync::watch::Receiver<u64>, u64) -> T,
+) -> PgWireResult<T> {
+    let Some(token) = token else {
+        return work.await;
+    };
+    let mut rx = token.rx.clone();
+    let at = *rx.borrow_and_update();
+    let mut canceled = rx.clone();
+    let done = tokio::select! {
+        biased;
+        _ = canceled.wait_for(|n| *n != at) => None,
+        r = work => Some(r),
+    };
+    match done {
+        None => Err(PgWireError::QueryCanceled),
+        Some(r) => r.map(|t| wrap(t, rx, at)),
+    }
+}
+
+fn cancelable_response(r: Response, rx: tokio::sync::watch::Receiver<u64>, at: u64) -> Response {
+    match r {
+        Response::Query(mut q) => {
+            let data_rows =
+                std::mem::replace(q.data_rows(), Box::pin(futures_util::stream::empty()));
+            let rows = futures_util::stream::unfold(
+                (data_rows, rx, false),
+                move |(mut rows, mut rx, ended)| async move {
+                    if ended {
+                        return None;
+                    }
+                    let next = tokio::select! {
+                        biased;
+                        _ = rx.wait_for(|n| *n != at) => None,
+                        r = rows.next() => Some(r),
+                    };
+                    match next {
+                        // The error ends the statement; the client gets 57014.
+                        None => Some((Err(PgWireError::QueryCanceled), (rows, rx, true))),
+                        Some(Some(row)) => Some((row, (rows, rx, false))),
+                        Some(None) => None,
+                    }
+                },
+            );
+            *q.data_rows() = Box::pin(rows);
+            Response::Query(q)
+        }
+        other => other,
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Cancelable {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo
+            + ClientPortalStore
+            + futures_util::Sink<datafusion_postgres::pgwire::messages::PgWireBackendMessage>
+            + Unpin
+            + Send
+            + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: fmt::Debug,
+        PgWireError: From<
+            <C as futures_util::Sink<
+                datafusion_postgres::pgwire::messages::PgWireBackendMessage,
+            >>::Error,
+        >,
+    {
+        let token = client.session_extensions().get::<CancelToken>();
+        cancelable(
+            token,
+            SimpleQueryHandler::do_query(self.0.as_ref(), client, query),
+            |rs: Vec<Response>, rx, at| {
+                rs.into_iter()
+                    .map(|r| cancelable_response(r, rx.clone(), at))
+                    .collect()
+            },
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Cancelable {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.0.query_parser()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo
+            + ClientPortalStore
+            + futures_util::Sink<datafusion_postgres::pgwire::messages::PgWireBackendMessage>
+            + Unpin
+            + Send
+            + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: fmt::Debug,
+        PgWireError: From<
+            <C as futures_util::Sink<
+                datafusion_postgres::pgwire::messages::PgWireBackendMessage,
+            >>::Error,
+        >,
+    {
+        let token = client.session_extensions().get::<CancelToken>();
+        cancelable(
+            token,
+            ExtendedQueryHandler::do_query(self.0.as_ref(), client, portal, max_rows),
+            cancelable_response,
+        )
+        .await
     }
 }
 
