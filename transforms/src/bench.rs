@@ -97,7 +97,7 @@ pub fn fold(n: u64, epochs: Epochs) -> Result<FoldFigures, ProcessError> {
     for (i, ev) in evs.iter().enumerate() {
         state.apply(ev);
         let due = match epochs {
-            Epochs::Every(k) => (i as u64 + 1) % k == 0,
+            Epochs::Every(k) => (i as u64 + 1).is_multiple_of(k),
             // Checking the clock every 256 events, as the runtime does per polled batch.
             Epochs::Adaptive { .. } => i % 256 == 255 && Instant::now() >= next,
         };

@@ -1179,10 +1179,13 @@ fn partitions_of(
     Ok(parts)
 }
 
+/// Every (topic, partition) of the change topics.
+type Partitions = Vec<(String, i32)>;
+
 /// Reads the change topics' partitions every 2 s on a thread of its own; the processor picks
 /// up the newest list without waiting. The thread ends when the watch is dropped.
 struct MetadataWatch {
-    latest: Arc<Mutex<Option<Vec<(String, i32)>>>>,
+    latest: Arc<Mutex<Option<Partitions>>>,
     stop: Arc<AtomicBool>,
 }
 

@@ -487,9 +487,12 @@ impl PgWireServerHandlers for Handlers {
 
 /// The logged-in connections by cancel key (pid, secret): each has a counter that a cancel
 /// request bumps; a query is canceled when the counter moves while it runs.
+/// A connection's process id and secret key, as its cancel requests carry them.
+type CancelKey = (i32, Vec<u8>);
+
 #[derive(Default)]
 struct Cancels {
-    by_key: std::sync::Mutex<HashMap<(i32, Vec<u8>), tokio::sync::watch::Sender<u64>>>,
+    by_key: std::sync::Mutex<HashMap<CancelKey, tokio::sync::watch::Sender<u64>>>,
 }
 
 impl Cancels {
@@ -529,7 +532,7 @@ impl CancelHandler for Cancels {
 /// A connection's end of [`Cancels`], kept in its session; unregisters when the connection ends.
 struct CancelToken {
     rx: tokio::sync::watch::Receiver<u64>,
-    key: Option<(i32, Vec<u8>)>,
+    key: Option<CancelKey>,
     cancels: Arc<Cancels>,
 }
 

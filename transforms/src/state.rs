@@ -417,12 +417,12 @@ impl State {
             }
             (None, _) => {
                 let old = self.stock.remove(key);
-                if old.is_some() {
-                    if let Some(locs) = self.locations.get_mut(&key.0) {
-                        locs.retain(|l| *l != key.1);
-                        if locs.is_empty() {
-                            self.locations.remove(&key.0);
-                        }
+                if old.is_some()
+                    && let Some(locs) = self.locations.get_mut(&key.0)
+                {
+                    locs.retain(|l| *l != key.1);
+                    if locs.is_empty() {
+                        self.locations.remove(&key.0);
                     }
                 }
                 old

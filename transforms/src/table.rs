@@ -398,7 +398,7 @@ pub fn build_batch<'a>(schema: &SchemaRef, rows: &[&'a [Cell]]) -> Result<Record
             DataType::Int64 => {
                 let mut b = Int64Builder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(*r) {
+                    match cell(r) {
                         Cell::Int(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
                         c => return Err(wrong(c)),
@@ -409,7 +409,7 @@ pub fn build_batch<'a>(schema: &SchemaRef, rows: &[&'a [Cell]]) -> Result<Record
             DataType::Utf8 => {
                 let mut b = StringBuilder::with_capacity(rows.len(), rows.len() * 12);
                 for r in rows {
-                    match cell(*r) {
+                    match cell(r) {
                         Cell::Text(v) => b.append_value(&**v),
                         Cell::Null => b.append_null(),
                         c => return Err(wrong(c)),
@@ -420,7 +420,7 @@ pub fn build_batch<'a>(schema: &SchemaRef, rows: &[&'a [Cell]]) -> Result<Record
             DataType::Float64 => {
                 let mut b = Float64Builder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(*r) {
+                    match cell(r) {
                         Cell::Float(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
                         c => return Err(wrong(c)),
@@ -431,7 +431,7 @@ pub fn build_batch<'a>(schema: &SchemaRef, rows: &[&'a [Cell]]) -> Result<Record
             DataType::Decimal128(p, s) => {
                 let mut b = Decimal128Builder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(*r) {
+                    match cell(r) {
                         Cell::Dec(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
                         c => return Err(wrong(c)),
@@ -442,7 +442,7 @@ pub fn build_batch<'a>(schema: &SchemaRef, rows: &[&'a [Cell]]) -> Result<Record
             DataType::Timestamp(TimeUnit::Microsecond, tz) => {
                 let mut b = TimestampMicrosecondBuilder::with_capacity(rows.len());
                 for r in rows {
-                    match cell(*r) {
+                    match cell(r) {
                         Cell::Ts(v) => b.append_value(*v),
                         Cell::Null => b.append_null(),
                         c => return Err(wrong(c)),

@@ -205,11 +205,11 @@ pub fn coalesce(mut epochs: Vec<Epoch>) -> Result<Epoch, ArrowError> {
                     interleave(&arrays, at)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(RecordBatch::try_new_with_options(
+            RecordBatch::try_new_with_options(
                 schema,
                 columns,
                 &RecordBatchOptions::new().with_row_count(Some(at.len())),
-            )?)
+            )
         };
         changes.push(ViewChanges {
             view,
