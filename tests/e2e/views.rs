@@ -65,6 +65,16 @@ impl Processor {
     }
 }
 
+/// A failing test must not leave its processor running (and polling) after the run.
+impl Drop for Processor {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 async fn workload(db: &TestDb, seed: u64, transactions: u64, rate: f64) {
     let opts = legacy_fixtures::SimulateOptions {
         seed,
