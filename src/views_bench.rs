@@ -13,6 +13,8 @@
 //!   t0 = the UPDATE returns (simple query protocol: the server commits before it answers)
 //!   ├─ Kafka ack:      walbridge's confirmed LSN passes the probe's commit LSN
 //!   ├─ Kafka visible:  a consumer of legacy.wms.stock_levels receives the probe's record
+//!   ├─ broker alone:   a plain producer's record sent at t0 reaches a plain consumer (the
+//!   │                  floor: no part of walbridge is in it, the load is the same)
 //!   └─ SQL visible:    `select on_hand from stock_availability where sku = 'WB-PROBE' …`
 //!                      on the SQL endpoint returns i (polled every --poll-ms)
 //! then a pause of --probe-gap-ms, and the next probe.
@@ -77,6 +79,9 @@ struct Probe {
     produced: Option<Duration>,
     kafka: Option<Duration>,
     sql: Option<Duration>,
+    /// The broker alone under the same load: a record sent by a plain producer at t0 (linger
+    /// 0), received by a plain consumer (see [`BrokerProbe`]).
+    broker: Option<Duration>,
 }
 
 pub async fn run(opts: LatencyOptions) -> anyhow::Result<()> {
@@ -178,6 +183,7 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
     println!("pipeline: snapshot in Kafka after {:.1?}", t.elapsed());
 
     let consumer = ProbeConsumer::start(&pc.brokers, &topic)?;
+    let broker_probe = BrokerProbe::start(&pc.brokers).await?;
     let process = crate::process::start(&cfg).await?;
     let sql_addr = process.sql_addr.context("the SQL endpoint did not start")?;
     let sql = cfg
@@ -210,6 +216,7 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         query: &query,
         poll: opts.poll,
         consumer,
+        broker: broker_probe,
         acks: &acks,
         marker: 0,
         // Past the snapshot, so the probe row's snapshot record is not taken for a probe.
@@ -327,6 +334,7 @@ struct Prober<'a> {
     query: &'a str,
     poll: Duration,
     consumer: ProbeConsumer,
+    broker: BrokerProbe,
     acks: &'a AckHistory,
     marker: i64,
     /// The WAL insert position after the previous probe's commit: this probe's commit is after it.
@@ -353,6 +361,7 @@ impl Prober<'_> {
         self.before = after;
 
         let kafka = self.consumer.wait(before, after, deadline);
+        let broker = self.broker.round_trip(marker, t0, deadline);
         let sql = async {
             loop {
                 let rows = self.sql.simple_query(self.query).await?;
@@ -369,7 +378,7 @@ impl Prober<'_> {
                 tokio::time::sleep(self.poll).await;
             }
         };
-        let (kafka, sql) = tokio::join!(kafka, sql);
+        let (kafka, sql, broker) = tokio::join!(kafka, sql, broker);
         let sql = sql.context("querying the SQL endpoint")?;
         let produced = kafka.and_then(|(_, _, created)| {
             let created = std::time::UNIX_EPOCH + Duration::from_millis(created?);
@@ -392,7 +401,74 @@ impl Prober<'_> {
             produced,
             kafka,
             sql,
+            broker,
         })
+    }
+}
+
+/// The broker's own latency under the same load, the floor for everything that goes through
+/// it: at each probe's commit a plain producer (linger 0, acks all) sends the probe's number to
+/// a one-partition side topic, and a plain consumer (fetch.wait.max.ms 10, as the processors')
+/// reports when it arrives.
+struct BrokerProbe {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    consumer: ProbeConsumer,
+}
+
+impl BrokerProbe {
+    const TOPIC: &'static str = "walbridge.bench.broker_probe";
+
+    async fn start(brokers: &str) -> anyhow::Result<BrokerProbe> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<_> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .context("creating an admin client")?;
+        admin
+            .create_topics(
+                &[NewTopic::new(Self::TOPIC, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .context("creating the broker probe topic")?;
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "0")
+            .set("acks", "all")
+            .create()
+            .context("creating the broker probe producer")?;
+        let consumer = ProbeConsumer::start_with(brokers, Self::TOPIC, |m| {
+            let marker = std::str::from_utf8(m.payload()?)
+                .ok()?
+                .parse::<u64>()
+                .ok()?;
+            Some((Lsn(marker), None))
+        })?;
+        Ok(BrokerProbe {
+            producer,
+            topic: Self::TOPIC.to_owned(),
+            consumer,
+        })
+    }
+
+    /// Sends `marker` and waits for it to come back: the time from `t0`.
+    async fn round_trip(
+        &mut self,
+        marker: i64,
+        t0: Instant,
+        deadline: Instant,
+    ) -> Option<Duration> {
+        let payload = marker.to_string();
+        let sent = self
+            .producer
+            .send_result(
+                rdkafka::producer::FutureRecord::<(), _>::to(&self.topic).payload(&payload),
+            )
+            .ok()?;
+        let m = Lsn(marker as u64);
+        let (got, _) = tokio::join!(self.consumer.wait(Lsn(m.0 - 1), m, deadline), sent);
+        got.map(|(at, _, _)| at.saturating_duration_since(t0))
     }
 }
 
@@ -449,6 +525,36 @@ struct ProbeConsumer {
 
 impl ProbeConsumer {
     fn start(brokers: &str, topic: &str) -> anyhow::Result<ProbeConsumer> {
+        let key = PROBE_SKU.as_bytes();
+        Self::start_with(brokers, topic, move |m| {
+            // The key is the Avro of (sku, location_code): the SKU's bytes appear as is.
+            if !m
+                .key()
+                .is_some_and(|k| k.windows(key.len()).any(|w| w == key))
+            {
+                return None;
+            }
+            let lsn = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|hd| hd.key == "walbridge.lsn")
+                    .and_then(|hd| std::str::from_utf8(hd.value?).ok()?.parse::<Lsn>().ok())
+            })?;
+            let created = match m.timestamp() {
+                rdkafka::Timestamp::CreateTime(ms) => u64::try_from(ms).ok(),
+                _ => None,
+            };
+            Some((lsn, created))
+        })
+    }
+
+    /// A consumer reporting the records `pick` recognizes, with their position and CreateTime.
+    fn start_with(
+        brokers: &str,
+        topic: &str,
+        pick: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<(Lsn, Option<u64>)>
+        + Send
+        + 'static,
+    ) -> anyhow::Result<ProbeConsumer> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", "walbridge-views-bench")
@@ -482,7 +588,6 @@ impl ProbeConsumer {
         let (tx, rx) = mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let key = PROBE_SKU.as_bytes();
         let thread = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 let m = match consumer.poll(Duration::from_millis(100)) {
@@ -494,23 +599,7 @@ impl ProbeConsumer {
                     None => continue,
                 };
                 let at = Instant::now();
-                // The key is the Avro of (sku, location_code): the SKU's bytes appear as is.
-                if !m
-                    .key()
-                    .is_some_and(|k| k.windows(key.len()).any(|w| w == key))
-                {
-                    continue;
-                }
-                let lsn = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|hd| hd.key == "walbridge.lsn")
-                        .and_then(|hd| std::str::from_utf8(hd.value?).ok()?.parse::<Lsn>().ok())
-                });
-                let created = match m.timestamp() {
-                    rdkafka::Timestamp::CreateTime(ms) => u64::try_from(ms).ok(),
-                    _ => None,
-                };
-                if let Some(l) = lsn
+                if let Some((l, created)) = pick(&m)
                     && tx.send((at, l, created)).is_err()
                 {
                     break;
@@ -627,10 +716,12 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration) {
     let (ack, ack_p) = pick(|p| p.ack, &all);
     let (produced, _) = pick(|p| p.produced, &all);
     let (kafka, _) = pick(|p| p.kafka, &all);
+    let (broker, broker_p) = pick(|p| p.broker, &all);
     let (sql, sql_p) = pick(|p| p.sql, &all);
     println!("  handed to Kafka (record CreateTime, ±1 ms):   {produced}");
     println!("  acked by Kafka (walbridge's confirmed LSN):   {ack}");
     println!("  received by a Kafka consumer of the topic:    {kafka}");
+    println!("  the broker alone (plain producer → consumer): {broker}");
     println!(
         "  in SQL on stock_availability (polled every {} ms): {sql}",
         poll.as_millis()
@@ -651,6 +742,13 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration) {
             "NOT met"
         };
         println!("  target p99 ≤ 100 ms commit → SQL: {verdict}");
+        if let Some((b50, b99)) = broker_p {
+            println!(
+                "  ratio SQL-visible / broker alone:             p50 {:.1}x   p99 {:.1}x",
+                s50.as_secs_f64() / b50.as_secs_f64().max(1e-6),
+                s99.as_secs_f64() / b99.as_secs_f64().max(1e-6)
+            );
+        }
     }
 }
 
