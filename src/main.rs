@@ -202,6 +202,10 @@ enum ViewsCommand {
         /// Pause between one probe becoming visible and the next probe's commit.
         #[arg(long, default_value_t = 100)]
         probe_gap_ms: u64,
+        /// Also time the WAL alone: pg_recvlogical (test_decoding) on a second slot receives each
+        /// probe. A second walsender decodes the same WAL, so every other figure gets slower.
+        #[arg(long)]
+        wal_floor: bool,
     },
 }
 
@@ -496,6 +500,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                 rate,
                 poll_ms,
                 probe_gap_ms,
+                wal_floor,
             } => {
                 if latency_seconds > 0 {
                     // The fold figure first, before the stack competes for the cores.
@@ -506,6 +511,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                         rate,
                         poll: Duration::from_millis(poll_ms),
                         probe_gap: Duration::from_millis(probe_gap_ms),
+                        wal_floor,
                     })
                     .await;
                 }

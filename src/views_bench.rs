@@ -13,6 +13,9 @@
 //!   t0 = the UPDATE returns (simple query protocol: the server commits before it answers)
 //!   ├─ Kafka ack:      walbridge's confirmed LSN passes the probe's commit LSN
 //!   ├─ Kafka visible:  a consumer of legacy.wms.stock_levels receives the probe's record
+//!   ├─ WAL alone:      with --wal-floor, pg_recvlogical (test_decoding, a slot of its own)
+//!   │                  receives the probe's UPDATE (the floor for the change-capture part;
+//!   │                  a second decoder of the same WAL, so the other figures get slower)
 //!   ├─ broker alone:   a plain producer's record sent at t0 reaches a plain consumer (the
 //!   │                  floor: no part of walbridge is in it, the load is the same)
 //!   └─ SQL visible:    `select on_hand from stock_availability where sku = 'WB-PROBE' …`
@@ -66,6 +69,8 @@ pub struct LatencyOptions {
     pub rate: f64,
     pub poll: Duration,
     pub probe_gap: Duration,
+    /// Time the WAL alone too (see [`WalProbe`]); it adds a second decoder of the same WAL.
+    pub wal_floor: bool,
 }
 
 /// One probe's times from the commit.
@@ -79,6 +84,8 @@ struct Probe {
     produced: Option<Duration>,
     kafka: Option<Duration>,
     sql: Option<Duration>,
+    /// The WAL alone: when pg_recvlogical, on a slot of its own, received the probe's change.
+    wal: Option<Duration>,
     /// The broker alone under the same load: a record sent by a plain producer at t0 (linger
     /// 0), received by a plain consumer (see [`BrokerProbe`]).
     broker: Option<Duration>,
@@ -184,6 +191,10 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
 
     let consumer = ProbeConsumer::start(&pc.brokers, &topic)?;
     let broker_probe = BrokerProbe::start(&pc.brokers).await?;
+    let wal_probe = match opts.wal_floor {
+        true => Some(WalProbe::start(&pg, &client).await?),
+        false => None,
+    };
     let process = crate::process::start(&cfg).await?;
     let sql_addr = process.sql_addr.context("the SQL endpoint did not start")?;
     let sql = cfg
@@ -217,6 +228,7 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         poll: opts.poll,
         consumer,
         broker: broker_probe,
+        wal: wal_probe,
         acks: &acks,
         marker: 0,
         // Past the snapshot, so the probe row's snapshot record is not taken for a probe.
@@ -278,7 +290,12 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         "\nworkload: {} transactions at {:.0} tx/s achieved ({} tx/s offered, spike profile: the first 20 % at 5x)",
         sim.transactions, sim.achieved_rate, opts.rate
     );
-    print_figures(&probes, opts.duration.as_secs_f64() * 0.2, opts.poll);
+    print_figures(
+        &probes,
+        opts.duration.as_secs_f64() * 0.2,
+        opts.poll,
+        opts.wal_floor,
+    );
     drop(broker);
     drop(pg);
     Ok(())
@@ -335,6 +352,7 @@ struct Prober<'a> {
     poll: Duration,
     consumer: ProbeConsumer,
     broker: BrokerProbe,
+    wal: Option<WalProbe>,
     acks: &'a AckHistory,
     marker: i64,
     /// The WAL insert position after the previous probe's commit: this probe's commit is after it.
@@ -361,7 +379,15 @@ impl Prober<'_> {
         self.before = after;
 
         let kafka = self.consumer.wait(before, after, deadline);
-        let broker = self.broker.round_trip(marker, t0, deadline);
+        // The floors never wait longer than a probe may take, also while catching up.
+        let floor_deadline = deadline.min(t0 + PROBE_TIMEOUT);
+        let broker = self.broker.round_trip(marker, t0, floor_deadline);
+        let wal = async {
+            match self.wal.as_mut() {
+                Some(w) => w.wait(marker, floor_deadline).await,
+                None => None,
+            }
+        };
         let sql = async {
             loop {
                 let rows = self.sql.simple_query(self.query).await?;
@@ -378,7 +404,8 @@ impl Prober<'_> {
                 tokio::time::sleep(self.poll).await;
             }
         };
-        let (kafka, sql, broker) = tokio::join!(kafka, sql, broker);
+        let (kafka, sql, broker, wal) = tokio::join!(kafka, sql, broker, wal);
+        let wal = wal.map(|at| at.saturating_duration_since(t0));
         let sql = sql.context("querying the SQL endpoint")?;
         let produced = kafka.and_then(|(_, _, created)| {
             let created = std::time::UNIX_EPOCH + Duration::from_millis(created?);
@@ -402,7 +429,89 @@ impl Prober<'_> {
             kafka,
             sql,
             broker,
+            wal,
         })
+    }
+}
+
+/// The WAL's own latency under the same load, the floor for the change-capture part: Postgres'
+/// `test_decoding` on a slot of its own, drained by pg_recvlogical, reports each probe UPDATE
+/// (`on_hand[integer]:<probe number>`) as its line arrives. Same walsender work per commit as
+/// walbridge's pgoutput slot (decoding every table in commit order), without any of walbridge.
+struct WalProbe {
+    rx: mpsc::UnboundedReceiver<(Instant, i64)>,
+    child: std::process::Child,
+}
+
+impl WalProbe {
+    const SLOT: &'static str = "walbridge_bench_wal_floor";
+
+    async fn start(pg: &Postgres, client: &tokio_postgres::Client) -> anyhow::Result<WalProbe> {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+                &[&Self::SLOT],
+            )
+            .await
+            .context("creating the WAL floor's test_decoding slot")?;
+        let mut child =
+            std::process::Command::new(crate::stack::postgres_bin_dir()?.join("pg_recvlogical"))
+                .args([
+                    "-d",
+                    &pg.dsn("legacy"),
+                    "--slot",
+                    Self::SLOT,
+                    "--start",
+                    "-f",
+                    "-",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting pg_recvlogical")?;
+        let out = child.stdout.take().context("pg_recvlogical's stdout")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let at = Instant::now();
+                if !line.contains(PROBE_SKU) {
+                    continue;
+                }
+                // The last value is the new tuple's (under REPLICA IDENTITY FULL the old row
+                // comes first).
+                let marker = line.rsplit_once("on_hand[integer]:").and_then(|(_, rest)| {
+                    rest.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse()
+                        .ok()
+                });
+                if let Some(m) = marker
+                    && tx.send((at, m)).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(WalProbe { rx, child })
+    }
+
+    async fn wait(&mut self, marker: i64, deadline: Instant) -> Option<Instant> {
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let (at, m) = tokio::time::timeout(left, self.rx.recv()).await.ok()??;
+            if m == marker {
+                return Some(at);
+            }
+        }
+    }
+}
+
+impl Drop for WalProbe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -701,7 +810,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration) {
+fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration, wal_floor: bool) {
     let pick = |f: fn(&Probe) -> Option<Duration>, keep: &dyn Fn(&Probe) -> bool| {
         let kept: Vec<&Probe> = probes.iter().filter(|p| keep(p)).collect();
         let vals: Vec<Duration> = kept.iter().filter_map(|p| f(p)).collect();
@@ -717,7 +826,11 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration) {
     let (produced, _) = pick(|p| p.produced, &all);
     let (kafka, _) = pick(|p| p.kafka, &all);
     let (broker, broker_p) = pick(|p| p.broker, &all);
+    let (wal, wal_p) = pick(|p| p.wal, &all);
     let (sql, sql_p) = pick(|p| p.sql, &all);
+    if wal_floor {
+        println!("  the WAL alone (pg_recvlogical, test_decoding): {wal}");
+    }
     println!("  handed to Kafka (record CreateTime, ±1 ms):   {produced}");
     println!("  acked by Kafka (walbridge's confirmed LSN):   {ack}");
     println!("  received by a Kafka consumer of the topic:    {kafka}");
@@ -742,6 +855,13 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration) {
             "NOT met"
         };
         println!("  target p99 ≤ 100 ms commit → SQL: {verdict}");
+        if let Some((w50, w99)) = wal_p.filter(|_| wal_floor) {
+            println!(
+                "  ratio SQL-visible / WAL alone:                p50 {:.1}x   p99 {:.1}x",
+                s50.as_secs_f64() / w50.as_secs_f64().max(1e-6),
+                s99.as_secs_f64() / w99.as_secs_f64().max(1e-6)
+            );
+        }
         if let Some((b50, b99)) = broker_p {
             println!(
                 "  ratio SQL-visible / broker alone:             p50 {:.1}x   p99 {:.1}x",
