@@ -44,6 +44,20 @@ fn create_error(e: KafkaError) -> KafkaSinkError {
 }
 
 /// librdkafka properties that may hold a credential or key material.
+/// A config for an admin client: the brokers, and of a producer's extra properties only those
+/// that say how to connect (`security.*`, `sasl.*`, `ssl.*`); the rest are producer-only and
+/// would make an admin client refuse to start.
+pub fn admin_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    for (k, v) in extra {
+        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+            cfg.set(k, v);
+        }
+    }
+    cfg
+}
+
 pub fn is_secret_property(key: &str) -> bool {
     [
         "password",
@@ -219,14 +233,10 @@ impl KafkaSink {
         if topics.is_empty() {
             return Ok(());
         }
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &self.settings.brokers);
-        for (k, v) in &self.settings.extra {
-            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
-                cfg.set(k, v);
-            }
-        }
-        let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(create_error)?;
+        let admin: AdminClient<DefaultClientContext> =
+            admin_config(&self.settings.brokers, &self.settings.extra)
+                .create()
+                .map_err(create_error)?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
             .map(|t| {

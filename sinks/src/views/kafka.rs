@@ -108,16 +108,10 @@ impl KafkaViewSink {
     }
 
     async fn ensure_topics(&mut self, topics: &[String]) -> Result<(), ViewSinkError> {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &self.settings.brokers);
-        for (k, v) in &self.settings.extra {
-            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
-                cfg.set(k, v);
-            }
-        }
-        let admin: AdminClient<DefaultClientContext> = cfg
-            .create()
-            .map_err(|e| self.err(format!("cannot create the admin client: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> =
+            crate::kafka::admin_config(&self.settings.brokers, &self.settings.extra)
+                .create()
+                .map_err(|e| self.err(format!("cannot create the admin client: {e}")))?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
             .map(|t| {
