@@ -4,11 +4,11 @@
 //! Copying and serializing all of it on the processor's thread took 60–200 ms at the demo's
 //! size, and every change that arrived meanwhile waited: the tail of "commit → visible in SQL".
 //! So the processor hands over only a [`Delta`] (the current row of each key that changed since
-//! the last one, [`State::take_delta`]), and a writer thread keeps a [`Replica`] of the saved
+//! the last one, [`State::take_delta`](crate::state::State::take_delta)), and a writer thread keeps a [`Replica`] of the saved
 //! state, applies the deltas in order and writes full checkpoint files (temp, fsync, rename),
 //! the same format [`crate::runtime::load_checkpoint`] reads.
 //!
-//! Why the file equals what [`State::save`] would have written at the delta's epoch: the
+//! Why the file equals what [`State::save`](crate::state::State::save) would have written at the delta's epoch: the
 //! replica starts from a full save, and each delta names every input key whose row changed
 //! since the previous one, with its value at the moment the delta was taken; the offsets,
 //! epoch and LSN are taken at that same moment. So after applying deltas 1..n the replica holds,

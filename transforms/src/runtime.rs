@@ -5,13 +5,22 @@
 //! (at most one per [`MIN_EPOCH_GAP`]), or after `epoch_interval` while messages keep coming:
 //! views are brought up to date, changed views are published to the [`Catalog`] and the
 //! [`Epoch`] is sent to the channel. A full channel (a slow sink) does not stop the fold or
-//! the SQL views: epochs wait in the processor and are merged once [`MAX_UNSENT`] queue up, so
+//! the SQL views: epochs wait in the processor and are merged once `MAX_UNSENT` queue up, so
 //! memory is bounded by the views' size; only a checkpoint waits for the sinks (below).
 //! Every `checkpoint_interval` the alerts produced so far are flushed and the state is
 //! written with the offsets it reflects (temp file, fsync, rename: a crash leaves the old or
 //! the new checkpoint, never a torn one). On start the checkpoint is restored and the consumer
 //! is positioned at its offsets, so after `kill -9` the changes after the checkpoint are read
 //! and folded again, exactly once into the state.
+//!
+//! "Read again" must mean *every* change after the checkpoint, and a broker may not deliver
+//! them from an offset inside a record batch: tansu 0.6 answers such a fetch with the next batch
+//! (skipping the rest of this one) or, in the partition's last batch, with nothing. So reading
+//! starts one message before each stored offset and a partition counts as aligned only once the
+//! broker returned that message or an earlier one (those are dropped); a later first message, or
+//! silence, seeks further back. Change topics are contiguous (idempotent, non-transactional
+//! producer), so the same check on every message catches a skip mid-stream too
+//! (`Processor::gap_check`).
 //!
 //! With view sinks ([`run_with`]) two more rules keep every sink exact across a crash:
 //!
@@ -953,7 +962,7 @@ impl Processor {
     /// Hands the closed epochs to the sinks' channel. When it is full (a sink is slower than
     /// the epochs, or busy with a first full copy), the epochs wait here and the processor goes
     /// on folding and publishing to SQL, so a query's freshness never waits for a sink. Past
-    /// [`MAX_UNSENT`] they are merged into one ([`crate::view::coalesce`], exact for every
+    /// `MAX_UNSENT` they are merged into one ([`crate::view::coalesce`], exact for every
     /// sink), so memory stays bounded by the views' size, not by how long the sink is slow.
     /// `block`: wait for room instead (before a checkpoint, which must not pass the sinks).
     fn send_epochs(&mut self, block: bool) -> Result<(), ProcessError> {
