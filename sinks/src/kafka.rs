@@ -58,6 +58,45 @@ pub fn admin_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
     cfg
 }
 
+/// Creates the topics that do not exist yet (one that exists already is fine) and logs each one
+/// created. On failure: the topic (or all of them, comma-separated) and the broker's reason.
+pub async fn create_topics(
+    admin: &ClientConfig,
+    topics: &[String],
+    partitions: i32,
+    replication_factor: i32,
+    config: &[(&str, &str)],
+) -> Result<(), (String, String)> {
+    let admin: AdminClient<DefaultClientContext> = admin.create().map_err(|e| {
+        (
+            topics.join(","),
+            format!("cannot create an admin client: {e}"),
+        )
+    })?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            config.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(replication_factor)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(|e| (topics.join(","), e.to_string()))?;
+    for r in results {
+        match r {
+            Ok(t) => tracing::info!(topic = %t, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err((topic, code.to_string())),
+        }
+    }
+    Ok(())
+}
+
 pub fn is_secret_property(key: &str) -> bool {
     [
         "password",
@@ -233,43 +272,19 @@ impl KafkaSink {
         if topics.is_empty() {
             return Ok(());
         }
-        let admin: AdminClient<DefaultClientContext> =
-            admin_config(&self.settings.brokers, &self.settings.extra)
-                .create()
-                .map_err(create_error)?;
-        let new: Vec<NewTopic<'_>> = topics
-            .iter()
-            .map(|t| {
-                NewTopic::new(
-                    t,
-                    self.settings.partitions,
-                    TopicReplication::Fixed(self.settings.replication_factor),
-                )
-            })
-            .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results =
-            admin
-                .create_topics(&new, &opts)
-                .await
-                .map_err(|e| KafkaSinkError::Topic {
-                    topic: topics.join(","),
-                    brokers: self.settings.brokers.clone(),
-                    reason: e.to_string(),
-                })?;
-        for r in results {
-            match r {
-                Ok(t) => tracing::info!(topic = %t, "created topic"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    return Err(KafkaSinkError::Topic {
-                        topic,
-                        brokers: self.settings.brokers.clone(),
-                        reason: code.to_string(),
-                    });
-                }
-            }
-        }
+        create_topics(
+            &admin_config(&self.settings.brokers, &self.settings.extra),
+            topics,
+            self.settings.partitions,
+            self.settings.replication_factor,
+            &[],
+        )
+        .await
+        .map_err(|(topic, reason)| KafkaSinkError::Topic {
+            topic,
+            brokers: self.settings.brokers.clone(),
+            reason,
+        })?;
         Ok(())
     }
 

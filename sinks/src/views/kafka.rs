@@ -26,8 +26,6 @@ use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::json::writer::LineDelimited;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -108,39 +106,21 @@ impl KafkaViewSink {
     }
 
     async fn ensure_topics(&mut self, topics: &[String]) -> Result<(), ViewSinkError> {
-        let admin: AdminClient<DefaultClientContext> =
-            crate::kafka::admin_config(&self.settings.brokers, &self.settings.extra)
-                .create()
-                .map_err(|e| self.err(format!("cannot create the admin client: {e}")))?;
-        let new: Vec<NewTopic<'_>> = topics
-            .iter()
-            .map(|t| {
-                NewTopic::new(
-                    t,
-                    self.settings.partitions,
-                    TopicReplication::Fixed(self.settings.replication_factor),
-                )
-                .set("cleanup.policy", "compact")
-            })
-            .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin.create_topics(&new, &opts).await.map_err(|e| {
+        let brokers = self.settings.brokers.clone();
+        crate::kafka::create_topics(
+            &crate::kafka::admin_config(&brokers, &self.settings.extra),
+            topics,
+            self.settings.partitions,
+            self.settings.replication_factor,
+            &[("cleanup.policy", "compact")],
+        )
+        .await
+        .map_err(|(topic, reason)| {
             self.err(format!(
-                "cannot create topic {} on {}: {e}; check that the brokers are reachable and \
-                 that walbridge may create topics (or create it yourself with cleanup.policy=compact)",
-                topics.join(", "),
-                self.settings.brokers
+                "cannot create topic {topic} on {brokers}: {reason}; check that the brokers are reachable and \
+                 that walbridge may create topics (or create it yourself with cleanup.policy=compact)"
             ))
         })?;
-        for r in results {
-            match r {
-                Ok(t) => tracing::info!(topic = %t, "created compacted view topic"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => {
-                    return Err(self.err(format!("cannot create topic {t}: {code}")));
-                }
-            }
-        }
         self.topics.extend(topics.iter().cloned());
         Ok(())
     }
