@@ -390,6 +390,7 @@ async fn raw_produce(broker: &Broker, n: u64, bytes: usize) -> anyhow::Result<f6
             partitions: 3,
             replication_factor: 1,
             max_queue_bytes: 64 << 20,
+            connections: 1,
             extra: Vec::new(),
         },
         progress.clone(),

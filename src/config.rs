@@ -284,6 +284,9 @@ pub struct KafkaConfig {
     pub producer: BTreeMap<String, String>,
     /// Bytes of produced-but-unacknowledged messages before the source stops reading.
     pub max_in_flight_bytes: u64,
+    /// Producers (broker connections) the change topics are spread over, a topic always on the
+    /// same one.
+    pub connections: usize,
     pub dead_letter: DeadLetter,
 }
 
@@ -565,6 +568,7 @@ const KEYS: &[KeySpec] = &[
         "an integer number of bytes in 1048576..=68719476736",
         "67108864",
     ),
+    key("kafka.connections", "an integer in 1..=64", "1"),
     key("kafka.dead_letter", "topic or stop", "topic"),
     key("registry", "a mapping", "registry: { url: ... }"),
     key(
@@ -933,6 +937,7 @@ struct RawKafka {
     replication_factor: Option<S<i64>>,
     producer: Option<S<BTreeMap<String, S<String>>>>,
     max_in_flight_bytes: Option<S<i64>>,
+    connections: Option<S<i64>>,
     dead_letter: Option<S<String>>,
 }
 
@@ -1897,6 +1902,7 @@ impl Validator<'_> {
             1 << 20..=64 << 30,
             64 << 20,
         );
+        let connections = self.int_in(&raw.connections, "kafka.connections", 1..=64, 1);
         let producer = self.producer(&raw.producer);
         let dead_letter = match &raw.dead_letter {
             None => Some(DeadLetter::Topic),
@@ -1918,6 +1924,7 @@ impl Validator<'_> {
             replication_factor: i16::try_from(replication?).ok()?,
             producer: producer?,
             max_in_flight_bytes: max_in_flight?.unsigned_abs(),
+            connections: usize::try_from(connections?).ok()?,
             dead_letter: dead_letter?,
         })
     }
@@ -2420,6 +2427,27 @@ registry:
             "topic or stop",
         );
         assert!(e.message.contains("\"drop\""), "{e}");
+    }
+
+    #[test]
+    fn kafka_connections_default_to_one_and_out_of_range_says_the_range() {
+        let c = from_str_with_env(VALID, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.kafka.connections, 1);
+        let two = with(
+            "  max_in_flight_bytes: 67108864\n",
+            "  max_in_flight_bytes: 67108864\n  connections: 2\n",
+        );
+        let c = from_str_with_env(&two, "pipelines.yaml", &no_env).unwrap();
+        assert_eq!(c.kafka.connections, 2);
+        one_error(
+            &with(
+                "  max_in_flight_bytes: 67108864\n",
+                "  max_in_flight_bytes: 67108864\n  connections: 0\n",
+            ),
+            15,
+            "kafka.connections",
+            "1..=64",
+        );
     }
 
     #[test]

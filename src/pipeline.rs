@@ -1181,6 +1181,7 @@ pub(crate) fn kafka_settings(cfg: &Config) -> KafkaSettings {
         partitions: cfg.kafka.partitions,
         replication_factor: i32::from(cfg.kafka.replication_factor),
         max_queue_bytes: cfg.kafka.max_in_flight_bytes as usize,
+        connections: cfg.kafka.connections,
         extra: cfg
             .kafka
             .producer

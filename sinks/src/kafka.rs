@@ -138,6 +138,10 @@ pub struct KafkaSettings {
     pub replication_factor: i32,
     /// Bound of the producer's queue in bytes.
     pub max_queue_bytes: usize,
+    /// Producers (so broker connections) the topics are spread over; a topic always goes
+    /// through the same one, which keeps its order. More than one lets a broker that serves a
+    /// connection's requests one at a time (tansu) work on two topics' batches side by side.
+    pub connections: usize,
     pub extra: Vec<(String, String)>,
 }
 
@@ -220,7 +224,10 @@ pub struct Record<'a> {
 }
 
 pub struct KafkaSink {
-    producer: ThreadedProducer<AckContext>,
+    producers: Vec<ThreadedProducer<AckContext>>,
+    /// Which producer each topic seen so far goes through, given out in turn on first use
+    /// (not by hash, so that up to `connections` topics never share one).
+    routes: std::sync::RwLock<std::collections::HashMap<String, usize>>,
     settings: KafkaSettings,
     stats: Arc<SinkStats>,
 }
@@ -254,14 +261,18 @@ impl KafkaSink {
         for (k, v) in &settings.extra {
             cfg.set(k, v);
         }
-        let producer = cfg
-            .create_with_context(AckContext {
-                progress,
-                stats: stats.clone(),
+        let producers = (0..settings.connections.max(1))
+            .map(|_| {
+                cfg.create_with_context(AckContext {
+                    progress: progress.clone(),
+                    stats: stats.clone(),
+                })
+                .map_err(create_error)
             })
-            .map_err(create_error)?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(KafkaSink {
-            producer,
+            producers,
+            routes: Default::default(),
             settings,
             stats,
         })
@@ -288,8 +299,28 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// The producer of `topic`.
+    fn producer(&self, topic: &str) -> &ThreadedProducer<AckContext> {
+        if self.producers.len() == 1 {
+            return &self.producers[0];
+        }
+        let known = self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+            .copied();
+        let i = known.unwrap_or_else(|| {
+            let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+            let next = routes.len() % self.producers.len();
+            *routes.entry(topic.to_owned()).or_insert(next)
+        });
+        &self.producers[i]
+    }
+
     /// Hands one message to the producer, waiting while its queue is full.
     pub async fn send(&self, r: &Record<'_>) -> Result<(), KafkaSinkError> {
+        let producer = self.producer(r.topic);
         let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
         for (k, v) in r.headers {
             headers = headers.insert(Header {
@@ -309,7 +340,7 @@ impl KafkaSink {
         // Counted before the send: the delivery report may arrive before `send` returns.
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         loop {
-            match self.producer.send(record) {
+            match producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec)) => {
                     // Backpressure: librdkafka's queue is at its byte bound. Wait for deliveries.
@@ -330,8 +361,14 @@ impl KafkaSink {
 
     /// Waits until every queued message is delivered (or `timeout` passes).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaSinkError> {
-        self.producer
-            .flush(timeout)
-            .map_err(|_| KafkaSinkError::FlushTimeout(timeout, self.producer.in_flight_count()))
+        let deadline = std::time::Instant::now() + timeout;
+        for p in &self.producers {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if p.flush(left).is_err() {
+                let in_flight = self.producers.iter().map(|p| p.in_flight_count()).sum();
+                return Err(KafkaSinkError::FlushTimeout(timeout, in_flight));
+            }
+        }
+        Ok(())
     }
 }

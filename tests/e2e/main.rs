@@ -196,36 +196,45 @@ async fn inserts_updates_deletes_and_truncates_arrive_with_before_and_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_of_one_key_stay_in_commit_order() {
-    let db = TestDb::new("keyorder").await;
+    let mut db = TestDb::new("keyorder").await;
+    // Topics spread over three producers (kafka.connections): each topic keeps its own, so its
+    // keys stay in order even though the two tables' changes share every transaction.
+    db.kafka_extra = "  connections: 3\n".into();
     let mut wb = db.start().await;
-    // 20 customers, each updated 15 times, interleaved across transactions.
+    // 20 customers and 20 products, each updated 15 times, interleaved across transactions.
     for round in 1..=15 {
         db.client
-            .execute(
-                "UPDATE oms.customers SET loyalty_points = $1 WHERE id <= 20",
-                &[&round],
-            )
+            .batch_execute(&format!(
+                "BEGIN; UPDATE oms.customers SET loyalty_points = {round} WHERE id <= 20; \
+                 UPDATE oms.products SET weight_grams = {round} \
+                 WHERE sku IN (SELECT sku FROM oms.products ORDER BY sku LIMIT 20); COMMIT"
+            ))
             .await
             .unwrap();
     }
     db.wait_caught_up(&mut wb).await;
-    let t = topic(&db, "oms.customers");
+    let (t, tp) = (topic(&db, "oms.customers"), topic(&db, "oms.products"));
     let events = db
-        .events_until(|ev| ev.iter().filter(|e| e.topic == t).count() >= 300)
+        .events_until(|ev| {
+            ev.iter().filter(|e| e.topic == t).count() >= 300
+                && ev.iter().filter(|e| e.topic == tp).count() >= 300
+        })
         .await;
-    let mut per_key: BTreeMap<i64, Vec<(i32, i64, i64)>> = BTreeMap::new();
-    for e in on(&events, &topic(&db, "oms.customers")) {
-        let id = e.key.as_ref().unwrap()["id"].as_i64().unwrap();
-        let pts = field(e, "after", "loyalty_points")
-            .unwrap()
-            .as_i64()
-            .unwrap();
-        per_key
-            .entry(id)
-            .or_default()
-            .push((e.partition, e.offset, pts));
+    let mut per_key: BTreeMap<String, Vec<(i32, i64, i64)>> = BTreeMap::new();
+    for (table, col) in [
+        ("oms.customers", "loyalty_points"),
+        ("oms.products", "weight_grams"),
+    ] {
+        for e in on(&events, &topic(&db, table)) {
+            let key = format!("{table} {}", e.key.as_ref().unwrap());
+            let v = field(e, "after", col).unwrap().as_i64().unwrap();
+            per_key
+                .entry(key)
+                .or_default()
+                .push((e.partition, e.offset, v));
+        }
     }
-    assert_eq!(per_key.len(), 20);
+    assert_eq!(per_key.len(), 40, "{:?}", per_key.keys());
     for (id, seen) in per_key {
         let partitions: HashSet<i32> = seen.iter().map(|s| s.0).collect();
         assert_eq!(
