@@ -206,6 +206,10 @@ enum ViewsCommand {
         /// probe. A second walsender decodes the same WAL, so every other figure gets slower.
         #[arg(long)]
         wal_floor: bool,
+        /// Time only the floors under the same workload, with walbridge not running: the WAL
+        /// alone (the only decoder of the WAL) and the broker alone.
+        #[arg(long)]
+        floors_only: bool,
     },
 }
 
@@ -501,6 +505,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                 poll_ms,
                 probe_gap_ms,
                 wal_floor,
+                floors_only,
             } => {
                 if latency_seconds > 0 {
                     // The fold figure first, before the stack competes for the cores.
@@ -512,6 +517,7 @@ async fn dispatch(cmd: Command) -> anyhow::Result<()> {
                         poll: Duration::from_millis(poll_ms),
                         probe_gap: Duration::from_millis(probe_gap_ms),
                         wal_floor,
+                        floors_only,
                     })
                     .await;
                 }

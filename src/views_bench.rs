@@ -71,6 +71,9 @@ pub struct LatencyOptions {
     pub probe_gap: Duration,
     /// Time the WAL alone too (see [`WalProbe`]); it adds a second decoder of the same WAL.
     pub wal_floor: bool,
+    /// Run no part of walbridge: time only the WAL alone and the broker alone, so the WAL
+    /// floor is measured with its decoder the only one.
+    pub floors_only: bool,
 }
 
 /// One probe's times from the commit.
@@ -141,6 +144,9 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
     client.batch_execute("SET synchronous_commit = on").await?;
 
     let broker = Broker::start()?;
+    if opts.floors_only {
+        return floors_only(opts, &pg, &client, &broker).await;
+    }
     let cfg = stack_config(base, &pg, &broker, dir)?;
     let pc = cfg
         .processor_config()
@@ -298,6 +304,82 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
     );
     drop(broker);
     drop(pg);
+    Ok(())
+}
+
+/// The floors alone, walbridge stopped: the same workload and probe updates, timed by
+/// pg_recvlogical (the WAL's only decoder) and by the broker probe.
+async fn floors_only(
+    opts: &LatencyOptions,
+    pg: &Postgres,
+    client: &tokio_postgres::Client,
+    broker: &Broker,
+) -> anyhow::Result<()> {
+    let mut wal = WalProbe::start(pg, client).await?;
+    let mut broker_probe = BrokerProbe::start(&broker.bootstrap()).await?;
+    let workload_client = pg.connect("legacy").await?;
+    let sim_opts = legacy_fixtures::SimulateOptions {
+        seed: 7,
+        rate: opts.rate,
+        duration: opts.duration,
+        profile: legacy_fixtures::Profile::Spike,
+        max_transactions: None,
+    };
+    println!(
+        "walbridge is not running; probing the floors for {:?} under the workload",
+        opts.duration
+    );
+    let workload =
+        tokio::spawn(async move { legacy_fixtures::simulate(&workload_client, &sim_opts).await });
+    let started = Instant::now();
+    let mut probes = Vec::new();
+    let mut marker = 0;
+    while started.elapsed() < opts.duration && !workload.is_finished() {
+        let at = started.elapsed().as_secs_f64();
+        marker += 1;
+        client
+            .simple_query(&format!(
+                "UPDATE wms.stock_levels SET on_hand = {marker}, updated_at = now() WHERE sku = '{PROBE_SKU}'"
+            ))
+            .await
+            .context("probe update")?;
+        let t0 = Instant::now();
+        let deadline = t0 + PROBE_TIMEOUT;
+        let (w, b) = tokio::join!(
+            wal.wait(marker, deadline),
+            broker_probe.round_trip(marker, t0, deadline)
+        );
+        probes.push(Probe {
+            at,
+            wal: w.map(|at| at.saturating_duration_since(t0)),
+            broker: b,
+            ..Probe::default()
+        });
+        tokio::time::sleep(opts.probe_gap).await;
+    }
+    let sim = workload.await.context("the workload task panicked")??;
+    println!("load average after:  {}", loadavg());
+    println!(
+        "\nworkload: {} transactions at {:.0} tx/s achieved ({} tx/s offered, spike profile: the first 20 % at 5x)",
+        sim.transactions, sim.achieved_rate, opts.rate
+    );
+    let all = |f: fn(&Probe) -> Option<Duration>| {
+        let v: Vec<Duration> = probes.iter().filter_map(f).collect();
+        let missing = probes.len() - v.len();
+        summary(v, missing).0
+    };
+    println!(
+        "\nfloors, walbridge not running, {} sequential probes:",
+        probes.len()
+    );
+    println!(
+        "  the WAL alone (pg_recvlogical, test_decoding): {}",
+        all(|p| p.wal)
+    );
+    println!(
+        "  the broker alone (plain producer → consumer): {}",
+        all(|p| p.broker)
+    );
     Ok(())
 }
 
