@@ -74,35 +74,49 @@
 //!
 //! One processor instance reads *every* partition of its input topics (it assigns them itself,
 //! under `group_id` only for lag reporting): the views are keyed by SKU or customer while the
-//! topics are keyed by each table's primary key, so splitting partitions among instances would
-//! split a SKU's stock levels, or a customer's orders, across instances and make every
-//! aggregate wrong. Sharing the work needs co-partitioning:
+//! change topics are keyed by each table's primary key, so splitting partitions among instances
+//! would split a SKU's stock levels, or a customer's orders, across instances and make every
+//! aggregate wrong. Sharing the work needs co-partitioning. The plan (session 8), and why:
 //!
-//! 1. A stateless *repartition* stage (any number of instances in one consumer group sharing
-//!    the CDC partitions) keeps last-row-per-PK only where a row's group key can change, and
-//!    produces each change's weighted rows (−old, +new) to an internal topic keyed by the group
-//!    key (`<prefix>.internal.by_sku`, `.by_customer`), each record tagged with its source
-//!    (topic, partition, offset).
-//! 2. Aggregating instances share the internal topics' partitions in a second consumer group.
-//!    Each keeps, per input partition, the high-water mark of source offsets it has applied, so
-//!    records produced twice by a repartitioner that crashed before committing are dropped.
-//! 3. State and offsets are checkpointed *per partition* in a store every instance can read
-//!    (a Postgres table, in the same transaction as the offsets), so after a rebalance the new
-//!    owner of a partition restores exactly that partition's state.
-//! 4. Order → customer joins (returns) need the order rows next to the customer: repartition
-//!    orders and returns by customer_id (returns through a small order_id → customer_id table
-//!    kept by the repartitioner). Reconciliation co-partitions stock levels and inventory cache
-//!    by (sku, location), which both topics already are keyed by, given equal partition counts.
-//! 5. The top-5 % threshold is global: each instance publishes its LTV histogram, a single
-//!    small task merges them and broadcasts the threshold.
+//! 1. **Co-partition at the source, not through a repartition topic.** A repartition stage
+//!    (consume, re-key, produce, consume again) puts a second trip through the broker on every
+//!    change's way into SQL. Measured with `walbridge views bench --floors-only` on the
+//!    2-core test machine at the demo's load, the WAL alone already takes p99 83 ms and one trip
+//!    through tansu p50 12–21 / p99 21–90 ms, against a 100 ms p99 budget. So the change
+//!    producer routes chosen tables by a column (`kafka.partition_by`, Debezium's
+//!    `PartitionRouting`): murmur2 of the column's text, modulo the topic's partitions. By SKU:
+//!    products, stock levels, inventory cache, order lines; by customer: customers (id) and
+//!    orders (customer_id). Topics routed together must have equal partition counts (checked
+//!    at start, as Kafka Streams does). Per-key order still holds, since a key keeps its
+//!    partition while its routing value stays.
+//! 2. **A routing value that changes moves the row.** The producer sends a delete (and
+//!    tombstone) to the old partition and a create to the new one, each with an event id of its
+//!    own. The old value is known only if the column is in the replica identity or the table is
+//!    `REPLICA IDENTITY FULL`, so any other `partition_by` is refused at start with that
+//!    `ALTER TABLE` as the fix (orders by customer_id needs FULL). The fold must then accept
+//!    one primary key in two partitions, read in either order: a delete retracts only if its
+//!    (complete, FULL) `before` matches the row held, and a create of a held key is an update.
+//! 3. **Returns carry no customer.** Every instance reads the orders topic whole, for an
+//!    order_id → customer_id table (Kafka Streams' global table; 16 bytes per order), and the
+//!    returns topic whole, keeping the returns of its own customers. That input does not scale
+//!    out; the rest does.
+//! 4. **Instances share the partitions in one consumer group** (range assignor over equal
+//!    partition counts gives partition *i* of every co-partitioned topic to one member). State and
+//!    offsets are checkpointed *per partition* in a store every instance reads (a Postgres table,
+//!    one transaction), so a partition's new owner restores exactly its state on a rebalance.
+//! 5. **Global parts are merged from partials.** The reconciliation summary (counts, units at
+//!    risk, oldest `since`) and the top-5 % LTV threshold (each partition's k largest LTVs) are
+//!    published per partition to a compacted internal topic; every instance merges all partials,
+//!    and re-segments its own customers when the threshold moves.
+//! 6. **SQL over all shards.** Each instance serves the whole view by also reading the other
+//!    instances' epochs from the Kafka view sink's compacted topics (which exist already).
 //!
 //! What tansu 0.6 (the broker the tests run on) allows, read in its sources (session 7): classic
 //! consumer groups assign partitions and rebalance on a clean `LeaveGroup` (at least 3 s per
 //! rebalance), but a member that dies without leaving is noticed only on another member's
 //! heartbeat and its partitions, or the leadership, are not handed on; there is no `EndTxn`, so
-//! no transactional producer. So the failover test (kill -9 of one instance) cannot run on
-//! tansu's group coordinator, and the per-source-offset dedup of step 2 is needed in place of
-//! transactions.
+//! no transactional producer. So a two-instance test can cover a clean join and leave on tansu,
+//! but not a kill -9 failover.
 //!
 //! Missing today: all of the above; one instance per pipeline.
 
