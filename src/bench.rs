@@ -424,6 +424,7 @@ async fn raw_produce(broker: &Broker, n: u64, bytes: usize) -> anyhow::Result<f6
             payload: Some(&payload),
             headers: &headers,
             seq,
+            partition: None,
         })
         .await?;
     }

@@ -287,6 +287,9 @@ pub struct KafkaConfig {
     /// Producers (broker connections) the change topics are spread over, a topic always on the
     /// same one.
     pub connections: usize,
+    /// Tables whose records are routed to a partition by these columns (`schema.table` →
+    /// columns) instead of by the whole key.
+    pub partition_by: BTreeMap<String, Vec<String>>,
     pub dead_letter: DeadLetter,
 }
 
@@ -569,6 +572,11 @@ const KEYS: &[KeySpec] = &[
         "67108864",
     ),
     key("kafka.connections", "an integer in 1..=64", "1"),
+    key(
+        "kafka.partition_by",
+        "a mapping of \"schema.table\" to a list of its primary-key columns",
+        "{ wms.stock_levels: [sku] }",
+    ),
     key("kafka.dead_letter", "topic or stop", "topic"),
     key("registry", "a mapping", "registry: { url: ... }"),
     key(
@@ -928,6 +936,9 @@ struct RawSource {
     shutdown_timeout_ms: Option<S<i64>>,
 }
 
+/// `kafka.partition_by`: table → its routing columns, with their places in the file.
+type RawPartitionBy = BTreeMap<String, S<Vec<S<String>>>>;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKafka {
@@ -938,6 +949,7 @@ struct RawKafka {
     producer: Option<S<BTreeMap<String, S<String>>>>,
     max_in_flight_bytes: Option<S<i64>>,
     connections: Option<S<i64>>,
+    partition_by: Option<S<RawPartitionBy>>,
     dead_letter: Option<S<String>>,
 }
 
@@ -1903,6 +1915,7 @@ impl Validator<'_> {
             64 << 20,
         );
         let connections = self.int_in(&raw.connections, "kafka.connections", 1..=64, 1);
+        let partition_by = self.partition_by(&raw.partition_by);
         let producer = self.producer(&raw.producer);
         let dead_letter = match &raw.dead_letter {
             None => Some(DeadLetter::Topic),
@@ -1925,8 +1938,68 @@ impl Validator<'_> {
             producer: producer?,
             max_in_flight_bytes: max_in_flight?.unsigned_abs(),
             connections: usize::try_from(connections?).ok()?,
+            partition_by: partition_by?,
             dead_letter: dead_letter?,
         })
+    }
+
+    fn partition_by(
+        &mut self,
+        raw: &Option<S<RawPartitionBy>>,
+    ) -> Option<BTreeMap<String, Vec<String>>> {
+        let Some(raw) = raw else {
+            return Some(BTreeMap::new());
+        };
+        let mut ok = true;
+        let mut out = BTreeMap::new();
+        for (table, cols) in &raw.value {
+            let path = format!("kafka.partition_by.{table}");
+            match parse_table(table) {
+                Ok(TableSelector::Table { .. }) => {}
+                Ok(TableSelector::AllInSchema { .. }) | Err(_) => {
+                    self.error(
+                        &cols.referenced,
+                        &path,
+                        format!(
+                            "expected one table \"schema.table\", got {table:?} — e.g. wms.stock_levels: [sku]"
+                        ),
+                    );
+                    ok = false;
+                    continue;
+                }
+            }
+            if cols.value.is_empty() {
+                self.error(
+                    &cols.referenced,
+                    &path,
+                    "no columns listed; list the primary-key columns to route by, e.g. [sku]",
+                );
+                ok = false;
+                continue;
+            }
+            let mut names: Vec<String> = Vec::new();
+            for (i, c) in cols.value.iter().enumerate() {
+                let p = format!("{path}[{i}]");
+                match self.string(c, &p) {
+                    Some(name) if names.contains(&name) => {
+                        self.error(
+                            &c.referenced,
+                            &p,
+                            format!("column {name:?} is listed twice"),
+                        );
+                        ok = false;
+                    }
+                    Some(name) if name.is_empty() => {
+                        self.error(&c.referenced, &p, "empty column name");
+                        ok = false;
+                    }
+                    Some(name) => names.push(name),
+                    None => ok = false,
+                }
+            }
+            out.insert(table.clone(), names);
+        }
+        ok.then_some(out)
     }
 
     fn producer(
@@ -2448,6 +2521,42 @@ registry:
             "kafka.connections",
             "1..=64",
         );
+    }
+
+    #[test]
+    fn partition_by_takes_tables_and_column_lists_and_refuses_the_rest() {
+        let routed = |entries: &str| {
+            with(
+                "  max_in_flight_bytes: 67108864\n",
+                &format!("  max_in_flight_bytes: 67108864\n  partition_by:\n{entries}"),
+            )
+        };
+        let c = from_str_with_env(
+            &routed("    wms.stock_levels: [sku]\n    oms.order_lines: [order_id, line_no]\n"),
+            "pipelines.yaml",
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(c.kafka.partition_by["wms.stock_levels"], ["sku"]);
+        assert_eq!(
+            c.kafka.partition_by["oms.order_lines"],
+            ["order_id", "line_no"]
+        );
+        for (entries, needle) in [
+            ("    oms.*: [sku]\n", "expected one table \"schema.table\""),
+            ("    stock_levels: [sku]\n", "expected one table"),
+            ("    wms.stock_levels: []\n", "no columns listed"),
+            (
+                "    wms.stock_levels: [sku, sku]\n",
+                "\"sku\" is listed twice",
+            ),
+        ] {
+            let errs = errors_of(&routed(entries));
+            assert_eq!(errs.errors.len(), 1, "{entries}: {errs}");
+            let e = &errs.errors[0];
+            assert!(e.path.starts_with("kafka.partition_by."), "{entries}: {e}");
+            assert!(e.message.contains(needle), "{entries}: {e}");
+        }
     }
 
     #[test]

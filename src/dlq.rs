@@ -640,6 +640,7 @@ pub async fn replay(cfg: &Config, only: &[String]) -> anyhow::Result<Vec<Outcome
                     ("walbridge.event_id", o.event_id.as_bytes()),
                 ],
                 seq,
+                partition: None,
             })
             .await?;
         progress.commit(seq, Lsn::ZERO);
@@ -686,7 +687,7 @@ async fn map_table(
     }
     let topic = cfg.kafka.topic_for(schema, table);
     out.sink.ensure_topics(std::slice::from_ref(&topic)).await?;
-    crate::pipeline::map_relation(cfg, meta, registry, metrics, &types, rel, topic).await
+    crate::pipeline::map_relation(cfg, meta, registry, metrics, &types, &out.sink, rel, topic).await
 }
 
 #[cfg(test)]

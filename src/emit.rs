@@ -31,7 +31,7 @@ use std::time::Duration;
 use anyhow::Context;
 use avro::{Change, EncodeError, Op, Source, TableSchema};
 use cdc::Lsn;
-use cdc::pgoutput::{Relation, Tuple};
+use cdc::pgoutput::{Relation, Tuple, Value};
 use cdc::progress::{Progress, Seq};
 use sinks::kafka::{KafkaSink, KafkaSinkError, Record};
 
@@ -47,6 +47,37 @@ pub struct TableState {
     /// Set when the registry refused this shape and `registry.on_incompatible` is
     /// `dead_letter`: every change goes to the dead-letter topic with this reason.
     pub incompatible: Option<String>,
+    /// `kafka.partition_by`: the partition comes from these columns, not from the whole key.
+    pub route: Option<Route>,
+}
+
+/// How a table routed by columns (`kafka.partition_by`) picks a record's partition: murmur2 of
+/// the columns' text (joined by a zero byte, which text values cannot contain) modulo the
+/// topic's partitions, as the Java client would place a record keyed by that text. Routing
+/// columns are primary-key (and replica-identity) columns, so every record of a key, its
+/// delete and tombstone included, goes to one partition, and per-key order holds.
+pub struct Route {
+    /// Positions in the relation's columns.
+    pub columns: Vec<usize>,
+    pub partitions: i32,
+}
+
+impl Route {
+    /// The partition of `row`, or `None` when a routing column's value is not in it (an
+    /// unchanged TOASTed value), in which case the key decides.
+    fn partition(&self, row: &Tuple, buf: &mut Vec<u8>) -> Option<i32> {
+        buf.clear();
+        for (n, &i) in self.columns.iter().enumerate() {
+            if n > 0 {
+                buf.push(0);
+            }
+            match row.get(i)? {
+                Value::Text(b) | Value::Binary(b) => buf.extend_from_slice(b),
+                Value::Null | Value::UnchangedToast => return None,
+            }
+        }
+        Some(sinks::kafka::partition_for(buf, self.partitions))
+    }
 }
 
 /// Where records go.
@@ -74,6 +105,14 @@ impl Sink {
         match self {
             Sink::Kafka(k) => k.ensure_topics(topics).await,
             Sink::Discard(_) => Ok(()),
+        }
+    }
+
+    /// The partition count of `topic`; `default` when nothing is sent.
+    pub async fn partition_count(&self, topic: &str, default: i32) -> Result<i32, KafkaSinkError> {
+        match self {
+            Sink::Kafka(k) => k.partition_count(topic).await,
+            Sink::Discard(_) => Ok(default),
         }
     }
 
@@ -124,6 +163,8 @@ pub struct Emitter {
     val_buf: Vec<u8>,
     key_frame: Vec<u8>,
     val_frame: Vec<u8>,
+    /// The routing columns' text of the current change (`kafka.partition_by`).
+    route_buf: Vec<u8>,
     /// The event id of the next [`emit`](Self::emit); the caller writes it (see [`id`](Self::id)).
     event_id: String,
     /// Header texts, rewritten per change into the same buffers.
@@ -239,12 +280,23 @@ impl Emitter {
         } else {
             out.progress.expect(m.seq, need);
         }
+        let partition = match (&t.route, after.or(before)) {
+            (Some(r), Some(row)) => {
+                let p = r.partition(row, &mut self.route_buf);
+                if p.is_none() {
+                    tracing::warn!(table = %t.schema.table(), "a routing column's value is not in the change (unchanged TOAST); the record goes by its key's partition");
+                }
+                p
+            }
+            _ => None,
+        };
         let mut record = Record {
             topic: &t.topic,
             key,
             payload: Some(&self.val_frame),
             headers: &headers,
             seq: m.seq,
+            partition,
         };
         out.sink.send(&record).await?;
         if tombstone {
@@ -358,6 +410,7 @@ impl Emitter {
             payload: Some(&self.val_frame),
             headers: &headers,
             seq: m.seq,
+            partition: None,
         };
         out.sink.send(&record).await?;
         dlq.counter.inc();
@@ -417,6 +470,7 @@ pub async fn send_event(out: &Out, m: &EventMeta<'_>, e: &EventRecord<'_>) -> an
             payload: Some(e.payload),
             headers: &headers,
             seq: m.seq,
+            partition: None,
         })
         .await?;
     Ok(())
@@ -470,6 +524,7 @@ pub async fn dead_letter_event(
             payload: Some(&payload),
             headers: &headers,
             seq: m.seq,
+            partition: None,
         })
         .await?;
     dlq.counter.inc();

@@ -348,6 +348,7 @@ async fn run_attempt(
     if let Some(f) = &facts {
         f.ours()?;
     }
+    check_partition_by(cfg, &meta).await?;
     let tables =
         slot::ensure_publication(&meta, &cfg.source.publication, &cfg.source.tables).await?;
     let server_version: i32 = meta
@@ -1003,6 +1004,7 @@ impl Pipeline {
             &self.registry,
             &self.metrics,
             &self.types,
+            &self.out.sink,
             rel,
             topic,
         )
@@ -1194,16 +1196,19 @@ pub(crate) fn kafka_settings(cfg: &Config) -> KafkaSettings {
 /// Maps a table's shape to its Avro schemas and registers them (after the
 /// `registry.on_incompatible` check): the key is the primary key; without one, none, also under
 /// FULL (every column would be "identity"); otherwise the replica identity's columns.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn map_relation(
     cfg: &Config,
     meta: &tokio_postgres::Client,
     registry: &RegistryClient,
     metrics: &Metrics,
     types: &TypeNames,
+    sink: &Sink,
     rel: Relation,
     topic: String,
 ) -> anyhow::Result<TableState> {
     let pk = primary_key(meta, &rel).await?;
+    let route = route_of(cfg, sink, &rel, &pk, &topic).await?;
     let schema = if !pk.is_empty() {
         let cols: Vec<&str> = pk.iter().map(String::as_str).collect();
         TableSchema::with_key(&topic, &rel, types, &cols)?
@@ -1253,7 +1258,122 @@ pub(crate) async fn map_relation(
         },
         incompatible: refused,
         schema,
+        route,
     })
+}
+
+/// Refuses, before anything is created for the pipeline, a `kafka.partition_by` entry for a
+/// table walbridge does not stream or with a column outside the table's primary key
+/// ([`route_columns_allowed`]).
+async fn check_partition_by(cfg: &Config, meta: &tokio_postgres::Client) -> anyhow::Result<()> {
+    for (table, cols) in &cfg.kafka.partition_by {
+        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        let streamed = cfg
+            .source
+            .tables
+            .iter()
+            .any(|sel| sel.schema() == schema && sel.table().is_none_or(|t| t == name));
+        let exists: bool = meta
+            .query_one(
+                "SELECT to_regclass(quote_ident($1) || '.' || quote_ident($2)) IS NOT NULL",
+                &[&schema, &name],
+            )
+            .await
+            .with_context(|| format!("looking up {table}"))?
+            .get(0);
+        if !streamed || !exists {
+            bail!(
+                "kafka.partition_by.{table}: walbridge does not stream {table} ({}); remove the \
+                 entry or fix the table name",
+                if streamed {
+                    "it does not exist in the source database"
+                } else {
+                    "source.tables does not match it"
+                }
+            );
+        }
+        let pk: Vec<String> = meta
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass \
+                 AND i.indisprimary ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&schema, &name],
+            )
+            .await
+            .with_context(|| format!("reading the primary key of {table}"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        route_columns_allowed(table, &pk, cols)?;
+    }
+    Ok(())
+}
+
+/// Routing columns must be primary-key columns: a key's routing value then never changes
+/// without the key changing too, so one key never has records in two partitions (a change of
+/// a non-key column would move the row's later records to another partition, and a consumer
+/// reading partitions side by side could apply them in the wrong order).
+fn route_columns_allowed(table: &str, pk: &[String], cols: &[String]) -> anyhow::Result<()> {
+    if pk.is_empty() {
+        bail!(
+            "kafka.partition_by.{table}: {table} has no primary key, and records are routed by \
+             primary-key columns only; remove the entry"
+        );
+    }
+    for c in cols {
+        if !pk.contains(c) {
+            bail!(
+                "kafka.partition_by.{table}: {c:?} is not a primary-key column of {table} (its \
+                 primary key: {}). Records are routed by primary-key columns only, so that a key \
+                 never lands in two partitions; list some of those, or remove the entry",
+                pk.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The routing of a table named in `kafka.partition_by`: its columns' positions and the topic's
+/// partition count (read from the broker: an existing topic may have more than
+/// `kafka.partitions`).
+async fn route_of(
+    cfg: &Config,
+    sink: &Sink,
+    rel: &Relation,
+    pk: &[String],
+    topic: &str,
+) -> anyhow::Result<Option<crate::emit::Route>> {
+    let qualified = format!("{}.{}", rel.namespace, rel.name);
+    let Some(cols) = cfg.kafka.partition_by.get(&qualified) else {
+        return Ok(None);
+    };
+    route_columns_allowed(&qualified, pk, cols)?;
+    let mut columns = Vec::with_capacity(cols.len());
+    for c in cols {
+        let i = rel
+            .columns
+            .iter()
+            .position(|col| &col.name == c)
+            .ok_or_else(|| {
+                anyhow!("kafka.partition_by.{qualified}: {qualified} has no column {c:?}")
+            })?;
+        // A delete carries the replica identity's columns only: a routing column outside it
+        // would be missing there, and the delete would go to another partition.
+        if rel.replica_identity != ReplicaIdentity::Full && !rel.columns[i].key {
+            bail!(
+                "kafka.partition_by.{qualified}: {c:?} is not in the replica identity of \
+                 {qualified}, so its deletes would not carry it; use REPLICA IDENTITY DEFAULT \
+                 (the primary key) or FULL"
+            );
+        }
+        columns.push(i);
+    }
+    let partitions = sink.partition_count(topic, cfg.kafka.partitions).await?;
+    Ok(Some(crate::emit::Route {
+        columns,
+        partitions,
+    }))
 }
 
 /// The table's primary key columns, in key order.

@@ -124,6 +124,14 @@ pub enum KafkaSinkError {
         brokers: String,
         reason: String,
     },
+    #[error(
+        "kafka: cannot read the partition count of topic {topic} from {brokers}: {reason} (needed to route it by kafka.partition_by); check that kafka.brokers is reachable"
+    )]
+    Metadata {
+        topic: String,
+        brokers: String,
+        reason: String,
+    },
     #[error("kafka: producing to {topic} failed: {source}")]
     Produce { topic: String, source: KafkaError },
     #[error("kafka: flush did not finish in {0:?}; {1} message(s) still in flight")]
@@ -221,6 +229,40 @@ pub struct Record<'a> {
     pub headers: &'a [(&'a str, &'a [u8])],
     /// The progress entry this message belongs to.
     pub seq: u64,
+    /// The partition, when the caller chose it ([`partition_for`]); else librdkafka's
+    /// partitioner picks one from the key.
+    pub partition: Option<i32>,
+}
+
+/// The Java client's default partition for `data` (murmur2, made positive, modulo the
+/// partitions), which librdkafka's `murmur2_random` partitioner also computes for a key. So a
+/// record routed by a value lands where another client producing that value as its key would.
+pub fn partition_for(data: &[u8], partitions: i32) -> i32 {
+    ((murmur2(data) & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
+/// MurmurHash2, 32 bit, with the seed Kafka's clients use.
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h = 0x9747_b28c_u32 ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        for (i, b) in tail.iter().enumerate().rev() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
 }
 
 pub struct KafkaSink {
@@ -333,6 +375,9 @@ impl KafkaSink {
         if let Some(k) = r.key {
             record = record.key(k);
         }
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
         if let Some(p) = r.payload {
             record = record.payload(p);
         }
@@ -359,6 +404,40 @@ impl KafkaSink {
         }
     }
 
+    /// How many partitions `topic` has, as the broker reports it.
+    pub async fn partition_count(&self, topic: &str) -> Result<i32, KafkaSinkError> {
+        let cfg = admin_config(&self.settings.brokers, &self.settings.extra);
+        let name = topic.to_owned();
+        // A blocking metadata request on a client of its own (once per table mapping), kept off
+        // the async workers.
+        let md = tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::Consumer as _;
+            let client: rdkafka::consumer::BaseConsumer = cfg.create()?;
+            client.fetch_metadata(Some(&name), Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| KafkaSinkError::Metadata {
+            topic: topic.to_owned(),
+            brokers: self.settings.brokers.clone(),
+            reason: format!("the metadata request panicked: {e}"),
+        })?
+        .map_err(|e| KafkaSinkError::Metadata {
+            topic: topic.to_owned(),
+            brokers: self.settings.brokers.clone(),
+            reason: format!("reading its partition count: {e}"),
+        })?;
+        match md.topics().iter().find(|t| t.name() == topic) {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                Ok(t.partitions().len() as i32)
+            }
+            _ => Err(KafkaSinkError::Metadata {
+                topic: topic.to_owned(),
+                brokers: self.settings.brokers.clone(),
+                reason: "the broker reports no partitions for it".to_owned(),
+            }),
+        }
+    }
+
     /// Waits until every queued message is delivered (or `timeout` passes).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaSinkError> {
         let deadline = std::time::Instant::now() + timeout;
@@ -370,5 +449,31 @@ impl KafkaSink {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_agree_with_the_java_client() {
+        // Kafka's own murmur2 test vectors (the clients' UtilsTest), as signed 32-bit values.
+        for (data, want) in [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            ("abc", 479470107),
+        ] {
+            assert_eq!(murmur2(data.as_bytes()) as i32, want, "{data}");
+        }
+        let p = partition_for(b"SKU-000123", 3);
+        assert!((0..3).contains(&p));
+        assert_eq!(p, partition_for(b"SKU-000123", 3), "deterministic");
     }
 }

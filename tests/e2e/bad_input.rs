@@ -647,6 +647,50 @@ async fn source_mistakes_stop_run_with_the_object_and_a_fix() {
     );
     assert!(first.stop().success());
 
+    // kafka.partition_by naming a column outside the primary key, or a table not streamed.
+    let routed = |name: &str, entry: &str| {
+        let y = base(name);
+        let p = db.dir.join(format!("{name}.yaml"));
+        let text = y.render().replace(
+            &format!("  topic_prefix: {name}\n"),
+            &format!("  topic_prefix: {name}\n  partition_by:\n    {entry}\n"),
+        );
+        assert!(text.contains("partition_by"), "test bug: {text}");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let o = walbridge(
+        "run",
+        &routed("bi_route_col", "oms.orders: [customer_id]"),
+        limit,
+    );
+    assert_refused(
+        "routing column outside the primary key",
+        &o,
+        &[
+            "kafka.partition_by.oms.orders",
+            "\"customer_id\" is not a primary-key column of oms.orders (its primary key: id)",
+        ],
+    );
+    let o = walbridge(
+        "run",
+        &routed("bi_route_table", "oms.customers: [id]"),
+        limit,
+    );
+    assert_refused(
+        "routing a table not streamed",
+        &o,
+        &[
+            "kafka.partition_by.oms.customers",
+            "walbridge does not stream oms.customers (source.tables does not match it)",
+        ],
+    );
+    assert_eq!(
+        publications(c, "bi_route_col").await,
+        0,
+        "publication left behind"
+    );
+
     // state_dir is a file.
     let file = db.dir.join("not-a-dir");
     std::fs::write(&file, "x").unwrap();
@@ -696,6 +740,8 @@ async fn source_mistakes_stop_run_with_the_object_and_a_fix() {
         "bi_state",
         "bi_metrics",
         "bi_reg",
+        "bi_route_col",
+        "bi_route_table",
     ] {
         assert_eq!(slots(c, name).await, 0, "{name}: a slot was created");
     }

@@ -254,6 +254,76 @@ async fn changes_of_one_key_stay_in_commit_order() {
     assert!(wb.stop().success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_by_puts_every_record_of_a_sku_in_one_partition_across_tables() {
+    let mut db = TestDb::new("routing").await;
+    db.snapshot = "initial";
+    db.kafka_extra = "  partition_by:\n    wms.stock_levels: [sku]\n    oms.inventory_cache: [sku]\n    oms.products: [sku]\n".into();
+    let mut wb = db.start().await;
+    // Streamed changes (the snapshot copied every row before them), a delete among them.
+    db.client
+        .batch_execute(
+            "UPDATE wms.stock_levels SET on_hand = on_hand + 1 \
+               WHERE sku IN (SELECT sku FROM oms.products ORDER BY sku LIMIT 30); \
+             UPDATE oms.inventory_cache SET available = available + 1 \
+               WHERE sku IN (SELECT sku FROM oms.products ORDER BY sku LIMIT 30); \
+             UPDATE oms.products SET weight_grams = 1 \
+               WHERE sku IN (SELECT sku FROM oms.products ORDER BY sku LIMIT 30); \
+             DELETE FROM wms.stock_levels \
+               WHERE (sku, location_code) IN (SELECT sku, location_code FROM wms.stock_levels ORDER BY 1, 2 LIMIT 1)",
+        )
+        .await
+        .unwrap();
+    db.wait_caught_up(&mut wb).await;
+    let topics = [
+        topic(&db, "wms.stock_levels"),
+        topic(&db, "oms.inventory_cache"),
+        topic(&db, "oms.products"),
+    ];
+    let updates = |ev: &[Event], t: &str| {
+        ev.iter()
+            .filter(|e| e.topic == t && e.op() == Some("u"))
+            .count()
+    };
+    let tombstone = |ev: &[Event]| ev.iter().any(|e| e.topic == topics[0] && e.value.is_none());
+    let events = db
+        .events_until(|ev| {
+            topics.iter().all(|t| updates(ev, t) > 0)
+                && updates(ev, &topics[2]) >= 30
+                && tombstone(ev)
+        })
+        .await;
+    assert!(wb.stop().success());
+    // sku -> (partition, where it was seen)
+    let mut placed: BTreeMap<String, (i32, String)> = BTreeMap::new();
+    let mut checked = 0;
+    for e in events.iter().filter(|e| topics.contains(&e.topic)) {
+        let sku = e.key.as_ref().unwrap()["sku"].as_str().unwrap().to_owned();
+        let seen = format!("{} offset {} op {:?}", e.topic, e.offset, e.op());
+        let want = sinks::kafka::partition_for(sku.as_bytes(), 3);
+        assert_eq!(
+            e.partition, want,
+            "{seen}: sku {sku} is in partition {} but routes to {want}",
+            e.partition
+        );
+        if let Some((p, first)) = placed.get(&sku) {
+            assert_eq!(
+                *p, e.partition,
+                "sku {sku}: {first} and {seen} in different partitions"
+            );
+        } else {
+            placed.insert(sku, (e.partition, seen));
+        }
+        checked += 1;
+    }
+    let used: HashSet<i32> = placed.values().map(|(p, _)| *p).collect();
+    assert_eq!(used.len(), 3, "200 SKUs spread over all 3 partitions");
+    assert!(
+        checked > 1000,
+        "snapshot and stream records checked: {checked}"
+    );
+}
+
 /// Inserts `n` customers with ids from `first`, one transaction each.
 async fn insert_customers(db: &TestDb, first: i64, n: i64) {
     for id in first..first + n {
