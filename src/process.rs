@@ -23,7 +23,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use sinks::views::ViewSink;
@@ -93,6 +93,14 @@ struct Slot {
     position: Offsets,
     /// The file keeping the position of a sink that stores none itself.
     marker: Option<PathBuf>,
+    /// How long epochs may gather before this sink writes them as one (zero: every epoch at
+    /// once); a checkpoint waiting for an epoch ends the wait early.
+    gather: Duration,
+    /// Epochs received and not yet written, merged ([`transforms::view::coalesce`]).
+    pending: Option<Epoch>,
+    /// Number of the last epoch this sink stored (or held already).
+    stored: u64,
+    last_write: Instant,
 }
 
 /// Starts the processors, the SQL endpoint and the sinks the config names.
@@ -123,11 +131,21 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
             partitions = position.0.len(),
             "view sink opened"
         );
+        // One Parquet file per changed view and write: epochs gather up to a checkpoint
+        // interval, so the lake gets a file per view per checkpoint, not one per epoch.
+        let gather = match s {
+            ViewSinkConfig::Parquet { .. } => pc.checkpoint_interval,
+            _ => Duration::ZERO,
+        };
         slots.push(Slot {
             cfg: s.clone(),
             sink,
             position,
             marker,
+            gather,
+            pending: None,
+            stored: 0,
+            last_write: Instant::now(),
         });
     }
 
@@ -322,24 +340,75 @@ async fn drive(
             deliver(cfg, slot, &e).await?;
         }
     }
-    while let Some(first) = epochs.recv().await {
-        // Sinks slower than the epochs (a Postgres transaction, fsyncs) would fall further and
-        // further behind: what queued up meanwhile goes as one epoch.
-        let mut queued = vec![first];
-        while queued.len() < MAX_COALESCED {
-            match epochs.try_recv() {
-                Ok(e) => queued.push(e),
-                Err(_) => break,
+    let mut open = true;
+    let mut latest = 0;
+    while open || slots.iter().any(|s| s.pending.is_some()) {
+        let due = slots
+            .iter()
+            .filter(|s| s.pending.is_some())
+            .map(|s| s.last_write + s.gather)
+            .min();
+        if open {
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                got = epochs.recv() => match got {
+                    Some(first) => {
+                        // Sinks slower than the epochs (a Postgres transaction, fsyncs) would
+                        // fall further and further behind: what queued up meanwhile goes as one.
+                        let mut queued = vec![first];
+                        while queued.len() < MAX_COALESCED {
+                            match epochs.try_recv() {
+                                Ok(e) => queued.push(e),
+                                Err(_) => break,
+                            }
+                        }
+                        let epoch = transforms::view::coalesce(queued)?;
+                        latest = epoch.number;
+                        for slot in &mut slots {
+                            if !epoch.offsets.0.is_empty() && slot.position.covers(&epoch.offsets) {
+                                continue;
+                            }
+                            if slot.gather.is_zero() {
+                                deliver(cfg, slot, &epoch).await?;
+                                slot.stored = epoch.number;
+                                continue;
+                            }
+                            slot.pending = Some(match slot.pending.take() {
+                                None => epoch.clone(),
+                                Some(p) => transforms::view::coalesce(vec![p, epoch.clone()])?,
+                            });
+                        }
+                    }
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(due.unwrap_or(far).into()) => {}
+                _ = gate.wanted_changed() => {}
             }
         }
-        let epoch = transforms::view::coalesce(queued)?;
+        let wanted = gate.wanted();
         for slot in &mut slots {
-            if !epoch.offsets.0.is_empty() && slot.position.covers(&epoch.offsets) {
-                continue;
+            let Some(p) = &slot.pending else { continue };
+            let asked = wanted > slot.stored && p.number >= wanted;
+            if !open || asked || slot.last_write.elapsed() >= slot.gather {
+                let e = slot.pending.take().expect("checked above");
+                deliver(cfg, slot, &e).await?;
+                slot.stored = e.number;
+                slot.last_write = Instant::now();
             }
-            deliver(cfg, slot, &epoch).await?;
         }
-        gate.delivered(epoch.number);
+        // Every sink stored, or holds nothing pending up to, the smallest of these.
+        let done = slots
+            .iter()
+            .map(|s| {
+                if s.pending.is_some() {
+                    s.stored
+                } else {
+                    latest
+                }
+            })
+            .min()
+            .unwrap_or(latest);
+        gate.delivered(done);
     }
     Ok(())
 }
@@ -444,4 +513,119 @@ fn write_marker(path: &std::path::Path, at: &Offsets) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transforms::arrow::array::{Int64Array, StringArray};
+    use transforms::arrow::datatypes::{DataType, Field, Schema};
+
+    /// Epoch `n` upserts key `k<n % 5>` with value `n` in view `v`.
+    fn epoch(n: u64) -> Epoch {
+        let rows = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("value", DataType::Int64, false),
+        ]));
+        let keys = Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, false)]));
+        Epoch {
+            number: n,
+            offsets: Offsets([(("t".to_owned(), 0), n as i64)].into_iter().collect()),
+            changes: vec![ViewChanges {
+                view: "v".into(),
+                upserts: RecordBatch::try_new(
+                    rows,
+                    vec![
+                        Arc::new(StringArray::from(vec![format!("k{}", n % 5)])),
+                        Arc::new(Int64Array::from(vec![n as i64])),
+                    ],
+                )
+                .unwrap(),
+                deletes: RecordBatch::new_empty(keys),
+            }],
+        }
+    }
+
+    fn files(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for date in std::fs::read_dir(dir.join("v")).into_iter().flatten() {
+            for f in std::fs::read_dir(date.unwrap().path()).unwrap() {
+                let p = f.unwrap().path();
+                if p.extension().is_some_and(|e| e == "parquet") {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// A Parquet sink writes the epochs that gathered when a checkpoint asks for one (and at
+    /// the end), not one file per epoch; the gate reports an epoch stored only once it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gathering_sink_writes_once_per_checkpoint_not_per_epoch() {
+        let cfg = crate::config::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml"),
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("walbridge-gather-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sink_cfg = ViewSinkConfig::Parquet {
+            name: "lake".into(),
+            dir: dir.clone(),
+        };
+        let slot = Slot {
+            sink: open_sink(&cfg, &sink_cfg).await.unwrap(),
+            cfg: sink_cfg,
+            position: Offsets::default(),
+            marker: None,
+            gather: Duration::from_secs(3600),
+            pending: None,
+            stored: 0,
+            last_write: Instant::now(),
+        };
+        let gate = Arc::new(SinkGate::default());
+        let (tx, rx) = mpsc::channel(64);
+        let driver = {
+            let gate = gate.clone();
+            tokio::spawn(async move { drive(&cfg, vec![slot], vec![None], rx, &gate).await })
+        };
+        for n in 1..=10 {
+            tx.send(epoch(n)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            files(&dir).is_empty(),
+            "nothing asked for yet: {:?}",
+            files(&dir)
+        );
+        assert_eq!(gate.delivered_epoch(), 0, "no epoch stored yet");
+        gate.want(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.delivered_epoch() < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "epoch 10 not stored after the checkpoint asked"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            files(&dir).len(),
+            1,
+            "ten epochs, one file: {:?}",
+            files(&dir)
+        );
+        for n in 11..=20 {
+            tx.send(epoch(n)).await.unwrap();
+        }
+        drop(tx);
+        driver.await.unwrap().unwrap();
+        assert_eq!(gate.delivered_epoch(), 20);
+        assert_eq!(
+            files(&dir).len(),
+            2,
+            "the rest at the end: {:?}",
+            files(&dir)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

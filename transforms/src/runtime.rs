@@ -84,6 +84,10 @@ const STOP_SINK_PATIENCE: Duration = Duration::from_secs(10);
 pub struct SinkGate {
     delivered: AtomicU64,
     failure: Mutex<Option<String>>,
+    /// The epoch a checkpoint waits for: sinks that gather epochs into larger writes store it
+    /// now rather than at their next turn.
+    wanted: AtomicU64,
+    wake: tokio::sync::Notify,
 }
 
 impl SinkGate {
@@ -95,6 +99,23 @@ impl SinkGate {
     /// Every sink stored every epoch up to `epoch`.
     pub fn delivered(&self, epoch: u64) {
         self.delivered.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    /// A checkpoint waits for `epoch` to be stored.
+    pub fn want(&self, epoch: u64) {
+        if self.wanted.fetch_max(epoch, Ordering::SeqCst) < epoch {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The last epoch a checkpoint asked for.
+    pub fn wanted(&self) -> u64 {
+        self.wanted.load(Ordering::SeqCst)
+    }
+
+    /// Returns when a checkpoint asks for a later epoch (at once if it did since the last call).
+    pub async fn wanted_changed(&self) {
+        self.wake.notified().await
     }
 
     /// The sinks cannot store epochs any more; the processor stops with this reason.
@@ -1025,6 +1046,7 @@ impl Processor {
         } else {
             self.send_epochs(true)?;
         }
+        gate.want(self.last_sent);
         let started = Instant::now();
         let mut stopping_since: Option<Instant> = None;
         while gate.delivered.load(Ordering::SeqCst) < self.last_sent {
