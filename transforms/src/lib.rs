@@ -96,8 +96,12 @@
 //!    own. The old value is known only if the column is in the replica identity or the table is
 //!    `REPLICA IDENTITY FULL`, so any other `partition_by` is refused at start with that
 //!    `ALTER TABLE` as the fix (orders by customer_id needs FULL). The fold must then accept
-//!    one primary key in two partitions, read in either order: a delete retracts only if its
-//!    (complete, FULL) `before` matches the row held, and a create of a held key is an update.
+//!    one primary key in two partitions, read in either order. Matching a delete's `before`
+//!    against the row held is not enough: a row moved A → B and back B → A gives A: delete v0,
+//!    create v2 and B: create v1, delete v1, and reading A first ends with v1 instead of v2. So
+//!    the fold keeps, per key, the source position (commit LSN, index in the transaction) of
+//!    the change it holds, also for deleted keys until every partition is read past it, and
+//!    drops any change older than that.
 //! 3. **Returns carry no customer.** Every instance reads the orders topic whole, for an
 //!    order_id → customer_id table (Kafka Streams' global table; 16 bytes per order), and the
 //!    returns topic whole, keeping the returns of its own customers. That input does not scale
