@@ -1330,6 +1330,28 @@ impl Validator<'_> {
                 "dead_letter needs the dead-letter topic, but kafka.dead_letter is stop; set kafka.dead_letter: topic, or choose stop or new_version here".to_owned(),
             );
         }
+        if processors.is_some()
+            && let Some(raw_routes) = &raw.kafka.partition_by
+        {
+            for (table, cols) in &kafka.partition_by {
+                let Some(i) = transforms::input::TABLES.iter().position(|t| t == table) else {
+                    continue;
+                };
+                let keys = transforms::input::KEYS[i];
+                if let Some(c) = cols.iter().find(|c| !keys.contains(&c.as_str()))
+                    && let Some(at) = raw_routes.value.get(table)
+                {
+                    self.error(
+                        &at.referenced,
+                        &format!("kafka.partition_by.{table}"),
+                        format!(
+                            "the processors read {table}, and routing it by {c:?} (not in its primary key: {}) would move its rows between partitions, which the processors cannot follow yet; route it by primary-key columns, or leave it out",
+                            keys.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
         if let (Some(m), Some(e), Some(raw_m)) = (&metrics, &registry.embedded, &raw.metrics)
             && m.listen == e.listen
         {
@@ -2557,6 +2579,33 @@ registry:
             assert!(e.path.starts_with("kafka.partition_by."), "{entries}: {e}");
             assert!(e.message.contains(needle), "{entries}: {e}");
         }
+    }
+
+    #[test]
+    fn routing_a_processor_input_by_a_non_key_column_is_refused() {
+        let demo = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml"),
+        )
+        .unwrap();
+        assert!(
+            demo.contains("    oms.products: [sku]\n"),
+            "the demo routes products"
+        );
+        from_str_with_env(&demo, "pipelines.yaml", &no_env).expect("the demo's config is valid");
+        let orders = demo.replace(
+            "    oms.products: [sku]\n",
+            "    oms.products: [sku]\n    oms.orders: [customer_id]\n    oms.payments: [order_id]\n",
+        );
+        let errs = errors_of(&orders);
+        assert_eq!(errs.errors.len(), 1, "{errs}");
+        let e = &errs.errors[0];
+        assert_eq!(e.path, "kafka.partition_by.oms.orders", "{e}");
+        assert!(
+            e.message.contains("the processors read oms.orders")
+                && e.message
+                    .contains("\"customer_id\" (not in its primary key: id)"),
+            "{e}"
+        );
     }
 
     #[test]

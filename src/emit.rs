@@ -53,9 +53,11 @@ pub struct TableState {
 
 /// How a table routed by columns (`kafka.partition_by`) picks a record's partition: murmur2 of
 /// the columns' text (joined by a zero byte, which text values cannot contain) modulo the
-/// topic's partitions, as the Java client would place a record keyed by that text. Routing
-/// columns are primary-key (and replica-identity) columns, so every record of a key, its
-/// delete and tombstone included, goes to one partition, and per-key order holds.
+/// topic's partitions, as the Java client would place a record keyed by that text. With
+/// primary-key (and replica-identity) routing columns every record of a key, its
+/// delete and tombstone included, goes to one partition, and per-key order holds. Other columns
+/// need `REPLICA IDENTITY FULL`, and a change of their value moves the row (a delete to the old
+/// partition, a create to the new one).
 pub struct Route {
     /// Positions in the relation's columns.
     pub columns: Vec<usize>,
@@ -65,7 +67,7 @@ pub struct Route {
 impl Route {
     /// The partition of `row`, or `None` when a routing column's value is not in it (an
     /// unchanged TOASTed value), in which case the key decides.
-    fn partition(&self, row: &Tuple, buf: &mut Vec<u8>) -> Option<i32> {
+    pub(crate) fn partition(&self, row: &Tuple, buf: &mut Vec<u8>) -> Option<i32> {
         buf.clear();
         for (n, &i) in self.columns.iter().enumerate() {
             if n > 0 {
@@ -282,7 +284,10 @@ impl Emitter {
         }
         let partition = match (&t.route, after.or(before)) {
             (Some(r), Some(row)) => {
-                let p = r.partition(row, &mut self.route_buf);
+                // An unchanged TOASTed routing value: the old row (FULL) has it.
+                let p = r
+                    .partition(row, &mut self.route_buf)
+                    .or_else(|| r.partition(before?, &mut self.route_buf));
                 if p.is_none() {
                     tracing::warn!(table = %t.schema.table(), "a routing column's value is not in the change (unchanged TOAST); the record goes by its key's partition");
                 }

@@ -1072,7 +1072,18 @@ impl Pipeline {
             }
             _ => false,
         };
-        if key_changed {
+        // `kafka.partition_by` on a FULL table: a routing value that changed moves the row.
+        let moved = match (old, self.tables.get(&rel_id).and_then(|t| t.route.as_ref())) {
+            (Some(old), Some(r)) => {
+                let mut buf = Vec::new();
+                let from = r.partition(old, &mut buf);
+                let to = r.partition(new, &mut buf);
+                // An unchanged TOASTed routing value has no partition here: it did not move.
+                from.is_some() && to.is_some() && from != to
+            }
+            _ => false,
+        };
+        if key_changed || moved {
             self.change(rel_id, Op::Delete, old, None).await?;
             // The create has no `before` to take unchanged TOAST values from, so take them from
             // the old row here (REPLICA IDENTITY FULL sends it whole). Key changes are rare;
@@ -1305,28 +1316,47 @@ async fn check_partition_by(cfg: &Config, meta: &tokio_postgres::Client) -> anyh
             .iter()
             .map(|r| r.get(0))
             .collect();
-        route_columns_allowed(table, &pk, cols)?;
+        let full: bool = meta
+            .query_one(
+                "SELECT relreplident = 'f' FROM pg_class \
+                 WHERE oid = (quote_ident($1) || '.' || quote_ident($2))::regclass",
+                &[&schema, &name],
+            )
+            .await
+            .with_context(|| format!("reading the replica identity of {table}"))?
+            .get(0);
+        route_columns_allowed(table, &pk, cols, full)?;
     }
     Ok(())
 }
 
-/// Routing columns must be primary-key columns: a key's routing value then never changes
-/// without the key changing too, so one key never has records in two partitions (a change of
-/// a non-key column would move the row's later records to another partition, and a consumer
-/// reading partitions side by side could apply them in the wrong order).
-fn route_columns_allowed(table: &str, pk: &[String], cols: &[String]) -> anyhow::Result<()> {
+/// Routing columns must be primary-key columns, or the table must be `REPLICA IDENTITY FULL`.
+/// With key columns, a key's routing value never changes without the key changing too, so one
+/// key never has records in two partitions. With FULL, every change carries the old row, so a
+/// change of the routing value can move the row: a delete (and tombstone) to the old partition,
+/// then a create in the new one ([`Pipeline::update`]), as for a key change. Without either, the
+/// old value is unknown and the row's records would be split over two partitions silently.
+fn route_columns_allowed(
+    table: &str,
+    pk: &[String],
+    cols: &[String],
+    full: bool,
+) -> anyhow::Result<()> {
+    if full {
+        return Ok(());
+    }
+    let fix = format!(
+        "route by primary-key columns, or run ALTER TABLE {table} REPLICA IDENTITY FULL so that a \
+         change of the column can move the row (a delete to the old partition, a create to the new one)"
+    );
     if pk.is_empty() {
-        bail!(
-            "kafka.partition_by.{table}: {table} has no primary key, and records are routed by \
-             primary-key columns only; remove the entry"
-        );
+        bail!("kafka.partition_by.{table}: {table} has no primary key; {fix}");
     }
     for c in cols {
         if !pk.contains(c) {
             bail!(
                 "kafka.partition_by.{table}: {c:?} is not a primary-key column of {table} (its \
-                 primary key: {}). Records are routed by primary-key columns only, so that a key \
-                 never lands in two partitions; list some of those, or remove the entry",
+                 primary key: {}); {fix}",
                 pk.join(", ")
             );
         }
@@ -1348,7 +1378,12 @@ async fn route_of(
     let Some(cols) = cfg.kafka.partition_by.get(&qualified) else {
         return Ok(None);
     };
-    route_columns_allowed(&qualified, pk, cols)?;
+    route_columns_allowed(
+        &qualified,
+        pk,
+        cols,
+        rel.replica_identity == ReplicaIdentity::Full,
+    )?;
     let mut columns = Vec::with_capacity(cols.len());
     for c in cols {
         let i = rel

@@ -670,6 +670,7 @@ async fn source_mistakes_stop_run_with_the_object_and_a_fix() {
         &[
             "kafka.partition_by.oms.orders",
             "\"customer_id\" is not a primary-key column of oms.orders (its primary key: id)",
+            "ALTER TABLE oms.orders REPLICA IDENTITY FULL",
         ],
     );
     let o = walbridge(

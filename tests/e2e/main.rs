@@ -324,6 +324,71 @@ async fn partition_by_puts_every_record_of_a_sku_in_one_partition_across_tables(
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_by_a_non_key_column_moves_the_row_with_a_delete_and_a_create() {
+    let mut db = TestDb::new("routemove").await;
+    db.exec(&["ALTER TABLE oms.orders REPLICA IDENTITY FULL"])
+        .await;
+    db.kafka_extra = "  partition_by:\n    oms.orders: [customer_id]\n".into();
+    let mut wb = db.start().await;
+    let part = |customer: i64| sinks::kafka::partition_for(customer.to_string().as_bytes(), 3);
+    let row = db
+        .client
+        .query_one(
+            "SELECT id, customer_id FROM oms.orders ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (order, from): (i64, i64) = (row.get(0), row.get(1));
+    let to = (1..=300)
+        .find(|c| part(*c) != part(from))
+        .expect("a customer routed elsewhere");
+    // An update that keeps the customer stays an update; one that changes it moves the row.
+    db.client
+        .batch_execute(&format!(
+            "UPDATE oms.orders SET channel = 'phone' WHERE id = {order}; \
+             UPDATE oms.orders SET customer_id = {to} WHERE id = {order}"
+        ))
+        .await
+        .unwrap();
+    db.wait_caught_up(&mut wb).await;
+    let t = topic(&db, "oms.orders");
+    let mine =
+        |e: &&Event| e.topic == t && e.key.as_ref().and_then(|k| k["id"].as_i64()) == Some(order);
+    let events = db
+        .events_until(|ev| ev.iter().filter(mine).count() >= 4)
+        .await;
+    assert!(wb.stop().success());
+    let mut seen: Vec<&Event> = events.iter().filter(mine).collect();
+    // Partitions are read side by side: order by commit position, then offset.
+    seen.sort_by_key(|e| (harness::event_position(e), e.offset, e.value.is_none()));
+    let shape: Vec<(Option<&str>, i32)> = seen.iter().map(|e| (e.op(), e.partition)).collect();
+    assert_eq!(
+        shape,
+        [
+            (Some("u"), part(from)),
+            (Some("d"), part(from)),
+            (None, part(from)),
+            (Some("c"), part(to)),
+        ],
+        "update, then delete + tombstone in the old partition, then create in the new one"
+    );
+    assert_eq!(
+        field(seen[1], "before", "customer_id").and_then(|v| v.as_i64()),
+        Some(from)
+    );
+    assert_eq!(
+        field(seen[3], "after", "customer_id").and_then(|v| v.as_i64()),
+        Some(to)
+    );
+    assert_ne!(
+        seen[1].event_id(),
+        seen[3].event_id(),
+        "the delete and the create are two events"
+    );
+}
+
 /// Inserts `n` customers with ids from `first`, one transaction each.
 async fn insert_customers(db: &TestDb, first: i64, n: i64) {
     for id in first..first + n {

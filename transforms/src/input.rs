@@ -20,6 +20,21 @@ pub const TABLES: [&str; 7] = [
     "wms.stock_levels",
 ];
 
+/// The primary-key columns of each of [`TABLES`] (legacy-fixtures/sql/schema.sql). The fold keeps
+/// the last row per primary key and reads each key's changes in one partition's order, so an
+/// input routed by other columns (`kafka.partition_by`, which then moves rows between
+/// partitions) is refused until the fold orders a key's changes by source position (scale-out
+/// step 2 in the crate doc).
+pub const KEYS: [&[&str]; 7] = [
+    &["sku"],
+    &["id"],
+    &["id"],
+    &["order_id", "line_no"],
+    &["id"],
+    &["sku", "location_code"],
+    &["sku", "location_code"],
+];
+
 pub type SkuLoc = (String, String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -95,8 +95,9 @@
 //!    tombstone) to the old partition and a create to the new one, each with an event id of its
 //!    own. The old value is known only if the column is in the replica identity or the table is
 //!    `REPLICA IDENTITY FULL`, so any other `partition_by` is refused at start with that
-//!    `ALTER TABLE` as the fix (orders by customer_id needs FULL). The fold must then accept
-//!    one primary key in two partitions, read in either order. Matching a delete's `before`
+//!    `ALTER TABLE` as the fix (orders by customer_id needs FULL). **Built** in the producer
+//!    (session 8); the processors refuse such inputs until the fold does its part: it must
+//!    accept one primary key in two partitions, read in either order. Matching a delete's `before`
 //!    against the row held is not enough: a row moved A → B and back B → A gives A: delete v0,
 //!    create v2 and B: create v1, delete v1, and reading A first ends with v1 instead of v2. So
 //!    the fold keeps, per key, the source position (commit LSN, index in the transaction) of
