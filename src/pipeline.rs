@@ -1073,16 +1073,18 @@ impl Pipeline {
             _ => false,
         };
         // `kafka.partition_by` on a FULL table: a routing value that changed moves the row.
-        let moved = match (old, self.tables.get(&rel_id).and_then(|t| t.route.as_ref())) {
-            (Some(old), Some(r)) => {
-                let mut buf = Vec::new();
-                let from = r.partition(old, &mut buf);
-                let to = r.partition(new, &mut buf);
-                // An unchanged TOASTed routing value has no partition here: it did not move.
-                from.is_some() && to.is_some() && from != to
-            }
-            _ => false,
-        };
+        // Only FULL tables send the old row without a key change, so only they get here.
+        let moved = !key_changed
+            && match (old, self.tables.get(&rel_id).and_then(|t| t.route.as_ref())) {
+                (Some(old), Some(r)) => {
+                    let mut buf = Vec::new();
+                    let from = r.partition(old, &mut buf);
+                    let to = r.partition(new, &mut buf);
+                    // An unchanged TOASTed routing value has no partition here: it did not move.
+                    from.is_some() && to.is_some() && from != to
+                }
+                _ => false,
+            };
         if key_changed || moved {
             self.change(rel_id, Op::Delete, old, None).await?;
             // The create has no `before` to take unchanged TOAST values from, so take them from

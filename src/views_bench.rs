@@ -266,16 +266,7 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         opts.duration
     );
 
-    let workload_client = pg.connect("legacy").await?;
-    let sim_opts = legacy_fixtures::SimulateOptions {
-        seed: 7,
-        rate: opts.rate,
-        duration: opts.duration,
-        profile: legacy_fixtures::Profile::Spike,
-        max_transactions: None,
-    };
-    let workload =
-        tokio::spawn(async move { legacy_fixtures::simulate(&workload_client, &sim_opts).await });
+    let workload = start_workload(opts, &pg).await?;
     let started = Instant::now();
     let mut probes = Vec::new();
     while started.elapsed() < opts.duration && !workload.is_finished() {
@@ -307,6 +298,26 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// The demo's workload (spike profile, `--rate`, `--latency-seconds`) on a connection of its own.
+async fn start_workload(
+    opts: &LatencyOptions,
+    pg: &Postgres,
+) -> anyhow::Result<
+    tokio::task::JoinHandle<Result<legacy_fixtures::SimulateReport, legacy_fixtures::FixtureError>>,
+> {
+    let client = pg.connect("legacy").await?;
+    let sim = legacy_fixtures::SimulateOptions {
+        seed: 7,
+        rate: opts.rate,
+        duration: opts.duration,
+        profile: legacy_fixtures::Profile::Spike,
+        max_transactions: None,
+    };
+    Ok(tokio::spawn(async move {
+        legacy_fixtures::simulate(&client, &sim).await
+    }))
+}
+
 /// The floors alone, walbridge stopped: the same workload and probe updates, timed by
 /// pg_recvlogical (the WAL's only decoder) and by the broker probe.
 async fn floors_only(
@@ -317,20 +328,11 @@ async fn floors_only(
 ) -> anyhow::Result<()> {
     let mut wal = WalProbe::start(pg, client).await?;
     let mut broker_probe = BrokerProbe::start(&broker.bootstrap()).await?;
-    let workload_client = pg.connect("legacy").await?;
-    let sim_opts = legacy_fixtures::SimulateOptions {
-        seed: 7,
-        rate: opts.rate,
-        duration: opts.duration,
-        profile: legacy_fixtures::Profile::Spike,
-        max_transactions: None,
-    };
     println!(
         "walbridge is not running; probing the floors for {:?} under the workload",
         opts.duration
     );
-    let workload =
-        tokio::spawn(async move { legacy_fixtures::simulate(&workload_client, &sim_opts).await });
+    let workload = start_workload(opts, pg).await?;
     let started = Instant::now();
     let mut probes = Vec::new();
     let mut marker = 0;
