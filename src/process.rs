@@ -96,8 +96,10 @@ struct Slot {
     /// How long epochs may gather before this sink writes them as one (zero: every epoch at
     /// once); a checkpoint waiting for an epoch ends the wait early.
     gather: Duration,
-    /// Epochs received and not yet written, merged ([`transforms::view::coalesce`]).
-    pending: Option<Epoch>,
+    /// Epochs received and not yet written, merged ([`transforms::view::coalesce`]) when
+    /// written, or whenever [`MAX_COALESCED`] gathered (merging each one into the rest would
+    /// copy the whole pending change set per epoch).
+    pending: Vec<Epoch>,
     /// Number of the last epoch this sink stored (or held already).
     stored: u64,
     last_write: Instant,
@@ -143,7 +145,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
             position,
             marker,
             gather,
-            pending: None,
+            pending: Vec::new(),
             stored: 0,
             last_write: Instant::now(),
         });
@@ -342,10 +344,10 @@ async fn drive(
     }
     let mut open = true;
     let mut latest = 0;
-    while open || slots.iter().any(|s| s.pending.is_some()) {
+    while open || slots.iter().any(|s| !s.pending.is_empty()) {
         let due = slots
             .iter()
-            .filter(|s| s.pending.is_some())
+            .filter(|s| !s.pending.is_empty())
             .map(|s| s.last_write + s.gather)
             .min();
         if open {
@@ -373,10 +375,11 @@ async fn drive(
                                 slot.stored = epoch.number;
                                 continue;
                             }
-                            slot.pending = Some(match slot.pending.take() {
-                                None => epoch.clone(),
-                                Some(p) => transforms::view::coalesce(vec![p, epoch.clone()])?,
-                            });
+                            slot.pending.push(epoch.clone());
+                            if slot.pending.len() >= MAX_COALESCED {
+                                let all = std::mem::take(&mut slot.pending);
+                                slot.pending.push(transforms::view::coalesce(all)?);
+                            }
                         }
                     }
                     None => open = false,
@@ -387,10 +390,12 @@ async fn drive(
         }
         let wanted = gate.wanted();
         for slot in &mut slots {
-            let Some(p) = &slot.pending else { continue };
-            let asked = wanted > slot.stored && p.number >= wanted;
+            let Some(last) = slot.pending.last().map(|e| e.number) else {
+                continue;
+            };
+            let asked = wanted > slot.stored && last >= wanted;
             if !open || asked || slot.last_write.elapsed() >= slot.gather {
-                let e = slot.pending.take().expect("checked above");
+                let e = transforms::view::coalesce(std::mem::take(&mut slot.pending))?;
                 deliver(cfg, slot, &e).await?;
                 slot.stored = e.number;
                 slot.last_write = Instant::now();
@@ -400,7 +405,7 @@ async fn drive(
         let done = slots
             .iter()
             .map(|s| {
-                if s.pending.is_some() {
+                if !s.pending.is_empty() {
                     s.stored
                 } else {
                     latest
@@ -579,7 +584,7 @@ mod tests {
             position: Offsets::default(),
             marker: None,
             gather: Duration::from_secs(3600),
-            pending: None,
+            pending: Vec::new(),
             stored: 0,
             last_write: Instant::now(),
         };
