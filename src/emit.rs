@@ -66,7 +66,9 @@ pub struct Route {
 
 impl Route {
     /// The partition of `row`, or `None` when a routing column's value is not in it (an
-    /// unchanged TOASTed value), in which case the key decides.
+    /// unchanged TOASTed value), in which case the key decides. NULL routes as a value of its
+    /// own (a 0xFF byte, which no UTF-8 text holds), so a row whose routing column becomes or
+    /// stops being NULL is moved like any other change of it.
     pub(crate) fn partition(&self, row: &Tuple, buf: &mut Vec<u8>) -> Option<i32> {
         buf.clear();
         for (n, &i) in self.columns.iter().enumerate() {
@@ -75,7 +77,8 @@ impl Route {
             }
             match row.get(i)? {
                 Value::Text(b) | Value::Binary(b) => buf.extend_from_slice(b),
-                Value::Null | Value::UnchangedToast => return None,
+                Value::Null => buf.push(0xFF),
+                Value::UnchangedToast => return None,
             }
         }
         Some(sinks::kafka::partition_for(buf, self.partitions))
@@ -579,5 +582,22 @@ mod tests {
         assert_eq!(s, tx_span_id(Lsn(0x16B_3748), 750));
         assert_ne!(s, tx_span_id(Lsn(0x16B_3748), 751));
         assert_ne!(s, tx_span_id(Lsn(0x16B_3749), 750));
+    }
+
+    #[test]
+    fn a_null_routing_value_has_a_partition_of_its_own_and_unchanged_toast_has_none() {
+        let route = Route {
+            columns: vec![1],
+            partitions: 3,
+        };
+        let mut buf = Vec::new();
+        let row = |v: Value| vec![Value::Text(b"7".as_slice().into()), v];
+        let text = route.partition(&row(Value::Text(b"SKU-1".as_slice().into())), &mut buf);
+        assert_eq!(text, Some(sinks::kafka::partition_for(b"SKU-1", 3)));
+        assert_eq!(
+            route.partition(&row(Value::Null), &mut buf),
+            Some(sinks::kafka::partition_for(&[0xFF], 3))
+        );
+        assert_eq!(route.partition(&row(Value::UnchangedToast), &mut buf), None);
     }
 }
