@@ -282,7 +282,7 @@ pub async fn check(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let cfg = config.clone();
-    let mut state = tokio::task::spawn_blocking(move || runtime::load_checkpoint(&cfg))
+    let mut state = tokio::task::spawn_blocking(move || runtime::load_merged(&cfg))
         .await
         .map_err(|_| ProcessError::Panicked)??;
     let mut undecodable = 0;

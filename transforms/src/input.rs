@@ -35,6 +35,11 @@ pub const KEYS: [&[&str]; 7] = [
     &["sku", "location_code"],
 ];
 
+/// Tables of [`TABLES`] whose rows the fold does not keep (only new order lines count), so
+/// routing them by any column is safe: a line that moves partitions arrives as a delete, which
+/// changes nothing, and a create, which counts as a line landing on its new SKU.
+pub const ROWS_NOT_KEPT: [&str; 1] = ["oms.order_lines"];
+
 pub type SkuLoc = (String, String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -70,10 +70,12 @@
 //! epoch they end at, and the replay closes epochs exactly where each sink stands (see
 //! [`runtime`]'s module doc for the argument; `walbridge process` wires the sinks).
 //!
-//! # Scale-out (designed, not built yet)
+//! # Scale-out (stock side built, customer side designed)
 //!
-//! One processor instance reads *every* partition of its input topics (it assigns them itself,
-//! under `group_id` only for lag reporting): the views are keyed by SKU or customer while the
+//! By default (`processors.instances: single`) one processor instance reads *every* partition
+//! of its input topics (it assigns them itself, under `group_id` only for lag reporting). With
+//! `processors.instances: group` the instances share the stock side's partitions through a
+//! consumer group and the customer side runs whole on one of them ([`group`]). The views are keyed by SKU or customer while the
 //! change topics are keyed by each table's primary key, so splitting partitions among instances
 //! would split a SKU's stock levels, or a customer's orders, across instances and make every
 //! aggregate wrong. Sharing the work needs co-partitioning. The plan (session 8), and why:
@@ -89,8 +91,9 @@
 //!    orders (customer_id). Topics routed together must have equal partition counts (checked
 //!    at start, as Kafka Streams does). Per-key order still holds, since a key keeps its
 //!    partition while its routing value stays. **Built** for primary-key columns (session 8;
-//!    the demo routes products, stock levels and inventory cache by SKU); order lines (sku) and
-//!    orders (customer_id) are routed by non-key columns and wait for step 2.
+//!    the demo routes products, stock levels and inventory cache by SKU) and for order lines by
+//!    SKU (session 9: the fold keeps no line rows, so a moved line is only a new line on its new
+//!    SKU, [`input::ROWS_NOT_KEPT`]); orders (customer_id) wait for step 2.
 //! 2. **A routing value that changes moves the row.** The producer sends a delete (and
 //!    tombstone) to the old partition and a create to the new one, each with an event id of its
 //!    own. The old value is known only if the column is in the replica identity or the table is
@@ -107,14 +110,17 @@
 //!    order_id → customer_id table (Kafka Streams' global table; 16 bytes per order), and the
 //!    returns topic whole, keeping the returns of its own customers. That input does not scale
 //!    out; the rest does.
-//! 4. **Instances share the partitions in one consumer group** (range assignor over equal
-//!    partition counts gives partition *i* of every co-partitioned topic to one member). State and
-//!    offsets are checkpointed *per partition* in a store every instance reads (a Postgres table,
-//!    one transaction), so a partition's new owner restores exactly its state on a rebalance.
+//! 4. **Instances share the partitions in one consumer group.** **Built** for the stock side
+//!    (session 9, [`group`]): partition *i* of the four SKU-routed topics is a *unit* with a
+//!    processor and a checkpoint of its own, given to one member; the customer topics are one
+//!    unit, until steps 2, 3 and 5 let them shard too. Checkpoints are files in a shared
+//!    directory with a lock per unit, not yet a table in a store every instance reaches.
 //! 5. **Global parts are merged from partials.** The reconciliation summary (counts, units at
 //!    risk, oldest `since`) and the top-5 % LTV threshold (each partition's k largest LTVs) are
 //!    published per partition to a compacted internal topic; every instance merges all partials,
-//!    and re-segments its own customers when the threshold moves.
+//!    and re-segments its own customers when the threshold moves. **Built** within one
+//!    instance for the summary ([`state::merge_summaries`], applied by the SQL endpoint over
+//!    the instance's units); the topic between instances is not.
 //! 6. **SQL over all shards.** Each instance serves the whole view by also reading the other
 //!    instances' epochs from the Kafka view sink's compacted topics (which exist already).
 //!
@@ -125,11 +131,14 @@
 //! no transactional producer. So a two-instance test can cover a clean join and leave on tansu,
 //! but not a kill -9 failover.
 //!
-//! Missing today: steps 2 to 6; one instance per pipeline.
+//! Missing today: steps 2, 3 and 6, the rest of 5, and view sinks with `instances: group`. Until
+//! step 6, each member's SQL endpoint serves the units *it* folds: the whole views when one
+//! member holds every unit, a share of them otherwise.
 
 pub mod bench;
 pub mod check;
 pub mod checkpoint;
+pub mod group;
 pub mod input;
 pub mod multiset;
 pub mod runtime;

@@ -56,6 +56,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+pub use crate::group::Unit;
 use crate::input::{self, Schemas, TABLES};
 use crate::state::{Alert, SafetyStock, Saved, State};
 use crate::view::{Catalog, Epoch, Offsets, Snapshot};
@@ -188,11 +189,14 @@ pub struct ProcessorConfig {
     /// How to connect (`security.*`, `sasl.*`, `ssl.*` librdkafka properties), for every
     /// client the processor makes.
     pub kafka_properties: Vec<(String, String)>,
+    /// The share of the input this processor reads ([`Unit::All`] unless instances share the
+    /// partitions, see [`crate::group`]).
+    pub unit: Unit,
 }
 
 impl ProcessorConfig {
     /// A librdkafka config with the brokers and the connection properties.
-    fn client(&self) -> ClientConfig {
+    pub(crate) fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         for (k, v) in &self.kafka_properties {
@@ -202,8 +206,37 @@ impl ProcessorConfig {
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {
-        self.checkpoint_dir
-            .join(format!("{}.checkpoint.json", self.group_id))
+        self.unit_checkpoint_path(self.unit)
+    }
+
+    /// Where the processor of `unit` keeps its checkpoint.
+    pub fn unit_checkpoint_path(&self, unit: Unit) -> PathBuf {
+        let name = match unit {
+            Unit::All => format!("{}.checkpoint.json", self.group_id),
+            u => format!("{}.{}.checkpoint.json", self.group_id, u.name()),
+        };
+        self.checkpoint_dir.join(name)
+    }
+
+    /// Checkpoints of shard processors in the checkpoint directory (of any shard count).
+    pub fn shard_checkpoints(&self) -> Vec<PathBuf> {
+        let Ok(dir) = std::fs::read_dir(&self.checkpoint_dir) else {
+            return Vec::new();
+        };
+        let prefix = format!("{}.", self.group_id);
+        let mut found: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .and_then(|n| n.strip_suffix(".checkpoint.json"))
+                    .is_some_and(|u| Unit::parse(u).is_some_and(|u| u != Unit::All))
+            })
+            .collect();
+        found.sort();
+        found
     }
 
     fn topic(&self, table: &str) -> String {
@@ -274,6 +307,17 @@ impl Running {
     pub fn stopper(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }
+
+    /// [`Running::stop`] from a thread outside the async runtime.
+    pub fn stop_blocking(self) -> Result<(), ProcessError> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().map_err(|_| ProcessError::Panicked)?
+    }
+
+    /// True once the processor thread ended (an error, or a stop).
+    pub fn finished(&self) -> bool {
+        self.thread.is_finished()
+    }
 }
 
 /// Starts the processors (call inside a tokio runtime): restores the checkpoint, publishes the
@@ -285,11 +329,21 @@ pub fn run(config: ProcessorConfig) -> Result<Running, ProcessError> {
 /// [`run`], feeding view sinks: replay is cut at their positions and checkpoints wait for them
 /// (see the module doc). Epochs whose views did not change are sent too.
 pub fn run_with(config: ProcessorConfig, sinks: Option<SinkFeed>) -> Result<Running, ProcessError> {
-    let catalog = Catalog::new();
+    run_into(config, sinks, Catalog::new(), Arc::default())
+}
+
+/// [`run_with`], publishing into `catalog` (under the unit's source) and counting into `stats`,
+/// which other processors of this instance may share.
+pub fn run_into(
+    config: ProcessorConfig,
+    sinks: Option<SinkFeed>,
+    catalog: Arc<Catalog>,
+    stats: Arc<ProcessorStats>,
+) -> Result<Running, ProcessError> {
     let (tx, rx) = mpsc::channel(64);
     let stop = Arc::new(AtomicBool::new(false));
     let state = load_checkpoint(&config)?;
-    publish_all(&state, &catalog)?;
+    publish_all(&state, &catalog, &config.unit.source())?;
     let restored = state.offsets.clone();
     let mut cuts: Vec<Offsets> = sinks
         .iter()
@@ -307,14 +361,17 @@ pub fn run_with(config: ProcessorConfig, sinks: Option<SinkFeed>) -> Result<Runn
         );
     }
     let gate = sinks.map(|s| s.gate);
-    let stats = Arc::new(ProcessorStats::default());
-    *stats.positions.lock().unwrap_or_else(|e| e.into_inner()) = restored.clone();
+    stats
+        .positions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .advance(&restored);
     stats.epoch.store(state.epoch, Ordering::Relaxed);
     let st = stats.clone();
     let handle = tokio::runtime::Handle::current();
     let (c, s, cat) = (config.clone(), stop.clone(), catalog.clone());
     let thread = std::thread::Builder::new()
-        .name("walbridge-processors".into())
+        .name(format!("walbridge-processors-{}", config.unit.name()))
         .spawn(move || {
             let mut p = Processor::new(c, handle, state, Until::Stopped(s))?;
             p.catalog = Some(cat);
@@ -343,15 +400,66 @@ pub fn run_with(config: ProcessorConfig, sinks: Option<SinkFeed>) -> Result<Runn
 /// Reads the checkpoint, or a fresh state when there is none.
 pub fn load_checkpoint(config: &ProcessorConfig) -> Result<State, ProcessError> {
     let path = config.checkpoint_path();
+    // One processor over everything and shard processors each hold the input they read; a
+    // start in the other mode would read some of it twice or not at all.
+    let other = match config.unit {
+        Unit::All => config.shard_checkpoints().into_iter().next(),
+        _ => Some(config.unit_checkpoint_path(Unit::All)).filter(|p| p.exists()),
+    };
+    if let Some(other) = other {
+        return Err(ProcessError::Checkpoint {
+            path: other,
+            what: format!(
+                "was written by processors of group {} running with processors.instances: {}; \
+                 set it back, or move the group's checkpoints away to rebuild the views from the topics",
+                config.group_id,
+                if config.unit == Unit::All {
+                    "group"
+                } else {
+                    "single"
+                }
+            ),
+        });
+    }
+    let Some(saved) = read_saved(config, &path)? else {
+        return Ok(State::new(config.safety_stock.clone()));
+    };
+    let state = State::restore(saved, config.safety_stock.clone())?;
+    tracing::info!(path = %path.display(), epoch = state.epoch, partitions = state.offsets.0.len(), "checkpoint restored");
+    Ok(state)
+}
+
+/// The state of the whole group: its one checkpoint, or the union of its shards' checkpoints
+/// when its instances share the partitions (for `walbridge views check`).
+pub fn load_merged(config: &ProcessorConfig) -> Result<State, ProcessError> {
+    let shards = config.shard_checkpoints();
+    if shards.is_empty() {
+        return load_checkpoint(config);
+    }
+    let mut all: Option<Saved> = None;
+    for path in shards {
+        if let Some(saved) = read_saved(config, &path)? {
+            match &mut all {
+                Some(a) => a.absorb(saved),
+                None => all = Some(saved),
+            }
+        }
+    }
+    match all {
+        Some(saved) => Ok(State::restore(saved, config.safety_stock.clone())?),
+        None => Ok(State::new(config.safety_stock.clone())),
+    }
+}
+
+/// A checkpoint file, or `None` when there is none.
+fn read_saved(config: &ProcessorConfig, path: &Path) -> Result<Option<Saved>, ProcessError> {
     let err = |what: String| ProcessError::Checkpoint {
-        path: path.clone(),
+        path: path.to_owned(),
         what,
     };
-    let bytes = match std::fs::read(&path) {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(State::new(config.safety_stock.clone()));
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(format!("cannot read it: {e}"))),
     };
     let saved: Saved = serde_json::from_slice(&bytes)
@@ -369,9 +477,7 @@ pub fn load_checkpoint(config: &ProcessorConfig) -> Result<State, ProcessError> 
             saved.topic_prefix, config.topic_prefix
         )));
     }
-    let state = State::restore(saved, config.safety_stock.clone())?;
-    tracing::info!(path = %path.display(), epoch = state.epoch, partitions = state.offsets.0.len(), "checkpoint restored");
-    Ok(state)
+    Ok(Some(saved))
 }
 
 pub(crate) fn write_checkpoint(path: &Path, saved: &Saved) -> Result<(), ProcessError> {
@@ -396,9 +502,10 @@ pub(crate) fn write_checkpoint(path: &Path, saved: &Saved) -> Result<(), Process
     Ok(())
 }
 
-fn publish_all(state: &State, catalog: &Catalog) -> Result<(), ProcessError> {
+fn publish_all(state: &State, catalog: &Catalog, source: &str) -> Result<(), ProcessError> {
     for v in state.views() {
-        catalog.publish(
+        catalog.publish_from(
+            source,
             &v.def,
             Snapshot {
                 epoch: state.epoch,
@@ -506,6 +613,7 @@ impl Processor {
         let topics = TABLES
             .iter()
             .enumerate()
+            .filter(|(_, t)| config.unit.reads(t))
             .map(|(i, t)| (config.topic(t), i))
             .collect();
         Ok(Processor {
@@ -548,7 +656,8 @@ impl Processor {
     fn assign_partitions(&mut self, parts: &[(String, i32)]) -> Result<usize, ProcessError> {
         let mut tpl = TopicPartitionList::new();
         let mut chase = std::collections::HashMap::new();
-        for (topic, p) in parts {
+        let unit = self.config.unit;
+        for (topic, p) in parts.iter().filter(|(_, p)| unit.reads_partition(*p)) {
             // A stored offset may lie inside a record batch, which tansu answers with the next
             // batch, or with nothing when it is the partition's last: the tail would be lost
             // until more changes come. So reading starts one message early, and the partition
@@ -941,11 +1050,11 @@ impl Processor {
         );
         self.stats.epochs.fetch_add(1, Ordering::Relaxed);
         self.stats.epoch.store(self.state.epoch, Ordering::Relaxed);
-        *self
-            .stats
+        self.stats
             .positions
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = self.state.offsets.clone();
+            .unwrap_or_else(|e| e.into_inner())
+            .advance(&self.state.offsets);
         if self.alerts {
             for a in &out.alerts {
                 self.send_alert(a)?;
@@ -958,7 +1067,8 @@ impl Processor {
         if let Some(catalog) = &self.catalog {
             for c in &out.changes {
                 if let Some(v) = self.state.view(&c.view) {
-                    catalog.publish(
+                    catalog.publish_from(
+                        &self.config.unit.source(),
                         &v.def,
                         Snapshot {
                             epoch: self.state.epoch,

@@ -317,10 +317,17 @@ impl TableProvider for ViewTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
         // Building the chunks that changed since the last reader happens here, once.
-        let batches = match self.catalog.snapshot(&self.def.name) {
-            Some(snapshot) => snapshot.rows.batches()?,
-            None => Vec::new(),
-        };
+        let snapshots = self.catalog.snapshots(&self.def.name);
+        let mut batches = Vec::new();
+        for s in &snapshots {
+            batches.extend(s.rows.batches()?);
+        }
+        // Partial views of several shards: combined into the view's own rows.
+        if snapshots.len() > 1
+            && let Some(merge) = self.def.merge
+        {
+            batches = vec![merge(&batches)?];
+        }
         let plan = MemorySourceConfig::try_new_exec(
             &[batches],
             self.def.schema.clone(),

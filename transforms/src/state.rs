@@ -9,6 +9,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use datafusion::arrow::array::{
+    Array, ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 
@@ -20,7 +23,7 @@ use crate::table::{Cell, Row, ViewTable, hasher};
 /// which dominated the fold. Fixed seeds keep epochs deterministic.
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 type Set<K> = HashSet<K, ahash::RandomState>;
-use crate::view::{Offsets, ViewChanges, ViewDef};
+use crate::view::{MergeFn, Offsets, ViewChanges, ViewDef};
 
 /// Safety stock per SKU: a SKU's own setting, else its product category's, else the default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -75,6 +78,7 @@ pub fn view_defs() -> Vec<ViewDef> {
         schema: Arc::new(Schema::new(fields)),
         key,
         doc: doc.into(),
+        merge: (name == RECON_SUMMARY).then_some(merge_summaries as MergeFn),
     };
     let money = DataType::Decimal128(20, 2);
     vec![
@@ -151,6 +155,46 @@ pub fn view_defs() -> Vec<ViewDef> {
             "per customer: orders and lifetime value without cancelled orders, returns, open orders, segment (top_5pct, regular, new, prospect)",
         ),
     ]
+}
+
+/// The reconciliation summary of several shards' partial summaries (each shard's processor
+/// summarises the diffs of its own SKUs): counts and units add up, the oldest `since` is the
+/// smallest.
+pub fn merge_summaries(parts: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
+    let schema = view_defs()
+        .into_iter()
+        .find(|d| d.name == RECON_SUMMARY)
+        .expect("the summary is a view")
+        .schema;
+    let mut sums = [0i64; 5];
+    let mut oldest: Option<i64> = None;
+    for b in parts {
+        for (i, sum) in sums.iter_mut().enumerate() {
+            let col = b
+                .column(i + 1)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or_else(|| ArrowError::SchemaError("summary count is not Int64".into()))?;
+            *sum += col.iter().flatten().sum::<i64>();
+        }
+        let since = b
+            .column(6)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .ok_or_else(|| ArrowError::SchemaError("summary since is not a timestamp".into()))?;
+        for v in since.iter().flatten() {
+            oldest = Some(oldest.map_or(v, |o| o.min(v)));
+        }
+    }
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec!["all"]))];
+    cols.extend(
+        sums.iter()
+            .map(|&v| Arc::new(Int64Array::from(vec![v])) as ArrayRef),
+    );
+    cols.push(Arc::new(
+        TimestampMicrosecondArray::from(vec![oldest]).with_timezone("UTC"),
+    ));
+    RecordBatch::try_new(schema, cols)
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -846,6 +890,23 @@ pub struct Saved {
 
 pub const CHECKPOINT_VERSION: u32 = 1;
 
+impl Saved {
+    /// Adds another shard's checkpoint: shards hold disjoint keys and partitions, so the union
+    /// of their rows and offsets is the checkpoint one processor over all of them would hold.
+    pub fn absorb(&mut self, other: Saved) {
+        self.epoch = self.epoch.max(other.epoch);
+        self.max_lsn = self.max_lsn.max(other.max_lsn);
+        self.offsets.extend(other.offsets);
+        self.products.extend(other.products);
+        self.customers.extend(other.customers);
+        self.orders.extend(other.orders);
+        self.returns.extend(other.returns);
+        self.cache.extend(other.cache);
+        self.stock.extend(other.stock);
+        self.since.extend(other.since);
+    }
+}
+
 /// A set of keys that clones a key only the first time it is marked (the fold's hot path).
 #[derive(Debug)]
 struct Marks<K: std::hash::Hash + Eq>(Set<K>);
@@ -1074,6 +1135,48 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_summaries_merge_into_the_summary_of_all_diffs() {
+        // Two shards with diffs of their own SKUs, and one shard (the customers') without any.
+        let mut a = State::new(SafetyStock::default());
+        let mut b = State::new(SafetyStock::default());
+        let c = State::new(SafetyStock::default());
+        let mut whole = State::new(SafetyStock::default());
+        let cache = |sku: &str, v: i64, ts_ms: i64| Event {
+            change: Change::InventoryCache {
+                key: (sku.into(), "DC1".into()),
+                available: Some(v),
+            },
+            lsn: 1,
+            ts_ms,
+        };
+        for (s, evs) in [
+            (&mut a, vec![cache("A", 5, 2_000), stock("A", "DC1", 3, 0)]),
+            (&mut b, vec![cache("B", 1, 1_000), cache("C", 7, 3_000)]),
+        ] {
+            for e in &evs {
+                s.apply(e);
+                whole.apply(e);
+            }
+        }
+        let mut parts = Vec::new();
+        for s in [&mut a, &mut b, &mut whole] {
+            s.finish_epoch().unwrap();
+        }
+        let mut c = c;
+        c.finish_epoch().unwrap();
+        for s in [&a, &b, &c] {
+            parts.extend(s.view(RECON_SUMMARY).unwrap().batches().unwrap());
+        }
+        let merged = merge_summaries(&parts).unwrap();
+        let want = whole.view(RECON_SUMMARY).unwrap().batches().unwrap();
+        assert_eq!(merged.num_rows(), 1);
+        assert_eq!(
+            merged, want[0],
+            "3 diffs (1 mismatch, 2 missing in wms), 2 + 1 + 7 units, oldest at 1 s"
+        );
+    }
 
     fn ev(change: Change) -> Event {
         Event {

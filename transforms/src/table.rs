@@ -475,6 +475,7 @@ mod tests {
             ])),
             key: vec![0],
             doc: String::new(),
+            merge: None,
         })
     }
 

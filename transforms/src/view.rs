@@ -53,7 +53,14 @@ pub struct ViewDef {
     pub key: Vec<usize>,
     /// One line for `\d`-style listings and the docs.
     pub doc: String,
+    /// How the rows of several processors' partial views combine into the view's rows, for a
+    /// view that is not keyed by what the processors shard by (see [`Catalog`]). `None`: the
+    /// partial views hold disjoint keys and their union is the view.
+    pub merge: Option<MergeFn>,
 }
+
+/// Combines the batches of several partial views (each with the view's schema) into the view.
+pub type MergeFn = fn(&[RecordBatch]) -> Result<RecordBatch, ArrowError>;
 
 /// The whole content of one view as of one epoch. Immutable once published.
 #[derive(Debug, Clone)]
@@ -82,10 +89,16 @@ pub struct Epoch {
     pub changes: Vec<ViewChanges>,
 }
 
-/// The latest snapshot of every published view.
+/// The latest snapshot of every published view, per *source*: the processor that published it.
+/// One processor publishes every view under one source. Instances that share the partitions
+/// (`processors.instances: group`) run one processor per shard they own, each over its own
+/// keys, so a view is the union of its sources' snapshots (or their [`ViewDef::merge`]).
+/// Each snapshot is consistent on its own; a query over several sources sees each at its own
+/// latest epoch.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    views: RwLock<BTreeMap<String, (ViewDef, Arc<Snapshot>)>>,
+    #[allow(clippy::type_complexity)]
+    views: RwLock<BTreeMap<String, (ViewDef, BTreeMap<String, Arc<Snapshot>>)>>,
 }
 
 impl Catalog {
@@ -93,22 +106,53 @@ impl Catalog {
         Arc::new(Self::default())
     }
 
-    /// Replaces the view's snapshot as a whole (registering the view the first time).
+    /// Replaces the view's snapshot as a whole (registering the view the first time), for the
+    /// catalog's only source.
     pub fn publish(&self, def: &ViewDef, snapshot: Snapshot) {
+        self.publish_from("", def, snapshot)
+    }
+
+    /// Replaces `source`'s snapshot of the view as a whole.
+    pub fn publish_from(&self, source: &str, def: &ViewDef, snapshot: Snapshot) {
         let snapshot = Arc::new(snapshot);
         let mut views = self.views.write().unwrap_or_else(|e| e.into_inner());
         match views.get_mut(&def.name) {
-            Some(slot) => slot.1 = snapshot,
+            Some(slot) => {
+                slot.1.insert(source.to_owned(), snapshot);
+            }
             None => {
-                views.insert(def.name.clone(), (def.clone(), snapshot));
+                views.insert(
+                    def.name.clone(),
+                    (def.clone(), BTreeMap::from([(source.to_owned(), snapshot)])),
+                );
             }
         }
     }
 
-    /// The latest snapshot of a view, consistent on its own.
+    /// Drops every snapshot `source` published (its shard moved to another instance).
+    pub fn withdraw(&self, source: &str) {
+        let mut views = self.views.write().unwrap_or_else(|e| e.into_inner());
+        for (_, snaps) in views.values_mut() {
+            snaps.remove(source);
+        }
+    }
+
+    /// The latest snapshot of a view from the first source (the only one, unless the instances
+    /// share partitions), consistent on its own.
     pub fn snapshot(&self, view: &str) -> Option<Arc<Snapshot>> {
         let views = self.views.read().unwrap_or_else(|e| e.into_inner());
-        views.get(view).map(|(_, s)| s.clone())
+        views
+            .get(view)
+            .and_then(|(_, s)| s.values().next().cloned())
+    }
+
+    /// The latest snapshot of a view from every source.
+    pub fn snapshots(&self, view: &str) -> Vec<Arc<Snapshot>> {
+        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
+        views
+            .get(view)
+            .map(|(_, s)| s.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Definitions of every published view, by name.
@@ -254,6 +298,26 @@ mod tests {
             )
             .unwrap(),
         }
+    }
+
+    #[test]
+    fn a_view_is_the_snapshots_of_every_source_until_one_is_withdrawn() {
+        let def = crate::state::view_defs().remove(0);
+        let snap = |epoch| Snapshot {
+            epoch,
+            offsets: Offsets::default(),
+            rows: crate::table::ViewTable::new(def.clone()).published(),
+        };
+        let c = Catalog::new();
+        c.publish_from("skus-0", &def, snap(1));
+        c.publish_from("skus-1", &def, snap(2));
+        c.publish_from("skus-0", &def, snap(3));
+        let epochs =
+            |c: &Catalog| -> Vec<u64> { c.snapshots(&def.name).iter().map(|s| s.epoch).collect() };
+        assert_eq!(epochs(&c), [3, 2], "one snapshot per source, the latest");
+        c.withdraw("skus-0");
+        assert_eq!(epochs(&c), [2], "a shard that moved away leaves the view");
+        assert_eq!(c.views().len(), 1);
     }
 
     fn epoch(n: u64, next: i64, c: ViewChanges) -> Epoch {

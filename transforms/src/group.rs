@@ -1,0 +1,535 @@
+//! Instances that share the partitions (`processors.instances: group`): scale-out steps 1 and 4
+//! for the stock side (see the crate doc).
+//!
+//! # Units
+//!
+//! The input is cut into *units*, each folded by a processor of its own ([`crate::runtime`],
+//! unchanged) with its own checkpoint file:
+//!
+//! - `skus-<i>`: partition *i* of the four topics routed by SKU (`oms.products`,
+//!   `oms.order_lines`, `oms.inventory_cache`, `wms.stock_levels`). The producer routes all
+//!   four by the SKU (`kafka.partition_by`), over equal partition counts, so a unit holds every
+//!   row of its SKUs and nothing of the others: its stock views and diffs are exactly the
+//!   rows of those SKUs in the one-processor views, and its reconciliation summary is their
+//!   part of the whole ([`crate::state::merge_summaries`] adds the parts up).
+//! - `customers`: every partition of `oms.customers`, `oms.orders` and `oms.returns`. Returns
+//!   name no customer and the top-5 % segment ranks all customers, so this side does not shard
+//!   yet (steps 2, 3 and 5); it runs whole on one instance.
+//!
+//! # Who folds which unit
+//!
+//! Every instance joins the Kafka consumer group `processors.group_id`, subscribed to
+//! `wms.stock_levels` and `oms.customers` with the round-robin assignor: owning partition *i*
+//! of the stock levels means folding `skus-<i>`, owning partition 0 of the customers means
+//! folding `customers`. The member consumer itself reads nothing (its partitions are paused).
+//!
+//! # Why a unit is never folded twice, nor lost
+//!
+//! A unit's checkpoint is its whole state, so a unit can move to another instance as long as
+//! the new owner starts from the old owner's *last* checkpoint. Two rules keep that:
+//!
+//! - On a revocation the old owner stops the unit's processor, which closes its epoch and
+//!   writes a final checkpoint, before the rebalance callback returns, that is before the member
+//!   rejoins the group and so before anyone can be given the unit.
+//! - A processor runs a unit only while holding the unit's lock file (`flock`) in the shared
+//!   checkpoint directory. A broker that hands the unit on early (or an instance the broker
+//!   thinks dead but that still runs) makes the new owner wait for the lock, not read a
+//!   checkpoint still being written.
+//!
+//! A unit's processor that is killed (`kill -9` of its instance) leaves its last periodic
+//! checkpoint; the next owner replays from there, exactly once into the state, as after any
+//! restart. (tansu 0.6 hands a dead member's partitions on only after a clean leave of
+//! another member; a Kafka broker does so after `session.timeout.ms`.)
+//!
+//! The checkpoint directory must be one every instance sees (a shared volume when they run on
+//! several machines) and `flock` must work on it. View sinks are not run in this mode yet:
+//! each unit would need its own stored positions and the summary's parts would overwrite one
+//! another in a sink.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+
+use crate::runtime::{ProcessError, ProcessorConfig, ProcessorStats, Running, run_into};
+use crate::view::Catalog;
+
+/// The tables routed by SKU whose partition *i* make up unit `skus-<i>`.
+pub const SKU_TABLES: [&str; 4] = [
+    "oms.products",
+    "oms.order_lines",
+    "oms.inventory_cache",
+    "wms.stock_levels",
+];
+
+/// The tables of the `customers` unit (read whole).
+pub const CUSTOMER_TABLES: [&str; 3] = ["oms.customers", "oms.orders", "oms.returns"];
+
+/// The share of the input one processor folds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Unit {
+    /// Every partition of every input (one instance per group).
+    #[default]
+    All,
+    /// Partition `i` of the SKU-routed topics.
+    Skus(i32),
+    /// Every partition of the customer-side topics.
+    Customers,
+}
+
+impl Unit {
+    /// The unit's name in file names and logs.
+    pub fn name(&self) -> String {
+        match self {
+            Unit::All => "all".into(),
+            Unit::Skus(i) => format!("skus-{i}"),
+            Unit::Customers => "customers".into(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Unit> {
+        match s {
+            "all" => Some(Unit::All),
+            "customers" => Some(Unit::Customers),
+            _ => s
+                .strip_prefix("skus-")
+                .and_then(|i| i.parse().ok())
+                .filter(|i: &i32| *i >= 0)
+                .map(Unit::Skus),
+        }
+    }
+
+    /// The source the unit's views are published under in a [`Catalog`].
+    pub fn source(&self) -> String {
+        match self {
+            Unit::All => String::new(),
+            u => u.name(),
+        }
+    }
+
+    /// Whether the unit reads table `table` (`schema.table`).
+    pub fn reads(&self, table: &str) -> bool {
+        match self {
+            Unit::All => true,
+            Unit::Skus(_) => SKU_TABLES.contains(&table),
+            Unit::Customers => CUSTOMER_TABLES.contains(&table),
+        }
+    }
+
+    /// Whether the unit reads partition `p` of the tables it reads.
+    pub fn reads_partition(&self, p: i32) -> bool {
+        match self {
+            Unit::Skus(i) => *i == p,
+            _ => true,
+        }
+    }
+}
+
+/// How long a unit may wait for its lock before the wait is logged (it keeps trying).
+const LOCK_WARN: Duration = Duration::from_secs(10);
+
+/// One instance of a group that shares the partitions: the units it owns now, each folded by a
+/// processor of its own, publishing into one catalog.
+pub struct Member {
+    pub catalog: Arc<Catalog>,
+    /// Counters of every unit this instance ran (positions of units it gave away stay at
+    /// where it left them).
+    pub stats: Arc<ProcessorStats>,
+    units: Arc<Mutex<Units>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(), ProcessError>>,
+}
+
+impl Member {
+    /// The units this instance folds now.
+    pub fn units(&self) -> Vec<Unit> {
+        lock(&self.units).running.keys().copied().collect()
+    }
+
+    /// Stops every unit (final epochs and checkpoints) and leaves the group.
+    pub async fn stop(self) -> Result<(), ProcessError> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.join().await
+    }
+
+    /// Waits until the member ends (only an error, or [`Member::stop`], ends it).
+    pub async fn join(self) -> Result<(), ProcessError> {
+        let t = self.thread;
+        tokio::task::spawn_blocking(move || t.join())
+            .await
+            .map_err(|_| ProcessError::Panicked)?
+            .map_err(|_| ProcessError::Panicked)?
+    }
+
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+}
+
+/// Joins the consumer group `config.group_id` and folds the units it is given, until stopped
+/// (call inside a tokio runtime).
+pub fn join(config: ProcessorConfig) -> Result<Member, ProcessError> {
+    let catalog = Catalog::new();
+    let stats = Arc::new(ProcessorStats::default());
+    let units = Arc::new(Mutex::new(Units {
+        stock_topic: format!("{}.wms.stock_levels", config.topic_prefix),
+        customers_topic: format!("{}.oms.customers", config.topic_prefix),
+        base: config.clone(),
+        catalog: catalog.clone(),
+        stats: stats.clone(),
+        handle: tokio::runtime::Handle::current(),
+        running: BTreeMap::new(),
+        wanted: BTreeSet::new(),
+        waiting: BTreeMap::new(),
+        failed: None,
+    }));
+    let consumer: BaseConsumer<MemberContext> = config
+        .client()
+        .set("group.id", &config.group_id)
+        .set("partition.assignment.strategy", "roundrobin")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("allow.auto.create.topics", "false")
+        .create_with_context(MemberContext {
+            units: units.clone(),
+        })
+        .map_err(|source| ProcessError::Kafka {
+            what: "creating the group member consumer".into(),
+            source,
+        })?;
+    let topics = {
+        let u = lock(&units);
+        [u.stock_topic.clone(), u.customers_topic.clone()]
+    };
+    consumer
+        .subscribe(&[&topics[0], &topics[1]])
+        .map_err(|source| ProcessError::Kafka {
+            what: format!("joining consumer group {}", config.group_id),
+            source,
+        })?;
+    tracing::info!(group = %config.group_id, "joined the processors' consumer group");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, u) = (stop.clone(), units.clone());
+    let thread = std::thread::Builder::new()
+        .name("walbridge-group-member".into())
+        .spawn(move || member_loop(consumer, u, s))
+        .map_err(|e| ProcessError::Checkpoint {
+            path: PathBuf::new(),
+            what: format!("cannot start the group member thread: {e}"),
+        })?;
+    Ok(Member {
+        catalog,
+        stats,
+        units,
+        stop,
+        thread,
+    })
+}
+
+fn lock(units: &Mutex<Units>) -> std::sync::MutexGuard<'_, Units> {
+    units.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn member_loop(
+    consumer: BaseConsumer<MemberContext>,
+    units: Arc<Mutex<Units>>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), ProcessError> {
+    let result = loop {
+        if stop.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        // Rebalances are served inside poll (MemberContext). Messages fetched before the
+        // pause took effect are not wanted here: the units' processors read the data.
+        if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
+            tracing::warn!(error = %e, "group member poll");
+        }
+        let mut u = lock(&units);
+        u.start_wanted();
+        if let Some(e) = u.reap() {
+            break Err(e);
+        }
+    };
+    // Final checkpoints first, then the clean leave (dropping the consumer): the units are
+    // free for the other members by the time they hear of the rebalance.
+    let stopped = lock(&units).stop_all();
+    drop(consumer);
+    result.and(stopped)
+}
+
+struct MemberContext {
+    units: Arc<Mutex<Units>>,
+}
+
+impl rdkafka::ClientContext for MemberContext {}
+
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut u = lock(&self.units);
+            let gone = u.units_of(tpl);
+            tracing::info!(units = ?gone.iter().map(Unit::name).collect::<Vec<_>>(), "units revoked; stopping them with a final checkpoint");
+            for unit in gone {
+                u.wanted.remove(&unit);
+                u.stop_unit(unit);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!(error = %e, "pausing the member's partitions (their messages are dropped)");
+            }
+            let mut u = lock(&self.units);
+            u.wanted = u.units_of(tpl);
+            tracing::info!(units = ?u.wanted.iter().map(Unit::name).collect::<Vec<_>>(), "units assigned");
+        }
+    }
+}
+
+struct Units {
+    stock_topic: String,
+    customers_topic: String,
+    base: ProcessorConfig,
+    catalog: Arc<Catalog>,
+    stats: Arc<ProcessorStats>,
+    handle: tokio::runtime::Handle,
+    /// Units folded now, with the lock that makes them this instance's.
+    running: BTreeMap<Unit, (Running, std::fs::File)>,
+    /// Units the group gave this instance.
+    wanted: BTreeSet<Unit>,
+    /// Wanted units whose lock another instance still holds, since when.
+    waiting: BTreeMap<Unit, (Instant, bool)>,
+    failed: Option<ProcessError>,
+}
+
+impl Units {
+    fn units_of(&self, tpl: &rdkafka::TopicPartitionList) -> BTreeSet<Unit> {
+        tpl.elements()
+            .iter()
+            .filter_map(|e| {
+                if e.topic() == self.stock_topic {
+                    Some(Unit::Skus(e.partition()))
+                } else if e.topic() == self.customers_topic && e.partition() == 0 {
+                    Some(Unit::Customers)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn start_wanted(&mut self) {
+        let todo: Vec<Unit> = self
+            .wanted
+            .iter()
+            .filter(|u| !self.running.contains_key(u))
+            .copied()
+            .collect();
+        for unit in todo {
+            let file = match try_lock(&self.base, unit) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    let (since, said) = self.waiting.entry(unit).or_insert((Instant::now(), false));
+                    if !*said && since.elapsed() > LOCK_WARN {
+                        *said = true;
+                        tracing::warn!(unit = %unit.name(), "another instance still holds the unit's lock; waiting for it to stop the unit");
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.failed.get_or_insert(e);
+                    return;
+                }
+            };
+            self.waiting.remove(&unit);
+            let mut config = self.base.clone();
+            config.unit = unit;
+            let _enter = self.handle.enter();
+            match run_into(config, None, self.catalog.clone(), self.stats.clone()) {
+                Ok(mut running) => {
+                    // Nobody here takes epochs (no view sinks in this mode); the views go on.
+                    drop(std::mem::replace(
+                        &mut running.epochs,
+                        tokio::sync::mpsc::channel(1).1,
+                    ));
+                    tracing::info!(unit = %unit.name(), "unit started");
+                    self.running.insert(unit, (running, file));
+                }
+                Err(e) => {
+                    self.failed.get_or_insert(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn stop_unit(&mut self, unit: Unit) {
+        self.waiting.remove(&unit);
+        if let Some((running, file)) = self.running.remove(&unit) {
+            if let Err(e) = running.stop_blocking() {
+                self.failed.get_or_insert(e);
+            }
+            self.catalog.withdraw(&unit.source());
+            tracing::info!(unit = %unit.name(), "unit stopped");
+            // The lock goes only now, after the final checkpoint is on disk.
+            drop(file);
+        }
+    }
+
+    /// The first error of a unit: a processor that ended by itself, a failed start or stop.
+    fn reap(&mut self) -> Option<ProcessError> {
+        let ended: Vec<Unit> = self
+            .running
+            .iter()
+            .filter(|(_, (r, _))| r.finished())
+            .map(|(u, _)| *u)
+            .collect();
+        for unit in ended {
+            if let Some((running, _)) = self.running.remove(&unit) {
+                let e = running.stop_blocking().err().unwrap_or_else(|| {
+                    ProcessError::Sink(format!("unit {} stopped by itself", unit.name()))
+                });
+                self.failed.get_or_insert(e);
+            }
+        }
+        self.failed.take()
+    }
+
+    fn stop_all(&mut self) -> Result<(), ProcessError> {
+        let all: Vec<Unit> = self.running.keys().copied().collect();
+        for unit in all {
+            self.stop_unit(unit);
+        }
+        self.wanted.clear();
+        self.failed.take().map_or(Ok(()), Err)
+    }
+}
+
+/// The unit's lock file, held while a processor of this instance folds it; `None` while
+/// another instance holds it.
+fn try_lock(config: &ProcessorConfig, unit: Unit) -> Result<Option<std::fs::File>, ProcessError> {
+    use std::os::fd::AsRawFd;
+    let path = config
+        .checkpoint_dir
+        .join(format!("{}.{}.lock", config.group_id, unit.name()));
+    let err = |what: String| ProcessError::Checkpoint {
+        path: path.clone(),
+        what,
+    };
+    std::fs::create_dir_all(&config.checkpoint_dir)
+        .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(format!("cannot open it: {e}")))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(Some(file));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(err(format!("cannot lock it: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, unit: Unit) -> ProcessorConfig {
+        ProcessorConfig {
+            brokers: String::new(),
+            topic_prefix: "t".into(),
+            registry_url: String::new(),
+            group_id: "g".into(),
+            checkpoint_dir: dir.to_owned(),
+            epoch_interval: Duration::from_millis(50),
+            checkpoint_interval: Duration::from_secs(1),
+            safety_stock: Default::default(),
+            alerts_topic: String::new(),
+            alerts_partitions: 1,
+            kafka_properties: Vec::new(),
+            unit,
+        }
+    }
+
+    #[test]
+    fn unit_names_round_trip_and_pick_their_partitions() {
+        for u in [Unit::All, Unit::Skus(0), Unit::Skus(11), Unit::Customers] {
+            assert_eq!(Unit::parse(&u.name()), Some(u));
+        }
+        assert_eq!(Unit::parse("skus--1"), None);
+        assert!(Unit::Skus(2).reads("wms.stock_levels") && !Unit::Skus(2).reads("oms.orders"));
+        assert!(Unit::Skus(2).reads_partition(2) && !Unit::Skus(2).reads_partition(1));
+        assert!(Unit::Customers.reads("oms.returns") && !Unit::Customers.reads("oms.products"));
+        // Every input table belongs to exactly one unit of a group.
+        for t in crate::input::TABLES {
+            assert_eq!(
+                SKU_TABLES.contains(&t) as u8 + CUSTOMER_TABLES.contains(&t) as u8,
+                1,
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn checkpoints_of_the_other_mode_are_refused_and_shards_merge_for_the_check() {
+        let dir = std::env::temp_dir().join(format!("walbridge-group-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let shard = config(&dir, Unit::Skus(1));
+        let mut state = crate::state::State::new(Default::default());
+        state.apply(&crate::input::Event {
+            change: crate::input::Change::InventoryCache {
+                key: ("SKU-1".into(), "DC1".into()),
+                available: Some(4),
+            },
+            lsn: 1,
+            ts_ms: 1,
+        });
+        crate::runtime::write_checkpoint(&shard.checkpoint_path(), &state.save("t")).unwrap();
+        assert!(
+            shard
+                .checkpoint_path()
+                .ends_with("g.skus-1.checkpoint.json")
+        );
+
+        let single = config(&dir, Unit::All);
+        let err = crate::runtime::load_checkpoint(&single)
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string()
+                .contains("running with processors.instances: group"),
+            "{err}"
+        );
+        let merged = crate::runtime::load_merged(&single).unwrap();
+        assert_eq!(
+            merged
+                .view(crate::state::RECON_DIFFS)
+                .unwrap()
+                .rows()
+                .count(),
+            1
+        );
+
+        crate::runtime::write_checkpoint(&single.checkpoint_path(), &state.save("t")).unwrap();
+        let err = crate::runtime::load_checkpoint(&config(&dir, Unit::Customers))
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("processors.instances: single"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
