@@ -63,6 +63,19 @@ pub struct ProcessorsConfig {
     pub sinks: Vec<ViewSinkConfig>,
     /// `/metrics`, `/health` and `/ready` of `walbridge process` (`processors.metrics_listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// `processors.instances`.
+    pub instances: Instances,
+}
+
+/// `processors.instances`: how many `walbridge process` run for one group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Instances {
+    /// One instance reads every partition (a second one is refused).
+    #[default]
+    Single,
+    /// Every instance joins the consumer group `group_id` and folds a share of the partitions
+    /// (see `transforms::group`).
+    Group,
 }
 
 /// `processors.sql`: the read-only Postgres-protocol endpoint over the live views.
@@ -129,6 +142,7 @@ impl Config {
                 .unwrap_or_else(|| format!("{}.alerts.oversell", self.kafka.topic_prefix)),
             alerts_partitions: self.kafka.partitions,
             kafka_properties: self.kafka.connection_properties(),
+            unit: transforms::group::Unit::All,
         })
     }
 }
@@ -791,6 +805,7 @@ const KEYS: &[KeySpec] = &[
         "a list of sinks, each with kind and name",
         "sinks: [ { kind: kafka, name: views_topics }, { kind: parquet, name: lake, dir: lake } ]",
     ),
+    key("processors.instances", "single or group", "group"),
     key(
         "processors.metrics_listen",
         "host:port (a port of its own: metrics.listen is walbridge run's)",
@@ -882,6 +897,7 @@ struct RawProcessors {
     sql: Option<S<RawSql>>,
     sinks: Option<S<Vec<S<RawViewSink>>>>,
     metrics_listen: Option<S<String>>,
+    instances: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1338,6 +1354,9 @@ impl Validator<'_> {
                     continue;
                 };
                 let keys = transforms::input::KEYS[i];
+                if transforms::input::ROWS_NOT_KEPT.contains(&table.as_str()) {
+                    continue;
+                }
                 if let Some(c) = cols.iter().find(|c| !keys.contains(&c.as_str()))
                     && let Some(at) = raw_routes.value.get(table)
                 {
@@ -1347,6 +1366,28 @@ impl Validator<'_> {
                         format!(
                             "the processors read {table}, and routing it by {c:?} (not in its primary key: {}) would move its rows between partitions, which the processors cannot follow yet; route it by primary-key columns, or leave it out",
                             keys.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if let (Some(p), Some(raw_p)) = (&processors, &raw.processors)
+            && p.instances == Instances::Group
+        {
+            let at = raw_p
+                .value
+                .instances
+                .as_ref()
+                .map_or(&raw_p.referenced, |i| &i.referenced);
+            for t in transforms::group::SKU_TABLES {
+                let routed = kafka.partition_by.get(t);
+                if routed.map(Vec::as_slice) != Some(&["sku".to_owned()][..]) {
+                    self.error(
+                        at,
+                        "processors.instances",
+                        format!(
+                            "instances share the partitions by SKU, so {t} must be routed by its sku alone (now: {}); add {t}: [sku] to kafka.partition_by",
+                            routed.map_or("by its key".to_owned(), |c| format!("by {}", c.join(", ")))
                         ),
                     );
                 }
@@ -1505,6 +1546,33 @@ impl Validator<'_> {
             sinks?,
         );
         let metrics_listen = metrics_listen?;
+        let instances = match &raw.instances {
+            None => Instances::Single,
+            Some(i) => {
+                let path = "processors.instances";
+                let text = self.string(i, path)?;
+                match text.as_str() {
+                    "single" => Instances::Single,
+                    "group" => Instances::Group,
+                    _ => {
+                        self.invalid(&i.referenced, path, &text, None);
+                        return None;
+                    }
+                }
+            }
+        };
+        if instances == Instances::Group
+            && !sinks.is_empty()
+            && let Some(i) = &raw.instances
+        {
+            self.error(
+                &i.referenced,
+                "processors.instances",
+                "view sinks do not run with instances that share the partitions yet (each shard would need positions of its own in every sink); \
+                 remove processors.sinks, or set processors.instances: single",
+            );
+            return None;
+        }
         ok.then_some(ProcessorsConfig {
             group_id,
             checkpoint_dir,
@@ -1515,6 +1583,7 @@ impl Validator<'_> {
             sql,
             sinks,
             metrics_listen,
+            instances,
         })
     }
 
@@ -2605,6 +2674,67 @@ registry:
                 && e.message
                     .contains("\"customer_id\" (not in its primary key: id)"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn instances_that_share_partitions_need_the_sku_routing_and_no_sinks() {
+        let demo = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml"),
+        )
+        .unwrap();
+        let group = demo.replace(
+            "  group_id: walbridge_views\n",
+            "  group_id: walbridge_views\n  instances: group\n",
+        );
+        assert_ne!(group, demo);
+        // The demo routes three of the four SKU tables and has sinks: both are refused.
+        let errs = errors_of(&group);
+        let messages: Vec<String> = errs.errors.iter().map(|e| format!("{e}")).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("processors.instances: view sinks do not run")),
+            "{errs}"
+        );
+        let mut routed = group.replace(
+            "    oms.inventory_cache: [sku]\n",
+            "    oms.inventory_cache: [sku]\n    oms.order_lines: [sku]\n",
+        );
+        // The sinks are the demo config's last lines.
+        let sinks = routed.find("  sinks:\n").expect("the demo has sinks");
+        routed.truncate(sinks);
+        let errs = errors_of(&routed.replace("    oms.order_lines: [sku]\n", ""));
+        assert_eq!(errs.errors.len(), 1, "{errs}");
+        assert_eq!(errs.errors[0].path, "processors.instances");
+        assert!(
+            errs.errors[0].message.contains(
+                "oms.order_lines must be routed by its sku alone (now: by its key); add oms.order_lines: [sku] to kafka.partition_by"
+            ),
+            "{errs}"
+        );
+        let c =
+            from_str_with_env(&routed, "pipelines.yaml", &no_env).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.processors.unwrap().instances, Instances::Group);
+        // Order lines may be routed by their SKU in one-instance mode too: the fold keeps no
+        // line rows.
+        from_str_with_env(
+            &demo.replace(
+                "    oms.inventory_cache: [sku]\n",
+                "    oms.inventory_cache: [sku]\n    oms.order_lines: [sku]\n",
+            ),
+            "pipelines.yaml",
+            &no_env,
+        )
+        .expect("order lines routed by sku");
+        let errs = errors_of(&demo.replace(
+            "  group_id: walbridge_views\n",
+            "  group_id: walbridge_views\n  instances: many\n",
+        ));
+        assert!(
+            errs.to_string()
+                .contains("processors.instances: expected single or group, got \"many\""),
+            "{errs}"
         );
     }
 

@@ -45,17 +45,34 @@ pub struct Process {
     /// Where the SQL endpoint listens, when `processors.sql` is set.
     pub sql_addr: Option<SocketAddr>,
     stopper: Arc<std::sync::atomic::AtomicBool>,
-    running: transforms::Running,
+    running: Runner,
     driver: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _lock: std::fs::File,
+    _lock: Option<std::fs::File>,
     _sql: Option<transforms::sql::ServerHandle>,
     _metrics: Option<crate::metrics::TaskGuard>,
+}
+
+/// The processors of this instance: one over everything, or the units of a group member.
+enum Runner {
+    One(transforms::Running),
+    Group(transforms::group::Member),
 }
 
 impl Process {
     /// The processor's live counters.
     pub fn stats(&self) -> Arc<transforms::ProcessorStats> {
-        self.running.stats.clone()
+        match &self.running {
+            Runner::One(r) => r.stats.clone(),
+            Runner::Group(m) => m.stats.clone(),
+        }
+    }
+
+    /// The units this instance folds (`[All]` unless instances share the partitions).
+    pub fn units(&self) -> Vec<transforms::group::Unit> {
+        match &self.running {
+            Runner::One(_) => vec![transforms::group::Unit::All],
+            Runner::Group(m) => m.units(),
+        }
     }
 
     /// Stops the processor (final epoch, sinks, checkpoint) and waits for it and the sinks.
@@ -67,7 +84,10 @@ impl Process {
 
     /// Waits until the processor ends (only an error, or [`Process::stop`], ends it).
     pub async fn join(self) -> anyhow::Result<()> {
-        let processed = self.running.join().await;
+        let processed = match self.running {
+            Runner::One(r) => r.join().await,
+            Runner::Group(m) => m.join().await,
+        };
         let driven = match self.driver {
             Some(d) => d
                 .await
@@ -114,6 +134,9 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         .processors
         .as_ref()
         .expect("processor_config checked it");
+    if pcfg.instances == crate::config::Instances::Group {
+        return start_member(cfg, pc).await;
+    }
     let lock = lock_group(&pc)?;
 
     let mut slots = Vec::new();
@@ -195,18 +218,65 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         })
     });
 
-    let metrics = match pcfg.metrics_listen {
+    let metrics = serve_metrics(cfg, running.stats.clone(), gate.clone()).await?;
+    let sql = serve_sql(cfg, &catalog).await?;
+    Ok(Process {
+        catalog,
+        sql_addr: sql.as_ref().map(|s| s.local_addr()),
+        stopper,
+        running: Runner::One(running),
+        driver,
+        _lock: Some(lock),
+        _sql: sql,
+        _metrics: metrics,
+    })
+}
+
+/// `processors.instances: group`: joins the group and folds the units it is given (no view
+/// sinks in this mode; the config refuses them).
+async fn start_member(cfg: &Config, pc: transforms::ProcessorConfig) -> anyhow::Result<Process> {
+    let member = transforms::group::join(pc.clone())
+        .with_context(|| format!("joining the processors' consumer group {}", pc.group_id))?;
+    let catalog = member.catalog.clone();
+    let metrics = serve_metrics(cfg, member.stats.clone(), Arc::new(SinkGate::default())).await?;
+    let sql = serve_sql(cfg, &catalog).await?;
+    Ok(Process {
+        catalog,
+        sql_addr: sql.as_ref().map(|s| s.local_addr()),
+        stopper: member.stopper(),
+        running: Runner::Group(member),
+        driver: None,
+        _lock: None,
+        _sql: sql,
+        _metrics: metrics,
+    })
+}
+
+async fn serve_metrics(
+    cfg: &Config,
+    stats: Arc<transforms::ProcessorStats>,
+    gate: Arc<SinkGate>,
+) -> anyhow::Result<Option<crate::metrics::TaskGuard>> {
+    let pcfg = cfg.processors.as_ref().expect("processors configured");
+    Ok(match pcfg.metrics_listen {
         None => None,
         Some(listen) => {
             let m = crate::process_metrics::ProcessMetrics::new(
                 &cfg.kafka.client(),
-                running.stats.clone(),
-                gate.clone(),
+                stats,
+                gate,
                 !pcfg.sinks.is_empty(),
             )?;
             Some(crate::process_metrics::serve(m, listen).await?)
         }
-    };
+    })
+}
+
+async fn serve_sql(
+    cfg: &Config,
+    catalog: &Arc<Catalog>,
+) -> anyhow::Result<Option<transforms::sql::ServerHandle>> {
+    let pcfg = cfg.processors.as_ref().expect("processors configured");
     let sql = match &pcfg.sql {
         None => None,
         Some(q) => {
@@ -226,16 +296,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
             Some(handle)
         }
     };
-    Ok(Process {
-        catalog,
-        sql_addr: sql.as_ref().map(|s| s.local_addr()),
-        stopper,
-        running,
-        driver,
-        _lock: lock,
-        _sql: sql,
-        _metrics: metrics,
-    })
+    Ok(sql)
 }
 
 async fn open_sink(cfg: &Config, s: &ViewSinkConfig) -> anyhow::Result<Box<dyn ViewSink>> {
@@ -472,7 +533,8 @@ fn lock_group(pc: &transforms::ProcessorConfig) -> anyhow::Result<std::fs::File>
     if r != 0 {
         bail!(
             "another walbridge process already runs the processors of group {} (it holds {}); \
-             one instance per processors.group_id for now: stop the other one, or give this one its own group_id and checkpoint_dir",
+             with processors.instances: single one instance runs per group: stop the other one, give this one its own group_id and checkpoint_dir, \
+             or set processors.instances: group to share the partitions",
             pc.group_id,
             path.display()
         );

@@ -43,6 +43,8 @@ fn stock_def() -> ViewDef {
         ])),
         key: vec![0, 1],
         doc: "sellable stock per sku and warehouse".into(),
+
+        merge: None,
     }
 }
 
@@ -79,6 +81,7 @@ fn customer_def() -> ViewDef {
         ])),
         key: vec![0],
         doc: "one row per customer".into(),
+        merge: None,
     }
 }
 

@@ -765,3 +765,192 @@ async fn a_checkpoint_inside_the_last_record_batch_reads_the_rest_of_it() {
     let after = transforms::runtime::load_checkpoint(&pc).unwrap();
     assert_eq!(after.offsets.0.get(&(topic.clone(), 0)), Some(&20));
 }
+
+/// `processors:` for instances that share the partitions (`instances: group`), with an SQL
+/// endpoint on `sql_port`.
+fn group_config(db: &TestDb, name: &str, sql_port: u16) -> (PathBuf, walbridge::config::Config) {
+    let yaml = db.config_yaml()
+        + &format!(
+            "processors:\n  group_id: views_group\n  instances: group\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 200\n  sql: {{ listen: \"127.0.0.1:{sql_port}\", user: analyst, password: pw }}\n  safety_stock:\n    default: 1\n    categories: {{ apparel: 3, home: 2 }}\n    skus: {{ SKU-000001: 100000 }}\n",
+            db.dir.join("processors-group").display()
+        );
+    let path = db.dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let cfg = walbridge::config::load(&path).expect("config with a processor group");
+    (path, cfg)
+}
+
+/// How many lines of the log at `path` contain `needle`.
+fn log_count(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+async fn wait_log(path: &Path, needle: &str, more_than: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while log_count(path, needle) <= more_than {
+        assert!(
+            Instant::now() < deadline,
+            "{what} within 90 s:\n{}",
+            std::fs::read_to_string(path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every view of a group's shards, merged, as their final checkpoints hold them.
+fn group_views(cfg: &walbridge::config::Config) -> BTreeMap<String, ViewRows> {
+    let state = transforms::runtime::load_merged(&cfg.processor_config().unwrap()).unwrap();
+    state
+        .views()
+        .iter()
+        .map(|v| {
+            (
+                v.def.name.clone(),
+                canon_rows(&v.batches().unwrap(), &v.def.key),
+            )
+        })
+        .collect()
+}
+
+/// Two instances in one consumer group (scale-out, stock side): one joins mid-stream and
+/// takes a share of the SKU partitions, then leaves and the other takes them back. Together
+/// they end with exactly the views of one instance reading everything, the SQL endpoint of a
+/// member serves the whole views (the reconciliation summary merged from its shards), and the
+/// group's checkpoints equal SQL on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
+    let mut db = TestDb::new("views_group").await;
+    db.snapshot = "initial";
+    db.exec(&["ALTER TABLE oms.order_lines REPLICA IDENTITY FULL"])
+        .await;
+    db.kafka_extra = "  partition_by:\n    oms.products: [sku]\n    oms.order_lines: [sku]\n    oms.inventory_cache: [sku]\n    wms.stock_levels: [sku]\n".into();
+    let (one_path, one_cfg) = config(&db, 200);
+    let sql_port = walbridge::stack::free_port();
+    let (a_path, group_cfg) = group_config(&db, "member-a", sql_port);
+    let (b_path, _) = group_config(&db, "member-b", walbridge::stack::free_port());
+    let mut wb = db.start().await;
+    let one = Processor::start(&one_path, &db.dir.join("one.log"));
+    let (a_log, b_log) = (db.dir.join("member-a.log"), db.dir.join("member-b.log"));
+    let a = Processor::start(&a_path, &a_log);
+    wait_log(
+        &a_log,
+        "unit started",
+        3,
+        "the first member started all four units",
+    )
+    .await;
+    workload(&db, 11, 300, 2000.0).await;
+
+    // B joins: the group rebalances, A stops its units with a final checkpoint, B gets some.
+    let b = Processor::start(&b_path, &b_log);
+    wait_log(&b_log, "unit started", 0, "the second member got units").await;
+    workload(&db, 12, 300, 2000.0).await;
+    assert!(
+        log_count(&a_log, "units revoked") > 0,
+        "A gave units up when B joined"
+    );
+
+    // B leaves cleanly: A takes its units back from B's final checkpoints.
+    let a_started = log_count(&a_log, "unit started");
+    b.stop();
+    wait_log(&a_log, "unit started", a_started, "A took the units back").await;
+    workload(&db, 13, 200, 2000.0).await;
+    db.wait_caught_up(&mut wb).await;
+
+    // The one-instance reference.
+    check(&db, &one_cfg).await;
+    one.stop();
+    let report = check(&db, &one_cfg).await;
+    assert_eq!(report.applied_after_checkpoint, 0, "{}", report.render());
+    let want = checkpoint_views(&one_cfg);
+
+    // A's SQL endpoint serves the whole views from its four units.
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={sql_port} user=analyst password=pw dbname=walbridge"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect to the member's SQL endpoint");
+    tokio::spawn(conn);
+    let summary = &want["reconciliation_summary"];
+    assert_eq!(summary.len(), 1);
+    let want_summary: Vec<String> = summary.values().next().unwrap()[1..6].to_vec();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut got = Vec::new();
+        for view in want.keys() {
+            let n: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {view}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            got.push((view.clone(), n as usize));
+        }
+        let row = client
+            .query_one(
+                "SELECT diffs, missing_in_oms, missing_in_wms, mismatches, units_at_risk FROM reconciliation_summary",
+                &[],
+            )
+            .await
+            .unwrap();
+        let got_summary: Vec<String> = (0..5).map(|i| row.get::<_, i64>(i).to_string()).collect();
+        let want_counts: Vec<(String, usize)> =
+            want.iter().map(|(v, r)| (v.clone(), r.len())).collect();
+        if got == want_counts && got_summary == want_summary {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the member's SQL views {got:?} with summary {got_summary:?} did not reach one instance's {want_counts:?} with {want_summary:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The group's final checkpoints: equal to SQL, and to the one instance's views row by row.
+    a.stop();
+    let report = check(&db, &group_cfg).await;
+    assert_eq!(
+        report.applied_after_checkpoint,
+        0,
+        "the group's final checkpoints were behind the topics:\n{}",
+        report.render()
+    );
+    // `since` is when a diff opened as this reader saw it: stock levels and the inventory
+    // cache are separate topics, so two readers interleave them differently and a diff can
+    // open (or heal for a moment) at different changes. `views check` skips it for the same
+    // reason.
+    assert_views_equal(
+        "two instances in one group",
+        &without_event_times(group_views(&group_cfg)),
+        &without_event_times(want),
+    );
+    wb.stop();
+}
+
+/// The views without their event-time columns (`since`, `oldest_since`).
+fn without_event_times(views: BTreeMap<String, ViewRows>) -> BTreeMap<String, ViewRows> {
+    let defs = transforms::state::view_defs();
+    views
+        .into_iter()
+        .map(|(name, rows)| {
+            let def = defs.iter().find(|d| d.name == name).expect("a view");
+            let keep: Vec<usize> = (0..def.schema.fields().len())
+                .filter(|&i| {
+                    !matches!(
+                        def.schema.field(i).name().as_str(),
+                        "since" | "oldest_since"
+                    )
+                })
+                .collect();
+            let rows = rows
+                .into_iter()
+                .map(|(k, r)| (k, keep.iter().map(|&i| r[i].clone()).collect()))
+                .collect();
+            (name, rows)
+        })
+        .collect()
+}
