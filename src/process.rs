@@ -134,10 +134,13 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         .processors
         .as_ref()
         .expect("processor_config checked it");
-    if pcfg.instances == crate::config::Instances::Group {
-        return start_member(cfg, pc).await;
+    let group = pcfg.instances == crate::config::Instances::Group;
+    // Members of a group share the group's lock; a single instance holds it alone, so the two
+    // modes never fold the same group at once.
+    let lock = lock_group(&pc, group)?;
+    if group {
+        return start_member(cfg, pc, lock).await;
     }
-    let lock = lock_group(&pc)?;
 
     let mut slots = Vec::new();
     for s in &pcfg.sinks {
@@ -234,7 +237,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
 
 /// `processors.instances: group`: joins the group and folds the units it is given (no view
 /// sinks in this mode; the config refuses them).
-async fn start_member(cfg: &Config, pc: transforms::ProcessorConfig) -> anyhow::Result<Process> {
+async fn start_member(
+    cfg: &Config,
+    pc: transforms::ProcessorConfig,
+    lock: std::fs::File,
+) -> anyhow::Result<Process> {
     let member = transforms::group::join(pc.clone())
         .with_context(|| format!("joining the processors' consumer group {}", pc.group_id))?;
     let catalog = member.catalog.clone();
@@ -246,7 +253,7 @@ async fn start_member(cfg: &Config, pc: transforms::ProcessorConfig) -> anyhow::
         stopper: member.stopper(),
         running: Runner::Group(member),
         driver: None,
-        _lock: None,
+        _lock: Some(lock),
         _sql: sql,
         _metrics: metrics,
     })
@@ -517,7 +524,7 @@ async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result
 
 /// One processor per group: two would write the same checkpoint and the same sinks. The lock
 /// is the kernel's (`flock`), so it goes with the process however it ends.
-fn lock_group(pc: &transforms::ProcessorConfig) -> anyhow::Result<std::fs::File> {
+fn lock_group(pc: &transforms::ProcessorConfig, member: bool) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(&pc.checkpoint_dir)
         .with_context(|| format!("creating {}", pc.checkpoint_dir.display()))?;
@@ -529,10 +536,19 @@ fn lock_group(pc: &transforms::ProcessorConfig) -> anyhow::Result<std::fs::File>
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a descriptor this function owns; no memory is passed.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let how = if member { libc::LOCK_SH } else { libc::LOCK_EX };
+    let r = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
+    if r != 0 && member {
+        bail!(
+            "a walbridge process with processors.instances: single runs the processors of group {} (it holds {}); \
+             stop it before starting members of the group",
+            pc.group_id,
+            path.display()
+        );
+    }
     if r != 0 {
         bail!(
-            "another walbridge process already runs the processors of group {} (it holds {}); \
+            "another walbridge process already runs the processors of group {} (it holds {}; with processors.instances: group, every member does); \
              with processors.instances: single one instance runs per group: stop the other one, give this one its own group_id and checkpoint_dir, \
              or set processors.instances: group to share the partitions",
             pc.group_id,

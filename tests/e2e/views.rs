@@ -843,6 +843,20 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         "the first member started all four units",
     )
     .await;
+    // A one-instance process for the same group would fold the same units: refused.
+    let single = db.dir.join("single-in-group.yaml");
+    std::fs::write(
+        &single,
+        std::fs::read_to_string(&a_path)
+            .unwrap()
+            .replace("instances: group", "instances: single"),
+    )
+    .unwrap();
+    let err = process_refused(&single, "a single instance beside the group's members");
+    assert!(
+        err.contains("with processors.instances: group, every member does"),
+        "{err}"
+    );
     workload(&db, 11, 300, 2000.0).await;
 
     // B joins: the group rebalances, A stops its units with a final checkpoint, B gets some.

@@ -193,6 +193,9 @@ pub fn join(config: ProcessorConfig) -> Result<Member, ProcessError> {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false")
+        // A member started before the pipeline created the topics finds them within
+        // seconds, not at librdkafka's default refresh of five minutes.
+        .set("topic.metadata.refresh.interval.ms", "2000")
         .create_with_context(MemberContext {
             units: units.clone(),
         })
@@ -268,9 +271,20 @@ impl rdkafka::ClientContext for MemberContext {}
 
 impl ConsumerContext for MemberContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let mut u = lock(&self.units);
-            let gone = u.units_of(tpl);
+        let mut u = lock(&self.units);
+        let gone = match rebalance {
+            Rebalance::Revoke(tpl) => u.units_of(tpl),
+            // librdkafka unassigns everything after a rebalance error: so does the member.
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error; stopping every unit");
+                u.running.keys().copied().collect()
+            }
+            Rebalance::Assign(_) => BTreeSet::new(),
+        };
+        if matches!(rebalance, Rebalance::Error(_)) {
+            u.wanted.clear();
+        }
+        if !gone.is_empty() {
             tracing::info!(units = ?gone.iter().map(Unit::name).collect::<Vec<_>>(), "units revoked; stopping them with a final checkpoint");
             for unit in gone {
                 u.wanted.remove(&unit);
@@ -286,6 +300,17 @@ impl ConsumerContext for MemberContext {
             }
             let mut u = lock(&self.units);
             u.wanted = u.units_of(tpl);
+            // A unit kept from before without a revocation (none under the eager protocol,
+            // but never fold what the group gave someone else).
+            let stale: Vec<Unit> = u
+                .running
+                .keys()
+                .filter(|k| !u.wanted.contains(k))
+                .copied()
+                .collect();
+            for unit in stale {
+                u.stop_unit(unit);
+            }
             tracing::info!(units = ?u.wanted.iter().map(Unit::name).collect::<Vec<_>>(), "units assigned");
         }
     }
@@ -375,6 +400,16 @@ impl Units {
                 self.failed.get_or_insert(e);
             }
             self.catalog.withdraw(&unit.source());
+            // The positions of partitions another member folds now are not this one's lag.
+            forget_positions(
+                &mut self
+                    .stats
+                    .positions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+                &self.base.topic_prefix,
+                unit,
+            );
             tracing::info!(unit = %unit.name(), "unit stopped");
             // The lock goes only now, after the final checkpoint is on disk.
             drop(file);
@@ -408,6 +443,16 @@ impl Units {
         self.wanted.clear();
         self.failed.take().map_or(Ok(()), Err)
     }
+}
+
+/// Drops the positions of the partitions `unit` reads from `positions`.
+fn forget_positions(positions: &mut crate::view::Offsets, topic_prefix: &str, unit: Unit) {
+    let prefix = format!("{topic_prefix}.");
+    positions.0.retain(|(topic, p), _| {
+        !topic
+            .strip_prefix(&prefix)
+            .is_some_and(|t| unit.reads(t) && unit.reads_partition(*p))
+    });
 }
 
 /// The unit's lock file, held while a processor of this instance folds it; `None` while
@@ -480,6 +525,24 @@ mod tests {
                 "{t}"
             );
         }
+    }
+
+    #[test]
+    fn a_member_forgets_the_positions_of_a_unit_it_gave_away() {
+        let mut o = crate::view::Offsets::default();
+        for (t, p) in [
+            ("t.wms.stock_levels", 0),
+            ("t.wms.stock_levels", 1),
+            ("t.oms.products", 1),
+            ("t.oms.orders", 1),
+        ] {
+            o.0.insert((t.to_owned(), p), 10);
+        }
+        forget_positions(&mut o, "t", Unit::Skus(1));
+        let left: Vec<_> = o.0.keys().map(|(t, p)| format!("{t}-{p}")).collect();
+        assert_eq!(left, ["t.oms.orders-1", "t.wms.stock_levels-0"]);
+        forget_positions(&mut o, "t", Unit::Customers);
+        assert_eq!(o.0.len(), 1);
     }
 
     #[test]
