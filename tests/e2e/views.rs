@@ -313,7 +313,11 @@ fn canon_rows(batches: &[datafusion::arrow::array::RecordBatch], key: &[usize]) 
 
 /// Every view as the final checkpoint holds it (which `check` proved equal to SQL).
 fn checkpoint_views(cfg: &walbridge::config::Config) -> BTreeMap<String, ViewRows> {
-    let state = transforms::runtime::load_checkpoint(&cfg.processor_config().unwrap()).unwrap();
+    state_views(&transforms::runtime::load_checkpoint(&cfg.processor_config().unwrap()).unwrap())
+}
+
+/// Every view of a processor state, canonical.
+fn state_views(state: &transforms::state::State) -> BTreeMap<String, ViewRows> {
     state
         .views()
         .iter()
@@ -803,17 +807,7 @@ async fn wait_log(path: &Path, needle: &str, more_than: usize, what: &str) {
 
 /// Every view of a group's shards, merged, as their final checkpoints hold them.
 fn group_views(cfg: &walbridge::config::Config) -> BTreeMap<String, ViewRows> {
-    let state = transforms::runtime::load_merged(&cfg.processor_config().unwrap()).unwrap();
-    state
-        .views()
-        .iter()
-        .map(|v| {
-            (
-                v.def.name.clone(),
-                canon_rows(&v.batches().unwrap(), &v.def.key),
-            )
-        })
-        .collect()
+    state_views(&transforms::runtime::load_merged(&cfg.processor_config().unwrap()).unwrap())
 }
 
 /// Two instances in one consumer group (scale-out, stock side): one joins mid-stream and

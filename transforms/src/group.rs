@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 
-use crate::runtime::{ProcessError, ProcessorConfig, ProcessorStats, Running, run_into};
+use crate::runtime::{ProcessError, ProcessorConfig, ProcessorStats, Running, Worker, run_into};
 use crate::view::Catalog;
 
 /// The tables routed by SKU whose partition *i* make up unit `skus-<i>`.
@@ -139,8 +139,7 @@ pub struct Member {
     /// where it left them).
     pub stats: Arc<ProcessorStats>,
     units: Arc<Mutex<Units>>,
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(), ProcessError>>,
+    worker: Worker,
 }
 
 impl Member {
@@ -151,21 +150,16 @@ impl Member {
 
     /// Stops every unit (final epochs and checkpoints) and leaves the group.
     pub async fn stop(self) -> Result<(), ProcessError> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.join().await
+        self.worker.stop().await
     }
 
     /// Waits until the member ends (only an error, or [`Member::stop`], ends it).
     pub async fn join(self) -> Result<(), ProcessError> {
-        let t = self.thread;
-        tokio::task::spawn_blocking(move || t.join())
-            .await
-            .map_err(|_| ProcessError::Panicked)?
-            .map_err(|_| ProcessError::Panicked)?
+        self.worker.join().await
     }
 
     pub fn stopper(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
+        self.worker.stop.clone()
     }
 }
 
@@ -227,8 +221,7 @@ pub fn join(config: ProcessorConfig) -> Result<Member, ProcessError> {
         catalog,
         stats,
         units,
-        stop,
-        thread,
+        worker: Worker { stop, thread },
     })
 }
 

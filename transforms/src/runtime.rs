@@ -284,39 +284,57 @@ pub struct Running {
     pub stats: Arc<ProcessorStats>,
     /// Every epoch, in order. Drain it (a full channel pauses the processor) or drop it.
     pub epochs: mpsc::Receiver<Epoch>,
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(), ProcessError>>,
+    worker: Worker,
 }
 
 impl Running {
     /// Stops at the next poll, closing the epoch and writing a final checkpoint.
     pub async fn stop(self) -> Result<(), ProcessError> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.join().await
+        self.worker.stop().await
     }
 
     /// Waits for the processor to end (only an error ends it without [`Running::stop`]).
     pub async fn join(self) -> Result<(), ProcessError> {
+        self.worker.join().await
+    }
+
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.worker.stop.clone()
+    }
+
+    /// [`Running::stop`] from a thread outside the async runtime.
+    pub fn stop_blocking(self) -> Result<(), ProcessError> {
+        self.worker.stop.store(true, Ordering::SeqCst);
+        self.worker
+            .thread
+            .join()
+            .map_err(|_| ProcessError::Panicked)?
+    }
+
+    /// True once the processor thread ended (an error, or a stop).
+    pub fn finished(&self) -> bool {
+        self.worker.thread.is_finished()
+    }
+}
+
+/// A thread that runs until its stop flag is set or it fails.
+pub(crate) struct Worker {
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) thread: std::thread::JoinHandle<Result<(), ProcessError>>,
+}
+
+impl Worker {
+    pub(crate) async fn stop(self) -> Result<(), ProcessError> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.join().await
+    }
+
+    pub(crate) async fn join(self) -> Result<(), ProcessError> {
         let t = self.thread;
         tokio::task::spawn_blocking(move || t.join())
             .await
             .map_err(|_| ProcessError::Panicked)?
             .map_err(|_| ProcessError::Panicked)?
-    }
-
-    pub fn stopper(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
-    /// [`Running::stop`] from a thread outside the async runtime.
-    pub fn stop_blocking(self) -> Result<(), ProcessError> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().map_err(|_| ProcessError::Panicked)?
-    }
-
-    /// True once the processor thread ended (an error, or a stop).
-    pub fn finished(&self) -> bool {
-        self.thread.is_finished()
     }
 }
 
@@ -392,8 +410,7 @@ pub fn run_into(
         restored,
         stats,
         epochs: rx,
-        stop,
-        thread,
+        worker: Worker { stop, thread },
     })
 }
 
