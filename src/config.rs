@@ -1562,14 +1562,18 @@ impl Validator<'_> {
             }
         };
         if instances == Instances::Group
-            && !sinks.is_empty()
             && let Some(i) = &raw.instances
+            && let Some(ViewSinkConfig::Parquet { name, .. }) = sinks
+                .iter()
+                .find(|s| matches!(s, ViewSinkConfig::Parquet { .. }))
         {
             self.error(
                 &i.referenced,
                 "processors.instances",
-                "view sinks do not run with instances that share the partitions yet (each shard would need positions of its own in every sink); \
-                 remove processors.sinks, or set processors.instances: single",
+                format!(
+                    "parquet view sink {name} does not run with instances that share the partitions yet (the shards would replace one another's offsets file); \
+                     remove it, or set processors.instances: single"
+                ),
             );
             return None;
         }
@@ -2678,7 +2682,7 @@ registry:
     }
 
     #[test]
-    fn instances_that_share_partitions_need_the_sku_routing_and_no_sinks() {
+    fn instances_that_share_partitions_need_the_sku_routing_and_no_parquet_sink() {
         let demo = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml"),
         )
@@ -2692,18 +2696,20 @@ registry:
         let errs = errors_of(&group);
         let messages: Vec<String> = errs.errors.iter().map(|e| format!("{e}")).collect();
         assert!(
-            messages
-                .iter()
-                .any(|m| m.contains("processors.instances: view sinks do not run")),
+            messages.iter().any(|m| m.contains(
+                "processors.instances: parquet view sink lake does not run with instances that share the partitions yet"
+            )),
             "{errs}"
         );
         let mut routed = group.replace(
             "    oms.inventory_cache: [sku]\n",
             "    oms.inventory_cache: [sku]\n    oms.order_lines: [sku]\n",
         );
-        // The sinks are the demo config's last lines.
-        let sinks = routed.find("  sinks:\n").expect("the demo has sinks");
-        routed.truncate(sinks);
+        // The Parquet sink is the demo config's last lines; Kafka and Postgres sinks may stay.
+        let lake = routed
+            .find("    # Parquet changelog files")
+            .expect("the demo has a lake");
+        routed.truncate(lake);
         let errs = errors_of(&routed.replace("    oms.order_lines: [sku]\n", ""));
         assert_eq!(errs.errors.len(), 1, "{errs}");
         assert_eq!(errs.errors[0].path, "processors.instances");

@@ -7,6 +7,11 @@
 //! never checkpoints past that. Together with the replay cuts at the sinks' positions this is
 //! what keeps each sink exact after `kill -9` (the argument is in the runtime's module doc).
 //!
+//! With `processors.instances: group` every unit a member folds has this whole arrangement of
+//! its own ([`start_fed`]): its processor, its sinks opened at their stored offsets of the
+//! unit's partitions, its task and gate (see `transforms::group` for why the shards' writes do
+//! not collide).
+//!
 //! Where a sink's position comes from: Postgres and Parquet sinks store their offsets with
 //! their data. The Kafka sink cannot, so after each epoch it stored this task writes its
 //! position to `<checkpoint_dir>/<group_id>.sink.<name>.json` (temp file, fsync, rename). The
@@ -142,20 +147,57 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         return start_member(cfg, pc, lock).await;
     }
 
+    let fed = start_fed(cfg, &pc, Catalog::new(), Arc::default()).await?;
+    let running = fed.running;
+    let stopper = running.stopper();
+    let catalog = running.catalog.clone();
+    let metrics = serve_metrics(cfg, running.stats.clone(), fed.gate.clone()).await?;
+    let sql = serve_sql(cfg, &catalog).await?;
+    Ok(Process {
+        catalog,
+        sql_addr: sql.as_ref().map(|s| s.local_addr()),
+        stopper,
+        running: Runner::One(running),
+        driver: fed.driver,
+        _lock: Some(lock),
+        _sql: sql,
+        _metrics: metrics,
+    })
+}
+
+/// One processor (over everything, or one unit of a group) and the view sinks it feeds.
+struct Fed {
+    running: transforms::Running,
+    driver: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    gate: Arc<SinkGate>,
+}
+
+/// Opens the configured sinks, starts the processor of `pc`'s unit at their positions (of the
+/// unit's partitions) and the task that hands them its epochs.
+async fn start_fed(
+    cfg: &Config,
+    pc: &transforms::ProcessorConfig,
+    catalog: Arc<Catalog>,
+    stats: Arc<transforms::ProcessorStats>,
+) -> anyhow::Result<Fed> {
+    let pcfg = cfg.processors.as_ref().expect("processors configured");
     let mut slots = Vec::new();
     for s in &pcfg.sinks {
         let sink = open_sink(cfg, s).await?;
         let marker = sink
             .committed_offsets()
             .is_none()
-            .then(|| marker_path(&pc, s.name()));
+            .then(|| marker_path(pc, s.name()));
         let position = match (sink.committed_offsets(), &marker) {
             (Some(o), _) => o.clone(),
             (None, Some(m)) => read_marker(m)?,
             (None, None) => Offsets::default(),
         };
+        // A sink stores the offsets of every unit of a group; this processor is one of them.
+        let position = transforms::group::share_of(&position, &pc.topic_prefix, pc.unit);
         tracing::info!(
             sink = s.name(),
+            unit = %pc.unit.name(),
             partitions = position.0.len(),
             "view sink opened"
         );
@@ -182,7 +224,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         positions: slots.iter().map(|s| s.position.clone()).collect(),
         gate: gate.clone(),
     });
-    let mut running = transforms::run_with(pc.clone(), feed)?;
+    let mut running = transforms::runtime::run_into(pc.clone(), feed, catalog, stats)?;
     let stopper = running.stopper();
     let catalog = running.catalog.clone();
     let epochs = std::mem::replace(&mut running.epochs, mpsc::channel(1).1);
@@ -193,7 +235,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
         if running.restored.0.is_empty() || slot.position.covers(&running.restored) {
             first.push(None);
         } else if slot.position.0.is_empty() {
-            first.push(Some(full_epoch(&catalog, &running.restored)?));
+            first.push(Some(full_epoch(
+                &catalog,
+                &pc.unit.source(),
+                &running.restored,
+            )?));
         } else {
             // Nobody will drive the sinks: the processor must not wait for them on its way out.
             gate.fail("the processors stopped at start: a view sink was refused".into());
@@ -205,7 +251,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
                  ({}), or move the checkpoint away to rebuild every view and sink from the topics",
                 slot.cfg.name(),
                 pc.checkpoint_path().display(),
-                how_to_empty(&slot.cfg, &pc)
+                how_to_empty(&slot.cfg, pc)
             );
         }
     }
@@ -220,29 +266,38 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Process> {
             r
         })
     });
-
-    let metrics = serve_metrics(cfg, running.stats.clone(), gate.clone()).await?;
-    let sql = serve_sql(cfg, &catalog).await?;
-    Ok(Process {
-        catalog,
-        sql_addr: sql.as_ref().map(|s| s.local_addr()),
-        stopper,
-        running: Runner::One(running),
+    Ok(Fed {
+        running,
         driver,
-        _lock: Some(lock),
-        _sql: sql,
-        _metrics: metrics,
+        gate,
     })
 }
 
-/// `processors.instances: group`: joins the group and folds the units it is given (no view
-/// sinks in this mode; the config refuses them).
+/// `processors.instances: group`: joins the group and folds the units it is given, each unit
+/// feeding the view sinks with its share (the config refuses Parquet sinks in this mode).
 async fn start_member(
     cfg: &Config,
     pc: transforms::ProcessorConfig,
     lock: std::fs::File,
 ) -> anyhow::Result<Process> {
-    let member = transforms::group::join(pc.clone())
+    // Each unit's processor gets the configured sinks of its own (their driving task ends
+    // with the processor's epochs).
+    let start: Option<transforms::group::StartUnit> =
+        (!cfg.processors.as_ref().is_some_and(|p| p.sinks.is_empty())).then(|| {
+            let cfg = cfg.clone();
+            let handle = tokio::runtime::Handle::current();
+            Arc::new(
+                move |pc: transforms::ProcessorConfig,
+                      catalog: Arc<Catalog>,
+                      stats: Arc<transforms::ProcessorStats>| {
+                    handle
+                        .block_on(start_fed(&cfg, &pc, catalog, stats))
+                        .map(|fed| fed.running)
+                        .map_err(|e| transforms::ProcessError::Sink(format!("{e:#}")))
+                },
+            ) as transforms::group::StartUnit
+        });
+    let member = transforms::group::join(pc.clone(), start)
         .with_context(|| format!("joining the processors' consumer group {}", pc.group_id))?;
     let catalog = member.catalog.clone();
     let metrics = serve_metrics(cfg, member.stats.clone(), Arc::new(SinkGate::default())).await?;
@@ -366,11 +421,11 @@ fn how_to_empty(s: &ViewSinkConfig, pc: &transforms::ProcessorConfig) -> String 
 }
 
 /// Every row of every view at the restored checkpoint, as one epoch of upserts.
-fn full_epoch(catalog: &Catalog, at: &Offsets) -> anyhow::Result<Epoch> {
+fn full_epoch(catalog: &Catalog, source: &str, at: &Offsets) -> anyhow::Result<Epoch> {
     let mut changes = Vec::new();
     let mut number = 0;
     for def in catalog.views() {
-        let Some(snap) = catalog.snapshot(&def.name) else {
+        let Some(snap) = catalog.snapshot_from(source, &def.name) else {
             continue;
         };
         number = number.max(snap.epoch);
@@ -559,8 +614,11 @@ fn lock_group(pc: &transforms::ProcessorConfig, member: bool) -> anyhow::Result<
 }
 
 fn marker_path(pc: &transforms::ProcessorConfig, sink: &str) -> PathBuf {
-    pc.checkpoint_dir
-        .join(format!("{}.sink.{sink}.json", pc.group_id))
+    let name = match pc.unit {
+        transforms::group::Unit::All => format!("{}.sink.{sink}.json", pc.group_id),
+        u => format!("{}.{}.sink.{sink}.json", pc.group_id, u.name()),
+    };
+    pc.checkpoint_dir.join(name)
 }
 
 fn read_marker(path: &std::path::Path) -> anyhow::Result<Offsets> {

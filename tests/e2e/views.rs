@@ -771,12 +771,18 @@ async fn a_checkpoint_inside_the_last_record_batch_reads_the_rest_of_it() {
 }
 
 /// `processors:` for instances that share the partitions (`instances: group`), with an SQL
-/// endpoint on `sql_port`.
-fn group_config(db: &TestDb, name: &str, sql_port: u16) -> (PathBuf, walbridge::config::Config) {
+/// endpoint on `sql_port`, a read model at `rm_dsn` and view topics `<prefix>gvt.view.*`.
+fn group_config(
+    db: &TestDb,
+    name: &str,
+    sql_port: u16,
+    rm_dsn: &str,
+) -> (PathBuf, walbridge::config::Config) {
     let yaml = db.config_yaml()
         + &format!(
-            "processors:\n  group_id: views_group\n  instances: group\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 200\n  sql: {{ listen: \"127.0.0.1:{sql_port}\", user: analyst, password: pw }}\n  safety_stock:\n    default: 1\n    categories: {{ apparel: 3, home: 2 }}\n    skus: {{ SKU-000001: 100000 }}\n",
-            db.dir.join("processors-group").display()
+            "processors:\n  group_id: views_group\n  instances: group\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 200\n  sql: {{ listen: \"127.0.0.1:{sql_port}\", user: analyst, password: pw }}\n  safety_stock:\n    default: 1\n    categories: {{ apparel: 3, home: 2 }}\n    skus: {{ SKU-000001: 100000 }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_group_rm }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}gvt }}\n",
+            db.dir.join("processors-group").display(),
+            db.name
         );
     let path = db.dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
@@ -823,9 +829,14 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         .await;
     db.kafka_extra = "  partition_by:\n    oms.products: [sku]\n    oms.order_lines: [sku]\n    oms.inventory_cache: [sku]\n    wms.stock_levels: [sku]\n".into();
     let (one_path, one_cfg) = config(&db, 200);
+    let rm_db = format!("{}_rm", db.name);
+    db.exec(&[&format!("CREATE DATABASE {rm_db}")]).await;
+    let rm_dsn = db
+        .dsn
+        .replace(&format!("dbname={}", db.name), &format!("dbname={rm_db}"));
     let sql_port = walbridge::stack::free_port();
-    let (a_path, group_cfg) = group_config(&db, "member-a", sql_port);
-    let (b_path, _) = group_config(&db, "member-b", walbridge::stack::free_port());
+    let (a_path, group_cfg) = group_config(&db, "member-a", sql_port, &rm_dsn);
+    let (b_path, _) = group_config(&db, "member-b", walbridge::stack::free_port(), &rm_dsn);
     let mut wb = db.start().await;
     let one = Processor::start(&one_path, &db.dir.join("one.log"));
     let (a_log, b_log) = (db.dir.join("member-a.log"), db.dir.join("member-b.log"));
@@ -934,8 +945,37 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     assert_views_equal(
         "two instances in one group",
         &without_event_times(group_views(&group_cfg)),
-        &without_event_times(want),
+        &without_event_times(want.clone()),
     );
+
+    // The sinks every unit fed, whichever member ran it: the read model holds the views of one
+    // instance, with the summary as one row per shard that adds up to the whole.
+    let mut rm = without_event_times(postgres_sink_views(&rm_dsn, "views_group_rm").await);
+    let parts = rm.remove("reconciliation_summary").unwrap();
+    let mut whole = without_event_times(want);
+    let want_summary = whole.remove("reconciliation_summary").unwrap();
+    assert_views_equal("the group's read model", &rm, &whole);
+    let scopes: Vec<&String> = parts.keys().map(|k| &k[0]).collect();
+    assert_eq!(
+        scopes,
+        ["customers", "skus-0", "skus-1", "skus-2"],
+        "a summary row per shard"
+    );
+    let sums: Vec<String> = (1..6)
+        .map(|c| {
+            parts
+                .values()
+                .map(|r| r[c].parse::<i64>().unwrap())
+                .sum::<i64>()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(sums, want_summary.values().next().unwrap()[1..6]);
+    // The view topics: the latest record per key is every row of the view, tombstones applied.
+    for (view, rows) in &whole {
+        let keys = kafka_sink_keys(&db.brokers, &format!("{}gvt", db.name), view);
+        assert_eq!(keys.len(), rows.len(), "view topic {view}");
+    }
     wb.stop();
 }
 

@@ -42,9 +42,18 @@
 //! another member; a Kafka broker does so after `session.timeout.ms`.)
 //!
 //! The checkpoint directory must be one every instance sees (a shared volume when they run on
-//! several machines) and `flock` must work on it. View sinks are not run in this mode yet:
-//! each unit would need its own stored positions and the summary's parts would overwrite one
-//! another in a sink.
+//! several machines) and `flock` must work on it.
+//!
+//! # View sinks
+//!
+//! Each unit's processor feeds the configured sinks itself ([`StartUnit`]), with the same
+//! exactness argument as one processor (see [`crate::runtime`]), restricted to its partitions:
+//! a sink's stored offsets cover every unit of the group, and a unit compares only its own
+//! share of them ([`share_of`]) with its checkpoint. Units hold disjoint keys, so their
+//! upserts and deletes never touch one another's rows; the summary is the exception, so each
+//! unit's summary row is keyed by the unit's name (`scope`), and a reader adds the rows up
+//! (the SQL endpoint does it for the units of its instance). Parquet sinks keep one offsets file
+//! per directory, which the units would overwrite, so they are refused in this mode.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -110,6 +119,15 @@ impl Unit {
         }
     }
 
+    /// The key of the unit's `reconciliation_summary` row: `all` for the one processor over
+    /// everything, else the unit's name (each shard summarises its own diffs).
+    pub fn summary_scope(&self) -> String {
+        match self {
+            Unit::All => "all".into(),
+            u => u.name(),
+        }
+    }
+
     /// Whether the unit reads table `table` (`schema.table`).
     pub fn reads(&self, table: &str) -> bool {
         match self {
@@ -163,9 +181,32 @@ impl Member {
     }
 }
 
+/// Starts the processor of one unit (its config names the unit), publishing into the member's
+/// catalog and counting into its stats; called on the member's thread, outside the runtime.
+pub type StartUnit = Arc<
+    dyn Fn(ProcessorConfig, Arc<Catalog>, Arc<ProcessorStats>) -> Result<Running, ProcessError>
+        + Send
+        + Sync,
+>;
+
+/// A unit's processor without view sinks: nobody takes its epochs, the views go on.
+fn start_plain(
+    config: ProcessorConfig,
+    catalog: Arc<Catalog>,
+    stats: Arc<ProcessorStats>,
+) -> Result<Running, ProcessError> {
+    let mut running = run_into(config, None, catalog, stats)?;
+    drop(std::mem::replace(
+        &mut running.epochs,
+        tokio::sync::mpsc::channel(1).1,
+    ));
+    Ok(running)
+}
+
 /// Joins the consumer group `config.group_id` and folds the units it is given, until stopped
-/// (call inside a tokio runtime).
-pub fn join(config: ProcessorConfig) -> Result<Member, ProcessError> {
+/// (call inside a tokio runtime). `start` starts a unit's processor (with its view sinks);
+/// `None`: processors without sinks.
+pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member, ProcessError> {
     let catalog = Catalog::new();
     let stats = Arc::new(ProcessorStats::default());
     let units = Arc::new(Mutex::new(Units {
@@ -175,6 +216,7 @@ pub fn join(config: ProcessorConfig) -> Result<Member, ProcessError> {
         catalog: catalog.clone(),
         stats: stats.clone(),
         handle: tokio::runtime::Handle::current(),
+        start: start.unwrap_or_else(|| Arc::new(start_plain)),
         running: BTreeMap::new(),
         wanted: BTreeSet::new(),
         waiting: BTreeMap::new(),
@@ -316,6 +358,7 @@ struct Units {
     catalog: Arc<Catalog>,
     stats: Arc<ProcessorStats>,
     handle: tokio::runtime::Handle,
+    start: StartUnit,
     /// Units folded now, with the lock that makes them this instance's.
     running: BTreeMap<Unit, (Running, std::fs::File)>,
     /// Units the group gave this instance.
@@ -368,13 +411,8 @@ impl Units {
             let mut config = self.base.clone();
             config.unit = unit;
             let _enter = self.handle.enter();
-            match run_into(config, None, self.catalog.clone(), self.stats.clone()) {
-                Ok(mut running) => {
-                    // Nobody here takes epochs (no view sinks in this mode); the views go on.
-                    drop(std::mem::replace(
-                        &mut running.epochs,
-                        tokio::sync::mpsc::channel(1).1,
-                    ));
+            match (self.start)(config, self.catalog.clone(), self.stats.clone()) {
+                Ok(running) => {
                     tracing::info!(unit = %unit.name(), "unit started");
                     self.running.insert(unit, (running, file));
                 }
@@ -436,6 +474,25 @@ impl Units {
         self.wanted.clear();
         self.failed.take().map_or(Ok(()), Err)
     }
+}
+
+/// The positions of the partitions `unit` reads, of `positions` (a view sink's stored offsets
+/// cover every unit of the group; a unit's processor compares its own with them).
+pub fn share_of(
+    positions: &crate::view::Offsets,
+    topic_prefix: &str,
+    unit: Unit,
+) -> crate::view::Offsets {
+    let mut share = positions.clone();
+    if unit != Unit::All {
+        let prefix = format!("{topic_prefix}.");
+        share.0.retain(|(topic, p), _| {
+            topic
+                .strip_prefix(&prefix)
+                .is_some_and(|t| unit.reads(t) && unit.reads_partition(*p))
+        });
+    }
+    share
 }
 
 /// Drops the positions of the partitions `unit` reads from `positions`.
@@ -531,6 +588,10 @@ mod tests {
         ] {
             o.0.insert((t.to_owned(), p), 10);
         }
+        let share = share_of(&o, "t", Unit::Skus(1));
+        let shared: Vec<_> = share.0.keys().map(|(t, p)| format!("{t}-{p}")).collect();
+        assert_eq!(shared, ["t.oms.products-1", "t.wms.stock_levels-1"]);
+        assert_eq!(share_of(&o, "t", Unit::All), o);
         forget_positions(&mut o, "t", Unit::Skus(1));
         let left: Vec<_> = o.0.keys().map(|(t, p)| format!("{t}-{p}")).collect();
         assert_eq!(left, ["t.oms.orders-1", "t.wms.stock_levels-0"]);

@@ -438,10 +438,11 @@ pub fn load_checkpoint(config: &ProcessorConfig) -> Result<State, ProcessError> 
             ),
         });
     }
+    let scope = config.unit.summary_scope();
     let Some(saved) = read_saved(config, &path)? else {
-        return Ok(State::new(config.safety_stock.clone()));
+        return Ok(State::new_as(config.safety_stock.clone(), &scope));
     };
-    let state = State::restore(saved, config.safety_stock.clone())?;
+    let state = State::restore_as(saved, config.safety_stock.clone(), &scope)?;
     tracing::info!(path = %path.display(), epoch = state.epoch, partitions = state.offsets.0.len(), "checkpoint restored");
     Ok(state)
 }

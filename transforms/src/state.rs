@@ -303,6 +303,9 @@ pub struct State {
     /// Changes applied since start or restore.
     pub applied: u64,
     quiet_alerts: bool,
+    /// The key of this state's `reconciliation_summary` row: `all`, or the shard's name when
+    /// it summarises one shard's diffs (see [`merge_summaries`]).
+    scope: String,
 }
 
 impl State {
@@ -337,11 +340,19 @@ impl State {
             max_lsn: 0,
             applied: 0,
             quiet_alerts: false,
+            scope: "all".to_owned(),
         }
     }
 
     pub fn views(&self) -> &[ViewTable] {
         &self.views
+    }
+
+    /// A fresh state for a shard whose summary row is keyed `scope` (`all`: not a shard).
+    pub fn new_as(safety: SafetyStock, scope: &str) -> State {
+        let mut s = State::new(safety);
+        s.scope = scope.to_owned();
+        s
     }
 
     pub fn view(&self, name: &str) -> Option<&ViewTable> {
@@ -749,7 +760,7 @@ impl State {
         }
         if summary_dirty {
             let row = vec![
-                Cell::text("all"),
+                Cell::text(&self.scope),
                 Cell::Int(self.diffs.len() as i64),
                 Cell::Int(self.diff_kinds[DiffKind::MissingInOms as usize]),
                 Cell::Int(self.diff_kinds[DiffKind::MissingInWms as usize]),
@@ -757,8 +768,8 @@ impl State {
                 Cell::Int(self.diff_units),
                 self.diff_since.min().map_or(Cell::Null, |&s| Cell::Ts(s)),
             ];
-            self.view_mut(RECON_SUMMARY)
-                .set(vec![Cell::text("all")], Some(row));
+            let key = vec![row[0].clone()];
+            self.view_mut(RECON_SUMMARY).set(key, Some(row));
         }
         self.finish_customers();
         if self.quiet_alerts {
@@ -1072,7 +1083,13 @@ impl State {
     /// The state a checkpoint describes, with every view built (no alerts: they were raised
     /// before the checkpoint was taken).
     pub fn restore(saved: Saved, safety: SafetyStock) -> Result<State, ArrowError> {
+        Self::restore_as(saved, safety, "all")
+    }
+
+    /// [`State::restore`] for a shard whose summary row is keyed `scope`.
+    pub fn restore_as(saved: Saved, safety: SafetyStock, scope: &str) -> Result<State, ArrowError> {
         let mut s = State::new(safety);
+        s.scope = scope.to_owned();
         let ev = |change| Event {
             change,
             lsn: 0,

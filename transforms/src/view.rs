@@ -146,6 +146,12 @@ impl Catalog {
             .and_then(|(_, s)| s.values().next().cloned())
     }
 
+    /// The latest snapshot `source` published of a view.
+    pub fn snapshot_from(&self, source: &str, view: &str) -> Option<Arc<Snapshot>> {
+        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
+        views.get(view).and_then(|(_, s)| s.get(source).cloned())
+    }
+
     /// The latest snapshot of a view from every source.
     pub fn snapshots(&self, view: &str) -> Vec<Arc<Snapshot>> {
         let views = self.views.read().unwrap_or_else(|e| e.into_inner());
