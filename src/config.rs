@@ -1561,22 +1561,6 @@ impl Validator<'_> {
                 }
             }
         };
-        if instances == Instances::Group
-            && let Some(i) = &raw.instances
-            && let Some(ViewSinkConfig::Parquet { name, .. }) = sinks
-                .iter()
-                .find(|s| matches!(s, ViewSinkConfig::Parquet { .. }))
-        {
-            self.error(
-                &i.referenced,
-                "processors.instances",
-                format!(
-                    "parquet view sink {name} does not run with instances that share the partitions yet (the shards would replace one another's offsets file); \
-                     remove it, or set processors.instances: single"
-                ),
-            );
-            return None;
-        }
         ok.then_some(ProcessorsConfig {
             group_id,
             checkpoint_dir,
@@ -2682,7 +2666,7 @@ registry:
     }
 
     #[test]
-    fn instances_that_share_partitions_need_the_sku_routing_and_no_parquet_sink() {
+    fn instances_that_share_partitions_need_the_sku_routing() {
         let demo = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml"),
         )
@@ -2692,24 +2676,11 @@ registry:
             "  group_id: walbridge_views\n  instances: group\n",
         );
         assert_ne!(group, demo);
-        // The demo routes three of the four SKU tables and has sinks: both are refused.
-        let errs = errors_of(&group);
-        let messages: Vec<String> = errs.errors.iter().map(|e| format!("{e}")).collect();
-        assert!(
-            messages.iter().any(|m| m.contains(
-                "processors.instances: parquet view sink lake does not run with instances that share the partitions yet"
-            )),
-            "{errs}"
-        );
-        let mut routed = group.replace(
+        // The demo routes three of the four SKU tables: refused until it routes the fourth.
+        let routed = group.replace(
             "    oms.inventory_cache: [sku]\n",
             "    oms.inventory_cache: [sku]\n    oms.order_lines: [sku]\n",
         );
-        // The Parquet sink is the demo config's last lines; Kafka and Postgres sinks may stay.
-        let lake = routed
-            .find("    # Parquet changelog files")
-            .expect("the demo has a lake");
-        routed.truncate(lake);
         let errs = errors_of(&routed.replace("    oms.order_lines: [sku]\n", ""));
         assert_eq!(errs.errors.len(), 1, "{errs}");
         assert_eq!(errs.errors[0].path, "processors.instances");

@@ -114,6 +114,8 @@ impl Process {
 /// One configured sink and where it stands.
 struct Slot {
     cfg: ViewSinkConfig,
+    /// The share of the views this sink gets (a unit of a group, or all).
+    unit: transforms::group::Unit,
     sink: Box<dyn ViewSink>,
     position: Offsets,
     /// The file keeping the position of a sink that stores none itself.
@@ -183,7 +185,7 @@ async fn start_fed(
     let pcfg = cfg.processors.as_ref().expect("processors configured");
     let mut slots = Vec::new();
     for s in &pcfg.sinks {
-        let sink = open_sink(cfg, s).await?;
+        let sink = open_sink(cfg, s, pc.unit).await?;
         let marker = sink
             .committed_offsets()
             .is_none()
@@ -209,6 +211,7 @@ async fn start_fed(
         };
         slots.push(Slot {
             cfg: s.clone(),
+            unit: pc.unit,
             sink,
             position,
             marker,
@@ -274,7 +277,7 @@ async fn start_fed(
 }
 
 /// `processors.instances: group`: joins the group and folds the units it is given, each unit
-/// feeding the view sinks with its share (the config refuses Parquet sinks in this mode).
+/// feeding the view sinks with its share.
 async fn start_member(
     cfg: &Config,
     pc: transforms::ProcessorConfig,
@@ -361,7 +364,11 @@ async fn serve_sql(
     Ok(sql)
 }
 
-async fn open_sink(cfg: &Config, s: &ViewSinkConfig) -> anyhow::Result<Box<dyn ViewSink>> {
+async fn open_sink(
+    cfg: &Config,
+    s: &ViewSinkConfig,
+    unit: transforms::group::Unit,
+) -> anyhow::Result<Box<dyn ViewSink>> {
     Ok(match s {
         ViewSinkConfig::Kafka { name, topic_prefix } => {
             let mut sink = sinks::views::kafka::KafkaViewSink::new(
@@ -401,8 +408,14 @@ async fn open_sink(cfg: &Config, s: &ViewSinkConfig) -> anyhow::Result<Box<dyn V
             .with_context(|| format!("opening view sink {name} at {}", dsn.redacted()))?,
         ),
         ViewSinkConfig::Parquet { name, dir } => Box::new(
-            sinks::views::parquet::ParquetViewSink::open(name, dir)
-                .with_context(|| format!("opening view sink {name} in {}", dir.display()))?,
+            sinks::views::parquet::ParquetViewSink::open_shard(
+                name,
+                dir,
+                (unit != transforms::group::Unit::All)
+                    .then(|| unit.name())
+                    .as_deref(),
+            )
+            .with_context(|| format!("opening view sink {name} in {}", dir.display()))?,
         ),
     })
 }
@@ -554,7 +567,7 @@ async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(8));
                 attempt += 1;
-                match open_sink(cfg, &slot.cfg).await {
+                match open_sink(cfg, &slot.cfg, slot.unit).await {
                     Ok(s) => slot.sink = s,
                     Err(e) => {
                         tracing::warn!(sink = slot.cfg.name(), error = %format!("{e:#}"), "reopening the view sink failed")
@@ -715,8 +728,11 @@ mod tests {
             dir: dir.clone(),
         };
         let slot = Slot {
-            sink: open_sink(&cfg, &sink_cfg).await.unwrap(),
+            sink: open_sink(&cfg, &sink_cfg, transforms::group::Unit::All)
+                .await
+                .unwrap(),
             cfg: sink_cfg,
+            unit: transforms::group::Unit::All,
             position: Offsets::default(),
             marker: None,
             gather: Duration::from_secs(3600),

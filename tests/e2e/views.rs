@@ -780,9 +780,10 @@ fn group_config(
 ) -> (PathBuf, walbridge::config::Config) {
     let yaml = db.config_yaml()
         + &format!(
-            "processors:\n  group_id: views_group\n  instances: group\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 200\n  sql: {{ listen: \"127.0.0.1:{sql_port}\", user: analyst, password: pw }}\n  safety_stock:\n    default: 1\n    categories: {{ apparel: 3, home: 2 }}\n    skus: {{ SKU-000001: 100000 }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_group_rm }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}gvt }}\n",
+            "processors:\n  group_id: views_group\n  instances: group\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 200\n  sql: {{ listen: \"127.0.0.1:{sql_port}\", user: analyst, password: pw }}\n  safety_stock:\n    default: 1\n    categories: {{ apparel: 3, home: 2 }}\n    skus: {{ SKU-000001: 100000 }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_group_rm }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}gvt }}\n    - {{ kind: parquet, name: lake, dir: \"{}\" }}\n",
             db.dir.join("processors-group").display(),
-            db.name
+            db.name,
+            db.dir.join("group-lake").display()
         );
     let path = db.dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
@@ -948,29 +949,33 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         &without_event_times(want.clone()),
     );
 
-    // The sinks every unit fed, whichever member ran it: the read model holds the views of one
-    // instance, with the summary as one row per shard that adds up to the whole.
-    let mut rm = without_event_times(postgres_sink_views(&rm_dsn, "views_group_rm").await);
-    let parts = rm.remove("reconciliation_summary").unwrap();
+    // The sinks every unit fed, whichever member ran it: the read model and the lake hold the
+    // views of one instance, with the summary as one row per shard that adds up to the whole.
     let mut whole = without_event_times(want);
     let want_summary = whole.remove("reconciliation_summary").unwrap();
-    assert_views_equal("the group's read model", &rm, &whole);
-    let scopes: Vec<&String> = parts.keys().map(|k| &k[0]).collect();
-    assert_eq!(
-        scopes,
-        ["customers", "skus-0", "skus-1", "skus-2"],
-        "a summary row per shard"
-    );
-    let sums: Vec<String> = (1..6)
-        .map(|c| {
-            parts
-                .values()
-                .map(|r| r[c].parse::<i64>().unwrap())
-                .sum::<i64>()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(sums, want_summary.values().next().unwrap()[1..6]);
+    let rm = postgres_sink_views(&rm_dsn, "views_group_rm").await;
+    let lake = parquet_sink_views(&db.dir.join("group-lake"));
+    for (what, views) in [("the group's read model", rm), ("the group's lake", lake)] {
+        let mut views = without_event_times(views);
+        let parts = views.remove("reconciliation_summary").unwrap();
+        assert_views_equal(what, &views, &whole);
+        let scopes: Vec<&String> = parts.keys().map(|k| &k[0]).collect();
+        assert_eq!(
+            scopes,
+            ["customers", "skus-0", "skus-1", "skus-2"],
+            "{what}: a summary row per shard"
+        );
+        let sums: Vec<String> = (1..6)
+            .map(|c| {
+                parts
+                    .values()
+                    .map(|r| r[c].parse::<i64>().unwrap())
+                    .sum::<i64>()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(sums, want_summary.values().next().unwrap()[1..6], "{what}");
+    }
     // The view topics: the latest record per key is every row of the view, tombstones applied.
     for (view, rows) in &whole {
         let keys = kafka_sink_keys(&db.brokers, &format!("{}gvt", db.name), view);

@@ -52,8 +52,8 @@
 //! share of them ([`share_of`]) with its checkpoint. Units hold disjoint keys, so their
 //! upserts and deletes never touch one another's rows; the summary is the exception, so each
 //! unit's summary row is keyed by the unit's name (`scope`), and a reader adds the rows up
-//! (the SQL endpoint does it for the units of its instance). Parquet sinks keep one offsets file
-//! per directory, which the units would overwrite, so they are refused in this mode.
+//! (the SQL endpoint does it for the units of its instance). A Parquet sink keeps an offsets
+//! file and file names per unit in the shared directory (`sinks::views::parquet`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -131,10 +131,11 @@
 //! no transactional producer. So a two-instance test can cover a clean join and leave on tansu,
 //! but not a kill -9 failover.
 //!
-//! Missing today: steps 2, 3 and 6, the rest of 5, and Parquet sinks with `instances: group`
-//! (Kafka and Postgres view sinks run per unit). Until step 6, each member's SQL endpoint serves
+//! Missing today: steps 2, 3 and 6, and the rest of 5 (every view sink runs per unit with
+//! `instances: group`). Until step 6, each member's SQL endpoint serves
 //! the units *it* folds: the whole views when one member holds every unit, a share of them
-//! otherwise; the Postgres read model and the view topics hold the whole views either way.
+//! otherwise; the Postgres read model, the view topics and the lake hold the whole views either
+//! way.
 
 pub mod bench;
 pub mod check;

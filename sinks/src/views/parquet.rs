@@ -20,6 +20,12 @@
 //! written again; its file name comes from its offsets, so it replaces its own file (a duplicate
 //! remains only if the replay happens on a later UTC day; its rows equal the first copy's and
 //! carry the same `_position`, so readers can drop it).
+//!
+//! Shards: processors that share the partitions (`processors.instances: group`) each write
+//! their shard's epochs into the same directory ([`ParquetViewSink::open_shard`]): file names
+//! carry the shard (`part-<shard>-<position>.parquet`) and each shard has its own offsets file
+//! (`_walbridge_offsets.<shard>.json`) and touches only its own temp files. Shards hold disjoint
+//! keys, so replaying each shard's files in name order gives the view.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -44,11 +50,19 @@ pub struct ParquetViewSink {
     name: String,
     dir: PathBuf,
     offsets: Offsets,
+    /// `-<shard>` in file names, or empty.
+    shard: String,
 }
 
 impl ParquetViewSink {
     /// Opens (creating) `dir`, removes temp files a crash left, reads the stored offsets.
     pub fn open(name: &str, dir: &Path) -> Result<Self, ViewSinkError> {
+        Self::open_shard(name, dir, None)
+    }
+
+    /// [`ParquetViewSink::open`] for one shard of the views (see the module doc).
+    pub fn open_shard(name: &str, dir: &Path, shard: Option<&str>) -> Result<Self, ViewSinkError> {
+        let shard = shard.map_or(String::new(), |s| format!("-{s}"));
         let err = |what: &str, path: &Path, e: &dyn std::fmt::Display| ViewSinkError::Parquet {
             sink: name.to_owned(),
             path: path.display().to_string(),
@@ -56,8 +70,8 @@ impl ParquetViewSink {
             reason: e.to_string(),
         };
         fs::create_dir_all(dir).map_err(|e| err("cannot create the directory", dir, &e))?;
-        remove_temp_files(dir);
-        let path = dir.join(OFFSETS_FILE);
+        remove_temp_files(dir, &shard);
+        let path = dir.join(offsets_file(&shard));
         let offsets = match fs::read(&path) {
             Ok(bytes) => parse_offsets(&bytes).map_err(|e| {
                 err(
@@ -74,6 +88,7 @@ impl ParquetViewSink {
             name: name.to_owned(),
             dir: dir.to_owned(),
             offsets,
+            shard,
         })
     }
 
@@ -95,7 +110,7 @@ impl ParquetViewSink {
         let batch = changelog(&self.name, changes, position)?;
         let dir = self.dir.join(&changes.view).join(format!("date={date}"));
         fs::create_dir_all(&dir).map_err(|e| self.err("cannot create the directory", &dir, e))?;
-        let file = format!("part-{position:020}.parquet");
+        let file = format!("part{}-{position:020}.parquet", self.shard);
         let tmp = dir.join(format!(".{file}.tmp"));
         let path = dir.join(&file);
         let props = WriterProperties::builder()
@@ -118,8 +133,9 @@ impl ParquetViewSink {
     }
 
     fn store_offsets(&self, offsets: &Offsets) -> Result<(), ViewSinkError> {
-        let path = self.dir.join(OFFSETS_FILE);
-        let tmp = self.dir.join(format!(".{OFFSETS_FILE}.tmp"));
+        let file = offsets_file(&self.shard);
+        let path = self.dir.join(&file);
+        let tmp = self.dir.join(format!(".{file}.tmp"));
         let json = serde_json::Value::Array(
             offsets
                 .0
@@ -203,17 +219,32 @@ fn parse_offsets(bytes: &[u8]) -> Result<Offsets, String> {
 }
 
 /// Temp files a crash left (never visible as data: readers skip dot files, and they go here).
-fn remove_temp_files(dir: &Path) {
+/// `_walbridge_offsets.json`, or `_walbridge_offsets.<shard>.json` (`shard` = `-<shard>`).
+fn offsets_file(shard: &str) -> String {
+    match shard.strip_prefix('-') {
+        Some(s) => format!("_walbridge_offsets.{s}.json"),
+        None => OFFSETS_FILE.to_owned(),
+    }
+}
+
+/// Removes the temp files a crash left: every one, or only `shard`'s (the other shards may be
+/// writing theirs right now).
+fn remove_temp_files(dir: &Path, shard: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
+    };
+    let own = |name: &str| {
+        shard.is_empty()
+            || name.starts_with(&format!(".part{shard}-"))
+            || name == format!(".{}.tmp", offsets_file(shard))
     };
     for e in entries.flatten() {
         let path = e.path();
         let name = e.file_name();
         let name = name.to_string_lossy();
         if path.is_dir() {
-            remove_temp_files(&path);
-        } else if name.starts_with('.') && name.ends_with(".tmp") {
+            remove_temp_files(&path, shard);
+        } else if name.starts_with('.') && name.ends_with(".tmp") && own(&name) {
             let _ = fs::remove_file(&path);
         }
     }
@@ -276,6 +307,49 @@ impl ViewSink for ParquetViewSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn shards_in_one_directory_keep_their_own_offsets_and_temp_files() {
+        let dir =
+            std::env::temp_dir().join(format!("walbridge-lake-shards-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let epoch = |p: i32, next: i64| Epoch {
+            number: 1,
+            offsets: Offsets([(("t".to_owned(), p), next)].into_iter().collect()),
+            changes: Vec::new(),
+        };
+        let mut a = ParquetViewSink::open_shard("lake", &dir, Some("skus-0")).unwrap();
+        let mut b = ParquetViewSink::open_shard("lake", &dir, Some("skus-1")).unwrap();
+        assert!(matches!(
+            a.write(&epoch(0, 5)).await.unwrap(),
+            Written::Stored
+        ));
+        assert!(matches!(
+            b.write(&epoch(1, 7)).await.unwrap(),
+            Written::Stored
+        ));
+        // A write of shard 1 in flight while shard 0 reopens: not shard 0's to remove.
+        let theirs = dir.join(".part-skus-1-00000000000000000007.parquet.tmp");
+        fs::write(&theirs, b"partial").unwrap();
+        let a = ParquetViewSink::open_shard("lake", &dir, Some("skus-0")).unwrap();
+        assert_eq!(
+            a.committed_offsets().unwrap().0.keys().collect::<Vec<_>>(),
+            [&("t".to_owned(), 0)],
+            "each shard reads back only its own offsets"
+        );
+        assert!(theirs.exists());
+        let b = ParquetViewSink::open_shard("lake", &dir, Some("skus-1")).unwrap();
+        assert!(!theirs.exists(), "a shard's own leftovers go on its reopen");
+        assert_eq!(
+            b.committed_offsets()
+                .unwrap()
+                .0
+                .values()
+                .collect::<Vec<_>>(),
+            [&7]
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn utc_dates() {
