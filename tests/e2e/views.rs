@@ -791,6 +791,44 @@ fn group_config(
     (path, cfg)
 }
 
+/// Moves orders to a customer in another partition and back: some within one transaction,
+/// some in two, some only away.
+async fn move_orders(db: &TestDb) {
+    let part = |c: i64| sinks::kafka::partition_for(c.to_string().as_bytes(), 3);
+    let rows = db
+        .client
+        .query(
+            "SELECT id, customer_id FROM oms.orders ORDER BY id LIMIT 9",
+            &[],
+        )
+        .await
+        .unwrap();
+    let customers: Vec<i64> = db
+        .client
+        .query("SELECT id FROM oms.customers ORDER BY id LIMIT 500", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(rows.len() == 9 && !customers.is_empty());
+    for (n, r) in rows.iter().enumerate() {
+        let (order, from): (i64, i64) = (r.get(0), r.get(1));
+        let to = *customers
+            .iter()
+            .find(|c| part(**c) != part(from))
+            .expect("a customer in another partition");
+        let away = format!("UPDATE oms.orders SET customer_id = {to} WHERE id = {order}");
+        let back = format!("UPDATE oms.orders SET customer_id = {from} WHERE id = {order}");
+        let sql = match n % 3 {
+            0 => format!("BEGIN; {away}; {back}; COMMIT"),
+            1 => format!("{away}; {back}"),
+            _ => away,
+        };
+        db.client.batch_execute(&sql).await.unwrap();
+    }
+}
+
 /// How many lines of the log at `path` contain `needle`.
 fn log_count(path: &Path, needle: &str) -> usize {
     std::fs::read_to_string(path)
@@ -826,9 +864,14 @@ fn group_views(cfg: &walbridge::config::Config) -> BTreeMap<String, ViewRows> {
 async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     let mut db = TestDb::new("views_group").await;
     db.snapshot = "initial";
-    db.exec(&["ALTER TABLE oms.order_lines REPLICA IDENTITY FULL"])
-        .await;
-    db.kafka_extra = "  partition_by:\n    oms.products: [sku]\n    oms.order_lines: [sku]\n    oms.inventory_cache: [sku]\n    wms.stock_levels: [sku]\n".into();
+    db.exec(&[
+        "ALTER TABLE oms.order_lines REPLICA IDENTITY FULL",
+        "ALTER TABLE oms.orders REPLICA IDENTITY FULL",
+    ])
+    .await;
+    // Orders by customer too: an order whose customer changes moves between partitions, and
+    // the fold puts its changes back in source order.
+    db.kafka_extra = "  partition_by:\n    oms.products: [sku]\n    oms.order_lines: [sku]\n    oms.inventory_cache: [sku]\n    wms.stock_levels: [sku]\n    oms.orders: [customer_id]\n".into();
     let (one_path, one_cfg) = config(&db, 200);
     let rm_db = format!("{}_rm", db.name);
     db.exec(&[&format!("CREATE DATABASE {rm_db}")]).await;
@@ -869,6 +912,7 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     let b = Processor::start(&b_path, &b_log);
     wait_log(&b_log, "unit started", 0, "the second member got units").await;
     workload(&db, 12, 300, 2000.0).await;
+    move_orders(&db).await;
     assert!(
         log_count(&a_log, "units revoked") > 0,
         "A gave units up when B joined"

@@ -41,6 +41,7 @@ pub struct Replica {
     products: BTreeMap<String, String>,
     customers: BTreeSet<i64>,
     orders: BTreeMap<i64, Order>,
+    order_positions: BTreeMap<i64, (u64, u32)>,
     returns: BTreeMap<i64, i64>,
     cache: BTreeMap<SkuLoc, i64>,
     stock: BTreeMap<SkuLoc, Stock>,
@@ -68,6 +69,11 @@ impl Replica {
             products: saved.products.into_iter().collect(),
             customers: saved.customers.into_iter().collect(),
             orders: saved.orders.into_iter().collect(),
+            order_positions: saved
+                .order_positions
+                .into_iter()
+                .map(|(k, l, i)| (k, (l, i)))
+                .collect(),
             returns: saved.returns.into_iter().collect(),
             cache: saved.cache.into_iter().collect(),
             stock: saved.stock.into_iter().collect(),
@@ -91,6 +97,9 @@ impl Replica {
         }
         for (k, v) in d.orders {
             put(&mut self.orders, k, v);
+        }
+        for (k, v) in d.order_positions {
+            put(&mut self.order_positions, k, v);
         }
         for (k, v) in d.returns {
             put(&mut self.returns, k, v);
@@ -120,6 +129,11 @@ impl Replica {
                 .collect(),
             customers: self.customers.iter().copied().collect(),
             orders: self.orders.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            order_positions: self
+                .order_positions
+                .iter()
+                .map(|(k, (l, i))| (*k, *l, *i))
+                .collect(),
             returns: self.returns.iter().map(|(k, v)| (*k, *v)).collect(),
             cache: self.cache.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             stock: self.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -319,15 +333,20 @@ mod tests {
         state.track_checkpoint_changes(true);
         for round in 0..40u64 {
             for i in 0..r.next(60) {
-                state.apply(&Event {
-                    change: change(&mut r),
-                    lsn: 1000 + round * 100 + i,
-                    ts_ms: (round * 1000 + i) as i64,
-                });
+                // With source positions, so the orders' positions are checkpointed too.
+                state.apply_at(
+                    &Event {
+                        change: change(&mut r),
+                        lsn: 1000 + round * 100 + i,
+                        ts_ms: (round * 1000 + i) as i64,
+                    },
+                    Some(i as u32),
+                );
             }
             state.finish_epoch().unwrap();
             state.offsets.0.insert(("t".into(), 0), round as i64);
             replica.apply(state.take_delta());
+            assert!(round == 0 || !replica.order_positions.is_empty());
             assert_eq!(
                 normal(replica.to_saved()),
                 normal(state.save("p")),

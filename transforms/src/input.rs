@@ -40,6 +40,17 @@ pub const KEYS: [&[&str]; 7] = [
 /// changes nothing, and a create, which counts as a line landing on its new SKU.
 pub const ROWS_NOT_KEPT: [&str; 1] = ["oms.order_lines"];
 
+/// Tables of [`TABLES`] the fold orders by source position, so they may be routed by a column
+/// outside their key: a row that moves between partitions is put back in source order
+/// (`State::apply_at`).
+pub const ORDERED_BY_POSITION: [&str; 1] = ["oms.orders"];
+
+/// The index in its transaction from a `walbridge.event_id` (`<commit LSN>:<index>`).
+pub fn event_index(event_id: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(event_id).ok()?;
+    text.rsplit_once(':')?.1.parse().ok()
+}
+
 pub type SkuLoc = (String, String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

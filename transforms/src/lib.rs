@@ -93,19 +93,21 @@
 //!    partition while its routing value stays. **Built** for primary-key columns (session 8;
 //!    the demo routes products, stock levels and inventory cache by SKU) and for order lines by
 //!    SKU (session 9: the fold keeps no line rows, so a moved line is only a new line on its new
-//!    SKU, [`input::ROWS_NOT_KEPT`]); orders (customer_id) wait for step 2.
+//!    SKU, [`input::ROWS_NOT_KEPT`]) and orders by customer_id (step 2).
 //! 2. **A routing value that changes moves the row.** The producer sends a delete (and
 //!    tombstone) to the old partition and a create to the new one, each with an event id of its
 //!    own. The old value is known only if the column is in the replica identity or the table is
 //!    `REPLICA IDENTITY FULL`, so any other `partition_by` is refused at start with that
 //!    `ALTER TABLE` as the fix (orders by customer_id needs FULL). **Built** in the producer
-//!    (session 8); the processors refuse such inputs until the fold does its part: it must
-//!    accept one primary key in two partitions, read in either order. Matching a delete's `before`
-//!    against the row held is not enough: a row moved A → B and back B → A gives A: delete v0,
-//!    create v2 and B: create v1, delete v1, and reading A first ends with v1 instead of v2. So
-//!    the fold keeps, per key, the source position (commit LSN, index in the transaction) of
-//!    the change it holds, also for deleted keys until every partition is read past it, and
-//!    drops any change older than that.
+//!    (session 8) and, for orders, in the fold (session 9): it must accept one primary key in
+//!    two partitions, read in either order. Matching a delete's `before` against the row held is
+//!    not enough: a row moved A → B and back B → A gives A: delete v0, create v2 and B: create
+//!    v1, delete v1, and reading A first ends with v1 instead of v2. So the fold keeps, per
+//!    order, the source position (commit LSN, index in the transaction from
+//!    `walbridge.event_id`) of the change it holds, deleted orders too (kept for good so far, not
+//!    yet dropped once every partition is read past them), and drops any change at or before it
+//!    ([`state::State::apply_at`]). Other inputs whose rows the fold keeps are still refused a
+//!    non-key routing.
 //! 3. **Returns carry no customer.** Every instance reads the orders topic whole, for an
 //!    order_id → customer_id table (Kafka Streams' global table; 16 bytes per order), and the
 //!    returns topic whole, keeping the returns of its own customers. That input does not scale
@@ -131,7 +133,7 @@
 //! no transactional producer. So a two-instance test can cover a clean join and leave on tansu,
 //! but not a kill -9 failover.
 //!
-//! Missing today: steps 2, 3 and 6, and the rest of 5 (every view sink runs per unit with
+//! Missing today: steps 3 and 6, and the rest of 5 (every view sink runs per unit with
 //! `instances: group`). Until step 6, each member's SQL endpoint serves
 //! the units *it* folds: the whole views when one member holds every unit, a share of them
 //! otherwise; the Postgres read model, the view topics and the lake hold the whole views either

@@ -535,6 +535,21 @@ fn publish_all(state: &State, catalog: &Catalog, source: &str) -> Result<(), Pro
     Ok(())
 }
 
+/// A message's value and the index of its change in the source transaction.
+type Payload = (Vec<u8>, Option<u32>);
+
+/// The index in its transaction of the change a message carries: the part after the last `:`
+/// of its `walbridge.event_id` header (`<commit LSN>:<index>`), see `State::apply_at`.
+fn event_index(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<u32> {
+    use rdkafka::message::Headers;
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == "walbridge.event_id")
+        .and_then(|h| h.value)
+        .and_then(input::event_index)
+}
+
 /// How long a re-read partition may stay silent before it is read from further back.
 const CHASE_PATIENCE: Duration = Duration::from_millis(300);
 
@@ -591,7 +606,7 @@ pub(crate) struct Processor {
     /// Sink positions ahead of the checkpoint, in order: replay closes an epoch at each.
     cuts: VecDeque<Offsets>,
     /// Messages at or past the first cut, waiting until every partition reached it.
-    held: Vec<(String, i32, i64, Option<Vec<u8>>)>,
+    held: Vec<(String, i32, i64, Option<Payload>)>,
     cut_since: Option<Instant>,
     /// Partitions being read again after a gap or from a stored offset, until the broker
     /// answered at or before the offset wanted (see [`Self::gap_check`]).
@@ -774,7 +789,7 @@ impl Processor {
                         last_message = Instant::now();
                         let (topic, part, off) = (m.topic().to_owned(), m.partition(), m.offset());
                         // Copied so the message's borrow of the consumer ends before the fold.
-                        let payload = m.payload().map(<[u8]>::to_vec);
+                        let payload = m.payload().map(|p| (p.to_vec(), event_index(&m)));
                         drop(m);
                         self.take(topic, part, off, payload)?;
                     }
@@ -934,7 +949,7 @@ impl Processor {
         topic: String,
         part: i32,
         off: i64,
-        payload: Option<Vec<u8>>,
+        payload: Option<Payload>,
     ) -> Result<(), ProcessError> {
         let key = (topic, part);
         if self.gap_check(&key, off)? {
@@ -948,7 +963,7 @@ impl Processor {
         topic: String,
         part: i32,
         off: i64,
-        payload: Option<Vec<u8>>,
+        payload: Option<Payload>,
     ) -> Result<(), ProcessError> {
         if let Some(cut) = self.cuts.front()
             && cut.0.get(&(topic.clone(), part)).is_some_and(|t| off >= *t)
@@ -956,8 +971,8 @@ impl Processor {
             self.held.push((topic, part, off, payload));
             return Ok(());
         }
-        if let Some(payload) = payload {
-            self.fold(&topic, part, off, &payload)?;
+        if let Some((payload, index)) = payload {
+            self.fold(&topic, part, off, &payload, index)?;
         }
         self.state.offsets.0.insert((topic, part), off + 1);
         self.since_epoch += 1;
@@ -999,6 +1014,7 @@ impl Processor {
         part: i32,
         off: i64,
         payload: &[u8],
+        index: Option<u32>,
     ) -> Result<(), ProcessError> {
         let Some(table) = self
             .topics
@@ -1025,7 +1041,7 @@ impl Processor {
         match input::decode(table, schema, datum) {
             Ok(events) => {
                 for ev in &events {
-                    self.state.apply(ev);
+                    self.state.apply_at(ev, index);
                     self.stats
                         .newest_source_ms
                         .fetch_max(ev.ts_ms, Ordering::Relaxed);

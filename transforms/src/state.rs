@@ -271,6 +271,9 @@ pub struct State {
     products: HashMap<String, String>,
     customers: HashSet<i64>,
     orders: HashMap<i64, Order>,
+    /// Source position (commit LSN, index in the transaction) of the last change applied per
+    /// order id, deleted orders included (see [`State::apply_at`]).
+    order_pos: HashMap<i64, (u64, u32)>,
     returns: HashMap<i64, i64>,
     returns_per_order: HashMap<i64, i64>,
     cache: Map<SkuLoc, i64>,
@@ -315,6 +318,7 @@ impl State {
             products: HashMap::new(),
             customers: HashSet::new(),
             orders: HashMap::new(),
+            order_pos: HashMap::new(),
             returns: HashMap::new(),
             returns_per_order: HashMap::new(),
             cache: Map::with_hasher(hasher()),
@@ -370,6 +374,22 @@ impl State {
 
     /// Folds one change into the state.
     pub fn apply(&mut self, ev: &Event) {
+        self.apply_at(ev, None)
+    }
+
+    /// Applies a change read from a topic, with its index in its transaction (`walbridge.event_id`;
+    /// `None`: unknown).
+    ///
+    /// Orders may be routed by `customer_id` (`kafka.partition_by`), so an order whose customer
+    /// changes moves to another partition as a delete in the old one and a create in the new
+    /// one, and partitions are read side by side: the changes of one order can arrive out of
+    /// source order. Matching a delete against the row held is not enough (an order moved A → B
+    /// → A, read A first, would end with B's stale copy), so the last change applied keeps its
+    /// source position, deleted orders too, and a change at or before it is dropped. Positions
+    /// are unique per change (commit LSN, index in the transaction) and, per order, grow in
+    /// source order (a row's changes are ordered by the commits that made them), so in a single
+    /// partition nothing is ever dropped. Deleted orders' positions stay (16 bytes each).
+    pub fn apply_at(&mut self, ev: &Event, index: Option<u32>) {
         self.applied += 1;
         self.max_lsn = self.max_lsn.max(ev.lsn);
         match &ev.change {
@@ -419,6 +439,15 @@ impl State {
                 }
             }
             Change::Order { id, row } => {
+                if let Some(i) = index
+                    && ev.lsn > 0
+                {
+                    let pos = (ev.lsn, i);
+                    if self.order_pos.get(id).is_some_and(|held| pos <= *held) {
+                        return;
+                    }
+                    self.order_pos.insert(*id, pos);
+                }
                 if let Some(c) = &mut self.ckpt {
                     c.orders.insert(*id);
                 }
@@ -893,6 +922,9 @@ pub struct Saved {
     pub(crate) products: Vec<(String, String)>,
     pub(crate) customers: Vec<i64>,
     pub(crate) orders: Vec<(i64, Order)>,
+    /// `order_pos` (absent in checkpoints from before it existed).
+    #[serde(default)]
+    pub(crate) order_positions: Vec<(i64, u64, u32)>,
     pub(crate) returns: Vec<(i64, i64)>,
     pub(crate) cache: Vec<(SkuLoc, i64)>,
     pub(crate) stock: Vec<(SkuLoc, Stock)>,
@@ -911,6 +943,7 @@ impl Saved {
         self.products.extend(other.products);
         self.customers.extend(other.customers);
         self.orders.extend(other.orders);
+        self.order_positions.extend(other.order_positions);
         self.returns.extend(other.returns);
         self.cache.extend(other.cache);
         self.stock.extend(other.stock);
@@ -969,6 +1002,7 @@ pub struct Delta {
     pub products: Vec<(String, Option<String>)>,
     pub customers: Vec<(i64, bool)>,
     pub orders: Vec<(i64, Option<Order>)>,
+    pub order_positions: Vec<(i64, Option<(u64, u32)>)>,
     pub returns: Vec<(i64, Option<i64>)>,
     pub cache: Vec<(SkuLoc, Option<i64>)>,
     pub stock: Vec<(SkuLoc, Option<Stock>)>,
@@ -998,6 +1032,11 @@ impl State {
                 .collect(),
             customers: self.customers.iter().copied().collect(),
             orders,
+            order_positions: self
+                .order_pos
+                .iter()
+                .map(|(k, (l, i))| (*k, *l, *i))
+                .collect(),
             returns: self.returns.iter().map(|(k, v)| (*k, *v)).collect(),
             cache: self.cache.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             stock: self.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -1042,6 +1081,11 @@ impl State {
                 .customers
                 .into_iter()
                 .map(|k| (k, self.customers.contains(&k)))
+                .collect(),
+            order_positions: c
+                .orders
+                .iter()
+                .map(|k| (*k, self.order_pos.get(k).copied()))
                 .collect(),
             orders: c
                 .orders
@@ -1132,6 +1176,11 @@ impl State {
                 s.diff_since.update(&since, 1);
             }
         }
+        s.order_pos = saved
+            .order_positions
+            .into_iter()
+            .map(|(k, l, i)| (k, (l, i)))
+            .collect();
         s.quiet_alerts = true;
         s.finish_epoch()?;
         s.quiet_alerts = false;
@@ -1152,6 +1201,60 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_order_moved_away_and_back_ends_as_its_last_change_in_any_read_order() {
+        // Order 7 moves from customer 1 (partition A) to 2 (B) and back, as the producer
+        // sends it: A: delete v0, create v2; B: create v1, delete v1. Positions are (commit
+        // LSN, index in the transaction); the second move is one transaction at LSN 30.
+        let o = |c: i64, total: i128| Some(order(c, "paid", total, 1_000));
+        let at = |lsn: u64, index: u32, row: Option<Order>| {
+            (
+                Event {
+                    change: Change::Order { id: 7, row },
+                    lsn,
+                    ts_ms: 1,
+                },
+                index,
+            )
+        };
+        let first = at(10, 0, o(1, 100));
+        let a = [at(20, 0, None), at(30, 1, o(1, 300))];
+        let b = [at(20, 1, o(2, 200)), at(30, 0, None)];
+        let ltv = |s: &State| -> Vec<(i64, i128)> {
+            let mut v: Vec<_> = s
+                .cust
+                .iter()
+                .filter(|(_, a)| a.orders > 0)
+                .map(|(c, a)| (*c, a.ltv_cents))
+                .collect();
+            v.sort();
+            v
+        };
+        for (name, reads) in [
+            ("A then B", [&a[0], &a[1], &b[0], &b[1]]),
+            ("B then A", [&b[0], &b[1], &a[0], &a[1]]),
+            ("interleaved", [&b[0], &a[0], &b[1], &a[1]]),
+        ] {
+            let mut s = State::new(SafetyStock::default());
+            s.apply_at(&first.0, Some(first.1));
+            for (ev, i) in reads {
+                s.apply_at(ev, Some(*i));
+            }
+            assert_eq!(s.orders[&7].customer_id, 1, "{name}");
+            assert_eq!(ltv(&s), [(1, 300)], "{name}");
+            // A restore keeps the positions: a stale change read again is still dropped.
+            let mut r = State::restore(s.save("t"), SafetyStock::default()).unwrap();
+            r.apply_at(&b[0].0, Some(b[0].1));
+            assert_eq!(ltv(&r), [(1, 300)], "{name}, after a restore");
+        }
+        // Two updates of one order in one transaction differ by their index.
+        let mut s = State::new(SafetyStock::default());
+        s.apply_at(&first.0, Some(0));
+        s.apply_at(&at(40, 0, o(1, 400)).0, Some(0));
+        s.apply_at(&at(40, 1, o(1, 500)).0, Some(1));
+        assert_eq!(ltv(&s), [(1, 500)]);
+    }
 
     #[test]
     fn shard_summaries_merge_into_the_summary_of_all_diffs() {
