@@ -72,13 +72,38 @@ pub fn shared() -> &'static Shared {
     })
 }
 
-/// A fresh directory under target/ for one test.
+/// A fresh directory under target/ for one test. A run's directories stay after it (to read
+/// after a failure) until the next run starts, which removes those of runs no longer alive, so
+/// repeated runs do not fill the disk (one run leaves a few GB: databases, broker data).
 pub fn scratch(name: &str) -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(sweep_old_scratch);
     let d =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
+}
+
+/// Removes the scratch directories (`e2e-<name>-<pid>`) of test processes that have ended.
+fn sweep_old_scratch() {
+    let Ok(entries) = std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.starts_with("e2e-"))
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 pub fn wait_port(port: u16) {
