@@ -917,6 +917,13 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         log_count(&a_log, "units revoked") > 0,
         "A gave units up when B joined"
     );
+    // Incremental rebalancing: the units A kept folded on, none was restarted.
+    assert_eq!(
+        log_count(&a_log, "unit started"),
+        4,
+        "A restarted units it kept:\n{}",
+        std::fs::read_to_string(&a_log).unwrap_or_default()
+    );
 
     // B leaves cleanly: A takes its units back from B's final checkpoints.
     let a_started = log_count(&a_log, "unit started");

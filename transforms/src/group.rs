@@ -19,9 +19,12 @@
 //! # Who folds which unit
 //!
 //! Every instance joins the Kafka consumer group `processors.group_id`, subscribed to
-//! `wms.stock_levels` and `oms.customers` with the round-robin assignor: owning partition *i*
-//! of the stock levels means folding `skus-<i>`, owning partition 0 of the customers means
-//! folding `customers`. The member consumer itself reads nothing (its partitions are paused).
+//! `wms.stock_levels` with the cooperative-sticky assignor: owning partition *i* means folding
+//! `skus-<i>`, and partition 0 brings the `customers` unit along (subscribing to a customer
+//! topic as well made the assignor balance partition counts, which gave one member every SKU
+//! unit and the other only the customers). The member consumer itself reads nothing (its
+//! partitions are paused). The rebalancing is incremental: a member revokes only the units that
+//! move to another one, and its other units fold on through the rebalance.
 //!
 //! # Why a unit is never folded twice, nor lost
 //!
@@ -211,7 +214,6 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
     let stats = Arc::new(ProcessorStats::default());
     let units = Arc::new(Mutex::new(Units {
         stock_topic: format!("{}.wms.stock_levels", config.topic_prefix),
-        customers_topic: format!("{}.oms.customers", config.topic_prefix),
         base: config.clone(),
         catalog: catalog.clone(),
         stats: stats.clone(),
@@ -225,7 +227,9 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
     let consumer: BaseConsumer<MemberContext> = config
         .client()
         .set("group.id", &config.group_id)
-        .set("partition.assignment.strategy", "roundrobin")
+        // Incremental rebalancing: a member gives up only the units that move, and the units it
+        // keeps go on folding through the rebalance.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false")
@@ -239,12 +243,9 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
             what: "creating the group member consumer".into(),
             source,
         })?;
-    let topics = {
-        let u = lock(&units);
-        [u.stock_topic.clone(), u.customers_topic.clone()]
-    };
+    let topic = lock(&units).stock_topic.clone();
     consumer
-        .subscribe(&[&topics[0], &topics[1]])
+        .subscribe(&[&topic])
         .map_err(|source| ProcessError::Kafka {
             what: format!("joining consumer group {}", config.group_id),
             source,
@@ -319,12 +320,13 @@ impl ConsumerContext for MemberContext {
         if matches!(rebalance, Rebalance::Error(_)) {
             u.wanted.clear();
         }
-        if !gone.is_empty() {
+        // Only units running here are worth saying (a member that stops has stopped them).
+        if gone.iter().any(|g| u.running.contains_key(g)) {
             tracing::info!(units = ?gone.iter().map(Unit::name).collect::<Vec<_>>(), "units revoked; stopping them with a final checkpoint");
-            for unit in gone {
-                u.wanted.remove(&unit);
-                u.stop_unit(unit);
-            }
+        }
+        for unit in gone {
+            u.wanted.remove(&unit);
+            u.stop_unit(unit);
         }
     }
 
@@ -334,9 +336,13 @@ impl ConsumerContext for MemberContext {
                 tracing::warn!(error = %e, "pausing the member's partitions (their messages are dropped)");
             }
             let mut u = lock(&self.units);
-            u.wanted = u.units_of(tpl);
-            // A unit kept from before without a revocation (none under the eager protocol,
-            // but never fold what the group gave someone else).
+            // The whole assignment: with incremental rebalancing `tpl` holds only what was added.
+            u.wanted = match consumer.assignment() {
+                Ok(all) => u.units_of(&all),
+                Err(_) => u.units_of(tpl),
+            };
+            // A unit running here that the assignment no longer names (it should have been
+            // revoked first, but never fold what the group gave someone else).
             let stale: Vec<Unit> = u
                 .running
                 .keys()
@@ -353,7 +359,6 @@ impl ConsumerContext for MemberContext {
 
 struct Units {
     stock_topic: String,
-    customers_topic: String,
     base: ProcessorConfig,
     catalog: Arc<Catalog>,
     stats: Arc<ProcessorStats>,
@@ -369,19 +374,18 @@ struct Units {
 }
 
 impl Units {
+    /// Stock-levels partition *i* is unit `skus-<i>`; its partition 0 brings `customers` too.
     fn units_of(&self, tpl: &rdkafka::TopicPartitionList) -> BTreeSet<Unit> {
-        tpl.elements()
-            .iter()
-            .filter_map(|e| {
-                if e.topic() == self.stock_topic {
-                    Some(Unit::Skus(e.partition()))
-                } else if e.topic() == self.customers_topic && e.partition() == 0 {
-                    Some(Unit::Customers)
-                } else {
-                    None
+        let mut units = BTreeSet::new();
+        for e in tpl.elements() {
+            if e.topic() == self.stock_topic {
+                units.insert(Unit::Skus(e.partition()));
+                if e.partition() == 0 {
+                    units.insert(Unit::Customers);
                 }
-            })
-            .collect()
+            }
+        }
+        units
     }
 
     fn start_wanted(&mut self) {
