@@ -72,14 +72,6 @@ impl Process {
         }
     }
 
-    /// The units this instance folds (`[All]` unless instances share the partitions).
-    pub fn units(&self) -> Vec<transforms::group::Unit> {
-        match &self.running {
-            Runner::One(_) => vec![transforms::group::Unit::All],
-            Runner::Group(m) => m.units(),
-        }
-    }
-
     /// Stops the processor (final epoch, sinks, checkpoint) and waits for it and the sinks.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stopper
@@ -293,10 +285,20 @@ async fn start_member(
                 move |pc: transforms::ProcessorConfig,
                       catalog: Arc<Catalog>,
                       stats: Arc<transforms::ProcessorStats>| {
-                    handle
+                    let fed = handle
                         .block_on(start_fed(&cfg, &pc, catalog, stats))
-                        .map(|fed| fed.running)
-                        .map_err(|e| transforms::ProcessError::Sink(format!("{e:#}")))
+                        .map_err(|e| transforms::ProcessError::Sink(format!("{e:#}")))?;
+                    // The member waits for the sinks' task when it stops the unit, before the
+                    // unit (and its sinks' files) can go to another member.
+                    let sinks = fed.driver.map(|d| {
+                        handle.spawn(async move {
+                            match d.await {
+                                Ok(r) => r.map_err(|e| format!("{e:#}")),
+                                Err(_) => Err("the view sink task panicked".to_owned()),
+                            }
+                        })
+                    });
+                    Ok((fed.running, sinks))
                 },
             ) as transforms::group::StartUnit
         });
@@ -429,7 +431,16 @@ fn how_to_empty(s: &ViewSinkConfig, pc: &transforms::ProcessorConfig) -> String 
         ViewSinkConfig::Postgres { name, schema, .. } => format!(
             "drop its view tables in schema {schema} and DELETE FROM {schema}.walbridge_offsets WHERE sink = '{name}'"
         ),
-        ViewSinkConfig::Parquet { dir, .. } => format!("remove {}", dir.display()),
+        ViewSinkConfig::Parquet { dir, .. } => match pc.unit {
+            transforms::group::Unit::All => format!("remove {}", dir.display()),
+            u => format!(
+                "remove {}/_walbridge_offsets.{}.json and its files {}/*/date=*/part-{}-*.parquet (the other shards' files stay)",
+                dir.display(),
+                u.name(),
+                dir.display(),
+                u.name()
+            ),
+        },
     }
 }
 

@@ -42,6 +42,7 @@ pub struct Replica {
     customers: BTreeSet<i64>,
     orders: BTreeMap<i64, Order>,
     order_positions: BTreeMap<i64, (u64, u32)>,
+    orders_floor: Option<(u64, u32)>,
     returns: BTreeMap<i64, i64>,
     cache: BTreeMap<SkuLoc, i64>,
     stock: BTreeMap<SkuLoc, Stock>,
@@ -74,6 +75,7 @@ impl Replica {
                 .into_iter()
                 .map(|(k, l, i)| (k, (l, i)))
                 .collect(),
+            orders_floor: saved.orders_floor,
             returns: saved.returns.into_iter().collect(),
             cache: saved.cache.into_iter().collect(),
             stock: saved.stock.into_iter().collect(),
@@ -101,6 +103,7 @@ impl Replica {
         for (k, v) in d.order_positions {
             put(&mut self.order_positions, k, v);
         }
+        self.orders_floor = d.orders_floor;
         for (k, v) in d.returns {
             put(&mut self.returns, k, v);
         }
@@ -134,6 +137,7 @@ impl Replica {
                 .iter()
                 .map(|(k, (l, i))| (*k, *l, *i))
                 .collect(),
+            orders_floor: self.orders_floor,
             returns: self.returns.iter().map(|(k, v)| (*k, *v)).collect(),
             cache: self.cache.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             stock: self.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),

@@ -156,19 +156,13 @@ const LOCK_WARN: Duration = Duration::from_secs(10);
 /// processor of its own, publishing into one catalog.
 pub struct Member {
     pub catalog: Arc<Catalog>,
-    /// Counters of every unit this instance ran (positions of units it gave away stay at
-    /// where it left them).
+    /// Counters of every unit this instance ran (the positions of units it gave away are
+    /// dropped).
     pub stats: Arc<ProcessorStats>,
-    units: Arc<Mutex<Units>>,
     worker: Worker,
 }
 
 impl Member {
-    /// The units this instance folds now.
-    pub fn units(&self) -> Vec<Unit> {
-        lock(&self.units).running.keys().copied().collect()
-    }
-
     /// Stops every unit (final epochs and checkpoints) and leaves the group.
     pub async fn stop(self) -> Result<(), ProcessError> {
         self.worker.stop().await
@@ -185,25 +179,34 @@ impl Member {
 }
 
 /// Starts the processor of one unit (its config names the unit), publishing into the member's
-/// catalog and counting into its stats; called on the member's thread, outside the runtime.
+/// catalog and counting into its stats, and the task feeding its view sinks, if any (it ends
+/// after the processor, with the sinks' error); called on the member's thread, outside the
+/// runtime.
 pub type StartUnit = Arc<
-    dyn Fn(ProcessorConfig, Arc<Catalog>, Arc<ProcessorStats>) -> Result<Running, ProcessError>
+    dyn Fn(
+            ProcessorConfig,
+            Arc<Catalog>,
+            Arc<ProcessorStats>,
+        ) -> Result<(Running, Option<SinkTask>), ProcessError>
         + Send
         + Sync,
 >;
+
+/// The task feeding a unit's view sinks.
+pub type SinkTask = tokio::task::JoinHandle<Result<(), String>>;
 
 /// A unit's processor without view sinks: nobody takes its epochs, the views go on.
 fn start_plain(
     config: ProcessorConfig,
     catalog: Arc<Catalog>,
     stats: Arc<ProcessorStats>,
-) -> Result<Running, ProcessError> {
+) -> Result<(Running, Option<SinkTask>), ProcessError> {
     let mut running = run_into(config, None, catalog, stats)?;
     drop(std::mem::replace(
         &mut running.epochs,
         tokio::sync::mpsc::channel(1).1,
     ));
-    Ok(running)
+    Ok((running, None))
 }
 
 /// Joins the consumer group `config.group_id` and folds the units it is given, until stopped
@@ -263,7 +266,6 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
     Ok(Member {
         catalog,
         stats,
-        units,
         worker: Worker { stop, thread },
     })
 }
@@ -331,6 +333,14 @@ impl ConsumerContext for MemberContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Error(_) = rebalance {
+            // Incremental rebalancing unassigns only what the event names: the partitions still
+            // assigned are this member's, and their units start again.
+            let mut u = lock(&self.units);
+            if let Ok(all) = consumer.assignment() {
+                u.wanted = u.units_of(&all);
+            }
+        }
         if let Rebalance::Assign(tpl) = rebalance {
             if let Err(e) = consumer.pause(tpl) {
                 tracing::warn!(error = %e, "pausing the member's partitions (their messages are dropped)");
@@ -364,8 +374,8 @@ struct Units {
     stats: Arc<ProcessorStats>,
     handle: tokio::runtime::Handle,
     start: StartUnit,
-    /// Units folded now, with the lock that makes them this instance's.
-    running: BTreeMap<Unit, (Running, std::fs::File)>,
+    /// Units folded now, with their sinks' task and the lock that makes them this instance's.
+    running: BTreeMap<Unit, (Running, Option<SinkTask>, std::fs::File)>,
     /// Units the group gave this instance.
     wanted: BTreeSet<Unit>,
     /// Wanted units whose lock another instance still holds, since when.
@@ -416,9 +426,9 @@ impl Units {
             config.unit = unit;
             let _enter = self.handle.enter();
             match (self.start)(config, self.catalog.clone(), self.stats.clone()) {
-                Ok(running) => {
+                Ok((running, sinks)) => {
                     tracing::info!(unit = %unit.name(), "unit started");
-                    self.running.insert(unit, (running, file));
+                    self.running.insert(unit, (running, sinks, file));
                 }
                 Err(e) => {
                     self.failed.get_or_insert(e);
@@ -430,9 +440,20 @@ impl Units {
 
     fn stop_unit(&mut self, unit: Unit) {
         self.waiting.remove(&unit);
-        if let Some((running, file)) = self.running.remove(&unit) {
+        if let Some((running, sinks, file)) = self.running.remove(&unit) {
             if let Err(e) = running.stop_blocking() {
                 self.failed.get_or_insert(e);
+            }
+            // The sinks' last writes are done before the unit can move (a new owner reopens
+            // the same files and rows).
+            if let Some(task) = sinks {
+                let done = self.handle.block_on(task);
+                if let Some(e) = match done {
+                    Ok(r) => r.err(),
+                    Err(_) => Some("the view sink task panicked".to_owned()),
+                } {
+                    self.failed.get_or_insert(ProcessError::Sink(e));
+                }
             }
             self.catalog.withdraw(&unit.source());
             // The positions of partitions another member folds now are not this one's lag.
@@ -456,11 +477,11 @@ impl Units {
         let ended: Vec<Unit> = self
             .running
             .iter()
-            .filter(|(_, (r, _))| r.finished())
+            .filter(|(_, (r, _, _))| r.finished())
             .map(|(u, _)| *u)
             .collect();
         for unit in ended {
-            if let Some((running, _)) = self.running.remove(&unit) {
+            if let Some((running, _, _)) = self.running.remove(&unit) {
                 let e = running.stop_blocking().err().unwrap_or_else(|| {
                     ProcessError::Sink(format!("unit {} stopped by itself", unit.name()))
                 });

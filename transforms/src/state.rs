@@ -274,6 +274,9 @@ pub struct State {
     /// Source position (commit LSN, index in the transaction) of the last change applied per
     /// order id, deleted orders included (see [`State::apply_at`]).
     order_pos: HashMap<i64, (u64, u32)>,
+    /// Position of the last TRUNCATE of the orders: every order change at or before it is
+    /// older than the truncate (see [`State::apply_at`]).
+    orders_floor: Option<(u64, u32)>,
     returns: HashMap<i64, i64>,
     returns_per_order: HashMap<i64, i64>,
     cache: Map<SkuLoc, i64>,
@@ -319,6 +322,7 @@ impl State {
             customers: HashSet::new(),
             orders: HashMap::new(),
             order_pos: HashMap::new(),
+            orders_floor: None,
             returns: HashMap::new(),
             returns_per_order: HashMap::new(),
             cache: Map::with_hasher(hasher()),
@@ -443,7 +447,9 @@ impl State {
                     && ev.lsn > 0
                 {
                     let pos = (ev.lsn, i);
-                    if self.order_pos.get(id).is_some_and(|held| pos <= *held) {
+                    if self.order_pos.get(id).is_some_and(|held| pos <= *held)
+                        || self.orders_floor.is_some_and(|f| pos <= f)
+                    {
                         return;
                     }
                     self.order_pos.insert(*id, pos);
@@ -481,7 +487,7 @@ impl State {
                 self.new_lines
                     .push((sku.clone(), *order_id, ev.lsn, ev.ts_ms));
             }
-            Change::Truncate(table) => self.truncate(*table, ev),
+            Change::Truncate(table) => self.truncate(*table, ev, index),
         }
     }
 
@@ -626,7 +632,7 @@ impl State {
         }
     }
 
-    fn truncate(&mut self, table: usize, ev: &Event) {
+    fn truncate(&mut self, table: usize, ev: &Event, index: Option<u32>) {
         let gone: Vec<Change> = match TABLES.get(table).copied() {
             Some("oms.products") => self
                 .products
@@ -641,11 +647,33 @@ impl State {
                 .iter()
                 .map(|&id| Change::Customer { id, exists: false })
                 .collect(),
-            Some("oms.orders") => self
-                .orders
-                .keys()
-                .map(|&id| Change::Order { id, row: None })
-                .collect(),
+            Some("oms.orders") => {
+                // A TRUNCATE is one message in one partition, while orders may be routed by
+                // customer over several: an order changed after it (read already from another
+                // partition) stays, and one changed before it (still unread) is dropped when it
+                // comes, by the floor.
+                let at = index.filter(|_| ev.lsn > 0).map(|i| (ev.lsn, i));
+                if let Some(at) = at {
+                    self.orders_floor = Some(self.orders_floor.map_or(at, |f| f.max(at)));
+                    let below: Vec<i64> = self
+                        .order_pos
+                        .iter()
+                        .filter(|(_, p)| **p <= at)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in below {
+                        self.order_pos.remove(&id);
+                        if let Some(c) = &mut self.ckpt {
+                            c.orders.insert(id);
+                        }
+                    }
+                }
+                self.orders
+                    .keys()
+                    .filter(|id| at.is_none() || !self.order_pos.contains_key(id))
+                    .map(|&id| Change::Order { id, row: None })
+                    .collect()
+            }
             Some("oms.returns") => self
                 .returns
                 .keys()
@@ -925,6 +953,8 @@ pub struct Saved {
     /// `order_pos` (absent in checkpoints from before it existed).
     #[serde(default)]
     pub(crate) order_positions: Vec<(i64, u64, u32)>,
+    #[serde(default)]
+    pub(crate) orders_floor: Option<(u64, u32)>,
     pub(crate) returns: Vec<(i64, i64)>,
     pub(crate) cache: Vec<(SkuLoc, i64)>,
     pub(crate) stock: Vec<(SkuLoc, Stock)>,
@@ -944,6 +974,7 @@ impl Saved {
         self.customers.extend(other.customers);
         self.orders.extend(other.orders);
         self.order_positions.extend(other.order_positions);
+        self.orders_floor = self.orders_floor.max(other.orders_floor);
         self.returns.extend(other.returns);
         self.cache.extend(other.cache);
         self.stock.extend(other.stock);
@@ -1003,6 +1034,7 @@ pub struct Delta {
     pub customers: Vec<(i64, bool)>,
     pub orders: Vec<(i64, Option<Order>)>,
     pub order_positions: Vec<(i64, Option<(u64, u32)>)>,
+    pub orders_floor: Option<(u64, u32)>,
     pub returns: Vec<(i64, Option<i64>)>,
     pub cache: Vec<(SkuLoc, Option<i64>)>,
     pub stock: Vec<(SkuLoc, Option<Stock>)>,
@@ -1037,6 +1069,7 @@ impl State {
                 .iter()
                 .map(|(k, (l, i))| (*k, *l, *i))
                 .collect(),
+            orders_floor: self.orders_floor,
             returns: self.returns.iter().map(|(k, v)| (*k, *v)).collect(),
             cache: self.cache.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             stock: self.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -1082,6 +1115,7 @@ impl State {
                 .into_iter()
                 .map(|k| (k, self.customers.contains(&k)))
                 .collect(),
+            orders_floor: self.orders_floor,
             order_positions: c
                 .orders
                 .iter()
@@ -1181,6 +1215,7 @@ impl State {
             .into_iter()
             .map(|(k, l, i)| (k, (l, i)))
             .collect();
+        s.orders_floor = saved.orders_floor;
         s.quiet_alerts = true;
         s.finish_epoch()?;
         s.quiet_alerts = false;
@@ -1248,6 +1283,42 @@ mod tests {
             r.apply_at(&b[0].0, Some(b[0].1));
             assert_eq!(ltv(&r), [(1, 300)], "{name}, after a restore");
         }
+        // A TRUNCATE at (50, 0), read after a later create from another partition and before
+        // an earlier one: it keeps the later order and the earlier one never comes back.
+        let mut s = State::new(SafetyStock::default());
+        s.apply_at(&first.0, Some(0));
+        let later = Event {
+            change: Change::Order {
+                id: 8,
+                row: o(2, 800),
+            },
+            lsn: 60,
+            ts_ms: 1,
+        };
+        let earlier = Event {
+            change: Change::Order {
+                id: 9,
+                row: o(3, 900),
+            },
+            lsn: 45,
+            ts_ms: 1,
+        };
+        let truncate = Event {
+            change: Change::Truncate(2),
+            lsn: 50,
+            ts_ms: 1,
+        };
+        assert_eq!(TABLES[2], "oms.orders");
+        s.apply_at(&later, Some(0));
+        s.apply_at(&truncate, Some(0));
+        let mut s = State::restore(s.save("t"), SafetyStock::default()).unwrap();
+        s.apply_at(&earlier, Some(0));
+        assert_eq!(
+            ltv(&s),
+            [(2, 800)],
+            "only the order made after the truncate"
+        );
+
         // Two updates of one order in one transaction differ by their index.
         let mut s = State::new(SafetyStock::default());
         s.apply_at(&first.0, Some(0));
