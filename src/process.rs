@@ -604,20 +604,13 @@ async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result
 /// One processor per group: two would write the same checkpoint and the same sinks. The lock
 /// is the kernel's (`flock`), so it goes with the process however it ends.
 fn lock_group(pc: &transforms::ProcessorConfig, member: bool) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(&pc.checkpoint_dir)
-        .with_context(|| format!("creating {}", pc.checkpoint_dir.display()))?;
     let path = pc.checkpoint_dir.join(format!("{}.lock", pc.group_id));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor this function owns; no memory is passed.
-    let how = if member { libc::LOCK_SH } else { libc::LOCK_EX };
-    let r = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
-    if r != 0 && member {
+    let held = transforms::group::lock_file(&path, member)
+        .with_context(|| format!("taking the lock {}", path.display()))?;
+    if let Some(file) = held {
+        return Ok(file);
+    }
+    if member {
         bail!(
             "a walbridge process with processors.instances: single runs the processors of group {} (it holds {}); \
              stop it before starting members of the group",
@@ -625,16 +618,13 @@ fn lock_group(pc: &transforms::ProcessorConfig, member: bool) -> anyhow::Result<
             path.display()
         );
     }
-    if r != 0 {
-        bail!(
-            "another walbridge process already runs the processors of group {} (it holds {}; with processors.instances: group, every member does); \
-             with processors.instances: single one instance runs per group: stop the other one, give this one its own group_id and checkpoint_dir, \
-             or set processors.instances: group to share the partitions",
-            pc.group_id,
-            path.display()
-        );
-    }
-    Ok(file)
+    bail!(
+        "another walbridge process already runs the processors of group {} (it holds {}; with processors.instances: group, every member does); \
+         with processors.instances: single one instance runs per group: stop the other one, give this one its own group_id and checkpoint_dir, \
+         or set processors.instances: group to share the partitions",
+        pc.group_id,
+        path.display()
+    );
 }
 
 fn marker_path(pc: &transforms::ProcessorConfig, sink: &str) -> PathBuf {

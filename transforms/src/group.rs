@@ -533,32 +533,38 @@ fn forget_positions(positions: &mut crate::view::Offsets, topic_prefix: &str, un
 /// The unit's lock file, held while a processor of this instance folds it; `None` while
 /// another instance holds it.
 fn try_lock(config: &ProcessorConfig, unit: Unit) -> Result<Option<std::fs::File>, ProcessError> {
-    use std::os::fd::AsRawFd;
     let path = config
         .checkpoint_dir
         .join(format!("{}.{}.lock", config.group_id, unit.name()));
-    let err = |what: String| ProcessError::Checkpoint {
+    lock_file(&path, false).map_err(|e| ProcessError::Checkpoint {
         path: path.clone(),
-        what,
-    };
-    std::fs::create_dir_all(&config.checkpoint_dir)
-        .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+        what: format!("cannot take the unit's lock: {e}"),
+    })
+}
+
+/// Takes the lock file at `path` (creating it and its directory), exclusive or `shared`, and
+/// holds it as long as the returned file is open; `None` while another process holds it in a
+/// mode that excludes this one. (`flock`: released by the kernel when the process dies.)
+pub fn lock_file(path: &std::path::Path, shared: bool) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
-        .map_err(|e| err(format!("cannot open it: {e}")))?;
+        .open(path)?;
+    let how = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
     // SAFETY: flock on a descriptor this function owns; no memory is passed.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
         return Ok(Some(file));
     }
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         Ok(None)
     } else {
-        Err(err(format!("cannot lock it: {e}")))
+        Err(e)
     }
 }
 
