@@ -31,6 +31,12 @@
 //! commit LSN comes from the record's `walbridge.lsn` header, so the ack time of a probe whose
 //! record the consumer missed is unknown (counted, not guessed).
 //!
+//! The bench judges the target on both starts: the "event produced" (the probe
+//! record's CreateTime, when walbridge handed it to its producer, to the SQL answer, per probe)
+//! and the stricter commit. The first is what walbridge's processors, sinks and SQL endpoint
+//! add once an event exists; the second adds the WAL's own decoding, whose floor at this load
+//! `--floors-only` measures.
+//!
 //! Resolution: SQL visibility is sampled every `--poll-ms` (and one query's own time), so a
 //! figure is late by up to that much; the consumer uses `fetch.wait.max.ms` 10, so its figure
 //! can be late by up to that when the topic is otherwise quiet. Probes are sequential, a few per
@@ -912,6 +918,11 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration, wal_floor: b
     let (broker, broker_p) = pick(|p| p.broker, &all);
     let (wal, wal_p) = pick(|p| p.wal, &all);
     let (sql, sql_p) = pick(|p| p.sql, &all);
+    // The issue's own measure: from the event's production (the record handed to Kafka) to
+    // the query that sees it, per probe; the commit → SQL figures above include the WAL's
+    // decoding and walbridge's capture, which come before the event exists.
+    let from_event = |p: &Probe| Some(p.sql?.saturating_sub(p.produced?));
+    let (event_sql, event_sql_p) = pick(from_event, &all);
     if wal_floor {
         println!("  the WAL alone (pg_recvlogical, test_decoding): {wal}");
     }
@@ -927,18 +938,30 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration, wal_floor: b
     let (steady, _) = pick(|p| p.sql, &|p: &Probe| p.at >= spike_secs);
     println!("    during the spike (first {spike_secs:.0} s):      {spike}");
     println!("    after it:                                 {steady}");
+    println!("  event handed to Kafka → in SQL, per probe:   {event_sql}");
+    let (spike, _) = pick(from_event, &|p: &Probe| p.at < spike_secs);
+    let (steady, _) = pick(from_event, &|p: &Probe| p.at >= spike_secs);
+    println!("    during the spike (first {spike_secs:.0} s):      {spike}");
+    println!("    after it:                                 {steady}");
+    let verdict = |p: Option<(Duration, Duration)>| match p {
+        Some((_, p99)) if p99 <= Duration::from_millis(100) => "met",
+        Some(_) => "NOT met",
+        None => "not measured",
+    };
+    println!(
+        "  target p99 ≤ 100 ms, event produced (handed to Kafka) → SQL: {}",
+        verdict(event_sql_p)
+    );
+    println!(
+        "  stricter, commit in the legacy database → SQL:             {}",
+        verdict(sql_p)
+    );
     if let (Some((a50, a99)), Some((s50, s99))) = (ack_p, sql_p) {
         println!(
             "  ratio SQL-visible / Kafka-ack:                p50 {:.1}x   p99 {:.1}x",
             s50.as_secs_f64() / a50.as_secs_f64().max(1e-6),
             s99.as_secs_f64() / a99.as_secs_f64().max(1e-6)
         );
-        let verdict = if s99 <= Duration::from_millis(100) {
-            "met"
-        } else {
-            "NOT met"
-        };
-        println!("  target p99 ≤ 100 ms commit → SQL: {verdict}");
         if let Some((w50, w99)) = wal_p.filter(|_| wal_floor) {
             println!(
                 "  ratio SQL-visible / WAL alone:                p50 {:.1}x   p99 {:.1}x",
