@@ -596,7 +596,11 @@ async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result
     }
     sinks::views::advance(&mut slot.position, &epoch.offsets);
     if let Some(m) = &slot.marker {
-        write_marker(m, &slot.position)?;
+        // An fsync per epoch: off the runtime's workers, which serve SQL queries.
+        let (m, at) = (m.clone(), slot.position.clone());
+        tokio::task::spawn_blocking(move || write_marker(&m, &at))
+            .await
+            .context("the marker-writing thread failed")??;
     }
     Ok(())
 }

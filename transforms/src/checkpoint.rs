@@ -15,10 +15,18 @@
 //! for every key, its row as of delta n (keys not named kept their value, which did not change).
 //! A unit test checks this against `save` on a random workload.
 //!
-//! Ordering with the sinks and alerts is unchanged: the processor takes the delta only where it
-//! took the checkpoint before (after the sinks stored the epoch and the alerts were acked), and
-//! the file appears later, never earlier, so a crash finds a checkpoint at or behind what the
-//! sinks hold. A write error stops the processor at its next checkpoint or at exit.
+//! Ordering with the sinks and alerts: a checkpoint may not get ahead of either (see
+//! [`crate::runtime`]). The processor takes the delta at an epoch boundary it has handed to the
+//! sinks, and gives the writer, with the delta, that epoch and the delivery receipts of the
+//! alerts raised so far ([`Pending`]). The *writer* waits until the sinks report the epoch
+//! stored and the broker acked every alert, and only then writes the file. So a crash still
+//! finds a checkpoint at or behind what the sinks hold and with no alert after it lost, while
+//! the fold never stops for the sinks: waiting on the fold's thread (up to 20 ms, every
+//! checkpoint interval, longer while a Parquet sink compressed and fsynced its gathered
+//! epochs) was the tail of "event produced → visible in SQL". The queue holds a few
+//! checkpoints; sinks further behind than that make the fold wait at the next one, which bounds
+//! memory. A write error, a sink failure or an undelivered alert stops the processor at its
+//! next checkpoint or at exit.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -26,9 +34,12 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::DeliveryFuture;
 
 use crate::input::{Order, SkuLoc, Stock};
-use crate::runtime::{ProcessError, ProcessorStats};
+use crate::runtime::{ProcessError, ProcessorStats, SinkGate};
 use crate::state::{CHECKPOINT_VERSION, Delta, Saved};
 
 /// The checkpointed state, kept by the writer thread.
@@ -146,13 +157,53 @@ impl Replica {
     }
 }
 
-/// The writer thread and its queue (one delta waiting while one is written: a disk slower than
-/// the checkpoint interval slows the processor's checkpoints, it does not grow memory).
+/// One checkpoint for the writer: the delta, and what must be durable before its file may
+/// appear.
+pub struct Pending {
+    pub delta: Delta,
+    /// The view sinks and the epoch they must have stored (the delta's epoch boundary).
+    pub sinks: Option<(Arc<SinkGate>, u64)>,
+    /// Alerts raised before the delta was taken, by id, with their delivery receipts.
+    pub alerts: Vec<(String, DeliveryFuture)>,
+}
+
+impl Pending {
+    /// A delta with nothing to wait for.
+    pub fn bare(delta: Delta) -> Pending {
+        Pending {
+            delta,
+            sinks: None,
+            alerts: Vec::new(),
+        }
+    }
+}
+
+/// Checkpoints that may wait for the sinks at once before the fold waits too.
+const QUEUED: usize = 4;
+
+/// Why a pending checkpoint is not written.
+enum NotReady {
+    /// The processor is gone, or stopping and the sinks took too long: the previous file stays
+    /// and the next start replays from it.
+    GaveUp,
+    Failed(ProcessError),
+}
+
+/// The writer thread and its queue.
 pub struct Writer {
-    tx: Option<SyncSender<Delta>>,
+    tx: Option<SyncSender<Pending>>,
     thread: Option<JoinHandle<()>>,
-    failed: Arc<Mutex<Option<String>>>,
+    failed: Arc<Mutex<Option<ProcessError>>>,
+    /// Set when the processor stops: past it, the writer stops waiting for the sinks.
+    give_up_at: Arc<Mutex<Option<Instant>>>,
     path: PathBuf,
+}
+
+/// Where the writer sends alerts' receipts to be awaited, and under which topic name to
+/// report one that failed.
+pub struct Alerts {
+    pub handle: tokio::runtime::Handle,
+    pub topic: String,
 }
 
 impl Writer {
@@ -160,19 +211,33 @@ impl Writer {
         path: PathBuf,
         mut replica: Replica,
         stats: Arc<ProcessorStats>,
+        alerts: Option<Alerts>,
     ) -> Result<Writer, ProcessError> {
-        let (tx, rx) = sync_channel::<Delta>(1);
+        let (tx, rx) = sync_channel::<Pending>(QUEUED);
         let failed = Arc::new(Mutex::new(None));
-        let (fail, file) = (failed.clone(), path.clone());
+        let give_up_at = Arc::new(Mutex::new(None));
+        let (fail, stop, file) = (failed.clone(), give_up_at.clone(), path.clone());
         let thread = std::thread::Builder::new()
             .name("processor-checkpoint".into())
             .spawn(move || {
-                for delta in rx {
-                    let t = std::time::Instant::now();
-                    let epoch = delta.epoch;
-                    replica.apply(delta);
+                for mut p in rx {
+                    match ready(&mut p, alerts.as_ref(), &stop) {
+                        Ok(()) => {}
+                        Err(NotReady::GaveUp) => return,
+                        Err(NotReady::Failed(e)) => {
+                            *fail.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                            return;
+                        }
+                    }
+                    let t = Instant::now();
+                    let epoch = p.delta.epoch;
+                    replica.apply(p.delta);
                     if let Err(e) = crate::runtime::write_checkpoint(&file, &replica.to_saved()) {
-                        *fail.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                        let e = ProcessError::Checkpoint {
+                            path: file.clone(),
+                            what: format!("writing it failed: {e}"),
+                        };
+                        *fail.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                         return;
                     }
                     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -197,30 +262,22 @@ impl Writer {
             tx: Some(tx),
             thread: Some(thread),
             failed,
+            give_up_at,
             path,
         })
     }
 
     fn failure(&self) -> Result<(), ProcessError> {
-        match self
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            // The thread's message already names the file (a ProcessError::Checkpoint).
-            Some(what) => Err(ProcessError::Checkpoint {
-                path: self.path.clone(),
-                what: format!("writing it failed: {what}"),
-            }),
+        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
-    /// Queues a delta; waits while another one is already waiting.
-    pub fn send(&mut self, delta: Delta) -> Result<(), ProcessError> {
+    /// Queues a checkpoint; waits while the queue is full (the sinks are that far behind).
+    pub fn send(&mut self, pending: Pending) -> Result<(), ProcessError> {
         self.failure()?;
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(delta).is_ok());
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(pending).is_ok());
         if !sent {
             self.failure()?;
             return Err(ProcessError::Checkpoint {
@@ -231,13 +288,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Waits until every queued delta is written.
-    pub fn finish(mut self) -> Result<(), ProcessError> {
-        self.stop();
+    /// Waits until every queued checkpoint is written, or until the sinks have had `patience`
+    /// (`None`: as long as they take) to store what the queued ones wait for (the rest is then
+    /// not written).
+    pub fn finish(mut self, patience: Option<Duration>) -> Result<(), ProcessError> {
+        self.stop(patience.unwrap_or(Duration::from_secs(1 << 30)));
         self.failure()
     }
 
-    fn stop(&mut self) {
+    fn stop(&mut self, patience: Duration) {
+        *self.give_up_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + patience);
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -246,9 +307,64 @@ impl Writer {
 }
 
 impl Drop for Writer {
+    /// Without [`Writer::finish`] (the processor failed): what is written is written, and no
+    /// checkpoint waits for the sinks any more.
     fn drop(&mut self) {
-        self.stop();
+        self.stop(Duration::ZERO);
     }
+}
+
+/// Waits until `p`'s alerts are acked and its epoch is stored by the sinks.
+fn ready(
+    p: &mut Pending,
+    alerts: Option<&Alerts>,
+    give_up_at: &Mutex<Option<Instant>>,
+) -> Result<(), NotReady> {
+    let gave_up = || {
+        give_up_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| Instant::now() >= at)
+    };
+    if let Some((gate, epoch)) = &p.sinks {
+        let started = Instant::now();
+        while gate.delivered_epoch() < *epoch {
+            if let Some(f) = gate.failure() {
+                return Err(NotReady::Failed(ProcessError::Sink(f)));
+            }
+            if gave_up() {
+                tracing::warn!(
+                    epoch,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "view sinks did not store the last epochs in time; exiting without a final checkpoint (the next start replays them)"
+                );
+                return Err(NotReady::GaveUp);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if p.alerts.is_empty() {
+        return Ok(());
+    }
+    let Some(a) = alerts else {
+        return Err(NotReady::Failed(ProcessError::Checkpoint {
+            path: PathBuf::new(),
+            what: "alerts without an alert producer (a bug)".into(),
+        }));
+    };
+    for (id, f) in std::mem::take(&mut p.alerts) {
+        let reason = match a.handle.block_on(f) {
+            Ok(Ok(_)) => continue,
+            Ok(Err((e, _))) => e.to_string(),
+            Err(_) => "the producer was dropped".to_owned(),
+        };
+        return Err(NotReady::Failed(ProcessError::AlertUndelivered {
+            id,
+            topic: a.topic.clone(),
+            reason,
+        }));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -360,6 +476,75 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_appears_only_once_the_sinks_stored_its_epoch() {
+        let dir = std::env::temp_dir().join(format!("wb-ckpt-gate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut state = State::new(SafetyStock::default());
+        state.track_checkpoint_changes(true);
+        let path = dir.join("views.json");
+        let mut w = Writer::start(
+            path.clone(),
+            Replica::new(state.save("p")),
+            Arc::default(),
+            None,
+        )
+        .unwrap();
+        let gate = Arc::new(SinkGate::default());
+        gate.delivered(3);
+        w.send(Pending {
+            delta: state.take_delta(),
+            sinks: Some((gate.clone(), 5)),
+            alerts: Vec::new(),
+        })
+        .unwrap();
+        // The sinks hold epoch 3 of 5: a file now would be ahead of them after a crash.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !path.exists(),
+            "checkpoint written before the sinks stored its epoch"
+        );
+        gate.delivered(5);
+        w.finish(None).unwrap();
+        assert!(
+            path.exists(),
+            "checkpoint not written once the sinks stored its epoch"
+        );
+
+        // Sinks that fail: no checkpoint, and the processor hears why.
+        let _ = std::fs::remove_file(&path);
+        let mut w = Writer::start(path.clone(), Replica::default(), Arc::default(), None).unwrap();
+        let gate = Arc::new(SinkGate::default());
+        w.send(Pending {
+            delta: Delta::default(),
+            sinks: Some((gate.clone(), 1)),
+            alerts: Vec::new(),
+        })
+        .unwrap();
+        gate.fail("read_model: connection refused".into());
+        let e = w.finish(None).unwrap_err().to_string();
+        assert!(e.contains("connection refused"), "{e}");
+        assert!(!path.exists());
+
+        // Stopping while the sinks stay behind: no checkpoint after the patience, no error.
+        let w = {
+            let mut w =
+                Writer::start(path.clone(), Replica::default(), Arc::default(), None).unwrap();
+            w.send(Pending {
+                delta: Delta::default(),
+                sinks: Some((Arc::new(SinkGate::default()), 1)),
+                alerts: Vec::new(),
+            })
+            .unwrap();
+            w
+        };
+        let t = Instant::now();
+        w.finish(Some(Duration::from_millis(100))).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_writer_writes_the_replica_and_reports_a_bad_path() {
         let dir = std::env::temp_dir().join(format!("wb-ckpt-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -367,7 +552,7 @@ mod tests {
         state.track_checkpoint_changes(true);
         let replica = Replica::new(state.save("p"));
         let path = dir.join("views.json");
-        let mut w = Writer::start(path.clone(), replica, Arc::default()).unwrap();
+        let mut w = Writer::start(path.clone(), replica, Arc::default(), None).unwrap();
         state.apply(&Event {
             change: Change::Customer {
                 id: 9,
@@ -376,17 +561,17 @@ mod tests {
             lsn: 5,
             ts_ms: 5,
         });
-        w.send(state.take_delta()).unwrap();
-        w.finish().unwrap();
+        w.send(Pending::bare(state.take_delta())).unwrap();
+        w.finish(None).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let saved: Saved = serde_json::from_str(&text).unwrap();
         assert_eq!(normal(saved), normal(state.save("p")));
 
         // A file where the directory should be: the write fails and the processor hears it.
         let blocked = dir.join("views.json").join("x.json");
-        let mut w = Writer::start(blocked, Replica::default(), Arc::default()).unwrap();
-        w.send(Delta::default()).unwrap();
-        let e = w.finish().unwrap_err().to_string();
+        let mut w = Writer::start(blocked, Replica::default(), Arc::default(), None).unwrap();
+        w.send(Pending::bare(Delta::default())).unwrap();
+        let e = w.finish(None).unwrap_err().to_string();
         assert!(e.contains("x.json"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

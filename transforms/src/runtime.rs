@@ -6,9 +6,9 @@
 //! views are brought up to date, changed views are published to the [`Catalog`] and the
 //! [`Epoch`] is sent to the channel. A full channel (a slow sink) does not stop the fold or
 //! the SQL views: epochs wait in the processor and are merged once `MAX_UNSENT` queue up, so
-//! memory is bounded by the views' size; only a checkpoint waits for the sinks (below).
-//! Every `checkpoint_interval` the alerts produced so far are flushed and the state is
-//! written with the offsets it reflects (temp file, fsync, rename: a crash leaves the old or
+//! memory is bounded by the views' size. Every `checkpoint_interval` the state is written,
+//! by a thread of its own ([`crate::checkpoint`]), with the offsets it reflects, once the
+//! alerts produced so far are acked and the sinks stored its epoch (temp file, fsync, rename: a crash leaves the old or
 //! the new checkpoint, never a torn one). On start the checkpoint is restored and the consumer
 //! is positioned at its offsets, so after `kill -9` the changes after the checkpoint are read
 //! and folded again, exactly once into the state.
@@ -24,9 +24,10 @@
 //!
 //! With view sinks ([`run_with`]) two more rules keep every sink exact across a crash:
 //!
-//! - **A checkpoint never gets ahead of the sinks.** Before writing one, the processor closes the
-//!   epoch (so the checkpoint's offsets are an epoch boundary), then waits until the sinks report
-//!   that epoch stored ([`SinkGate`]). Epochs whose views did not change are still sent, so a
+//! - **A checkpoint never gets ahead of the sinks.** For each one, the processor closes the
+//!   epoch (so the checkpoint's offsets are an epoch boundary) and hands it to the sinks; the
+//!   checkpoint writer writes the file only once the sinks report that epoch stored
+//!   ([`SinkGate`]), while the fold goes on. Epochs whose views did not change are still sent, so a
 //!   sink's stored offsets follow the input even through quiet stretches. A sink is therefore
 //!   at or ahead of the checkpoint after any crash; one that is behind missed epochs (it was
 //!   reset or left out of the config) and the caller refuses to start it.
@@ -68,9 +69,6 @@ pub const CUT_PATIENCE: Duration = Duration::from_secs(30);
 /// drain, not on a timer, is what keeps a change's way into SQL short (a timer adds half its
 /// period on average); the gap bounds the epoch rate when changes trickle in one by one.
 pub const MIN_EPOCH_GAP: Duration = Duration::from_millis(5);
-
-/// How long a periodic checkpoint waits for the sinks before it is put off.
-const CHECKPOINT_SINK_PATIENCE: Duration = Duration::from_millis(20);
 
 /// Epochs held back while the sinks' channel is full before they are merged into one.
 const MAX_UNSENT: usize = 64;
@@ -732,10 +730,15 @@ impl Processor {
             let replica =
                 crate::checkpoint::Replica::new(self.state.save(&self.config.topic_prefix));
             self.state.track_checkpoint_changes(true);
+            let alerts = self.alerts.then(|| crate::checkpoint::Alerts {
+                handle: self.handle.clone(),
+                topic: self.config.alerts_topic.clone(),
+            });
             self.writer = Some(crate::checkpoint::Writer::start(
                 self.config.checkpoint_path(),
                 replica,
                 self.stats.clone(),
+                alerts,
             )?);
         }
         self.assign()?;
@@ -814,16 +817,15 @@ impl Processor {
                 next_drain_close = Instant::now() + MIN_EPOCH_GAP;
             }
             if self.checkpoints && now >= next_checkpoint {
-                // A checkpoint waits for the sinks to store its epoch. While they are busy
+                // A checkpoint's epoch goes to the sinks first. While their channel is full
                 // (a first full copy, a slow transaction) it is put off, so the views keep
-                // moving; put off too long, it waits for them.
+                // moving; put off too long, it waits for room.
                 let due = *checkpoint_due.get_or_insert(now);
-                let patience = (due.elapsed() < self.config.checkpoint_interval * 5)
-                    .then_some(CHECKPOINT_SINK_PATIENCE);
+                let may_put_off = due.elapsed() < self.config.checkpoint_interval * 5;
                 if self.state.offsets == saved_offsets {
                     checkpoint_due = None;
                     next_checkpoint = now + self.config.checkpoint_interval;
-                } else if self.checkpoint(patience)? {
+                } else if self.checkpoint(may_put_off)? {
                     saved_offsets = self.state.offsets.clone();
                     checkpoint_due = None;
                     next_checkpoint = now + self.config.checkpoint_interval;
@@ -837,11 +839,13 @@ impl Processor {
             self.close_epoch()?;
         }
         if self.checkpoints && self.state.offsets != saved_offsets {
-            self.checkpoint(None)?;
+            self.checkpoint(false)?;
         }
         // The last checkpoint is on disk when the processor returns.
         if let Some(w) = self.writer.take() {
-            w.finish()?;
+            // Stopping, the sinks get a bounded time to store the last epochs; a run that
+            // ended because its input went quiet waits for them.
+            w.finish(self.stopped().then_some(STOP_SINK_PATIENCE))?;
         }
         Ok(())
     }
@@ -1176,45 +1180,6 @@ impl Processor {
         Ok(())
     }
 
-    /// Waits until the sinks stored every epoch closed. False when stopping and they take too
-    /// long, or past `patience` when one is given (the caller then skips the checkpoint).
-    fn wait_for_sinks(&mut self, patience: Option<Duration>) -> Result<bool, ProcessError> {
-        let Some(gate) = self.gate.clone() else {
-            return Ok(true);
-        };
-        if patience.is_some() {
-            self.send_epochs(false)?;
-            if !self.unsent.is_empty() {
-                return Ok(false);
-            }
-        } else {
-            self.send_epochs(true)?;
-        }
-        gate.want(self.last_sent);
-        let started = Instant::now();
-        let mut stopping_since: Option<Instant> = None;
-        while gate.delivered.load(Ordering::SeqCst) < self.last_sent {
-            if let Some(f) = gate.failure() {
-                return Err(ProcessError::Sink(f));
-            }
-            if patience.is_some_and(|p| started.elapsed() > p) {
-                return Ok(false);
-            }
-            if self.stopped() {
-                let s = *stopping_since.get_or_insert_with(Instant::now);
-                if s.elapsed() > STOP_SINK_PATIENCE {
-                    tracing::warn!(
-                        waited_ms = started.elapsed().as_millis() as u64,
-                        "view sinks did not store the last epochs in time; exiting without a final checkpoint (the next start replays them)"
-                    );
-                    return Ok(false);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(true)
-    }
-
     fn alert_producer(&self) -> Result<FutureProducer, ProcessError> {
         let producer: FutureProducer = self
             .config
@@ -1280,38 +1245,42 @@ impl Processor {
         }
     }
 
-    /// Waits for every alert produced so far and for the sinks, then writes the checkpoint: an
-    /// alert or a sink is never behind a checkpoint that covers its change (at least once,
-    /// duplicates carry one id). False when it was skipped: the sinks had not stored its epoch
-    /// within `patience`, or in time while stopping.
-    fn checkpoint(&mut self, patience: Option<Duration>) -> Result<bool, ProcessError> {
-        if self.gate.is_some() {
-            // The checkpoint's offsets must be an epoch boundary the sinks stored.
+    /// Hands a checkpoint to the writer, which writes it once every alert produced so far is
+    /// acked and the sinks stored its epoch: an alert or a sink is never behind a checkpoint
+    /// that covers its change (at least once, duplicates carry one id). False when it was put
+    /// off (`may_put_off` and the sinks' channel is full).
+    fn checkpoint(&mut self, may_put_off: bool) -> Result<bool, ProcessError> {
+        let mut sinks = None;
+        if let Some(gate) = self.gate.clone() {
+            if let Some(f) = gate.failure() {
+                return Err(ProcessError::Sink(f));
+            }
+            // The checkpoint's offsets must be an epoch boundary handed to the sinks; the
+            // writer waits until they stored it (see [`crate::checkpoint`]).
             if self.since_epoch > 0 {
                 self.close_epoch()?;
             }
-            if !self.wait_for_sinks(patience)? {
-                return Ok(false);
+            if may_put_off {
+                self.send_epochs(false)?;
+                if !self.unsent.is_empty() {
+                    return Ok(false);
+                }
+            } else {
+                self.send_epochs(true)?;
             }
-        }
-        for (id, f) in std::mem::take(&mut self.pending_alerts) {
-            let res = self.handle.block_on(f);
-            let reason = match res {
-                Ok(Ok(_)) => continue,
-                Ok(Err((e, _))) => e.to_string(),
-                Err(_) => "the producer was dropped".to_owned(),
-            };
-            return Err(ProcessError::AlertUndelivered {
-                id,
-                topic: self.config.alerts_topic.clone(),
-                reason,
-            });
+            gate.want(self.last_sent);
+            sinks = Some((gate, self.last_sent));
         }
         let t = Instant::now();
         let delta = self.state.take_delta();
         let delta_ms = t.elapsed().as_millis() as u64;
+        let pending = crate::checkpoint::Pending {
+            delta,
+            sinks,
+            alerts: std::mem::take(&mut self.pending_alerts),
+        };
         match &mut self.writer {
-            Some(w) => w.send(delta)?,
+            Some(w) => w.send(pending)?,
             None => {
                 return Err(ProcessError::Checkpoint {
                     path: self.config.checkpoint_path(),

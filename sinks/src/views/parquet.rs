@@ -282,13 +282,36 @@ impl ViewSink for ParquetViewSink {
         if holds(&self.offsets, &epoch.offsets) {
             return Ok(Written::AlreadyHeld);
         }
+        // Compressing and fsyncing a checkpoint interval's changes takes tens of ms: on a
+        // thread for blocking work, not on the runtime's workers, which serve the SQL endpoint
+        // (and, in one process with the pipeline, the change capture).
+        let mut sink = Self {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            offsets: self.offsets.clone(),
+            shard: self.shard.clone(),
+        };
+        let epoch = epoch.clone();
+        let offsets = tokio::task::spawn_blocking(move || {
+            sink.write_files(&epoch)?;
+            Ok::<_, ViewSinkError>(sink.offsets)
+        })
+        .await
+        .map_err(|e| self.err("the writing thread failed", &self.dir, e))??;
+        self.offsets = offsets;
+        Ok(Written::Stored)
+    }
+}
+
+impl ParquetViewSink {
+    /// Writes the epoch's files and then its offsets (blocking).
+    fn write_files(&mut self, epoch: &Epoch) -> Result<(), ViewSinkError> {
         let position: i64 = epoch.offsets.0.values().sum();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let date = utc_date(now);
-        // Blocking file I/O inline: an epoch's files are small (one per changed view).
         for changes in &epoch.changes {
             if changes.upserts.num_rows() + changes.deletes.num_rows() == 0 {
                 continue;
@@ -300,7 +323,7 @@ impl ViewSink for ParquetViewSink {
         self.store_offsets(&next)?;
         self.offsets = next;
         tracing::debug!(sink = %self.name, epoch = epoch.number, "view epoch written");
-        Ok(Written::Stored)
+        Ok(())
     }
 }
 
