@@ -30,8 +30,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::DeliveryFuture;
 
 use crate::input::{Order, SkuLoc, Stock};
-use crate::runtime::{ProcessError, ProcessorStats, SinkGate};
+use crate::runtime::{ProcessError, ProcessorStats, STOP_SINK_PATIENCE, SinkGate};
 use crate::state::{CHECKPOINT_VERSION, Delta, Saved};
 
 /// The checkpointed state, kept by the writer thread.
@@ -194,9 +194,35 @@ pub struct Writer {
     tx: Option<SyncSender<Pending>>,
     thread: Option<JoinHandle<()>>,
     failed: Arc<Mutex<Option<ProcessError>>>,
-    /// Set when the processor stops: past it, the writer stops waiting for the sinks.
-    give_up_at: Arc<Mutex<Option<Instant>>>,
+    give_up: Arc<GiveUp>,
+    /// The processor's stop request, when it has one: a hand-off that waits for room in the
+    /// queue gives up [`STOP_SINK_PATIENCE`] after it.
+    stop: Option<Arc<AtomicBool>>,
     path: PathBuf,
+}
+
+/// When the writer stops waiting for the sinks: set when the processor stops (a bounded wait
+/// for the last epochs) or fails (none).
+#[derive(Default)]
+struct GiveUp {
+    at: Mutex<Option<Instant>>,
+    /// The processor failed: giving up is not the sinks' fault, so it is not logged as theirs.
+    failed: AtomicBool,
+}
+
+impl GiveUp {
+    /// Gives up at `at` at the latest.
+    fn by(&self, at: Instant) {
+        let mut g = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some(g.map_or(at, |old| old.min(at)));
+    }
+
+    fn due(&self) -> bool {
+        self.at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| Instant::now() >= at)
+    }
 }
 
 /// Where the writer sends alerts' receipts to be awaited, and under which topic name to
@@ -212,16 +238,17 @@ impl Writer {
         mut replica: Replica,
         stats: Arc<ProcessorStats>,
         alerts: Option<Alerts>,
+        stop: Option<Arc<AtomicBool>>,
     ) -> Result<Writer, ProcessError> {
         let (tx, rx) = sync_channel::<Pending>(QUEUED);
         let failed = Arc::new(Mutex::new(None));
-        let give_up_at = Arc::new(Mutex::new(None));
-        let (fail, stop, file) = (failed.clone(), give_up_at.clone(), path.clone());
+        let give_up = Arc::new(GiveUp::default());
+        let (fail, gu, file) = (failed.clone(), give_up.clone(), path.clone());
         let thread = std::thread::Builder::new()
             .name("processor-checkpoint".into())
             .spawn(move || {
                 for mut p in rx {
-                    match ready(&mut p, alerts.as_ref(), &stop) {
+                    match ready(&mut p, alerts.as_ref(), &gu) {
                         Ok(()) => {}
                         Err(NotReady::GaveUp) => return,
                         Err(NotReady::Failed(e)) => {
@@ -262,43 +289,66 @@ impl Writer {
             tx: Some(tx),
             thread: Some(thread),
             failed,
-            give_up_at,
+            give_up,
+            stop,
             path,
         })
     }
 
-    fn failure(&self) -> Result<(), ProcessError> {
+    /// The writer's failure, if it had one (a failed write, a sink failure, an undelivered
+    /// alert): the processor stops with it.
+    pub fn failure(&self) -> Result<(), ProcessError> {
         match self.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
-    /// Queues a checkpoint; waits while the queue is full (the sinks are that far behind).
-    pub fn send(&mut self, pending: Pending) -> Result<(), ProcessError> {
-        self.failure()?;
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(pending).is_ok());
-        if !sent {
+    /// Queues a checkpoint; waits while the queue is full (the sinks are that far behind),
+    /// but once the processor is asked to stop, for [`STOP_SINK_PATIENCE`] at most. False:
+    /// not queued (stopping, and the sinks did not make room in time).
+    pub fn send(&mut self, pending: Pending) -> Result<bool, ProcessError> {
+        let mut item = pending;
+        loop {
             self.failure()?;
-            return Err(ProcessError::Checkpoint {
+            let stopped = ProcessError::Checkpoint {
                 path: self.path.clone(),
                 what: "the checkpoint thread stopped".into(),
-            });
+            };
+            let Some(tx) = &self.tx else {
+                return Err(stopped);
+            };
+            match tx.try_send(item) {
+                Ok(()) => return Ok(true),
+                Err(TrySendError::Disconnected(_)) => {
+                    self.failure()?;
+                    return Err(stopped);
+                }
+                Err(TrySendError::Full(p)) => item = p,
+            }
+            if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                self.give_up.by(Instant::now() + STOP_SINK_PATIENCE);
+            }
+            if self.give_up.due() {
+                tracing::warn!(
+                    "view sinks did not store the last epochs in time; exiting without a final checkpoint (the next start replays them)"
+                );
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        Ok(())
     }
 
     /// Waits until every queued checkpoint is written, or until the sinks have had `patience`
     /// (`None`: as long as they take) to store what the queued ones wait for (the rest is then
     /// not written).
     pub fn finish(mut self, patience: Option<Duration>) -> Result<(), ProcessError> {
-        self.stop(patience.unwrap_or(Duration::from_secs(1 << 30)));
+        self.end(patience.unwrap_or(Duration::from_secs(1 << 30)));
         self.failure()
     }
 
-    fn stop(&mut self, patience: Duration) {
-        *self.give_up_at.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Instant::now() + patience);
+    fn end(&mut self, patience: Duration) {
+        self.give_up.by(Instant::now() + patience);
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -310,29 +360,25 @@ impl Drop for Writer {
     /// Without [`Writer::finish`] (the processor failed): what is written is written, and no
     /// checkpoint waits for the sinks any more.
     fn drop(&mut self) {
-        self.stop(Duration::ZERO);
+        if self.thread.is_some() {
+            self.give_up.failed.store(true, Ordering::SeqCst);
+        }
+        self.end(Duration::ZERO);
     }
 }
 
 /// Waits until `p`'s alerts are acked and its epoch is stored by the sinks.
-fn ready(
-    p: &mut Pending,
-    alerts: Option<&Alerts>,
-    give_up_at: &Mutex<Option<Instant>>,
-) -> Result<(), NotReady> {
-    let gave_up = || {
-        give_up_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| Instant::now() >= at)
-    };
+fn ready(p: &mut Pending, alerts: Option<&Alerts>, give_up: &GiveUp) -> Result<(), NotReady> {
     if let Some((gate, epoch)) = &p.sinks {
         let started = Instant::now();
         while gate.delivered_epoch() < *epoch {
             if let Some(f) = gate.failure() {
                 return Err(NotReady::Failed(ProcessError::Sink(f)));
             }
-            if gave_up() {
+            if give_up.due() {
+                if give_up.failed.load(Ordering::SeqCst) {
+                    return Err(NotReady::GaveUp);
+                }
                 tracing::warn!(
                     epoch,
                     waited_ms = started.elapsed().as_millis() as u64,
@@ -487,6 +533,7 @@ mod tests {
             Replica::new(state.save("p")),
             Arc::default(),
             None,
+            None,
         )
         .unwrap();
         let gate = Arc::new(SinkGate::default());
@@ -512,7 +559,8 @@ mod tests {
 
         // Sinks that fail: no checkpoint, and the processor hears why.
         let _ = std::fs::remove_file(&path);
-        let mut w = Writer::start(path.clone(), Replica::default(), Arc::default(), None).unwrap();
+        let mut w =
+            Writer::start(path.clone(), Replica::default(), Arc::default(), None, None).unwrap();
         let gate = Arc::new(SinkGate::default());
         w.send(Pending {
             delta: Delta::default(),
@@ -527,8 +575,8 @@ mod tests {
 
         // Stopping while the sinks stay behind: no checkpoint after the patience, no error.
         let w = {
-            let mut w =
-                Writer::start(path.clone(), Replica::default(), Arc::default(), None).unwrap();
+            let mut w = Writer::start(path.clone(), Replica::default(), Arc::default(), None, None)
+                .unwrap();
             w.send(Pending {
                 delta: Delta::default(),
                 sinks: Some((Arc::new(SinkGate::default()), 1)),
@@ -552,7 +600,7 @@ mod tests {
         state.track_checkpoint_changes(true);
         let replica = Replica::new(state.save("p"));
         let path = dir.join("views.json");
-        let mut w = Writer::start(path.clone(), replica, Arc::default(), None).unwrap();
+        let mut w = Writer::start(path.clone(), replica, Arc::default(), None, None).unwrap();
         state.apply(&Event {
             change: Change::Customer {
                 id: 9,
@@ -569,7 +617,7 @@ mod tests {
 
         // A file where the directory should be: the write fails and the processor hears it.
         let blocked = dir.join("views.json").join("x.json");
-        let mut w = Writer::start(blocked, Replica::default(), Arc::default(), None).unwrap();
+        let mut w = Writer::start(blocked, Replica::default(), Arc::default(), None, None).unwrap();
         w.send(Pending::bare(Delta::default())).unwrap();
         let e = w.finish(None).unwrap_err().to_string();
         assert!(e.contains("x.json"), "{e}");

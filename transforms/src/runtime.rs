@@ -75,7 +75,7 @@ const MAX_UNSENT: usize = 64;
 
 /// How long a stopping processor waits for the sinks before it exits without a final checkpoint
 /// (the next start replays from the previous one).
-const STOP_SINK_PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const STOP_SINK_PATIENCE: Duration = Duration::from_secs(10);
 
 /// What the view sinks report back to the processor: the last epoch all of them stored, or why
 /// they cannot go on.
@@ -734,11 +734,16 @@ impl Processor {
                 handle: self.handle.clone(),
                 topic: self.config.alerts_topic.clone(),
             });
+            let stop = match &self.until {
+                Until::Stopped(s) => Some(s.clone()),
+                Until::Quiet(_) => None,
+            };
             self.writer = Some(crate::checkpoint::Writer::start(
                 self.config.checkpoint_path(),
                 replica,
                 self.stats.clone(),
                 alerts,
+                stop,
             )?);
         }
         self.assign()?;
@@ -817,6 +822,11 @@ impl Processor {
                 next_drain_close = Instant::now() + MIN_EPOCH_GAP;
             }
             if self.checkpoints && now >= next_checkpoint {
+                // The writer's failure (a sink, an alert, the disk) stops the processor even
+                // while no checkpoint is due for lack of input.
+                if let Some(w) = &self.writer {
+                    w.failure()?;
+                }
                 // A checkpoint's epoch goes to the sinks first. While their channel is full
                 // (a first full copy, a slow transaction) it is put off, so the views keep
                 // moving; put off too long, it waits for room.
@@ -1280,7 +1290,11 @@ impl Processor {
             alerts: std::mem::take(&mut self.pending_alerts),
         };
         match &mut self.writer {
-            Some(w) => w.send(pending)?,
+            Some(w) => {
+                if !w.send(pending)? {
+                    return Ok(false);
+                }
+            }
             None => {
                 return Err(ProcessError::Checkpoint {
                     path: self.config.checkpoint_path(),
