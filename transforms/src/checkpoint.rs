@@ -167,6 +167,7 @@ pub struct Pending {
     pub alerts: Vec<(String, DeliveryFuture)>,
 }
 
+#[cfg(test)]
 impl Pending {
     /// A delta with nothing to wait for.
     pub fn bare(delta: Delta) -> Pending {
@@ -311,20 +312,16 @@ impl Writer {
         let mut item = pending;
         loop {
             self.failure()?;
-            let stopped = ProcessError::Checkpoint {
-                path: self.path.clone(),
-                what: "the checkpoint thread stopped".into(),
-            };
-            let Some(tx) = &self.tx else {
-                return Err(stopped);
-            };
-            match tx.try_send(item) {
-                Ok(()) => return Ok(true),
-                Err(TrySendError::Disconnected(_)) => {
+            match self.tx.as_ref().map(|tx| tx.try_send(item)) {
+                Some(Ok(())) => return Ok(true),
+                Some(Err(TrySendError::Full(p))) => item = p,
+                Some(Err(TrySendError::Disconnected(_))) | None => {
                     self.failure()?;
-                    return Err(stopped);
+                    return Err(ProcessError::Checkpoint {
+                        path: self.path.clone(),
+                        what: "the checkpoint thread stopped".into(),
+                    });
                 }
-                Err(TrySendError::Full(p)) => item = p,
             }
             if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
                 self.give_up.by(Instant::now() + STOP_SINK_PATIENCE);
