@@ -8,8 +8,8 @@
 //! the SQL views: epochs wait in the processor and are merged once `MAX_UNSENT` queue up, so
 //! memory is bounded by the views' size. Every `checkpoint_interval` the state is written,
 //! by a thread of its own ([`crate::checkpoint`]), with the offsets it reflects, once the
-//! alerts produced so far are acked and the sinks stored its epoch (temp file, fsync, rename: a crash leaves the old or
-//! the new checkpoint, never a torn one). On start the checkpoint is restored and the consumer
+//! alerts produced so far are acked and the sinks stored its epoch (temp file, fsync,
+//! rename: a crash leaves the old or the new checkpoint, never a torn one). On start the checkpoint is restored and the consumer
 //! is positioned at its offsets, so after `kill -9` the changes after the checkpoint are read
 //! and folded again, exactly once into the state.
 //!
@@ -27,10 +27,10 @@
 //! - **A checkpoint never gets ahead of the sinks.** For each one, the processor closes the
 //!   epoch (so the checkpoint's offsets are an epoch boundary) and hands it to the sinks; the
 //!   checkpoint writer writes the file only once the sinks report that epoch stored
-//!   ([`SinkGate`]), while the fold goes on. Epochs whose views did not change are still sent, so a
-//!   sink's stored offsets follow the input even through quiet stretches. A sink is therefore
-//!   at or ahead of the checkpoint after any crash; one that is behind missed epochs (it was
-//!   reset or left out of the config) and the caller refuses to start it.
+//!   ([`SinkGate`]), while the fold goes on. Epochs whose views did not change are still
+//!   sent, so a sink's stored offsets follow the input even through quiet stretches. A sink
+//!   is therefore at or ahead of the checkpoint after any crash; one that is behind missed
+//!   epochs (it was reset or left out of the config) and the caller refuses to start it.
 //! - **Replay is cut where the sinks stand.** A sink ahead of the checkpoint holds the view as of
 //!   its stored offsets `Y`. Replaying from the checkpoint `X`, an epoch spanning `Y` would carry
 //!   the net change from `X` to its end, which misses a key that moved after `X` and came back

@@ -46,6 +46,9 @@ use super::{ViewSink, ViewSinkError, Written, advance, holds, indices, key_names
 
 const OFFSETS_FILE: &str = "_walbridge_offsets.json";
 
+/// Cloned for each write, which runs on a blocking thread; the copy's offsets replace these
+/// once it succeeded.
+#[derive(Clone)]
 pub struct ParquetViewSink {
     name: String,
     dir: PathBuf,
@@ -285,12 +288,7 @@ impl ViewSink for ParquetViewSink {
         // Compressing and fsyncing a checkpoint interval's changes takes tens of ms: on a
         // thread for blocking work, not on the runtime's workers, which serve the SQL endpoint
         // (and, in one process with the pipeline, the change capture).
-        let mut sink = Self {
-            name: self.name.clone(),
-            dir: self.dir.clone(),
-            offsets: self.offsets.clone(),
-            shard: self.shard.clone(),
-        };
+        let mut sink = self.clone();
         let epoch = epoch.clone();
         let offsets = tokio::task::spawn_blocking(move || {
             sink.write_files(&epoch)?;
