@@ -103,10 +103,24 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
+
+    /// Takes over the counts of a histogram kept elsewhere: `counts` per bucket of these
+    /// bounds, then +Inf (not cumulative), as [`Counter::mirror`] does for a count.
+    pub fn mirror(&self, counts: &[u64], sum: Duration) {
+        for (c, v) in self.counts.iter().zip(counts) {
+            c.store(*v, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .store(sum.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn bounds(&self) -> &'static [f64] {
+        self.bounds
+    }
 }
 
 /// Commit→ack latency buckets: a healthy pipeline acks in milliseconds; a stalled one in minutes.
-const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 

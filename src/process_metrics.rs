@@ -18,7 +18,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use transforms::{ProcessorStats, SinkGate};
 
-use crate::metrics::{Counter, Gauge, Registry, TaskGuard, now_ms};
+use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry, TaskGuard, now_ms};
 
 /// Per input partition; registered when the processor has a position there.
 pub const CONSUMER_LAG: &str = "walbridge_processor_consumer_lag_messages";
@@ -36,6 +36,8 @@ pub struct ProcessMetrics {
     checkpoint_age_ms: Arc<Gauge>,
     source_lag_ms: Arc<Gauge>,
     sink_backlog: Arc<Gauge>,
+    read_age: Arc<Histogram>,
+    visible_age: Arc<Histogram>,
     up: Arc<Gauge>,
     /// Set when the processor ended (why, if with an error).
     ended: std::sync::Mutex<Option<String>>,
@@ -92,6 +94,16 @@ impl ProcessMetrics {
                 "Epochs closed that not every view sink has stored yet.",
                 &[],
             ),
+            read_age: r.histogram(
+                "walbridge_processor_event_read_age_seconds",
+                "Per change read: now minus the record's CreateTime (when the pipeline produced it) as the processor reads it.",
+                LATENCY_BUCKETS,
+            ),
+            visible_age: r.histogram(
+                "walbridge_processor_event_visible_age_seconds",
+                "Per change read: now minus the record's CreateTime once the epoch holding it is published to SQL.",
+                LATENCY_BUCKETS,
+            ),
             up: r.gauge(
                 "walbridge_processor_up",
                 "1 while the processor runs, 0 once it ended.",
@@ -134,6 +146,15 @@ impl ProcessMetrics {
             0
         };
         self.sink_backlog.set(backlog as i64);
+        for (h, ages) in [
+            (&self.read_age, s.read_age.snapshot()),
+            (&self.visible_age, s.visible_age.snapshot()),
+        ] {
+            h.mirror(
+                &ages.buckets(h.bounds()),
+                Duration::from_millis(ages.sum_ms()),
+            );
+        }
         self.up.set(i64::from(self.health().is_ok()));
         for ((topic, partition), pos) in &s.positions().0 {
             let lag = match self.consumer.fetch_watermarks(

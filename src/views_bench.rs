@@ -243,6 +243,7 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         wal: wal_probe,
         acks: &acks,
         marker: 0,
+        query_times: Vec::new(),
         // Past the snapshot, so the probe row's snapshot record is not taken for a probe.
         before: current_lsn(&client).await?,
     };
@@ -272,17 +273,28 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         opts.duration
     );
 
+    let spike_secs = opts.duration.as_secs_f64() * 0.2;
+    // Every change's age as the processors read it and once it is in SQL, over the workload:
+    // snapshots at its start, at the spike's end and at its end.
+    let ages = || (stats.read_age.snapshot(), stats.visible_age.snapshot());
+    let at_start = ages();
+    let mut at_spike_end = None;
+    prober.query_times.clear();
     let workload = start_workload(opts, &pg).await?;
     let started = Instant::now();
     let mut probes = Vec::new();
     while started.elapsed() < opts.duration && !workload.is_finished() {
         let at = started.elapsed().as_secs_f64();
+        if at >= spike_secs && at_spike_end.is_none() {
+            at_spike_end = Some(ages());
+        }
         let mut p = prober.probe(PROBE_TIMEOUT).await?;
         p.at = at;
         probes.push(p);
         tokio::time::sleep(opts.probe_gap).await;
     }
     let sim = workload.await.context("the workload task panicked")??;
+    let at_end = ages();
     println!("load average after:  {}", loadavg());
     process.stop().await?;
     prober.consumer.stop();
@@ -293,11 +305,12 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         "\nworkload: {} transactions at {:.0} tx/s achieved ({} tx/s offered, spike profile: the first 20 % at 5x)",
         sim.transactions, sim.achieved_rate, opts.rate
     );
-    print_figures(
-        &probes,
-        opts.duration.as_secs_f64() * 0.2,
-        opts.poll,
-        opts.wal_floor,
+    print_figures(&probes, spike_secs, opts.poll, opts.wal_floor);
+    let at_spike_end = at_spike_end.unwrap_or_else(|| at_end.clone());
+    print_ages(
+        [&at_start, &at_spike_end, &at_end],
+        spike_secs,
+        &prober.query_times,
     );
     drop(broker);
     drop(pg);
@@ -447,6 +460,8 @@ struct Prober<'a> {
     marker: i64,
     /// The WAL insert position after the previous probe's commit: this probe's commit is after it.
     before: Lsn,
+    /// How long each SQL query of the probes took, answer included.
+    query_times: Vec<Duration>,
 }
 
 impl Prober<'_> {
@@ -478,9 +493,12 @@ impl Prober<'_> {
                 None => None,
             }
         };
+        let query_times = &mut self.query_times;
         let sql = async {
             loop {
+                let asked = Instant::now();
                 let rows = self.sql.simple_query(self.query).await?;
+                query_times.push(asked.elapsed());
                 let seen = rows.iter().find_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<i64>().ok(),
                     _ => None,
@@ -943,6 +961,13 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration, wal_floor: b
     let (steady, _) = pick(from_event, &|p: &Probe| p.at >= spike_secs);
     println!("    during the spike (first {spike_secs:.0} s):      {spike}");
     println!("    after it:                                 {steady}");
+    // The same span in two parts, per probe, with the bench's own consumer of the topic
+    // standing in for the processors' (same broker, same fetch wait): the broker hop, and
+    // what the processors, the epoch close and the SQL endpoint add after it.
+    let (hop, _) = pick(|p| Some(p.kafka?.saturating_sub(p.produced?)), &all);
+    let (rest, _) = pick(|p| Some(p.sql?.saturating_sub(p.kafka?)), &all);
+    println!("    of which handed → a consumer has it:      {hop}");
+    println!("    of which a consumer has it → in SQL:      {rest}");
     let verdict = |p: Option<(Duration, Duration)>| match p {
         Some((_, p99)) if p99 <= Duration::from_millis(100) => "met",
         Some(_) => "NOT met",
@@ -977,6 +1002,46 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration, wal_floor: b
             );
         }
     }
+}
+
+/// The processors' own figures over the workload, from every change they read (thousands, where
+/// the probes are hundreds): the record's age when read and once in SQL
+/// ([`transforms::freshness`]), then what a query adds.
+fn print_ages(
+    [start, spike_end, end]: [&(transforms::freshness::Ages, transforms::freshness::Ages); 3],
+    spike_secs: f64,
+    query_times: &[Duration],
+) {
+    let line = |a: &transforms::freshness::Ages| match (a.quantile(0.5), a.quantile(0.99)) {
+        (Some(p50), Some(p99)) => format!(
+            "p50 {p50:>5} ms     p99 {p99:>5} ms     max {:>5} ms     ({} changes)",
+            a.quantile(1.0).unwrap_or(p99),
+            a.count()
+        ),
+        _ => "no changes".to_owned(),
+    };
+    println!("\nevery change the processors read during the workload, from its CreateTime (±1 ms)");
+    println!(
+        "  read by the processors:             {}",
+        line(&end.0.since(&start.0))
+    );
+    println!(
+        "  published to SQL (epoch closed):    {}",
+        line(&end.1.since(&start.1))
+    );
+    println!(
+        "    during the spike (first {spike_secs:.0} s):    {}",
+        line(&spike_end.1.since(&start.1))
+    );
+    println!(
+        "    after it:                         {}",
+        line(&end.1.since(&spike_end.1))
+    );
+    let (q, _) = summary(query_times.to_vec(), 0);
+    println!(
+        "  one probe query on the SQL endpoint: {}",
+        q.replace("probes", "queries")
+    );
 }
 
 #[cfg(test)]

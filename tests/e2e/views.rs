@@ -656,7 +656,8 @@ async fn sinks_fed_by_a_processor_killed_mid_stream_hold_exactly_its_views() {
 }
 
 /// The processor's metrics endpoint, once it caught up: messages folded, every partition's lag
-/// reported, no epoch waiting for the sinks, a recent checkpoint, healthy.
+/// reported, every change's age as read and as visible, no epoch waiting for the sinks, a
+/// recent checkpoint, healthy.
 async fn processor_metrics_show_progress(port: u16, cfg: &walbridge::config::Config) {
     let base = format!("http://127.0.0.1:{port}");
     let topic = format!("{}.wms.stock_levels", cfg.kafka.topic_prefix);
@@ -684,6 +685,10 @@ async fn processor_metrics_show_progress(port: u16, cfg: &walbridge::config::Con
             && v("walbridge_processor_checkpoint_age_ms")
                 .is_some_and(|a| (0.0..10_000.0).contains(&a))
             && v("walbridge_processor_source_lag_ms").is_some_and(|a| a >= 0.0)
+            // Every change read is in SQL once caught up, and its age was taken both times.
+            && v("walbridge_processor_event_visible_age_seconds_count").is_some_and(|n| n > 0.0)
+            && v("walbridge_processor_event_visible_age_seconds_count")
+                == v("walbridge_processor_event_read_age_seconds_count")
             && v("walbridge_processor_up") == Some(1.0)
             && lags.len() == cfg.kafka.partitions as usize
             && lags.iter().all(|l| *l >= 0.0);

@@ -269,12 +269,9 @@ impl Writer {
                         return;
                     }
                     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    stats.last_checkpoint_ms.store(
-                        std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as i64),
-                        Ordering::Relaxed,
-                    );
+                    stats
+                        .last_checkpoint_ms
+                        .store(crate::runtime::unix_ms(), Ordering::Relaxed);
                     tracing::debug!(
                         epoch,
                         ms = t.elapsed().as_millis() as u64,

@@ -142,6 +142,7 @@
 pub mod bench;
 pub mod check;
 pub mod checkpoint;
+pub mod freshness;
 pub mod group;
 pub mod input;
 pub mod multiset;

@@ -149,6 +149,10 @@ pub struct ProcessorStats {
     pub newest_source_ms: AtomicI64,
     /// Next offset per partition as of the last epoch.
     pub positions: Mutex<Offsets>,
+    /// Per change read: its age (now minus its CreateTime) when the processor read it.
+    pub read_age: crate::freshness::AgeHistogram,
+    /// Per change read: its age once the epoch holding it was published to SQL.
+    pub visible_age: crate::freshness::AgeHistogram,
 }
 
 impl ProcessorStats {
@@ -617,6 +621,9 @@ pub(crate) struct Processor {
     /// Writes checkpoints off this thread (when checkpointing; see [`crate::checkpoint`]).
     writer: Option<crate::checkpoint::Writer>,
     stats: Arc<ProcessorStats>,
+    /// CreateTimes (Unix ms) of the changes read since the last epoch closed, for
+    /// [`ProcessorStats::visible_age`].
+    epoch_created: Vec<i64>,
 }
 
 impl Processor {
@@ -674,6 +681,7 @@ impl Processor {
             unsent: Vec::new(),
             writer: None,
             stats: Arc::default(),
+            epoch_created: Vec::new(),
         })
     }
 
@@ -796,6 +804,10 @@ impl Processor {
                     Ok(m) => {
                         last_message = Instant::now();
                         let (topic, part, off) = (m.topic().to_owned(), m.partition(), m.offset());
+                        if let Some(created) = m.timestamp().to_millis() {
+                            self.stats.read_age.observe_ms(unix_ms() - created);
+                            self.epoch_created.push(created);
+                        }
                         // Copied so the message's borrow of the consumer ends before the fold.
                         let payload = m.payload().map(|p| (p.to_vec(), event_index(&m)));
                         drop(m);
@@ -1110,6 +1122,7 @@ impl Processor {
         }
         // Sinks get quiet epochs too: their stored offsets must keep up with the checkpoint.
         if out.changes.is_empty() && self.gate.is_none() {
+            self.observe_published();
             return Ok(());
         }
         if let Some(catalog) = &self.catalog {
@@ -1127,6 +1140,7 @@ impl Processor {
                 }
             }
         }
+        self.observe_published();
         if self.epochs.is_some() {
             self.unsent.push(Epoch {
                 number: self.state.epoch,
@@ -1136,6 +1150,17 @@ impl Processor {
             self.send_epochs(false)?;
         }
         Ok(())
+    }
+
+    /// The changes of the epoch just closed are in SQL now (an epoch that changed no view
+    /// leaves SQL as right as it was). A message held back at a cut counts at the epoch
+    /// closed after it was read, not the one that folds it: only a replay after a crash has
+    /// cuts.
+    fn observe_published(&mut self) {
+        let now = unix_ms();
+        for created in self.epoch_created.drain(..) {
+            self.stats.visible_age.observe_ms(now - created);
+        }
     }
 
     /// Hands the closed epochs to the sinks' channel. When it is full (a sink is slower than
@@ -1335,6 +1360,13 @@ fn partitions_of(
         }
     }
     Ok(parts)
+}
+
+/// Now, in milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Every (topic, partition) of the change topics.
