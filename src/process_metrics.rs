@@ -96,12 +96,12 @@ impl ProcessMetrics {
             ),
             read_age: r.histogram(
                 "walbridge_processor_event_read_age_seconds",
-                "Per change read: now minus the record's CreateTime (when the pipeline produced it) as the processor reads it.",
+                "Per change folded: now minus the record's CreateTime (when the pipeline produced it) as the processor reads it.",
                 LATENCY_BUCKETS,
             ),
             visible_age: r.histogram(
                 "walbridge_processor_event_visible_age_seconds",
-                "Per change read: now minus the record's CreateTime once the epoch holding it is published to SQL.",
+                "Per change folded: now minus the record's CreateTime once the epoch holding it is published to SQL.",
                 LATENCY_BUCKETS,
             ),
             up: r.gauge(

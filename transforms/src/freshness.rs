@@ -1,4 +1,4 @@
-//! How fresh the views are, measured on every change a processor reads: the age of the record
+//! How fresh the views are, measured on every change a processor folds: the age of the record
 //! (now minus its CreateTime, the moment walbridge's pipeline handed the event to its producer)
 //! when the processor reads it, and when the epoch that holds it has been published to SQL.
 //! The second is the "event produced → visible" up to the query itself; a SQL answer
@@ -9,7 +9,9 @@
 //! into the Prometheus buckets of `walbridge process`'s `/metrics`. The clocks are the
 //! producer's and the processor's: on two hosts their skew is in the figure, and an age below
 //! zero counts as zero. A change read again after a restart counts again, with its old
-//! timestamp: after a crash the views are that stale until the replay is through.
+//! timestamp: after a crash the views are that stale until the replay is through. Duplicates
+//! dropped while a partition is aligned, and changes a replay holds back at a sink's cut, are
+//! not timed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -149,9 +149,9 @@ pub struct ProcessorStats {
     pub newest_source_ms: AtomicI64,
     /// Next offset per partition as of the last epoch.
     pub positions: Mutex<Offsets>,
-    /// Per change read: its age (now minus its CreateTime) when the processor read it.
+    /// Per change folded: its age (now minus its CreateTime) when the processor read it.
     pub read_age: crate::freshness::AgeHistogram,
-    /// Per change read: its age once the epoch holding it was published to SQL.
+    /// Per change folded: its age once the epoch holding it was published to SQL.
     pub visible_age: crate::freshness::AgeHistogram,
 }
 
@@ -804,14 +804,20 @@ impl Processor {
                     Ok(m) => {
                         last_message = Instant::now();
                         let (topic, part, off) = (m.topic().to_owned(), m.partition(), m.offset());
-                        if let Some(created) = m.timestamp().to_millis() {
-                            self.stats.read_age.observe_ms(unix_ms() - created);
-                            self.epoch_created.push(created);
-                        }
+                        let created = m.timestamp().to_millis();
                         // Copied so the message's borrow of the consumer ends before the fold.
                         let payload = m.payload().map(|p| (p.to_vec(), event_index(&m)));
                         drop(m);
+                        let taken = self.since_epoch;
                         self.take(topic, part, off, payload)?;
+                        // Timed when folded now: not a duplicate dropped while aligning, nor
+                        // one held back at a replay's cut (folded later, untimed).
+                        if let Some(created) = created
+                            && self.since_epoch > taken
+                        {
+                            self.stats.read_age.observe_ms(unix_ms() - created);
+                            self.epoch_created.push(created);
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "processor consumer poll"),
                 },
@@ -1153,9 +1159,7 @@ impl Processor {
     }
 
     /// The changes of the epoch just closed are in SQL now (an epoch that changed no view
-    /// leaves SQL as right as it was). A message held back at a cut counts at the epoch
-    /// closed after it was read, not the one that folds it: only a replay after a crash has
-    /// cuts.
+    /// leaves SQL as right as it was).
     fn observe_published(&mut self) {
         let now = unix_ms();
         for created in self.epoch_created.drain(..) {
