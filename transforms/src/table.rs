@@ -608,13 +608,15 @@ mod tests {
         );
     }
 
+    /// Key `k{i:05}` gets the value `v`.
+    fn set(t: &mut ViewTable, i: usize, v: i64) {
+        let k = Cell::text(&format!("k{i:05}"));
+        t.set(vec![k.clone()], Some(vec![k, Cell::Int(v)]));
+    }
+
     #[test]
     fn a_published_snapshot_never_changes_and_unchanged_chunks_are_built_once() {
         let mut t = table();
-        let set = |t: &mut ViewTable, i: usize, v: i64| {
-            let k = Cell::text(&format!("k{i:05}"));
-            t.set(vec![k.clone()], Some(vec![k, Cell::Int(v)]));
-        };
         for i in 0..3000 {
             set(&mut t, i, 1);
         }
@@ -645,10 +647,6 @@ mod tests {
     #[test]
     fn a_point_lookup_reads_only_the_matching_rows_of_changed_chunks() {
         let mut t = table();
-        let set = |t: &mut ViewTable, i: usize, v: i64| {
-            let k = Cell::text(&format!("k{i:05}"));
-            t.set(vec![k.clone()], Some(vec![k, Cell::Int(v)]));
-        };
         for i in 0..3000 {
             set(&mut t, i, 1);
         }
