@@ -40,7 +40,7 @@ use rdkafka::producer::DeliveryFuture;
 
 use crate::input::{Order, SkuLoc, Stock};
 use crate::runtime::{ProcessError, ProcessorStats, STOP_SINK_PATIENCE, SinkGate};
-use crate::state::{CHECKPOINT_VERSION, Delta, Saved};
+use crate::state::{CHECKPOINT_VERSION, Delta, RankShare, Saved};
 
 /// The checkpointed state, kept by the writer thread.
 #[derive(Debug, Default)]
@@ -58,6 +58,7 @@ pub struct Replica {
     cache: BTreeMap<SkuLoc, i64>,
     stock: BTreeMap<SkuLoc, Stock>,
     since: BTreeMap<SkuLoc, i64>,
+    rank_shares: BTreeMap<String, RankShare>,
 }
 
 fn put<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
@@ -91,6 +92,7 @@ impl Replica {
             cache: saved.cache.into_iter().collect(),
             stock: saved.stock.into_iter().collect(),
             since: saved.since.into_iter().collect(),
+            rank_shares: saved.rank_shares.into_iter().collect(),
         }
     }
 
@@ -127,6 +129,9 @@ impl Replica {
         for (k, v) in d.since {
             put(&mut self.since, k, v);
         }
+        for (k, v) in d.rank_shares {
+            put(&mut self.rank_shares, k, v);
+        }
     }
 
     pub fn to_saved(&self) -> Saved {
@@ -153,6 +158,11 @@ impl Replica {
             cache: self.cache.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             stock: self.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             since: self.since.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            rank_shares: self
+                .rank_shares
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 }

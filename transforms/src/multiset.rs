@@ -54,6 +54,11 @@ impl<T: Ord + Clone> MultiSet<T> {
         self.counts.keys().next_back()
     }
 
+    /// Each value with its count, largest first.
+    pub fn iter_desc(&self) -> impl Iterator<Item = (&T, u64)> {
+        self.counts.iter().rev().map(|(v, n)| (v, *n))
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }

@@ -6,7 +6,7 @@
 //! and counts (which retract by subtraction) and ordered multisets (min/max and the LTV rank,
 //! which retract by removing one copy). Nothing expires by time.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -258,6 +258,22 @@ fn is_open(o: &Order) -> bool {
 /// Share of customers (with orders) in the top segment, in percent.
 const TOP_PERCENT: usize = 5;
 
+/// One shard's part of the LTV ranking, which the customer shards of a group exchange so that
+/// each draws the top segment's line over all customers (scale-out step 5): how many customers
+/// it ranks and its largest LTVs, largest first, as many as the top segment could hold of it.
+///
+/// Why that many suffice: the line is the k-th largest LTV of all, k = ceil(5 % of every shard's
+/// `ranked`). Fewer than k values lie above it, so each shard's k largest hold all of its values
+/// above the line and enough copies of the line itself; the k-th largest of the union of every
+/// shard's k largest is the line. A shard that knows a smaller total than the others sends
+/// fewer, and sends again when its total grows: once the shares stop changing, every shard
+/// draws the same line as one processor over all customers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RankShare {
+    pub ranked: u64,
+    pub top: Vec<i128>,
+}
+
 /// What one epoch produced.
 #[derive(Debug, Default)]
 pub struct EpochOut {
@@ -292,6 +308,11 @@ pub struct State {
     cust: HashMap<i64, CustomerAgg>,
     ltv_rank: BTreeSet<(i128, i64)>,
     threshold: Option<i128>,
+    /// The other customer shards' [`RankShare`]s by shard name (empty outside a group), and
+    /// their `top` values as one multiset.
+    rank_shares: BTreeMap<String, RankShare>,
+    foreign_top: MultiSet<i128>,
+    foreign_ranked: u64,
     // Keys touched this epoch (with the source position of the last change, for alerts).
     dirty_stock: Set<SkuLoc>,
     dirty_sku: Map<String, (u64, i64)>,
@@ -336,6 +357,9 @@ impl State {
             cust: HashMap::new(),
             ltv_rank: BTreeSet::new(),
             threshold: None,
+            rank_shares: BTreeMap::new(),
+            foreign_top: MultiSet::new(),
+            foreign_ranked: 0,
             dirty_stock: Set::with_hasher(hasher()),
             dirty_sku: Map::with_hasher(hasher()),
             dirty_diffs: Set::with_hasher(hasher()),
@@ -860,13 +884,18 @@ impl State {
                 a.ranked = want;
             }
         }
-        // The top segment starts at the k-th largest LTV, k = ceil(5 % of ranked customers).
-        let n = self.ltv_rank.len();
-        let k = (n * TOP_PERCENT).div_ceil(100);
+        // The top segment starts at the k-th largest LTV, k = ceil(5 % of ranked customers),
+        // over this state's customers and the other shards' shares.
+        let k = self.top_count();
         let threshold = if k == 0 {
             None
         } else {
-            self.ltv_rank.iter().nth_back(k - 1).map(|(v, _)| *v)
+            let own = self.ltv_rank.iter().rev().map(|(v, _)| *v);
+            let foreign = self
+                .foreign_top
+                .iter_desc()
+                .flat_map(|(v, n)| std::iter::repeat_n(*v, n as usize));
+            merge_desc(own, foreign).nth(k - 1)
         };
         if threshold != self.threshold {
             // Everyone whose LTV lies between the old and the new threshold may change segment.
@@ -884,6 +913,50 @@ impl State {
         for id in dirty {
             let row = self.customers.contains(&id).then(|| self.customer_row(id));
             self.view_mut(CUSTOMER_360).set(vec![Cell::Int(id)], row);
+        }
+    }
+
+    /// How many customers the top segment holds: ceil(5 % of all ranked ones).
+    fn top_count(&self) -> usize {
+        let n = self.ltv_rank.len() + self.foreign_ranked as usize;
+        (n * TOP_PERCENT).div_ceil(100)
+    }
+
+    /// This shard's [`RankShare`] for the others (see there why it holds that many values).
+    pub fn rank_share(&self) -> RankShare {
+        RankShare {
+            ranked: self.ltv_rank.len() as u64,
+            top: self
+                .ltv_rank
+                .iter()
+                .rev()
+                .take(self.top_count())
+                .map(|(v, _)| *v)
+                .collect(),
+        }
+    }
+
+    /// Takes another customer shard's latest [`RankShare`] (`None`: the shard has none any
+    /// more). The line of the top segment is drawn again at the next epoch's end.
+    pub fn set_rank_share(&mut self, shard: &str, share: Option<RankShare>) {
+        if let Some(c) = &mut self.ckpt {
+            c.rank_shares.insert(shard.to_owned());
+        }
+        let old = match share {
+            Some(s) => self.rank_shares.insert(shard.to_owned(), s),
+            None => self.rank_shares.remove(shard),
+        };
+        if let Some(old) = old {
+            self.foreign_ranked -= old.ranked;
+            for v in &old.top {
+                self.foreign_top.update(v, -1);
+            }
+        }
+        if let Some(new) = self.rank_shares.get(shard) {
+            self.foreign_ranked += new.ranked;
+            for v in &new.top {
+                self.foreign_top.update(v, 1);
+            }
         }
     }
 
@@ -924,6 +997,20 @@ impl State {
     }
 }
 
+/// Two descending sequences as one descending sequence.
+fn merge_desc(
+    a: impl Iterator<Item = i128>,
+    b: impl Iterator<Item = i128>,
+) -> impl Iterator<Item = i128> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if x >= y => a.next(),
+        (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+        (Some(_), None) => a.next(),
+        (None, None) => None,
+    })
+}
+
 /// `n / d` rounded half away from zero (Postgres' `round(numeric)`).
 fn div_round(n: i128, d: i128) -> i128 {
     let q = n / d;
@@ -959,6 +1046,9 @@ pub struct Saved {
     pub(crate) cache: Vec<(SkuLoc, i64)>,
     pub(crate) stock: Vec<(SkuLoc, Stock)>,
     pub(crate) since: Vec<(SkuLoc, i64)>,
+    /// The other customer shards' [`RankShare`]s (absent in checkpoints from before them).
+    #[serde(default)]
+    pub(crate) rank_shares: Vec<(String, RankShare)>,
 }
 
 pub const CHECKPOINT_VERSION: u32 = 1;
@@ -966,16 +1056,29 @@ pub const CHECKPOINT_VERSION: u32 = 1;
 impl Saved {
     /// Adds another shard's checkpoint: shards hold disjoint keys and partitions, so the union
     /// of their rows and offsets is the checkpoint one processor over all of them would hold.
+    /// Two exceptions. Every customer shard reads the returns whole: a return and a partition
+    /// offset held by several shards are taken once, the lowest offset (the merged state is
+    /// behind no shard). And the merged state ranks every customer itself, so the shards'
+    /// [`RankShare`]s of one another are dropped.
     pub fn absorb(&mut self, other: Saved) {
         self.epoch = self.epoch.max(other.epoch);
         self.max_lsn = self.max_lsn.max(other.max_lsn);
-        self.offsets.extend(other.offsets);
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for (t, p, o) in self.offsets.drain(..).chain(other.offsets) {
+            offsets
+                .entry((t, p))
+                .and_modify(|held| *held = (*held).min(o))
+                .or_insert(o);
+        }
+        self.offsets = offsets.into_iter().map(|((t, p), o)| (t, p, o)).collect();
         self.products.extend(other.products);
         self.customers.extend(other.customers);
         self.orders.extend(other.orders);
         self.order_positions.extend(other.order_positions);
         self.orders_floor = self.orders_floor.max(other.orders_floor);
-        self.returns.extend(other.returns);
+        let returns: BTreeMap<i64, i64> = self.returns.drain(..).chain(other.returns).collect();
+        self.returns = returns.into_iter().collect();
+        self.rank_shares.clear();
         self.cache.extend(other.cache);
         self.stock.extend(other.stock);
         self.since.extend(other.since);
@@ -1022,6 +1125,7 @@ struct CkptDirty {
     cache: Marks<SkuLoc>,
     stock: Marks<SkuLoc>,
     since: Marks<SkuLoc>,
+    rank_shares: BTreeSet<String>,
 }
 
 /// The change of the checkpointed state since the previous delta (see [`State::take_delta`]).
@@ -1039,6 +1143,7 @@ pub struct Delta {
     pub cache: Vec<(SkuLoc, Option<i64>)>,
     pub stock: Vec<(SkuLoc, Option<Stock>)>,
     pub since: Vec<(SkuLoc, Option<i64>)>,
+    pub rank_shares: Vec<(String, Option<RankShare>)>,
 }
 
 impl State {
@@ -1077,6 +1182,11 @@ impl State {
                 .diffs
                 .iter()
                 .map(|(k, d)| (k.clone(), d.since))
+                .collect(),
+            rank_shares: self
+                .rank_shares
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         }
     }
@@ -1155,6 +1265,14 @@ impl State {
                     (k, v)
                 })
                 .collect(),
+            rank_shares: c
+                .rank_shares
+                .into_iter()
+                .map(|k| {
+                    let v = self.rank_shares.get(&k).cloned();
+                    (k, v)
+                })
+                .collect(),
         }
     }
 
@@ -1202,6 +1320,9 @@ impl State {
                 key,
                 row: Some(row),
             }));
+        }
+        for (shard, share) in saved.rank_shares {
+            s.set_rank_share(&shard, Some(share));
         }
         for (key, since) in saved.since {
             if let Some(d) = s.diffs.get_mut(&key) {
@@ -1586,6 +1707,93 @@ mod tests {
         }));
         s.finish_epoch().unwrap();
         assert_eq!(top(&s), vec![38, 39]);
+    }
+
+    /// Customers split over three shards, which pass their rank shares around until none
+    /// changes: every shard's customer rows, segments included, are the whole state's rows of
+    /// its customers; a restored shard keeps the shares it was given.
+    #[test]
+    fn customer_shards_exchanging_rank_shares_segment_as_one_state() {
+        let mut whole = State::new(SafetyStock::default());
+        let mut shards: Vec<State> = (0..3)
+            .map(|i| State::new_as(SafetyStock::default(), &format!("customers-{i}")))
+            .collect();
+        // Skewed on purpose: shard 0 holds most of the high LTVs, and ties at the line.
+        let ltv = |id: i64| i128::from(if id % 3 == 0 { id * 7 } else { id }) * 100 / 2 * 2;
+        for id in 1..=157 {
+            for s in std::iter::once(&mut whole).chain(shards.get_mut((id % 3) as usize)) {
+                s.apply(&ev(Change::Customer { id, exists: true }));
+                s.apply(&ev(Change::Order {
+                    id,
+                    row: Some(order(id, "paid", ltv(id) - ltv(id) % 700, id)),
+                }));
+            }
+        }
+        whole.finish_epoch().unwrap();
+        let exchange = |shards: &mut Vec<State>| {
+            for _ in 0..10 {
+                for s in shards.iter_mut() {
+                    s.finish_epoch().unwrap();
+                }
+                let shares: Vec<(String, RankShare)> = shards
+                    .iter()
+                    .map(|s| (s.scope.clone(), s.rank_share()))
+                    .collect();
+                let mut changed = false;
+                for s in shards.iter_mut() {
+                    for (name, share) in &shares {
+                        if *name != s.scope && s.rank_shares.get(name) != Some(share) {
+                            s.set_rank_share(name, Some(share.clone()));
+                            changed = true;
+                        }
+                    }
+                }
+                if !changed {
+                    return;
+                }
+            }
+            panic!("the rank shares did not settle");
+        };
+        let rows = |shards: &[State]| -> Vec<Row> {
+            let mut all: Vec<Row> = shards.iter().flat_map(|s| cells(s, CUSTOMER_360)).collect();
+            all.sort_by(|a, b| format!("{:?}", a[0]).cmp(&format!("{:?}", b[0])));
+            all
+        };
+        let mut want = cells(&whole, CUSTOMER_360);
+        want.sort_by(|a, b| format!("{:?}", a[0]).cmp(&format!("{:?}", b[0])));
+        // Alone, each shard draws its own line: not the whole state's segments.
+        for s in shards.iter_mut() {
+            s.finish_epoch().unwrap();
+        }
+        assert_ne!(rows(&shards), want, "the test must need the exchange");
+        exchange(&mut shards);
+        assert_eq!(rows(&shards), want);
+        let tops = want
+            .iter()
+            .filter(|r| r[10] == Cell::text("top_5pct"))
+            .count();
+        assert!(tops >= 8, "ceil(157 * 5 %) = 8 and ties: {tops}");
+
+        // The whole state changes (a top customer cancels): the shards follow.
+        let gone = Change::Order {
+            id: 153,
+            row: Some(order(153, "cancelled", 0, 153)),
+        };
+        whole.apply(&ev(gone.clone()));
+        whole.finish_epoch().unwrap();
+        shards[0].apply(&ev(gone));
+        exchange(&mut shards);
+        let mut want = cells(&whole, CUSTOMER_360);
+        want.sort_by(|a, b| format!("{:?}", a[0]).cmp(&format!("{:?}", b[0])));
+        assert_eq!(rows(&shards), want);
+
+        // A restored shard keeps the others' shares, so it segments as before at once.
+        let saved = shards[1].save("t");
+        let restored = State::restore_as(saved, SafetyStock::default(), "customers-1").unwrap();
+        assert_eq!(
+            cells(&restored, CUSTOMER_360),
+            cells(&shards[1], CUSTOMER_360)
+        );
     }
 
     #[test]
