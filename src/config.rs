@@ -1381,14 +1381,19 @@ impl Validator<'_> {
                 .instances
                 .as_ref()
                 .map_or(&raw_p.referenced, |i| &i.referenced);
-            for t in transforms::group::SKU_TABLES {
+            let by_customer = [("oms.customers", "id"), ("oms.orders", "customer_id")];
+            let routes = transforms::group::SKU_TABLES
+                .iter()
+                .map(|t| (*t, "sku", "SKU"))
+                .chain(by_customer.iter().map(|(t, c)| (*t, *c, "customer")));
+            for (t, col, by) in routes {
                 let routed = kafka.partition_by.get(t);
-                if routed.map(Vec::as_slice) != Some(&["sku".to_owned()][..]) {
+                if routed.map(Vec::as_slice) != Some(&[col.to_owned()][..]) {
                     self.error(
                         at,
                         "processors.instances",
                         format!(
-                            "instances share the partitions by SKU, so {t} must be routed by its sku alone (now: {}); add {t}: [sku] to kafka.partition_by",
+                            "instances share the partitions by {by}, so {t} must be routed by its {col} alone (now: {}); add {t}: [{col}] to kafka.partition_by",
                             routed.map_or("by its key".to_owned(), |c| format!("by {}", c.join(", ")))
                         ),
                     );
@@ -2669,7 +2674,7 @@ registry:
     }
 
     #[test]
-    fn instances_that_share_partitions_need_the_sku_routing() {
+    fn instances_that_share_partitions_need_the_sku_and_customer_routing() {
         let demo = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml"),
         )
@@ -2682,7 +2687,16 @@ registry:
         // The demo routes three of the four SKU tables: refused until it routes the fourth.
         let routed = group.replace(
             "    oms.inventory_cache: [sku]\n",
-            "    oms.inventory_cache: [sku]\n    oms.order_lines: [sku]\n",
+            "    oms.inventory_cache: [sku]\n    oms.order_lines: [sku]\n    oms.customers: [id]\n    oms.orders: [customer_id]\n",
+        );
+        // And the customer side shards by customer: orders with their customer.
+        let errs = errors_of(&routed.replace("    oms.orders: [customer_id]\n", ""));
+        assert_eq!(errs.errors.len(), 1, "{errs}");
+        assert!(
+            errs.errors[0].message.contains(
+                "instances share the partitions by customer, so oms.orders must be routed by its customer_id alone (now: by its key); add oms.orders: [customer_id] to kafka.partition_by"
+            ),
+            "{errs}"
         );
         let errs = errors_of(&routed.replace("    oms.order_lines: [sku]\n", ""));
         assert_eq!(errs.errors.len(), 1, "{errs}");

@@ -568,10 +568,15 @@ async fn drive(
 /// Writes one epoch to one sink, reopening it and trying again on errors (a write is
 /// idempotent by offsets, so a retry after an unknown outcome is safe).
 async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result<()> {
+    // The offsets under the names the sink stores them by (topics that several units read).
+    let stored = Epoch {
+        offsets: transforms::group::to_sink(&epoch.offsets, &cfg.kafka.topic_prefix, slot.unit),
+        ..epoch.clone()
+    };
     let mut delay = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
-        match slot.sink.write(epoch).await {
+        match slot.sink.write(&stored).await {
             Ok(_) => break,
             Err(e) if attempt < WRITE_ATTEMPTS => {
                 tracing::warn!(sink = slot.cfg.name(), epoch = epoch.number, attempt, error = %e, "view sink write failed; reopening the sink and trying again");
@@ -597,7 +602,8 @@ async fn deliver(cfg: &Config, slot: &mut Slot, epoch: &Epoch) -> anyhow::Result
     sinks::views::advance(&mut slot.position, &epoch.offsets);
     if let Some(m) = &slot.marker {
         // An fsync per epoch: off the runtime's workers, which serve SQL queries.
-        let (m, at) = (m.clone(), slot.position.clone());
+        let at = transforms::group::to_sink(&slot.position, &cfg.kafka.topic_prefix, slot.unit);
+        let m = m.clone();
         tokio::task::spawn_blocking(move || write_marker(&m, &at))
             .await
             .context("the marker-writing thread failed")??;

@@ -860,8 +860,8 @@ fn group_views(cfg: &walbridge::config::Config) -> BTreeMap<String, ViewRows> {
     state_views(&transforms::runtime::load_merged(&cfg.processor_config().unwrap()).unwrap())
 }
 
-/// Two instances in one consumer group (scale-out, stock side): one joins mid-stream and
-/// takes a share of the SKU partitions, then leaves and the other takes them back. Together
+/// Two instances in one consumer group (scale-out): one joins mid-stream and takes a share of
+/// the SKU and customer partitions, then leaves and the other takes them back. Together
 /// they end with exactly the views of one instance reading everything, the SQL endpoint of a
 /// member serves the whole views (the reconciliation summary merged from its shards), and the
 /// group's checkpoints equal SQL on the source.
@@ -876,7 +876,7 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     .await;
     // Orders by customer too: an order whose customer changes moves between partitions, and
     // the fold puts its changes back in source order.
-    db.kafka_extra = "  partition_by:\n    oms.products: [sku]\n    oms.order_lines: [sku]\n    oms.inventory_cache: [sku]\n    wms.stock_levels: [sku]\n    oms.orders: [customer_id]\n".into();
+    db.kafka_extra = "  partition_by:\n    oms.products: [sku]\n    oms.order_lines: [sku]\n    oms.inventory_cache: [sku]\n    wms.stock_levels: [sku]\n    oms.customers: [id]\n    oms.orders: [customer_id]\n".into();
     let (one_path, one_cfg) = config(&db, 200);
     let rm_db = format!("{}_rm", db.name);
     db.exec(&[&format!("CREATE DATABASE {rm_db}")]).await;
@@ -893,8 +893,8 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     wait_log(
         &a_log,
         "unit started",
-        3,
-        "the first member started all four units",
+        5,
+        "the first member started all six units",
     )
     .await;
     // A one-instance process for the same group would fold the same units: refused.
@@ -925,7 +925,7 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     // Incremental rebalancing: the units A kept folded on, none was restarted.
     assert_eq!(
         log_count(&a_log, "unit started"),
-        4,
+        6,
         "A restarted units it kept:\n{}",
         std::fs::read_to_string(&a_log).unwrap_or_default()
     );
@@ -955,6 +955,13 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     let summary = &want["reconciliation_summary"];
     assert_eq!(summary.len(), 1);
     let want_summary: Vec<String> = summary.values().next().unwrap()[1..6].to_vec();
+    // Customer-360's segments: each customer unit draws the top 5 % over all customers from
+    // the others' rank shares.
+    let mut want_segments: BTreeMap<String, i64> = BTreeMap::new();
+    for row in want["customer_360"].values() {
+        *want_segments.entry(row[10].clone()).or_default() += 1;
+    }
+    assert!(want_segments.contains_key("top_5pct"), "{want_segments:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut got = Vec::new();
@@ -974,14 +981,24 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
             .await
             .unwrap();
         let got_summary: Vec<String> = (0..5).map(|i| row.get::<_, i64>(i).to_string()).collect();
+        let got_segments: BTreeMap<String, i64> = client
+            .query(
+                "SELECT segment, count(*) FROM customer_360 GROUP BY segment",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         let want_counts: Vec<(String, usize)> =
             want.iter().map(|(v, r)| (v.clone(), r.len())).collect();
-        if got == want_counts && got_summary == want_summary {
+        if got == want_counts && got_summary == want_summary && got_segments == want_segments {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the member's SQL views {got:?} with summary {got_summary:?} did not reach one instance's {want_counts:?} with {want_summary:?}"
+            "the member's SQL views {got:?} with summary {got_summary:?} and segments {got_segments:?} did not reach one instance's {want_counts:?} with {want_summary:?} and {want_segments:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -1018,7 +1035,14 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         let scopes: Vec<&String> = parts.keys().map(|k| &k[0]).collect();
         assert_eq!(
             scopes,
-            ["customers", "skus-0", "skus-1", "skus-2"],
+            [
+                "customers-0",
+                "customers-1",
+                "customers-2",
+                "skus-0",
+                "skus-1",
+                "skus-2"
+            ],
             "{what}: a summary row per shard"
         );
         let sums: Vec<String> = (1..6)

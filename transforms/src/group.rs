@@ -1,5 +1,5 @@
-//! Instances that share the partitions (`processors.instances: group`): scale-out steps 1 and 4
-//! for the stock side (see the crate doc).
+//! Instances that share the partitions (`processors.instances: group`): scale-out steps 1 to 5
+//! (see the crate doc).
 //!
 //! # Units
 //!
@@ -12,17 +12,22 @@
 //!   row of its SKUs and nothing of the others: its stock views and diffs are exactly the
 //!   rows of those SKUs in the one-processor views, and its reconciliation summary is their
 //!   part of the whole ([`crate::state::merge_summaries`] adds the parts up).
-//! - `customers`: every partition of `oms.customers`, `oms.orders` and `oms.returns`. Returns
-//!   name no customer and the top-5 % segment ranks all customers, so this side does not shard
-//!   yet (steps 2, 3 and 5); it runs whole on one instance.
+//! - `customers-<i>`: partition *i* of `oms.customers` and `oms.orders`, routed by the customer
+//!   (`[id]`, `[customer_id]`), and every partition of `oms.returns`, which name an order, not
+//!   a customer: the unit counts every return by order id and uses the counts of its own
+//!   orders. The top-5 % segment ranks all customers, so the customer units exchange their
+//!   [`crate::state::RankShare`]s through a compacted topic ([`rank_table`]), which each reads
+//!   whole as one more input; once no share changes, every unit draws the line one processor
+//!   would. A share is sent when it changes, so a unit's segments may lag the others' changes
+//!   by one round trip through the broker.
 //!
 //! # Who folds which unit
 //!
 //! Every instance joins the Kafka consumer group `processors.group_id`, subscribed to
 //! `wms.stock_levels` with the cooperative-sticky assignor: owning partition *i* means folding
-//! `skus-<i>`, and partition 0 brings the `customers` unit along (subscribing to a customer
-//! topic as well made the assignor balance partition counts, which gave one member every SKU
-//! unit and the other only the customers). The member consumer itself reads nothing (its
+//! `skus-<i>` and `customers-<i>` (subscribing to a customer topic as well made the assignor
+//! balance partition counts, which gave one member every SKU unit and the other only the
+//! customers). The member consumer itself reads nothing (its
 //! partitions are paused). The rebalancing is incremental: a member revokes only the units that
 //! move to another one, and its other units fold on through the rebalance.
 //!
@@ -52,7 +57,8 @@
 //! Each unit's processor feeds the configured sinks itself ([`StartUnit`]), with the same
 //! exactness argument as one processor (see [`crate::runtime`]), restricted to its partitions:
 //! a sink's stored offsets cover every unit of the group, and a unit compares only its own
-//! share of them ([`share_of`]) with its checkpoint. Units hold disjoint keys, so their
+//! share of them ([`share_of`]) with its checkpoint. The topics several units read whole (the
+//! returns, the rank shares) are stored per unit as `<topic>@<unit>` ([`to_sink`]). Units hold disjoint keys, so their
 //! upserts and deletes never touch one another's rows; the summary is the exception, so each
 //! unit's summary row is keyed by the unit's name (`scope`), and a reader adds the rows up
 //! (the SQL endpoint does it for the units of its instance). A Parquet sink keeps an offsets
@@ -77,8 +83,22 @@ pub const SKU_TABLES: [&str; 4] = [
     "wms.stock_levels",
 ];
 
-/// The tables of the `customers` unit (read whole).
+/// The tables of the `customers-<i>` units: partition *i* of the first two, routed by customer
+/// (`oms.customers: [id]`, `oms.orders: [customer_id]`), and every partition of the returns.
 pub const CUSTOMER_TABLES: [&str; 3] = ["oms.customers", "oms.orders", "oms.returns"];
+
+/// The tables a customer unit reads whole: the returns (they name an order, not a customer).
+pub const READ_WHOLE: [&str; 1] = ["oms.returns"];
+
+/// The "table" part (after the topic prefix) of the topic where the customer units of group
+/// `group_id` exchange their rank shares.
+pub fn rank_table(group_id: &str) -> String {
+    format!("processors.{group_id}.customer-ranks")
+}
+
+fn is_rank_table(t: &str) -> bool {
+    t.starts_with("processors.") && t.ends_with(".customer-ranks")
+}
 
 /// The share of the input one processor folds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -88,8 +108,8 @@ pub enum Unit {
     All,
     /// Partition `i` of the SKU-routed topics.
     Skus(i32),
-    /// Every partition of the customer-side topics.
-    Customers,
+    /// Partition `i` of the topics routed by customer, every partition of the returns.
+    Customers(i32),
 }
 
 impl Unit {
@@ -98,19 +118,23 @@ impl Unit {
         match self {
             Unit::All => "all".into(),
             Unit::Skus(i) => format!("skus-{i}"),
-            Unit::Customers => "customers".into(),
+            Unit::Customers(i) => format!("customers-{i}"),
         }
     }
 
     pub fn parse(s: &str) -> Option<Unit> {
+        let index = |rest: &str| rest.parse().ok().filter(|i: &i32| *i >= 0);
         match s {
             "all" => Some(Unit::All),
-            "customers" => Some(Unit::Customers),
-            _ => s
-                .strip_prefix("skus-")
-                .and_then(|i| i.parse().ok())
-                .filter(|i: &i32| *i >= 0)
-                .map(Unit::Skus),
+            _ => {
+                if let Some(rest) = s.strip_prefix("skus-") {
+                    index(rest).map(Unit::Skus)
+                } else {
+                    s.strip_prefix("customers-")
+                        .and_then(index)
+                        .map(Unit::Customers)
+                }
+            }
         }
     }
 
@@ -131,21 +155,28 @@ impl Unit {
         }
     }
 
-    /// Whether the unit reads table `table` (`schema.table`).
+    /// Whether the unit reads table `table` (`schema.table`, or the rank shares' topic after
+    /// the prefix).
     pub fn reads(&self, table: &str) -> bool {
         match self {
             Unit::All => true,
             Unit::Skus(_) => SKU_TABLES.contains(&table),
-            Unit::Customers => CUSTOMER_TABLES.contains(&table),
+            Unit::Customers(_) => CUSTOMER_TABLES.contains(&table) || is_rank_table(table),
         }
     }
 
-    /// Whether the unit reads partition `p` of the tables it reads.
-    pub fn reads_partition(&self, p: i32) -> bool {
+    /// Whether the unit reads partition `p` of `table`, one it reads.
+    pub fn reads_partition(&self, table: &str, p: i32) -> bool {
         match self {
+            Unit::All => true,
             Unit::Skus(i) => *i == p,
-            _ => true,
+            Unit::Customers(i) => *i == p || self.reads_whole(table),
         }
+    }
+
+    /// Whether the unit reads every partition of `table`, as other units of the group do too.
+    pub fn reads_whole(&self, table: &str) -> bool {
+        matches!(self, Unit::Customers(_)) && (READ_WHOLE.contains(&table) || is_rank_table(table))
     }
 }
 
@@ -384,15 +415,13 @@ struct Units {
 }
 
 impl Units {
-    /// Stock-levels partition *i* is unit `skus-<i>`; its partition 0 brings `customers` too.
+    /// Stock-levels partition *i* is units `skus-<i>` and `customers-<i>`.
     fn units_of(&self, tpl: &rdkafka::TopicPartitionList) -> BTreeSet<Unit> {
         let mut units = BTreeSet::new();
         for e in tpl.elements() {
             if e.topic() == self.stock_topic {
                 units.insert(Unit::Skus(e.partition()));
-                if e.partition() == 0 {
-                    units.insert(Unit::Customers);
-                }
+                units.insert(Unit::Customers(e.partition()));
             }
         }
         units
@@ -501,32 +530,77 @@ impl Units {
     }
 }
 
-/// The positions of the partitions `unit` reads, of `positions` (a view sink's stored offsets
-/// cover every unit of the group; a unit's processor compares its own with them).
+/// The positions of the partitions `unit` reads, of a view sink's stored offsets `positions`
+/// (they cover every unit of the group; a unit's processor compares its own with them), under
+/// the topics' own names (see [`to_sink`]).
 pub fn share_of(
     positions: &crate::view::Offsets,
     topic_prefix: &str,
     unit: Unit,
 ) -> crate::view::Offsets {
-    let mut share = positions.clone();
-    if unit != Unit::All {
-        let prefix = format!("{topic_prefix}.");
-        share.0.retain(|(topic, p), _| {
-            topic
-                .strip_prefix(&prefix)
-                .is_some_and(|t| unit.reads(t) && unit.reads_partition(*p))
-        });
+    if unit == Unit::All {
+        return positions.clone();
+    }
+    let prefix = format!("{topic_prefix}.");
+    let mut share = crate::view::Offsets::default();
+    for ((stored, p), o) in &positions.0 {
+        let (topic, owner) = match stored.rsplit_once('@') {
+            Some((t, owner)) => (t, Some(owner)),
+            None => (stored.as_str(), None),
+        };
+        let Some(t) = topic.strip_prefix(&prefix) else {
+            continue;
+        };
+        let whole = unit.reads_whole(t);
+        let mine = if whole {
+            owner == Some(unit.name().as_str())
+        } else {
+            owner.is_none() && unit.reads(t) && unit.reads_partition(t, *p)
+        };
+        if mine {
+            share.0.insert((topic.to_owned(), *p), *o);
+        }
     }
     share
 }
 
-/// Drops the positions of the partitions `unit` reads from `positions`.
+/// `offsets` of `unit` as a view sink stores them: a topic that several units read whole is
+/// stored as `<topic>@<unit>`, so that units sharing one store (the Postgres read model's
+/// `walbridge_offsets`) each keep their own position in it.
+pub fn to_sink(
+    offsets: &crate::view::Offsets,
+    topic_prefix: &str,
+    unit: Unit,
+) -> crate::view::Offsets {
+    let prefix = format!("{topic_prefix}.");
+    let name = unit.name();
+    crate::view::Offsets(
+        offsets
+            .0
+            .iter()
+            .map(|((topic, p), o)| {
+                let whole = topic
+                    .strip_prefix(&prefix)
+                    .is_some_and(|t| unit.reads_whole(t));
+                let stored = if whole {
+                    format!("{topic}@{name}")
+                } else {
+                    topic.clone()
+                };
+                ((stored, *p), *o)
+            })
+            .collect(),
+    )
+}
+
+/// Drops the positions of the partitions `unit` reads from `positions`, but for topics it
+/// reads whole: the member's other units may read them too.
 fn forget_positions(positions: &mut crate::view::Offsets, topic_prefix: &str, unit: Unit) {
     let prefix = format!("{topic_prefix}.");
     positions.0.retain(|(topic, p), _| {
         !topic
             .strip_prefix(&prefix)
-            .is_some_and(|t| unit.reads(t) && unit.reads_partition(*p))
+            .is_some_and(|t| unit.reads(t) && unit.reads_partition(t, *p) && !unit.reads_whole(t))
     });
 }
 
@@ -591,13 +665,30 @@ mod tests {
 
     #[test]
     fn unit_names_round_trip_and_pick_their_partitions() {
-        for u in [Unit::All, Unit::Skus(0), Unit::Skus(11), Unit::Customers] {
+        for u in [
+            Unit::All,
+            Unit::Skus(0),
+            Unit::Skus(11),
+            Unit::Customers(0),
+            Unit::Customers(7),
+        ] {
             assert_eq!(Unit::parse(&u.name()), Some(u));
         }
-        assert_eq!(Unit::parse("skus--1"), None);
-        assert!(Unit::Skus(2).reads("wms.stock_levels") && !Unit::Skus(2).reads("oms.orders"));
-        assert!(Unit::Skus(2).reads_partition(2) && !Unit::Skus(2).reads_partition(1));
-        assert!(Unit::Customers.reads("oms.returns") && !Unit::Customers.reads("oms.products"));
+        // The unsharded customer unit of earlier versions is no unit now.
+        for bad in ["skus--1", "customers", "customers-x"] {
+            assert_eq!(Unit::parse(bad), None, "{bad}");
+        }
+        let (s2, c2) = (Unit::Skus(2), Unit::Customers(2));
+        assert!(s2.reads("wms.stock_levels") && !s2.reads("oms.orders"));
+        assert!(
+            s2.reads_partition("wms.stock_levels", 2) && !s2.reads_partition("wms.stock_levels", 1)
+        );
+        assert!(c2.reads("oms.returns") && !c2.reads("oms.products"));
+        assert!(c2.reads_partition("oms.orders", 2) && !c2.reads_partition("oms.orders", 1));
+        // Returns name no customer: every customer unit reads all of them, and the shares.
+        assert!(c2.reads_partition("oms.returns", 0) && c2.reads_whole("oms.returns"));
+        let ranks = rank_table("g");
+        assert!(c2.reads(&ranks) && c2.reads_whole(&ranks) && !s2.reads(&ranks));
         // Every input table belongs to exactly one unit of a group.
         for t in crate::input::TABLES {
             assert_eq!(
@@ -626,8 +717,37 @@ mod tests {
         forget_positions(&mut o, "t", Unit::Skus(1));
         let left: Vec<_> = o.0.keys().map(|(t, p)| format!("{t}-{p}")).collect();
         assert_eq!(left, ["t.oms.orders-1", "t.wms.stock_levels-0"]);
-        forget_positions(&mut o, "t", Unit::Customers);
+        forget_positions(&mut o, "t", Unit::Customers(1));
         assert_eq!(o.0.len(), 1);
+    }
+
+    /// Two customer units store their positions in the returns under names of their own in a
+    /// store they share, and each gets back its own.
+    #[test]
+    fn units_reading_a_topic_whole_keep_their_own_sink_positions() {
+        let of = |unit: Unit, at: i64| {
+            let mut o = crate::view::Offsets::default();
+            o.0.insert(("t.oms.returns".to_owned(), 0), at);
+            o.0.insert(("t.oms.returns".to_owned(), 1), at + 1);
+            if let Unit::Customers(i) = unit {
+                o.0.insert(("t.oms.orders".to_owned(), i), at + 2);
+            }
+            o
+        };
+        let (c0, c1) = (Unit::Customers(0), Unit::Customers(1));
+        let mut store = crate::view::Offsets::default();
+        for (u, at) in [(c0, 10), (c1, 20)] {
+            store.0.extend(to_sink(&of(u, at), "t", u).0);
+        }
+        assert!(
+            store
+                .0
+                .contains_key(&("t.oms.returns@customers-1".to_owned(), 1))
+        );
+        assert_eq!(share_of(&store, "t", c0), of(c0, 10));
+        assert_eq!(share_of(&store, "t", c1), of(c1, 20));
+        // Nothing of it is a SKU unit's.
+        assert!(share_of(&store, "t", Unit::Skus(0)).0.is_empty());
     }
 
     #[test]
@@ -671,13 +791,22 @@ mod tests {
         );
 
         crate::runtime::write_checkpoint(&single.checkpoint_path(), &state.save("t")).unwrap();
-        let err = crate::runtime::load_checkpoint(&config(&dir, Unit::Customers))
+        let err = crate::runtime::load_checkpoint(&config(&dir, Unit::Customers(0)))
             .err()
             .expect("refused");
         assert!(
             err.to_string().contains("processors.instances: single"),
             "{err}"
         );
+        // The unsharded customer unit of an earlier walbridge: its customer units refuse to
+        // start beside it (they would rebuild the same customers a second time).
+        std::fs::remove_file(single.checkpoint_path()).unwrap();
+        std::fs::write(dir.join("g.customers.checkpoint.json"), b"{}").unwrap();
+        let err = crate::runtime::load_checkpoint(&config(&dir, Unit::Customers(2)))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("unsharded customer unit"), "{err}");
+        crate::runtime::load_checkpoint(&config(&dir, Unit::Skus(2))).expect("a SKU unit starts");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -70,12 +70,12 @@
 //! epoch they end at, and the replay closes epochs exactly where each sink stands (see
 //! [`runtime`]'s module doc for the argument; `walbridge process` wires the sinks).
 //!
-//! # Scale-out (stock side built, customer side designed)
+//! # Scale-out
 //!
 //! By default (`processors.instances: single`) one processor instance reads *every* partition
 //! of its input topics (it assigns them itself, under `group_id` only for lag reporting). With
-//! `processors.instances: group` the instances share the stock side's partitions through a
-//! consumer group and the customer side runs whole on one of them ([`group`]). The views are keyed by SKU or customer while the
+//! `processors.instances: group` the instances share the partitions through a consumer group
+//! ([`group`]). The views are keyed by SKU or customer while the
 //! change topics are keyed by each table's primary key, so splitting partitions among instances
 //! would split a SKU's stock levels, or a customer's orders, across instances and make every
 //! aggregate wrong. Sharing the work needs co-partitioning. The plan (session 8), and why:
@@ -108,21 +108,31 @@
 //!    yet dropped once every partition is read past them), and drops any change at or before it
 //!    ([`state::State::apply_at`]). Other inputs whose rows the fold keeps are still refused a
 //!    non-key routing.
-//! 3. **Returns carry no customer.** Every instance reads the orders topic whole, for an
-//!    order_id → customer_id table (Kafka Streams' global table; 16 bytes per order), and the
-//!    returns topic whole, keeping the returns of its own customers. That input does not scale
-//!    out; the rest does.
+//! 3. **Returns carry no customer.** The plan was a global order_id → customer_id table, from
+//!    the orders topic read whole by every instance. Not needed, it turned out (session 12): the
+//!    fold keeps a count of returns per order id and applies it when the order comes, in
+//!    whichever order the two arrive. So every customer unit reads the *returns* topic whole
+//!    and counts every return (16 bytes each); the returns of other units' orders are never
+//!    used. **Built.** The returns are the one input that does not scale out; view sinks store
+//!    each unit's positions in it under `<topic>@<unit>` ([`group::to_sink`]).
 //! 4. **Instances share the partitions in one consumer group.** **Built** for the stock side
 //!    (session 9, [`group`]): partition *i* of the four SKU-routed topics is a *unit* with a
 //!    processor and a checkpoint of its own, given to one member; the customer topics are one
-//!    unit, until steps 2, 3 and 5 let them shard too. Checkpoints are files in a shared
-//!    directory with a lock per unit, not yet a table in a store every instance reaches.
+//!    unit, until steps 2, 3 and 5 let them shard too; **built** since session 12: partition *i*
+//!    of the customer topics is unit `customers-<i>`, given along with `skus-<i>`. Checkpoints
+//!    are files in a shared directory with a lock per unit, not yet a table in a store every
+//!    instance reaches.
 //! 5. **Global parts are merged from partials.** The reconciliation summary (counts, units at
 //!    risk, oldest `since`) and the top-5 % LTV threshold (each partition's k largest LTVs) are
 //!    published per partition to a compacted internal topic; every instance merges all partials,
-//!    and re-segments its own customers when the threshold moves. **Built** within one
-//!    instance for the summary ([`state::merge_summaries`], applied by the SQL endpoint over
-//!    the instance's units); the topic between instances is not.
+//!    and re-segments its own customers when the threshold moves. **Built** for the threshold
+//!    (session 12): each customer unit sends its [`state::RankShare`] (its ranked count and its
+//!    k largest LTVs) to the compacted topic `<prefix>.processors.<group_id>.customer-ranks`
+//!    when it changes, and reads every other unit's shares as an input like the change topics
+//!    (offsets checkpointed, so an epoch that only moved the line still advances the sinks'
+//!    offsets and reaches them). For the summary, within one instance
+//!    ([`state::merge_summaries`], applied by the SQL endpoint over the instance's units); the
+//!    readers of the sinks add its rows up.
 //! 6. **SQL over all shards.** Each instance serves the whole view by also reading the other
 //!    instances' epochs from the Kafka view sink's compacted topics (which exist already).
 //!
@@ -133,7 +143,7 @@
 //! no transactional producer. So a two-instance test can cover a clean join and leave on tansu,
 //! but not a kill -9 failover.
 //!
-//! Missing today: steps 3 and 6, and the rest of 5 (every view sink runs per unit with
+//! Missing today: step 6, and the summary's part of 5 (every view sink runs per unit with
 //! `instances: group`). Until step 6, each member's SQL endpoint serves
 //! the units *it* folds: the whole views when one member holds every unit, a share of them
 //! otherwise; the Postgres read model, the view topics and the lake hold the whole views either

@@ -59,7 +59,7 @@ use tokio::sync::mpsc;
 
 pub use crate::group::Unit;
 use crate::input::{self, Schemas, TABLES};
-use crate::state::{Alert, SafetyStock, Saved, State};
+use crate::state::{Alert, RankShare, SafetyStock, Saved, State};
 use crate::view::{Catalog, Epoch, Offsets, Snapshot};
 
 /// How long replay waits to reach a sink's position before giving the cut up.
@@ -243,6 +243,12 @@ impl ProcessorConfig {
 
     fn topic(&self, table: &str) -> String {
         format!("{}.{}", self.topic_prefix, table)
+    }
+
+    /// The compacted topic where the customer units of a group exchange their
+    /// [`RankShare`]s: `<topic_prefix>.processors.<group_id>.customer-ranks`.
+    pub fn rank_topic(&self) -> String {
+        self.topic(&crate::group::rank_table(&self.group_id))
     }
 }
 
@@ -440,6 +446,19 @@ pub fn load_checkpoint(config: &ProcessorConfig) -> Result<State, ProcessError> 
             ),
         });
     }
+    // Before the customer side sharded, one unit `customers` read all of it.
+    let unsharded = config
+        .checkpoint_dir
+        .join(format!("{}.customers.checkpoint.json", config.group_id));
+    if matches!(config.unit, Unit::Customers(_)) && unsharded.exists() {
+        return Err(ProcessError::Checkpoint {
+            path: unsharded,
+            what: "is the checkpoint of the unsharded customer unit of an earlier walbridge; \
+                   the customer side now runs as units customers-<partition>, which rebuild \
+                   their views from the topics once this file is moved away"
+                .into(),
+        });
+    }
     let scope = config.unit.summary_scope();
     let Some(saved) = read_saved(config, &path)? else {
         return Ok(State::new_as(config.safety_stock.clone(), &scope));
@@ -466,7 +485,12 @@ pub fn load_merged(config: &ProcessorConfig) -> Result<State, ProcessError> {
         }
     }
     match all {
-        Some(saved) => Ok(State::restore(saved, config.safety_stock.clone())?),
+        Some(mut saved) => {
+            // The rank shares' positions: no change topic, and each shard's own.
+            let ranks = config.rank_topic();
+            saved.offsets.retain(|(t, _, _)| *t != ranks);
+            Ok(State::restore(saved, config.safety_stock.clone())?)
+        }
         None => Ok(State::new(config.safety_stock.clone())),
     }
 }
@@ -624,6 +648,22 @@ pub(crate) struct Processor {
     /// CreateTimes (Unix ms) of the changes read since the last epoch closed, for
     /// [`ProcessorStats::visible_age`].
     epoch_created: Vec<i64>,
+    /// A customer unit's producer of its rank shares, and the last share it sent.
+    ranks: Option<(
+        rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+        Option<RankShare>,
+    )>,
+}
+
+/// The table index standing for the rank shares topic in [`Processor::topics`].
+const RANKS: usize = usize::MAX;
+
+/// A rank share as the topic carries it (the shard's name travels in the value too, so the
+/// fold needs no message key).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RankMessage {
+    shard: String,
+    share: RankShare,
 }
 
 impl Processor {
@@ -648,12 +688,15 @@ impl Processor {
             .create()
             .map_err(kafka("creating the consumer"))?;
         let registry = RegistryClient::new(&config.registry_url)?;
-        let topics = TABLES
+        let mut topics: Vec<(String, usize)> = TABLES
             .iter()
             .enumerate()
             .filter(|(_, t)| config.unit.reads(t))
             .map(|(i, t)| (config.topic(t), i))
             .collect();
+        if matches!(config.unit, Unit::Customers(_)) {
+            topics.push((config.rank_topic(), RANKS));
+        }
         Ok(Processor {
             config,
             handle,
@@ -682,6 +725,7 @@ impl Processor {
             writer: None,
             stats: Arc::default(),
             epoch_created: Vec::new(),
+            ranks: None,
         })
     }
 
@@ -696,7 +740,9 @@ impl Processor {
         let mut tpl = TopicPartitionList::new();
         let mut chase = std::collections::HashMap::new();
         let unit = self.config.unit;
-        for (topic, p) in parts.iter().filter(|(_, p)| unit.reads_partition(*p)) {
+        let prefix = format!("{}.", self.config.topic_prefix);
+        let read = |t: &str, p: i32| unit.reads_partition(t.strip_prefix(&prefix).unwrap_or(t), p);
+        for (topic, p) in parts.iter().filter(|(t, p)| read(t, *p)) {
             // A stored offset may lie inside a record batch, which tansu answers with the next
             // batch, or with nothing when it is the partition's last: the tail would be lost
             // until more changes come. So reading starts one message early, and the partition
@@ -731,6 +777,12 @@ impl Processor {
     pub(crate) fn run(&mut self) -> Result<(), ProcessError> {
         if self.alerts {
             self.producer = Some(self.alert_producer()?);
+        }
+        if self.checkpoints && matches!(self.config.unit, Unit::Customers(_)) {
+            let producer = self.rank_producer()?;
+            self.ranks = Some((producer, None));
+            // A share from before this start (or from an earlier run) is replaced at once.
+            self.send_rank_share()?;
         }
         if self.checkpoints && self.writer.is_none() {
             // The writer's replica starts from the whole state (once); after that the
@@ -868,6 +920,12 @@ impl Processor {
         }
         if self.checkpoints && self.state.offsets != saved_offsets {
             self.checkpoint(false)?;
+        }
+        // The last share is out before the unit can move to another member.
+        if let Some((producer, _)) = &self.ranks
+            && let Err(e) = rdkafka::producer::Producer::flush(producer, Duration::from_secs(10))
+        {
+            tracing::warn!(error = %e, "the last rank share was not acknowledged; the unit's next owner sends it again");
         }
         // The last checkpoint is on disk when the processor returns.
         if let Some(w) = self.writer.take() {
@@ -1056,6 +1114,20 @@ impl Processor {
         else {
             return Ok(());
         };
+        if table == RANKS {
+            match serde_json::from_slice::<RankMessage>(payload) {
+                Ok(m) if m.shard != self.config.unit.name() => {
+                    self.state.set_rank_share(&m.shard, Some(m.share));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.undecodable += 1;
+                    self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic, partition = part, offset = off, error = %e, "rank share skipped: not a walbridge rank share");
+                }
+            }
+            return Ok(());
+        }
         let (id, datum) = match avro::wire::unframe(payload) {
             Ok(x) => x,
             Err(e) => {
@@ -1126,6 +1198,7 @@ impl Processor {
                 self.send_alert(a)?;
             }
         }
+        self.send_rank_share()?;
         // Sinks get quiet epochs too: their stored offsets must keep up with the checkpoint.
         if out.changes.is_empty() && self.gate.is_none() {
             self.observe_published();
@@ -1227,23 +1300,93 @@ impl Processor {
             .set("linger.ms", "5")
             .create()
             .map_err(kafka("creating the alert producer"))?;
+        self.ensure_topic(
+            &self.config.alerts_topic,
+            self.config.alerts_partitions,
+            &[],
+        )?;
+        Ok(producer)
+    }
+
+    /// A customer unit's producer of rank shares, after creating their topic: compacted (the
+    /// latest share per shard is all a reader needs), one partition (every customer unit
+    /// reads all shares), and kept a week before compaction, so that a replay from a
+    /// checkpoint finds the shares it read before (see [`crate::group`]).
+    fn rank_producer(
+        &self,
+    ) -> Result<
+        rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+        ProcessError,
+    > {
+        self.ensure_topic(
+            &self.config.rank_topic(),
+            1,
+            &[
+                ("cleanup.policy", "compact"),
+                ("min.compaction.lag.ms", "604800000"),
+            ],
+        )?;
+        self.config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            // Never given up: a share that waits for the broker is still the latest one.
+            .set("message.timeout.ms", "0")
+            .create()
+            .map_err(kafka("creating the rank share producer"))
+    }
+
+    /// Sends this unit's rank share when it changed since the last one sent. Enqueued, not
+    /// awaited: shares of one unit go in order to one partition, so the latest wins.
+    fn send_rank_share(&mut self) -> Result<(), ProcessError> {
+        let Some((producer, last)) = &mut self.ranks else {
+            return Ok(());
+        };
+        let share = self.state.rank_share();
+        if last.as_ref() == Some(&share) {
+            return Ok(());
+        }
+        let shard = self.config.unit.name();
+        let value = serde_json::to_vec(&RankMessage {
+            shard: shard.clone(),
+            share: share.clone(),
+        })
+        .expect("a rank share serializes");
+        let topic = self.config.rank_topic();
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::to(&topic)
+                    .key(&shard)
+                    .payload(&value),
+            )
+            .map_err(|(e, _)| ProcessError::Kafka {
+                what: format!("sending the rank share of {shard} to {topic}"),
+                source: e,
+            })?;
+        *last = Some(share);
+        Ok(())
+    }
+
+    /// Creates `name` unless it exists.
+    fn ensure_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<(), ProcessError> {
         let admin: AdminClient<_> = self
             .config
             .client()
             .create()
             .map_err(kafka("creating the admin client"))?;
-        let topic = NewTopic::new(
-            &self.config.alerts_topic,
-            self.config.alerts_partitions,
-            TopicReplication::Fixed(1),
+        let topic = configs.iter().fold(
+            NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+            |t, (k, v)| t.set(k, v),
         );
         let res = self
             .handle
             .block_on(admin.create_topics([&topic], &AdminOptions::new()))
-            .map_err(kafka(format!(
-                "creating topic {}",
-                self.config.alerts_topic
-            )))?;
+            .map_err(kafka(format!("creating topic {name}")))?;
         for r in res {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -1255,7 +1398,7 @@ impl Processor {
                 }
             }
         }
-        Ok(producer)
+        Ok(())
     }
 
     fn send_alert(&mut self, a: &Alert) -> Result<(), ProcessError> {
