@@ -782,7 +782,7 @@ impl Processor {
             let producer = self.rank_producer()?;
             self.ranks = Some((producer, None));
             // A share from before this start (or from an earlier run) is replaced at once.
-            self.send_rank_share()?;
+            self.send_rank_share();
         }
         if self.checkpoints && self.writer.is_none() {
             // The writer's replica starts from the whole state (once); after that the
@@ -1198,7 +1198,7 @@ impl Processor {
                 self.send_alert(a)?;
             }
         }
-        self.send_rank_share()?;
+        self.send_rank_share();
         // Sinks get quiet epochs too: their stored offsets must keep up with the checkpoint.
         if out.changes.is_empty() && self.gate.is_none() {
             self.observe_published();
@@ -1337,14 +1337,17 @@ impl Processor {
     }
 
     /// Sends this unit's rank share when it changed since the last one sent. Enqueued, not
-    /// awaited: shares of one unit go in order to one partition, so the latest wins.
-    fn send_rank_share(&mut self) -> Result<(), ProcessError> {
+    /// awaited: shares of one unit go in order to one partition, so the latest wins. One that
+    /// cannot be enqueued (librdkafka's queue is full while the broker is away, or the share
+    /// outgrew the broker's message size) is logged and tried again at the next epoch; the
+    /// other units keep drawing the line from this unit's last share meanwhile.
+    fn send_rank_share(&mut self) {
         let Some((producer, last)) = &mut self.ranks else {
-            return Ok(());
+            return;
         };
         let share = self.state.rank_share();
         if last.as_ref() == Some(&share) {
-            return Ok(());
+            return;
         }
         let shard = self.config.unit.name();
         let value = serde_json::to_vec(&RankMessage {
@@ -1353,18 +1356,15 @@ impl Processor {
         })
         .expect("a rank share serializes");
         let topic = self.config.rank_topic();
-        producer
-            .send(
-                rdkafka::producer::BaseRecord::to(&topic)
-                    .key(&shard)
-                    .payload(&value),
-            )
-            .map_err(|(e, _)| ProcessError::Kafka {
-                what: format!("sending the rank share of {shard} to {topic}"),
-                source: e,
-            })?;
-        *last = Some(share);
-        Ok(())
+        let record = rdkafka::producer::BaseRecord::to(&topic)
+            .key(&shard)
+            .payload(&value);
+        match producer.send(record) {
+            Ok(()) => *last = Some(share),
+            Err((e, _)) => {
+                tracing::warn!(unit = %shard, topic, bytes = value.len(), error = %e, "the rank share was not sent; trying again at the next epoch");
+            }
+        }
     }
 
     /// Creates `name` unless it exists.
