@@ -143,6 +143,14 @@ impl Config {
             alerts_partitions: self.kafka.partitions,
             kafka_properties: self.kafka.connection_properties(),
             unit: transforms::group::Unit::All,
+            view_topic_prefix: p.sinks.iter().find_map(|s| match s {
+                ViewSinkConfig::Kafka { topic_prefix, .. } => Some(
+                    topic_prefix
+                        .clone()
+                        .unwrap_or_else(|| self.kafka.topic_prefix.clone()),
+                ),
+                _ => None,
+            }),
         })
     }
 }

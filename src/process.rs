@@ -307,6 +307,12 @@ async fn start_member(
     let catalog = member.catalog.clone();
     let metrics = serve_metrics(cfg, member.stats.clone(), Arc::new(SinkGate::default())).await?;
     let sql = serve_sql(cfg, &catalog).await?;
+    if sql.is_some() && pc.view_topic_prefix.is_none() {
+        tracing::warn!(
+            "no view sink of kind kafka is configured: this member's SQL endpoint serves only the units it folds; \
+             add one (processors.sinks: - {{ kind: kafka, name: topics }}) so that every member serves the whole views"
+        );
+    }
     Ok(Process {
         catalog,
         sql_addr: sql.as_ref().map(|s| s.local_addr()),
@@ -382,6 +388,7 @@ async fn open_sink(
                         .unwrap_or_else(|| cfg.kafka.topic_prefix.clone()),
                     partitions: cfg.kafka.partitions,
                     replication_factor: i32::from(cfg.kafka.replication_factor),
+                    unit: unit.name(),
                     extra: cfg
                         .kafka
                         .producer

@@ -587,6 +587,7 @@ async fn kafka_sink_replayed_after_a_restart_compacts_to_the_view() {
         partitions: 2,
         replication_factor: 1,
         extra: vec![],
+        unit: "all".into(),
     };
     let all = epochs();
     let mut sink = KafkaViewSink::new("views", settings.clone()).expect("sink");

@@ -861,10 +861,12 @@ fn group_views(cfg: &walbridge::config::Config) -> BTreeMap<String, ViewRows> {
 }
 
 /// Two instances in one consumer group (scale-out): one joins mid-stream and takes a share of
-/// the SKU and customer partitions, then leaves and the other takes them back. Together
-/// they end with exactly the views of one instance reading everything, the SQL endpoint of a
-/// member serves the whole views (the reconciliation summary merged from its shards), and the
-/// group's checkpoints equal SQL on the source.
+/// the SKU and customer partitions, then leaves and the other takes them back. While the
+/// units are split, each member's SQL endpoint serves exactly the one instance's views (the
+/// other member's units read from the view topics). Together they end with exactly the views
+/// of one instance reading everything, the SQL endpoint of a member serves the whole views
+/// (the reconciliation summary merged from its shards), and the group's checkpoints equal SQL
+/// on the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     let mut db = TestDb::new("views_group").await;
@@ -878,6 +880,11 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     // the fold puts its changes back in source order.
     db.kafka_extra = "  partition_by:\n    oms.products: [sku]\n    oms.order_lines: [sku]\n    oms.inventory_cache: [sku]\n    wms.stock_levels: [sku]\n    oms.customers: [id]\n    oms.orders: [customer_id]\n".into();
     let (one_path, one_cfg) = config(&db, 200);
+    // The one instance serves SQL too, as the reference for the members' endpoints.
+    let one_sql = walbridge::stack::free_port();
+    let mut yaml = std::fs::read_to_string(&one_path).unwrap();
+    yaml += &format!("  sql: {{ listen: \"127.0.0.1:{one_sql}\", user: analyst, password: pw }}\n");
+    std::fs::write(&one_path, yaml).unwrap();
     let rm_db = format!("{}_rm", db.name);
     db.exec(&[&format!("CREATE DATABASE {rm_db}")]).await;
     let rm_dsn = db
@@ -885,7 +892,8 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         .replace(&format!("dbname={}", db.name), &format!("dbname={rm_db}"));
     let sql_port = walbridge::stack::free_port();
     let (a_path, group_cfg) = group_config(&db, "member-a", sql_port, &rm_dsn);
-    let (b_path, _) = group_config(&db, "member-b", walbridge::stack::free_port(), &rm_dsn);
+    let b_sql = walbridge::stack::free_port();
+    let (b_path, _) = group_config(&db, "member-b", b_sql, &rm_dsn);
     let mut wb = db.start().await;
     let one = Processor::start(&one_path, &db.dir.join("one.log"));
     let (a_log, b_log) = (db.dir.join("member-a.log"), db.dir.join("member-b.log"));
@@ -928,6 +936,31 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         6,
         "A restarted units it kept:\n{}",
         std::fs::read_to_string(&a_log).unwrap_or_default()
+    );
+
+    // While the units are split, each member's SQL endpoint serves the whole views: its own
+    // units live, the other member's from the view topics. Both equal the one instance's.
+    db.wait_caught_up(&mut wb).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reference = sql_views(one_sql).await;
+        let (on_a, on_b) = (sql_views(sql_port).await, sql_views(b_sql).await);
+        if on_a == reference && on_b == reference {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the members' SQL endpoints did not reach the one instance's views within 60 s: {}",
+            sql_views_diff(&reference, &[("A", &on_a), ("B", &on_b)])
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        log_count(
+            &b_log,
+            "the other members' units are read from the view topics"
+        ) > 0,
+        "B read A's units from the view topics"
     );
 
     // B leaves cleanly: A takes its units back from B's final checkpoints.
@@ -1062,6 +1095,73 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         assert_eq!(keys.len(), rows.len(), "view topic {view}");
     }
     wb.stop();
+}
+
+/// Every view as a SQL endpoint serves it (text rows, sorted), without the event-time columns
+/// (when a diff opened depends on how a reader interleaved the topics).
+async fn sql_views(port: u16) -> BTreeMap<String, Vec<Vec<String>>> {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=analyst password=pw dbname=walbridge"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect to a SQL endpoint");
+    tokio::spawn(conn);
+    let mut out = BTreeMap::new();
+    for def in transforms::state::view_defs() {
+        let cols: Vec<String> = def
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| n != "since" && n != "oldest_since")
+            .collect();
+        let q = format!("SELECT {} FROM {}", cols.join(", "), def.name);
+        let mut rows: Vec<Vec<String>> = client
+            .simple_query(&q)
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("null").to_owned())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect();
+        rows.sort();
+        out.insert(def.name.clone(), rows);
+    }
+    out
+}
+
+/// Per endpoint and view: how many rows differ from the reference, and the first of them.
+fn sql_views_diff(
+    reference: &BTreeMap<String, Vec<Vec<String>>>,
+    got: &[(&str, &BTreeMap<String, Vec<Vec<String>>>)],
+) -> String {
+    let mut out = String::new();
+    for (who, views) in got {
+        for (view, want) in reference {
+            let have = &views[view];
+            let missing: Vec<_> = want.iter().filter(|r| !have.contains(r)).collect();
+            let extra: Vec<_> = have.iter().filter(|r| !want.contains(r)).collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                out += &format!(
+                    "\n{who} {view}: {} rows vs {}, {} missing (first {:?}), {} extra (first {:?})",
+                    have.len(),
+                    want.len(),
+                    missing.len(),
+                    missing.first(),
+                    extra.len(),
+                    extra.first()
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The views without their event-time columns (`since`, `oldest_since`).

@@ -63,6 +63,12 @@
 //! unit's summary row is keyed by the unit's name (`scope`), and a reader adds the rows up
 //! (the SQL endpoint does it for the units of its instance). A Parquet sink keeps an offsets
 //! file and file names per unit in the shared directory (`sinks::views::parquet`).
+//!
+//! # SQL
+//!
+//! A member's catalog holds the units it folds and, with a Kafka view sink configured, every
+//! unit as read back from the sink's topics ([`crate::remote`]); the second copy of a unit
+//! folded here is hidden. So each member's SQL endpoint serves the whole views.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -191,17 +197,26 @@ pub struct Member {
     /// dropped).
     pub stats: Arc<ProcessorStats>,
     worker: Worker,
+    /// The reader of the other members' units ([`crate::remote`]), with the member's stop flag.
+    remote: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Member {
     /// Stops every unit (final epochs and checkpoints) and leaves the group.
     pub async fn stop(self) -> Result<(), ProcessError> {
-        self.worker.stop().await
+        self.worker.stop.store(true, Ordering::SeqCst);
+        self.join().await
     }
 
     /// Waits until the member ends (only an error, or [`Member::stop`], ends it).
     pub async fn join(self) -> Result<(), ProcessError> {
-        self.worker.join().await
+        let stop = self.worker.stop.clone();
+        let done = self.worker.join().await;
+        stop.store(true, Ordering::SeqCst);
+        if let Some(remote) = self.remote {
+            let _ = tokio::task::spawn_blocking(move || remote.join()).await;
+        }
+        done
     }
 
     pub fn stopper(&self) -> Arc<AtomicBool> {
@@ -286,6 +301,24 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
         })?;
     tracing::info!(group = %config.group_id, "joined the processors' consumer group");
     let stop = Arc::new(AtomicBool::new(false));
+    let remote = match &config.view_topic_prefix {
+        Some(prefix) => {
+            // librdkafka wants a group for any consumer; this one never commits nor joins.
+            let mut client = config.client();
+            client.set("group.id", format!("{}.remote-units", config.group_id));
+            let (prefix, c, s) = (prefix.clone(), catalog.clone(), stop.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("walbridge-remote-units".into())
+                    .spawn(move || crate::remote::read(client, prefix, c, s))
+                    .map_err(|e| ProcessError::Checkpoint {
+                        path: PathBuf::new(),
+                        what: format!("cannot start the thread reading the view topics: {e}"),
+                    })?,
+            )
+        }
+        None => None,
+    };
     let (s, u) = (stop.clone(), units.clone());
     let thread = std::thread::Builder::new()
         .name("walbridge-group-member".into())
@@ -298,6 +331,7 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
         catalog,
         stats,
         worker: Worker { stop, thread },
+        remote,
     })
 }
 
@@ -660,6 +694,7 @@ mod tests {
             alerts_partitions: 1,
             kafka_properties: Vec::new(),
             unit,
+            view_topic_prefix: None,
         }
     }
 

@@ -135,6 +135,9 @@
 //!    readers of the sinks add its rows up.
 //! 6. **SQL over all shards.** Each instance serves the whole view by also reading the other
 //!    instances' epochs from the Kafka view sink's compacted topics (which exist already).
+//!    **Built** (session 13, [`remote`]): the sink tags each record with its unit and write,
+//!    a member keeps every unit's rows from the topics and applies a write once all its
+//!    records arrived, and its catalog hides a unit's remote rows while it folds the unit.
 //!
 //! What tansu 0.6 (the broker the tests run on) allows, read in its sources (session 7): classic
 //! consumer groups assign partitions and rebalance on a clean `LeaveGroup` (at least 3 s per
@@ -143,11 +146,10 @@
 //! no transactional producer. So a two-instance test can cover a clean join and leave on tansu,
 //! but not a kill -9 failover.
 //!
-//! Missing today: step 6, and the summary's part of 5 (every view sink runs per unit with
-//! `instances: group`). Until step 6, each member's SQL endpoint serves
-//! the units *it* folds: the whole views when one member holds every unit, a share of them
-//! otherwise; the Postgres read model, the view topics and the lake hold the whole views either
-//! way.
+//! Missing today: the summary's part of 5 (every view sink runs per unit with
+//! `instances: group`, so the sinks hold a summary row per unit to add up). Without a Kafka
+//! view sink step 6 has nothing to read, and each member's SQL endpoint serves the units *it*
+//! folds.
 
 pub mod bench;
 pub mod check;
@@ -156,6 +158,7 @@ pub mod freshness;
 pub mod group;
 pub mod input;
 pub mod multiset;
+pub mod remote;
 pub mod runtime;
 pub mod sql;
 pub mod state;

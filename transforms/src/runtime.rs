@@ -194,6 +194,10 @@ pub struct ProcessorConfig {
     /// The share of the input this processor reads ([`Unit::All`] unless instances share the
     /// partitions, see [`crate::group`]).
     pub unit: Unit,
+    /// The topic prefix of the Kafka view sink (`<prefix>.view.<name>`), when one is
+    /// configured: a group member serves the units other members fold from there
+    /// ([`crate::remote`]).
+    pub view_topic_prefix: Option<String>,
 }
 
 impl ProcessorConfig {

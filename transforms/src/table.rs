@@ -389,6 +389,15 @@ impl ViewTable {
         })
     }
 
+    /// Forgets the changes recorded since the last take, for a table whose changes nobody
+    /// takes (one kept only to be published).
+    pub fn forget_changes(&mut self) {
+        for s in self.dirty.drain(..) {
+            self.is_dirty[s as usize] = false;
+        }
+        self.deleted.clear();
+    }
+
     /// The rows as they are now, to publish: shares the chunks, builds nothing.
     pub fn published(&self) -> ViewRows {
         ViewRows {
@@ -406,6 +415,37 @@ impl ViewTable {
         }
         Ok(out)
     }
+}
+
+/// Row `i` of `batch` as cells, the inverse of [`build_batch`] for the column types views use.
+pub fn row_of(batch: &RecordBatch, i: usize) -> Result<Row, ArrowError> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{
+        Decimal128Type, Float64Type, Int64Type, TimestampMicrosecondType,
+    };
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            if c.is_null(i) {
+                return Ok(Cell::Null);
+            }
+            Ok(match c.data_type() {
+                DataType::Int64 => Cell::Int(c.as_primitive::<Int64Type>().value(i)),
+                DataType::Utf8 => Cell::text(c.as_string::<i32>().value(i)),
+                DataType::Float64 => Cell::Float(c.as_primitive::<Float64Type>().value(i)),
+                DataType::Decimal128(..) => Cell::Dec(c.as_primitive::<Decimal128Type>().value(i)),
+                DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                    Cell::Ts(c.as_primitive::<TimestampMicrosecondType>().value(i))
+                }
+                other => {
+                    return Err(ArrowError::NotYetImplemented(format!(
+                        "a view column of type {other}"
+                    )));
+                }
+            })
+        })
+        .collect()
 }
 
 /// Builds one batch of `schema` from rows whose cells follow the schema's column types.

@@ -152,12 +152,22 @@ impl Catalog {
         views.get(view).and_then(|(_, s)| s.get(source).cloned())
     }
 
-    /// The latest snapshot of a view from every source.
+    /// The latest snapshot of a view from every source, except a unit's rows read from the
+    /// view topics ([`crate::remote`]) while the unit's own processor publishes here.
     pub fn snapshots(&self, view: &str) -> Vec<Arc<Snapshot>> {
         let views = self.views.read().unwrap_or_else(|e| e.into_inner());
         views
             .get(view)
-            .map(|(_, s)| s.values().cloned().collect())
+            .map(|(_, s)| {
+                s.iter()
+                    .filter(|(source, _)| {
+                        source
+                            .strip_prefix(crate::remote::REMOTE_PREFIX)
+                            .is_none_or(|unit| !s.contains_key(unit))
+                    })
+                    .map(|(_, snap)| snap.clone())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

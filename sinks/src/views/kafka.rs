@@ -11,6 +11,11 @@
 //! which compaction needs (equal keys must be equal bytes). The raw change and business-event
 //! topics stay Avro under versioned contracts.
 //!
+//! Headers: every record names the unit that wrote it, the write (the sink's run and the
+//! write's number in it) and the write's record count over all views
+//! ([`transforms::remote::write_headers`]), so a group member can read other members' units
+//! back a whole write at a time for its SQL endpoint ([`transforms::remote`]).
+//!
 //! Guarantee: at-least-once. `write` returns after every record of the epoch has its delivery
 //! report (`acks=all`, idempotent producer, so librdkafka's retries neither duplicate nor
 //! reorder). A key always goes to the same partition (`murmur2_random`), so records of a key
@@ -23,11 +28,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::json::WriterBuilder;
-use datafusion::arrow::json::writer::LineDelimited;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use transforms::view::{Epoch, Offsets, ViewChanges};
 
@@ -43,6 +46,9 @@ pub struct KafkaViewSettings {
     pub replication_factor: i32,
     /// More librdkafka properties (security, tuning), passed through.
     pub extra: Vec<(String, String)>,
+    /// The unit whose epochs this sink writes (`all` for a processor over everything), named
+    /// in every record's headers ([`transforms::remote`]).
+    pub unit: String,
 }
 
 pub struct KafkaViewSink {
@@ -52,6 +58,10 @@ pub struct KafkaViewSink {
     /// Topics known to exist (created or found) by this process.
     topics: std::collections::HashSet<String>,
     offsets: Option<Offsets>,
+    /// This run of the sink (its opening, in ms since the Unix epoch) and its writes so far:
+    /// the `walbridge.write` header.
+    run: u64,
+    writes: u64,
 }
 
 impl KafkaViewSink {
@@ -75,6 +85,10 @@ impl KafkaViewSink {
             producer,
             topics: Default::default(),
             offsets: None,
+            run: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            writes: 0,
         })
     }
 
@@ -125,7 +139,11 @@ impl KafkaViewSink {
         Ok(())
     }
 
-    async fn write_view(&mut self, changes: &ViewChanges) -> Result<usize, ViewSinkError> {
+    async fn write_view(
+        &mut self,
+        changes: &ViewChanges,
+        headers: &OwnedHeaders,
+    ) -> Result<usize, ViewSinkError> {
         let topic = self.topic(&changes.view);
         self.ensure_topic(&topic).await?;
         let arrow_err = |source| ViewSinkError::Arrow {
@@ -135,10 +153,11 @@ impl KafkaViewSink {
         };
         let keys = key_names(changes);
         let key_idx = indices(&self.name, &changes.view, &changes.upserts, &keys)?;
-        let upsert_keys = json_lines(&changes.upserts.project(&key_idx).map_err(arrow_err)?)
-            .map_err(arrow_err)?;
-        let upsert_values = json_lines(&changes.upserts).map_err(arrow_err)?;
-        let delete_keys = json_lines(&changes.deletes).map_err(arrow_err)?;
+        let upsert_keys =
+            transforms::remote::json_lines(&changes.upserts.project(&key_idx).map_err(arrow_err)?)
+                .map_err(arrow_err)?;
+        let upsert_values = transforms::remote::json_lines(&changes.upserts).map_err(arrow_err)?;
+        let delete_keys = transforms::remote::json_lines(&changes.deletes).map_err(arrow_err)?;
 
         // Deletes first, then upserts: should a key be in both, the row stays (last wins).
         let records = delete_keys
@@ -148,7 +167,9 @@ impl KafkaViewSink {
         let mut pending = VecDeque::new();
         let mut n = 0;
         for (key, value) in records {
-            let mut record = FutureRecord::<String, String>::to(&topic).key(key);
+            let mut record = FutureRecord::<String, String>::to(&topic)
+                .key(key)
+                .headers(headers.clone());
             if let Some(v) = value {
                 record = record.payload(v);
             }
@@ -187,23 +208,6 @@ impl KafkaViewSink {
     }
 }
 
-/// One JSON object per row, in the batch's column order, nulls explicit.
-fn json_lines(batch: &RecordBatch) -> Result<Vec<String>, datafusion::arrow::error::ArrowError> {
-    if batch.num_rows() == 0 {
-        return Ok(Vec::new());
-    }
-    let mut w = WriterBuilder::new()
-        .with_explicit_nulls(true)
-        .build::<_, LineDelimited>(Vec::new());
-    w.write(batch)?;
-    w.finish()?;
-    let buf = w.into_inner();
-    let text = String::from_utf8(buf)
-        .map_err(|e| datafusion::arrow::error::ArrowError::JsonError(e.to_string()))?;
-    // JSON escapes newlines inside strings, so every line is one row.
-    Ok(text.lines().map(str::to_owned).collect())
-}
-
 #[async_trait]
 impl ViewSink for KafkaViewSink {
     fn name(&self) -> &str {
@@ -215,9 +219,22 @@ impl ViewSink for KafkaViewSink {
     }
 
     async fn write(&mut self, epoch: &Epoch) -> Result<Written, ViewSinkError> {
+        // Every record names the write and its size, so a reader can apply the write whole.
+        self.writes += 1;
+        let total: usize = epoch
+            .changes
+            .iter()
+            .map(|c| c.upserts.num_rows() + c.deletes.num_rows())
+            .sum();
+        let headers = transforms::remote::write_headers(
+            &self.settings.unit,
+            self.run,
+            self.writes,
+            total as u64,
+        );
         let mut records = 0;
         for changes in &epoch.changes {
-            records += self.write_view(changes).await?;
+            records += self.write_view(changes, &headers).await?;
         }
         advance(
             self.offsets.get_or_insert_with(Offsets::default),

@@ -1,0 +1,665 @@
+//! The units other members fold, for this member's SQL endpoint (scale-out step 6).
+//!
+//! With `processors.instances: group` a member folds only the units the group gave it. So that
+//! its SQL endpoint serves the whole views, it also reads the Kafka view sink's compacted
+//! topics (`<prefix>.view.<name>`), which every unit of the group writes, and keeps each unit's
+//! rows from them as the catalog source `remote:<unit>`. The catalog hides a unit's remote rows
+//! while the member folds that unit itself ([`Catalog::snapshots`]): a query reads every unit
+//! once, live from the fold when it is here, from the topics when another member has it. A
+//! member without a Kafka view sink serves its own units only, and says so at start.
+//!
+//! # Which unit wrote a record
+//!
+//! The sink tags every record with three headers ([`write_headers`]): the unit
+//! (`walbridge.unit`); the write (`walbridge.write`: `<run>.<number>`, where the run is the
+//! moment the unit's sink opened, in ms since the Unix epoch, and the number counts the
+//! run's writes); and how many records the write has over all views
+//! (`walbridge.write.records`). Records of a one-instance processor (unit `all`) belong to no
+//! group and are skipped, as are records without the headers.
+//!
+//! # Why a query sees whole writes
+//!
+//! One write of a unit (an epoch, or epochs the sink coalesced) is spread over the topics'
+//! partitions, which this reader consumes at their own paces. Its records are held back until
+//! all of them have arrived, then applied at once ([`Assembler`]), so a remote unit moves from
+//! write to write as a local unit moves from epoch to epoch. A write may never be complete:
+//! compaction removed some of its records (a later write overwrote those keys), or the sink's
+//! process died during it (the next run writes every key it held again, see
+//! [`crate::view::coalesce`]). Either way a later write of the unit comes, and when that one is
+//! complete the earlier ones are applied first, as far as they came. Records of a write
+//! already applied are applied as they come: a key's records share a partition, so a record
+//! that comes late is never older than the row the key holds.
+//!
+//! At start the topics are read as they are up to the ends they had (their compacted history
+//! holds no whole writes), and the remote units appear once every partition was read that far,
+//! or once no record came for [`IDLE_END`] (a partition whose last record compaction removed
+//! never reaches its old end).
+//!
+//! A remote unit lags its owner by the sink's write (an epoch, acknowledged by the broker)
+//! and one fetch. Runs are ordered by their start time, so owners on machines whose clocks
+//! disagree by more than the time a unit takes to move lose the whole-write grouping (never
+//! a row) for the writes that overlap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::json::reader::{Decoder, ReaderBuilder};
+use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::table::{Row, ViewTable, row_of};
+use crate::view::{Catalog, Offsets, Snapshot, ViewDef};
+
+/// Header naming the unit that wrote a view record.
+pub const UNIT_HEADER: &str = "walbridge.unit";
+/// Header naming the write a view record belongs to: `<run>.<number>`.
+pub const WRITE_HEADER: &str = "walbridge.write";
+/// Header with the number of records of the write, over every view.
+pub const RECORDS_HEADER: &str = "walbridge.write.records";
+
+/// The catalog source under which a unit's rows read from the view topics are published.
+pub fn remote_source(unit: &str) -> String {
+    format!("{REMOTE_PREFIX}{unit}")
+}
+
+pub(crate) const REMOTE_PREFIX: &str = "remote:";
+
+/// With no record at all for this long, the first reading of the topics counts as done.
+pub const IDLE_END: Duration = Duration::from_secs(3);
+
+/// The headers of every record of one write.
+pub fn write_headers(unit: &str, run: u64, number: u64, records: u64) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header {
+            key: UNIT_HEADER,
+            value: Some(unit),
+        })
+        .insert(Header {
+            key: WRITE_HEADER,
+            value: Some(&format!("{run}.{number}")),
+        })
+        .insert(Header {
+            key: RECORDS_HEADER,
+            value: Some(&records.to_string()),
+        })
+}
+
+/// One JSON object per row, in the batch's column order, nulls explicit: what the Kafka view
+/// sink writes as keys and values, and what [`Assembler`] reads back.
+pub fn json_lines(batch: &RecordBatch) -> Result<Vec<String>, ArrowError> {
+    if batch.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let mut w = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, LineDelimited>(Vec::new());
+    w.write(batch)?;
+    w.finish()?;
+    let text =
+        String::from_utf8(w.into_inner()).map_err(|e| ArrowError::JsonError(e.to_string()))?;
+    // JSON escapes newlines inside strings, so every line is one row.
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// A write: (run, number), ordered as the unit's writes were made.
+pub type WriteId = (u64, u64);
+
+/// What one view record says, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// Index of the view in the assembler's definitions.
+    pub view: usize,
+    pub key: Row,
+    /// `None`: the key left the view (a tombstone).
+    pub row: Option<Row>,
+}
+
+/// A write whose records are still arriving.
+#[derive(Debug, Default)]
+struct Pending {
+    expected: u64,
+    changes: Vec<Change>,
+}
+
+/// One remote unit's rows and the writes not yet applied.
+#[derive(Debug)]
+struct UnitRows {
+    tables: Vec<ViewTable>,
+    applied: WriteId,
+    pending: BTreeMap<WriteId, Pending>,
+    changed: bool,
+}
+
+impl UnitRows {
+    fn apply(&mut self, c: Change) {
+        self.tables[c.view].set(c.key, c.row);
+        self.changed = true;
+    }
+}
+
+/// Puts the records of the view topics together into every remote unit's views, a whole write
+/// at a time (see the module doc). Kafka-free, so the rules are tested on their own.
+pub struct Assembler {
+    defs: Vec<ViewDef>,
+    units: BTreeMap<String, UnitRows>,
+    /// False while the topics' history is read: records are applied as they come.
+    live: bool,
+}
+
+impl Assembler {
+    pub fn new(defs: Vec<ViewDef>) -> Self {
+        Self {
+            defs,
+            units: BTreeMap::new(),
+            live: false,
+        }
+    }
+
+    /// From now on, writes are applied whole.
+    pub fn go_live(&mut self) {
+        self.live = true;
+    }
+
+    /// Takes one record of `unit`'s write `write`, which has `records` records in all.
+    pub fn offer(&mut self, unit: &str, write: WriteId, records: u64, change: Change) {
+        let defs = &self.defs;
+        let u = self
+            .units
+            .entry(unit.to_owned())
+            .or_insert_with(|| UnitRows {
+                tables: defs.iter().cloned().map(ViewTable::new).collect(),
+                applied: (0, 0),
+                pending: BTreeMap::new(),
+                changed: false,
+            });
+        if !self.live || write <= u.applied {
+            u.apply(change);
+            u.applied = u.applied.max(write);
+            return;
+        }
+        let p = u.pending.entry(write).or_default();
+        p.expected = records;
+        p.changes.push(change);
+        if (p.changes.len() as u64) < p.expected {
+            return;
+        }
+        // Complete: it and every earlier write still held go in, in order.
+        let later = u.pending.split_off(&(write.0, write.1.saturating_add(1)));
+        for (_, p) in std::mem::replace(&mut u.pending, later) {
+            for c in p.changes {
+                u.apply(c);
+            }
+        }
+        u.applied = write;
+    }
+
+    /// Publishes the views of every unit that changed since the last call (nothing before
+    /// [`Self::go_live`]).
+    pub fn publish(&mut self, catalog: &Catalog) {
+        if !self.live {
+            return;
+        }
+        for (unit, u) in self.units.iter_mut().filter(|(_, u)| u.changed) {
+            let source = remote_source(unit);
+            for (def, table) in self.defs.iter().zip(u.tables.iter_mut()) {
+                table.forget_changes();
+                catalog.publish_from(
+                    &source,
+                    def,
+                    Snapshot {
+                        epoch: u.applied.1,
+                        offsets: Offsets::default(),
+                        rows: table.published(),
+                    },
+                );
+            }
+            u.changed = false;
+        }
+    }
+
+    /// Writes held back, over every unit (for logs and tests).
+    pub fn pending_writes(&self) -> usize {
+        self.units.values().map(|u| u.pending.len()).sum()
+    }
+}
+
+/// Decodes one view's record keys and values (JSON objects, see [`json_lines`]).
+struct ViewCodec {
+    keys: Decoder,
+    rows: Decoder,
+    key_of_row: Vec<usize>,
+}
+
+impl ViewCodec {
+    fn new(def: &ViewDef) -> Result<Self, ArrowError> {
+        let key_schema = Arc::new(def.schema.project(&def.key)?);
+        Ok(Self {
+            keys: ReaderBuilder::new(key_schema).build_decoder()?,
+            rows: ReaderBuilder::new(def.schema.clone()).build_decoder()?,
+            key_of_row: def.key.clone(),
+        })
+    }
+
+    fn one(decoder: &mut Decoder, json: &[u8]) -> Result<Row, ArrowError> {
+        let read = decoder.decode(json)?;
+        if read < json.len() {
+            // A second object in one record: not a view record.
+            decoder.flush()?;
+            return Err(ArrowError::JsonError(
+                "more than one JSON object in the record".into(),
+            ));
+        }
+        match decoder.flush()? {
+            Some(b) if b.num_rows() == 1 => row_of(&b, 0),
+            _ => Err(ArrowError::JsonError("no JSON object in the record".into())),
+        }
+    }
+
+    /// The change a record says: the row's own key for an upsert (the record key is the same
+    /// columns), the record key for a tombstone.
+    fn decode(
+        &mut self,
+        view: usize,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<Change, ArrowError> {
+        match value {
+            Some(v) => {
+                let row = Self::one(&mut self.rows, v)?;
+                let key = self.key_of_row.iter().map(|&i| row[i].clone()).collect();
+                Ok(Change {
+                    view,
+                    key,
+                    row: Some(row),
+                })
+            }
+            None => Ok(Change {
+                view,
+                key: Self::one(&mut self.keys, key)?,
+                row: None,
+            }),
+        }
+    }
+}
+
+/// The unit, write and record count a record's headers name; `None` without them.
+fn tags<H: Headers>(headers: Option<&H>) -> Option<(String, WriteId, u64)> {
+    let h = headers?;
+    let text = |name: &str| {
+        h.iter()
+            .find(|x| x.key == name)
+            .and_then(|x| x.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    };
+    let unit = text(UNIT_HEADER)?;
+    let write = text(WRITE_HEADER)?;
+    let (run, number) = write.split_once('.')?;
+    let records = text(RECORDS_HEADER)?.parse().ok()?;
+    Some((unit, (run.parse().ok()?, number.parse().ok()?), records))
+}
+
+/// Reads the view topics under `topic_prefix` into `catalog` until `stop` is set (runs on a
+/// thread of its own). Trouble is logged, never fatal: the member's own units go on either
+/// way.
+pub(crate) fn read(
+    client: ClientConfig,
+    topic_prefix: String,
+    catalog: Arc<Catalog>,
+    stop: Arc<AtomicBool>,
+) {
+    if let Err(e) = read_until(client, &topic_prefix, &catalog, &stop) {
+        tracing::error!(error = %e, prefix = %topic_prefix, "reading the other members' units from the view topics stopped; this member's SQL endpoint serves its own units only");
+    }
+}
+
+fn read_until(
+    mut client: ClientConfig,
+    topic_prefix: &str,
+    catalog: &Catalog,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let defs = crate::state::view_defs();
+    let topics: HashMap<String, usize> = defs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (format!("{topic_prefix}.view.{}", d.name), i))
+        .collect();
+    let consumer: BaseConsumer = client
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("allow.auto.create.topics", "false")
+        // How often a quiet topic is asked again (tansu holds a fetch this long): the remote
+        // units' freshness beside the broker's own.
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .map_err(|e| format!("cannot create the consumer: {e}"))?;
+    // The topics appear when the first unit's sink opens.
+    let started = Instant::now();
+    let mut said = false;
+    let ends = loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match ends_of(&consumer, &topics) {
+            Ok(Some(ends)) => break ends,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "reading the view topics' metadata"),
+        }
+        if !said && started.elapsed() > Duration::from_secs(30) {
+            said = true;
+            tracing::info!(prefix = %topic_prefix, "waiting for the view topics to exist (the Kafka view sink creates them)");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in ends.keys() {
+        tpl.add_partition_offset(t, *p, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| format!("assigning the view topics: {e}"))?;
+
+    let mut codecs = defs
+        .iter()
+        .map(ViewCodec::new)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut assembler = Assembler::new(defs);
+    // Partitions not yet read to the end they had at start.
+    let mut behind: HashMap<(String, i32), i64> =
+        ends.into_iter().filter(|(_, end)| *end > 0).collect();
+    let (mut last_record, mut untagged, mut undecodable) = (Instant::now(), 0u64, 0u64);
+    let mut last_error: Option<Instant> = None;
+    let began = Instant::now();
+    let mut records = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let mut wait = Duration::from_millis(100);
+        for _ in 0..10_000 {
+            let Some(m) = consumer.poll(wait) else { break };
+            wait = Duration::ZERO;
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        last_error = Some(Instant::now());
+                        tracing::warn!(error = %e, "reading the view topics");
+                    }
+                    break;
+                }
+            };
+            last_record = Instant::now();
+            records += 1;
+            let at = (m.topic().to_owned(), m.partition());
+            if behind.get(&at).is_some_and(|end| m.offset() + 1 >= *end) {
+                behind.remove(&at);
+            }
+            let Some(&view) = topics.get(m.topic()) else {
+                continue;
+            };
+            let Some((unit, write, count)) = tags(m.headers()) else {
+                untagged += 1;
+                if untagged == 1 {
+                    tracing::warn!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "a view record without walbridge's unit and write headers (written by another producer, or by a walbridge before 2026-11-22); skipped"
+                    );
+                }
+                continue;
+            };
+            if unit == crate::group::Unit::All.name() {
+                continue;
+            }
+            match codecs[view].decode(view, m.key().unwrap_or_default(), m.payload()) {
+                Ok(change) => assembler.offer(&unit, write, count, change),
+                Err(e) => {
+                    undecodable += 1;
+                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, undecodable, "a view record that is not a row of the view; skipped (this member's SQL misses it until the key is written again)");
+                }
+            }
+        }
+        if !assembler.live && (behind.is_empty() || last_record.elapsed() > IDLE_END) {
+            assembler.go_live();
+            tracing::info!(
+                records,
+                elapsed_ms = began.elapsed().as_millis() as u64,
+                units = assembler.units.len(),
+                "the other members' units are read from the view topics; the SQL endpoint serves them"
+            );
+        }
+        assembler.publish(catalog);
+    }
+    Ok(())
+}
+
+/// The end offset of each view topic partition.
+type Ends = HashMap<(String, i32), i64>;
+
+/// Every partition of the view topics with its end offset now; `None` while a topic is
+/// missing.
+fn ends_of(
+    consumer: &BaseConsumer,
+    topics: &HashMap<String, usize>,
+) -> Result<Option<Ends>, String> {
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let mut ends = HashMap::new();
+    for name in topics.keys() {
+        let Some(t) = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+        else {
+            return Ok(None);
+        };
+        for p in t.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(name, p.id(), Duration::from_secs(10))
+                .map_err(|e| format!("{name} [{}]: {e}", p.id()))?;
+            ends.insert((name.clone(), p.id()), high);
+        }
+    }
+    Ok(Some(ends))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::Cell;
+
+    fn assembler() -> (Assembler, Vec<ViewDef>) {
+        let defs = crate::state::view_defs();
+        (Assembler::new(defs.clone()), defs)
+    }
+
+    /// A `stock_availability_by_sku` row: sku, locations, on_hand, reserved, safety, available.
+    fn by_sku(defs: &[ViewDef], sku: &str, available: Option<i64>) -> Change {
+        let view = defs
+            .iter()
+            .position(|d| d.name == "stock_availability_by_sku")
+            .unwrap();
+        let key = vec![Cell::text(sku)];
+        let row = available.map(|a| {
+            let mut r = vec![Cell::text(sku)];
+            r.extend([1, a, 0, 0, a].map(Cell::Int));
+            r
+        });
+        Change { view, key, row }
+    }
+
+    /// What SQL would read of `stock_availability_by_sku` now: (sku, available) per source.
+    fn seen(c: &Catalog) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        for s in c.snapshots("stock_availability_by_sku") {
+            for b in s.rows.batches().unwrap() {
+                for i in 0..b.num_rows() {
+                    let r = row_of(&b, i).unwrap();
+                    let (Cell::Text(sku), Cell::Int(a)) = (&r[0], &r[5]) else {
+                        panic!("{r:?}")
+                    };
+                    out.push((sku.to_string(), *a));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn rows(v: &[(&str, i64)]) -> Vec<(String, i64)> {
+        v.iter().map(|(s, a)| (s.to_string(), *a)).collect()
+    }
+
+    #[test]
+    fn a_remote_unit_moves_from_whole_write_to_whole_write() {
+        let (mut a, defs) = assembler();
+        let c = Catalog::new();
+        // History: applied as read, published only once live.
+        a.offer("skus-1", (7, 1), 2, by_sku(&defs, "A", Some(5)));
+        a.offer("skus-1", (7, 1), 2, by_sku(&defs, "B", Some(6)));
+        a.publish(&c);
+        assert!(seen(&c).is_empty(), "nothing before the history is read");
+        a.go_live();
+        a.publish(&c);
+        assert_eq!(seen(&c), rows(&[("A", 5), ("B", 6)]));
+
+        // Write 2 has three records; two came (other partitions lag): not visible yet.
+        a.offer("skus-1", (7, 2), 3, by_sku(&defs, "A", Some(4)));
+        a.offer("skus-1", (7, 2), 3, by_sku(&defs, "B", None));
+        a.publish(&c);
+        assert_eq!(
+            seen(&c),
+            rows(&[("A", 5), ("B", 6)]),
+            "half a write is never seen"
+        );
+        a.offer("skus-1", (7, 2), 3, by_sku(&defs, "C", Some(1)));
+        a.publish(&c);
+        assert_eq!(seen(&c), rows(&[("A", 4), ("C", 1)]));
+        assert_eq!(a.pending_writes(), 0);
+
+        // Write 3 lost a record to compaction and never completes; write 4 does, and takes
+        // write 3's records in first. A straggler of write 3 then applies as it comes.
+        a.offer("skus-1", (7, 3), 3, by_sku(&defs, "A", Some(3)));
+        a.offer("skus-1", (7, 3), 3, by_sku(&defs, "D", Some(9)));
+        a.offer("skus-1", (7, 4), 1, by_sku(&defs, "A", Some(2)));
+        a.publish(&c);
+        assert_eq!(seen(&c), rows(&[("A", 2), ("C", 1), ("D", 9)]));
+        a.offer("skus-1", (7, 3), 3, by_sku(&defs, "E", Some(8)));
+        a.publish(&c);
+        assert_eq!(seen(&c), rows(&[("A", 2), ("C", 1), ("D", 9), ("E", 8)]));
+
+        // The unit's next run (its owner died mid-write): its first complete write releases
+        // the dead run's partial write before it.
+        a.offer("skus-1", (7, 5), 2, by_sku(&defs, "F", Some(7)));
+        a.offer("skus-1", (9, 1), 1, by_sku(&defs, "F", Some(6)));
+        a.publish(&c);
+        assert_eq!(
+            seen(&c),
+            rows(&[("A", 2), ("C", 1), ("D", 9), ("E", 8), ("F", 6)])
+        );
+        assert_eq!(a.pending_writes(), 0);
+    }
+
+    #[test]
+    fn a_unit_folded_here_hides_its_remote_rows() {
+        let (mut a, defs) = assembler();
+        let c = Catalog::new();
+        a.go_live();
+        a.offer("skus-0", (1, 1), 1, by_sku(&defs, "A", Some(1)));
+        a.offer("skus-1", (1, 1), 1, by_sku(&defs, "B", Some(2)));
+        a.publish(&c);
+        assert_eq!(seen(&c), rows(&[("A", 1), ("B", 2)]));
+        // This member folds skus-0 now: its live rows, not the topic's.
+        let def = &defs[1];
+        assert_eq!(def.name, "stock_availability_by_sku");
+        let mut local = ViewTable::new(def.clone());
+        let ch = by_sku(&defs, "A", Some(3));
+        local.set(ch.key, ch.row);
+        c.publish_from(
+            "skus-0",
+            def,
+            Snapshot {
+                epoch: 1,
+                offsets: Offsets::default(),
+                rows: local.published(),
+            },
+        );
+        assert_eq!(seen(&c), rows(&[("A", 3), ("B", 2)]));
+        // It moved to another member: the topic's rows again.
+        c.withdraw("skus-0");
+        assert_eq!(seen(&c), rows(&[("A", 1), ("B", 2)]));
+    }
+
+    #[test]
+    fn every_view_row_reads_back_from_its_record_as_written() {
+        use datafusion::arrow::array::RecordBatch;
+        let defs = crate::state::view_defs();
+        let mut codecs: Vec<ViewCodec> = defs.iter().map(|d| ViewCodec::new(d).unwrap()).collect();
+        for (v, def) in defs.iter().enumerate() {
+            // A row with every column's type, a negative decimal, a fraction and a null where
+            // the schema allows one.
+            let row: Row = def
+                .schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    use datafusion::arrow::datatypes::DataType::*;
+                    match f.data_type() {
+                        _ if f.is_nullable() && i % 2 == 0 => Cell::Null,
+                        Utf8 => Cell::text("SKU \"7\"\nx"),
+                        Int64 => Cell::Int(-42 - i as i64),
+                        Float64 => Cell::Float(1.0 / 3.0),
+                        Decimal128(..) => Cell::Dec(-123_456_789),
+                        Timestamp(..) => Cell::Ts(1_763_800_000_123_456),
+                        other => panic!("{other}"),
+                    }
+                })
+                .collect();
+            let batch: RecordBatch = crate::table::build_batch(&def.schema, &[&row[..]]).unwrap();
+            let value = &json_lines(&batch).unwrap()[0];
+            let key_batch = batch.project(&def.key).unwrap();
+            let key = &json_lines(&key_batch).unwrap()[0];
+            let want_key: Row = def.key.iter().map(|&i| row[i].clone()).collect();
+
+            let up = codecs[v]
+                .decode(v, key.as_bytes(), Some(value.as_bytes()))
+                .unwrap();
+            assert_eq!(up.row.as_ref(), Some(&row), "{}: {value}", def.name);
+            assert_eq!(up.key, want_key, "{}", def.name);
+            let gone = codecs[v].decode(v, key.as_bytes(), None).unwrap();
+            assert_eq!(
+                (gone.key, gone.row),
+                (want_key, None),
+                "{}: {key}",
+                def.name
+            );
+        }
+        assert!(codecs[0].decode(0, b"{}", Some(b"not json")).is_err());
+        assert!(codecs[0].decode(0, b"{}", Some(b"{} {}")).is_err());
+    }
+
+    #[test]
+    fn headers_name_the_unit_the_write_and_its_size() {
+        let h = write_headers("customers-2", 1_763_800_000_000, 17, 3);
+        assert_eq!(
+            tags(Some(&h)),
+            Some(("customers-2".into(), (1_763_800_000_000, 17), 3))
+        );
+        assert_eq!(tags::<OwnedHeaders>(None), None);
+        let partial = OwnedHeaders::new().insert(Header {
+            key: UNIT_HEADER,
+            value: Some("skus-0"),
+        });
+        assert_eq!(tags(Some(&partial)), None);
+    }
+}
