@@ -895,6 +895,33 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     let b_sql = walbridge::stack::free_port();
     let (b_path, _) = group_config(&db, "member-b", b_sql, &rm_dsn);
     let mut wb = db.start().await;
+    // Topics cut into units with unequal partition counts: partition i would not hold the same
+    // SKUs and customers in each, so a member refuses to start.
+    let odd = format!("{}odd", db.name);
+    let admin = sinks::kafka::admin_config(&db.brokers, &[]);
+    for (table, partitions) in [("wms.stock_levels", 3), ("oms.orders", 2)] {
+        sinks::kafka::create_topics(&admin, &[format!("{odd}.{table}")], partitions, 1, &[])
+            .await
+            .expect("create a topic");
+    }
+    let odd_path = db.dir.join("member-odd.yaml");
+    std::fs::write(
+        &odd_path,
+        std::fs::read_to_string(&a_path).unwrap().replace(
+            &format!("topic_prefix: {}\n", db.name),
+            &format!("topic_prefix: {odd}\n"),
+        ),
+    )
+    .unwrap();
+    let err = process_refused(
+        &odd_path,
+        "a member over topics with unequal partition counts",
+    );
+    assert!(
+        err.contains(&format!("{odd}.wms.stock_levels: 3, {odd}.oms.orders: 2"))
+            && err.contains("equal partition counts"),
+        "{err}"
+    );
     let one = Processor::start(&one_path, &db.dir.join("one.log"));
     let (a_log, b_log) = (db.dir.join("member-a.log"), db.dir.join("member-b.log"));
     let a = Processor::start(&a_path, &a_log);

@@ -292,6 +292,7 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
             what: "creating the group member consumer".into(),
             source,
         })?;
+    check_copartitioned(&consumer, &config.topic_prefix)?;
     let topic = lock(&units).stock_topic.clone();
     consumer
         .subscribe(&[&topic])
@@ -333,6 +334,51 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
         worker: Worker { stop, thread },
         remote,
     })
+}
+
+/// Refuses to start when the topics that units are cut from have unequal partition counts:
+/// partition *i* of each must hold the same SKUs (or customers), which holds only when the
+/// producer took every routing value modulo the same count. Topics that do not exist yet are
+/// left to the pipeline, which creates them all with `kafka.partitions`.
+fn check_copartitioned<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    prefix: &str,
+) -> Result<(), ProcessError> {
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|source| ProcessError::Kafka {
+            what: "reading the change topics' partition counts".into(),
+            source,
+        })?;
+    let counts: Vec<(String, usize)> = SKU_TABLES
+        .iter()
+        .chain(&CUSTOMER_TABLES[..2])
+        .filter_map(|t| {
+            let name = format!("{prefix}.{t}");
+            md.topics()
+                .iter()
+                .find(|m| m.name() == name && m.error().is_none() && !m.partitions().is_empty())
+                .map(|m| (name, m.partitions().len()))
+        })
+        .collect();
+    copartition_error(&counts).map_or(Ok(()), |e| Err(ProcessError::Refused(e)))
+}
+
+/// The refusal for topics routed together with unequal partition counts, if they are.
+fn copartition_error(counts: &[(String, usize)]) -> Option<String> {
+    let first = counts.first()?;
+    if counts.iter().all(|(_, n)| *n == first.1) {
+        return None;
+    }
+    let list: Vec<String> = counts.iter().map(|(t, n)| format!("{t}: {n}")).collect();
+    Some(format!(
+        "processors.instances: group needs the topics it cuts into units to have equal partition counts, so that \
+         partition i of each holds the same SKUs and customers; they have {}. Give them all the same count: \
+         recreate the odd ones with kafka.partitions partitions and stream them again from a snapshot (adding \
+         partitions in place sends keys to other partitions and breaks the order of their changes), or run \
+         processors.instances: single",
+        list.join(", ")
+    ))
 }
 
 fn lock(units: &Mutex<Units>) -> std::sync::MutexGuard<'_, Units> {
@@ -696,6 +742,29 @@ mod tests {
             unit,
             view_topic_prefix: None,
         }
+    }
+
+    #[test]
+    fn topics_cut_into_units_must_have_equal_partition_counts() {
+        let counts = |v: &[(&str, usize)]| -> Vec<(String, usize)> {
+            v.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+        };
+        assert_eq!(copartition_error(&[]), None);
+        assert_eq!(
+            copartition_error(&counts(&[("p.oms.products", 3), ("p.oms.orders", 3)])),
+            None
+        );
+        let e = copartition_error(&counts(&[
+            ("p.oms.products", 3),
+            ("p.wms.stock_levels", 3),
+            ("p.oms.orders", 6),
+        ]))
+        .expect("refused");
+        assert!(
+            e.contains("p.oms.products: 3, p.wms.stock_levels: 3, p.oms.orders: 6"),
+            "{e}"
+        );
+        assert!(e.contains("recreate the odd ones"), "{e}");
     }
 
     #[test]

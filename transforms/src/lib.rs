@@ -89,7 +89,7 @@
 //!    `PartitionRouting`): murmur2 of the column's text, modulo the topic's partitions. By SKU:
 //!    products, stock levels, inventory cache, order lines; by customer: customers (id) and
 //!    orders (customer_id). Topics routed together must have equal partition counts (checked
-//!    at start, as Kafka Streams does). Per-key order still holds, since a key keeps its
+//!    when a group member starts, as Kafka Streams does; since session 13). Per-key order still holds, since a key keeps its
 //!    partition while its routing value stays. **Built** for primary-key columns (session 8;
 //!    the demo routes products, stock levels and inventory cache by SKU) and for order lines by
 //!    SKU (session 9: the fold keeps no line rows, so a moved line is only a new line on its new

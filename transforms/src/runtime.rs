@@ -281,6 +281,8 @@ pub enum ProcessError {
     Panicked,
     #[error("{0}")]
     Sink(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> ProcessError {
