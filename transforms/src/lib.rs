@@ -104,8 +104,9 @@
 //!    not enough: a row moved A → B and back B → A gives A: delete v0, create v2 and B: create
 //!    v1, delete v1, and reading A first ends with v1 instead of v2. So the fold keeps, per
 //!    order, the source position (commit LSN, index in the transaction from
-//!    `walbridge.event_id`) of the change it holds, deleted orders too (kept for good so far, not
-//!    yet dropped once every partition is read past them), and drops any change at or before it
+//!    `walbridge.event_id`) of the change it holds, deleted orders too (dropped once every
+//!    partition it reads is past them, [`state::State::forget_order_positions`]), and drops any
+//!    change at or before it
 //!    ([`state::State::apply_at`]). Other inputs whose rows the fold keeps are still refused a
 //!    non-key routing.
 //! 3. **Returns carry no customer.** The plan was a global order_id → customer_id table, from

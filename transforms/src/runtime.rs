@@ -626,6 +626,8 @@ pub(crate) struct Processor {
     schemas: Schemas,
     topics: Vec<(String, usize)>,
     assigned: usize,
+    /// The partitions of the orders topic this processor reads.
+    orders_parts: Vec<i32>,
     catalog: Option<Arc<Catalog>>,
     epochs: Option<mpsc::Sender<Epoch>>,
     alerts: bool,
@@ -663,6 +665,8 @@ pub(crate) struct Processor {
 
 /// The table index standing for the rank shares topic in [`Processor::topics`].
 const RANKS: usize = usize::MAX;
+/// The orders' index in [`TABLES`].
+const ORDERS: usize = 2;
 
 /// A rank share as the topic carries it (the shard's name travels in the value too, so the
 /// fold needs no message key).
@@ -694,6 +698,7 @@ impl Processor {
             .create()
             .map_err(kafka("creating the consumer"))?;
         let registry = RegistryClient::new(&config.registry_url)?;
+        debug_assert_eq!(TABLES[ORDERS], "oms.orders");
         let mut topics: Vec<(String, usize)> = TABLES
             .iter()
             .enumerate()
@@ -713,6 +718,7 @@ impl Processor {
             schemas: Schemas::default(),
             topics,
             assigned: 0,
+            orders_parts: Vec::new(),
             catalog: None,
             epochs: None,
             alerts: false,
@@ -764,6 +770,12 @@ impl Processor {
             tpl.add_partition_offset(topic, *p, at)
                 .map_err(kafka("building the assignment"))?;
         }
+        let orders = self.config.topic("oms.orders");
+        self.orders_parts = parts
+            .iter()
+            .filter(|(t, p)| *t == orders && read(t, *p))
+            .map(|(_, p)| *p)
+            .collect();
         let n = tpl.count();
         if n != self.assigned {
             self.consumer
@@ -1151,6 +1163,9 @@ impl Processor {
         match input::decode(table, schema, datum) {
             Ok(events) => {
                 for ev in &events {
+                    if table == ORDERS && ev.lsn > 0 {
+                        self.state.read_orders_at(part, ev.lsn);
+                    }
                     self.state.apply_at(ev, index);
                     self.stats
                         .newest_source_ms
@@ -1460,6 +1475,14 @@ impl Processor {
             sinks = Some((gate, self.last_sent));
         }
         let t = Instant::now();
+        let forgotten = self.state.forget_order_positions(&self.orders_parts);
+        if forgotten > 0 {
+            tracing::debug!(
+                forgotten,
+                held = self.state.order_positions(),
+                "order positions no change to come can be before, dropped"
+            );
+        }
         let delta = self.state.take_delta();
         let delta_ms = t.elapsed().as_millis() as u64;
         let pending = crate::checkpoint::Pending {

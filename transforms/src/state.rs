@@ -298,6 +298,9 @@ pub struct State {
     /// Position of the last TRUNCATE of the orders: every order change at or before it is
     /// older than the truncate (see [`State::apply_at`]).
     orders_floor: Option<(u64, u32)>,
+    /// The highest commit LSN read so far per partition of the orders topic, this run (see
+    /// [`State::forget_order_positions`]).
+    orders_read: BTreeMap<i32, u64>,
     returns: HashMap<i64, i64>,
     returns_per_order: HashMap<i64, i64>,
     cache: Map<SkuLoc, i64>,
@@ -349,6 +352,7 @@ impl State {
             orders: HashMap::new(),
             order_pos: HashMap::new(),
             orders_floor: None,
+            orders_read: BTreeMap::new(),
             returns: HashMap::new(),
             returns_per_order: HashMap::new(),
             cache: Map::with_hasher(hasher()),
@@ -405,6 +409,56 @@ impl State {
         &mut self.views[i]
     }
 
+    /// Notes that an order change at commit LSN `lsn` was read from `partition` of the orders
+    /// topic.
+    pub fn read_orders_at(&mut self, partition: i32, lsn: u64) {
+        let at = self.orders_read.entry(partition).or_insert(lsn);
+        *at = (*at).max(lsn);
+    }
+
+    /// Drops every order position (deleted orders' too) that no change still to come can be
+    /// at or before, and returns how many. `partitions` are the orders topic's partitions this
+    /// processor reads.
+    ///
+    /// Why that is safe: within one partition the producer writes changes in commit order, so
+    /// once partition *q* gave a change at commit LSN *L*, every later change read from *q* is
+    /// at *L* or after. With *F* the least such *L* over every partition read, no change to
+    /// come is before *F*, so a position before *F* would drop nothing more and can go. A
+    /// partition that gave no order change yet this run (e.g. right after a restore) holds
+    /// everything back. One exception to the order: a pipeline restart sends again the changes
+    /// after its confirmed position (at-least-once). Such a re-sent run carries every later
+    /// change of each of its orders too, in order, so an order whose position was dropped is
+    /// overwritten by its own changes again and ends where it was, and the positions they set
+    /// on the way keep dropping the older copies from other partitions as before.
+    ///
+    /// Without this, every order ever deleted (an archive job purging old orders, say) would
+    /// keep its position for good, in memory and in every checkpoint.
+    pub fn forget_order_positions(&mut self, partitions: &[i32]) -> usize {
+        let floor = partitions
+            .iter()
+            .map(|p| self.orders_read.get(p).copied())
+            .min()
+            .flatten();
+        let Some(floor) = floor.filter(|_| !partitions.is_empty()) else {
+            return 0;
+        };
+        let before = self.order_pos.len();
+        let ckpt = &mut self.ckpt;
+        self.order_pos.retain(|id, (lsn, _)| {
+            let keep = *lsn >= floor;
+            if !keep && let Some(c) = ckpt {
+                c.orders.insert(*id);
+            }
+            keep
+        });
+        before - self.order_pos.len()
+    }
+
+    /// Order positions held (for metrics and tests).
+    pub fn order_positions(&self) -> usize {
+        self.order_pos.len()
+    }
+
     /// Folds one change into the state.
     pub fn apply(&mut self, ev: &Event) {
         self.apply_at(ev, None)
@@ -421,7 +475,8 @@ impl State {
     /// source position, deleted orders too, and a change at or before it is dropped. Positions
     /// are unique per change (commit LSN, index in the transaction) and, per order, grow in
     /// source order (a row's changes are ordered by the commits that made them), so in a single
-    /// partition nothing is ever dropped. Deleted orders' positions stay (16 bytes each).
+    /// partition nothing is ever dropped. Positions that can no longer matter are dropped
+    /// ([`State::forget_order_positions`]).
     pub fn apply_at(&mut self, ev: &Event, index: Option<u32>) {
         self.applied += 1;
         self.max_lsn = self.max_lsn.max(ev.lsn);
@@ -1362,6 +1417,87 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn order_positions_go_once_every_partition_read_is_past_them_and_moves_still_resolve() {
+        // Order 7 moves A → B → A as in the test below (A = partition 0, B = partition 1);
+        // order 9 is created and purged in A. Positions are dropped after every read, as far
+        // as the two partitions allow, in every read order: the order still ends as its last
+        // change, and only positions a change to come could be at or before stay.
+        let o = |c: i64, total: i128| Some(order(c, "paid", total, 1_000));
+        let at = |id: i64, lsn: u64, index: u32, row: Option<Order>| {
+            (
+                Event {
+                    change: Change::Order { id, row },
+                    lsn,
+                    ts_ms: 1,
+                },
+                index,
+            )
+        };
+        let first = [
+            at(7, 10, 0, o(1, 100)),
+            at(9, 12, 0, o(3, 900)),
+            at(9, 14, 0, None),
+        ];
+        let a = [at(7, 20, 0, None), at(7, 30, 1, o(1, 300))];
+        let b = [at(7, 20, 1, o(2, 200)), at(7, 30, 0, None)];
+        for (name, reads) in [
+            ("A then B", [(0, &a[0]), (0, &a[1]), (1, &b[0]), (1, &b[1])]),
+            ("B then A", [(1, &b[0]), (1, &b[1]), (0, &a[0]), (0, &a[1])]),
+            (
+                "interleaved",
+                [(1, &b[0]), (0, &a[0]), (1, &b[1]), (0, &a[1])],
+            ),
+        ] {
+            let mut s = State::new(SafetyStock::default());
+            for (ev, i) in &first {
+                s.read_orders_at(0, ev.lsn);
+                s.apply_at(ev, Some(*i));
+            }
+            assert_eq!(
+                s.forget_order_positions(&[0, 1]),
+                0,
+                "{name}: partition 1 gave nothing yet, so nothing can go"
+            );
+            let saved = s.save("t");
+            s.track_checkpoint_changes(true);
+            for (p, (ev, i)) in reads {
+                s.read_orders_at(p, ev.lsn);
+                s.apply_at(ev, Some(*i));
+                s.forget_order_positions(&[0, 1]);
+            }
+            assert_eq!(s.orders[&7].customer_id, 1, "{name}");
+            assert_eq!(s.orders[&7].total_cents, 300, "{name}");
+            assert!(!s.orders.contains_key(&9), "{name}");
+            // Both partitions are at LSN 30: the purged order's position went, the moved
+            // order's last one (30, 1) stays, since a change at (30, 0) could still come.
+            assert_eq!(s.order_pos.keys().collect::<Vec<_>>(), [&7], "{name}");
+            // Both partitions move on: nothing to come can be before 40.
+            s.read_orders_at(0, 40);
+            s.read_orders_at(1, 41);
+            assert_eq!(s.forget_order_positions(&[0, 1]), 1, "{name}");
+            assert_eq!(s.order_positions(), 0, "{name}");
+            // The checkpoint's deltas drop them too.
+            let mut replica = crate::checkpoint::Replica::new(saved);
+            replica.apply(s.take_delta());
+            assert!(replica.to_saved().order_positions.is_empty(), "{name}");
+            assert_eq!(replica.to_saved().orders.len(), 1, "{name}");
+        }
+        let mut s = State::new(SafetyStock::default());
+        s.read_orders_at(2, 15);
+        s.apply_at(&first[0].0, Some(0));
+        assert_eq!(
+            s.forget_order_positions(&[2]),
+            1,
+            "one partition read, past LSN 10"
+        );
+        assert_eq!(
+            s.forget_order_positions(&[]),
+            0,
+            "no orders partition: nothing known"
+        );
+    }
 
     #[test]
     fn an_order_moved_away_and_back_ends_as_its_last_change_in_any_read_order() {
