@@ -36,6 +36,7 @@ pub struct ProcessMetrics {
     checkpoint_age_ms: Arc<Gauge>,
     source_lag_ms: Arc<Gauge>,
     sink_backlog: Arc<Gauge>,
+    units: Arc<Gauge>,
     read_age: Arc<Histogram>,
     visible_age: Arc<Histogram>,
     up: Arc<Gauge>,
@@ -91,7 +92,12 @@ impl ProcessMetrics {
             ),
             sink_backlog: r.gauge(
                 "walbridge_processor_sink_backlog_epochs",
-                "Epochs closed that not every view sink has stored yet.",
+                "Epochs closed that not every view sink has stored yet (in a group member, the most of any unit).",
+                &[],
+            ),
+            units: r.gauge(
+                "walbridge_processor_units",
+                "Units folded here: 1 for one processor over everything, the member's shards in a group.",
                 &[],
             ),
             read_age: r.histogram(
@@ -138,14 +144,14 @@ impl ProcessMetrics {
             .set(age(s.last_checkpoint_ms.load(Ordering::Relaxed)));
         self.source_lag_ms
             .set(age(s.newest_source_ms.load(Ordering::Relaxed)));
-        let backlog = if self.sinks {
-            s.epoch
-                .load(Ordering::Relaxed)
-                .saturating_sub(self.gate.delivered_epoch())
-        } else {
-            0
-        };
+        // Per unit (each has its own sinks' gate; one processor over everything has one).
+        let backlog = if self.sinks { s.sink_backlog() } else { 0 };
         self.sink_backlog.set(backlog as i64);
+        let units = s.units.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.units.set(units as i64);
+        if s.remote.enabled.load(Ordering::Relaxed) {
+            self.render_remote(&s.remote, now);
+        }
         for (h, ages) in [
             (&self.read_age, s.read_age.snapshot()),
             (&self.visible_age, s.visible_age.snapshot()),
@@ -180,13 +186,53 @@ impl ProcessMetrics {
         self.registry.render()
     }
 
+    /// The reader of the other members' units, in a group member with a Kafka view sink.
+    fn render_remote(&self, r: &transforms::remote::RemoteStats, now: i64) {
+        let g = |name: &'static str, help: &'static str| self.registry.gauge(name, help, &[]);
+        g(
+            "walbridge_processor_remote_ready",
+            "1 once the other members' units were read from the view topics and the SQL endpoint serves them.",
+        )
+        .set(i64::from(r.ready.load(Ordering::Relaxed)));
+        g(
+            "walbridge_processor_remote_units",
+            "Units read from the view topics (this member's own included; the live ones are served instead).",
+        )
+        .set(r.units.load(Ordering::Relaxed) as i64);
+        g(
+            "walbridge_processor_remote_pending_writes",
+            "Writes of other members' units held back until all their records arrive.",
+        )
+        .set(r.pending_writes.load(Ordering::Relaxed) as i64);
+        let newest = r.newest_ms.load(Ordering::Relaxed);
+        g(
+            "walbridge_processor_remote_age_ms",
+            "Now minus the CreateTime of the newest view record read from the view topics (-1: none yet).",
+        )
+        .set(if newest > 0 { (now - newest).max(0) } else { -1 });
+        self.registry
+            .counter(
+                "walbridge_processor_remote_records_total",
+                "View records read from the view topics.",
+                &[],
+            )
+            .mirror(r.records.load(Ordering::Relaxed));
+        self.registry
+            .counter(
+                "walbridge_processor_remote_skipped_total",
+                "View records skipped: without walbridge's unit and write headers, or not a row of the view (logged with their offsets).",
+                &[],
+            )
+            .mirror(r.skipped.load(Ordering::Relaxed));
+    }
+
     #[cfg(test)]
     pub(crate) fn render_for_test(&self) -> String {
         self.render()
     }
 
     fn health(&self) -> Result<(), String> {
-        if let Some(f) = self.gate.failure() {
+        if let Some(f) = self.gate.failure().or_else(|| self.stats.sink_failure()) {
             return Err(f);
         }
         match &*self.ended.lock().unwrap_or_else(|e| e.into_inner()) {

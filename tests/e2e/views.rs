@@ -781,11 +781,12 @@ fn group_config(
     db: &TestDb,
     name: &str,
     sql_port: u16,
+    metrics_port: u16,
     rm_dsn: &str,
 ) -> (PathBuf, walbridge::config::Config) {
     let yaml = db.config_yaml()
         + &format!(
-            "processors:\n  group_id: views_group\n  instances: group\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 200\n  sql: {{ listen: \"127.0.0.1:{sql_port}\", user: analyst, password: pw }}\n  safety_stock:\n    default: 1\n    categories: {{ apparel: 3, home: 2 }}\n    skus: {{ SKU-000001: 100000 }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_group_rm }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}gvt }}\n    - {{ kind: parquet, name: lake, dir: \"{}\" }}\n",
+            "processors:\n  metrics_listen: \"127.0.0.1:{metrics_port}\"\n  group_id: views_group\n  instances: group\n  checkpoint_dir: \"{}\"\n  epoch_interval_ms: 50\n  checkpoint_interval_ms: 200\n  sql: {{ listen: \"127.0.0.1:{sql_port}\", user: analyst, password: pw }}\n  safety_stock:\n    default: 1\n    categories: {{ apparel: 3, home: 2 }}\n    skus: {{ SKU-000001: 100000 }}\n  sinks:\n    - {{ kind: postgres, name: rm, dsn: \"{rm_dsn}\", schema: views_group_rm }}\n    - {{ kind: kafka, name: topics, topic_prefix: {}gvt }}\n    - {{ kind: parquet, name: lake, dir: \"{}\" }}\n",
             db.dir.join("processors-group").display(),
             db.name,
             db.dir.join("group-lake").display()
@@ -891,9 +892,10 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         .dsn
         .replace(&format!("dbname={}", db.name), &format!("dbname={rm_db}"));
     let sql_port = walbridge::stack::free_port();
-    let (a_path, group_cfg) = group_config(&db, "member-a", sql_port, &rm_dsn);
+    let (a_metrics, b_metrics) = (walbridge::stack::free_port(), walbridge::stack::free_port());
+    let (a_path, group_cfg) = group_config(&db, "member-a", sql_port, a_metrics, &rm_dsn);
     let b_sql = walbridge::stack::free_port();
-    let (b_path, _) = group_config(&db, "member-b", b_sql, &rm_dsn);
+    let (b_path, _) = group_config(&db, "member-b", b_sql, b_metrics, &rm_dsn);
     let mut wb = db.start().await;
     // Topics cut into units with unequal partition counts: partition i would not hold the same
     // SKUs and customers in each, so a member refuses to start.
@@ -989,6 +991,12 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         ) > 0,
         "B read A's units from the view topics"
     );
+    // Each member's metrics: its own units, its sinks caught up, the other units read.
+    let mut units = 0.0;
+    for port in [a_metrics, b_metrics] {
+        units += member_metrics_settle(port).await;
+    }
+    assert_eq!(units, 6.0, "the members fold the six units between them");
 
     // B leaves cleanly: A takes its units back from B's final checkpoints.
     let a_started = log_count(&a_log, "unit started");
@@ -1122,6 +1130,41 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         assert_eq!(keys.len(), rows.len(), "view topic {view}");
     }
     wb.stop();
+}
+
+/// Waits until a group member's metrics show it settled (its units' sinks hold every epoch,
+/// the other members' units read from the view topics with no write held back) and returns
+/// how many units it folds.
+async fn member_metrics_settle(port: u16) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let samples = walbridge::status::parse(&text);
+        let v = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
+        let units = v("walbridge_processor_units").unwrap_or(0.0);
+        if units > 0.0
+            && v("walbridge_processor_sink_backlog_epochs") == Some(0.0)
+            && v("walbridge_processor_remote_ready") == Some(1.0)
+            && v("walbridge_processor_remote_units") == Some(6.0)
+            && v("walbridge_processor_remote_pending_writes") == Some(0.0)
+            && v("walbridge_processor_remote_records_total").is_some_and(|n| n > 0.0)
+            && v("walbridge_processor_remote_skipped_total") == Some(0.0)
+            && v("walbridge_processor_remote_age_ms").is_some_and(|a| a >= 0.0)
+            && v("walbridge_processor_up") == Some(1.0)
+        {
+            return units;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the member's metrics on port {port} did not settle:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Every view as a SQL endpoint serves it (text rows, sorted), without the event-time columns

@@ -307,11 +307,11 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
             // librdkafka wants a group for any consumer; this one never commits nor joins.
             let mut client = config.client();
             client.set("group.id", format!("{}.remote-units", config.group_id));
-            let (prefix, c, s) = (prefix.clone(), catalog.clone(), stop.clone());
+            let (prefix, c, st, s) = (prefix.clone(), catalog.clone(), stats.clone(), stop.clone());
             Some(
                 std::thread::Builder::new()
                     .name("walbridge-remote-units".into())
-                    .spawn(move || crate::remote::read(client, prefix, c, s))
+                    .spawn(move || crate::remote::read(client, prefix, c, st, s))
                     .map_err(|e| ProcessError::Checkpoint {
                         path: PathBuf::new(),
                         what: format!("cannot start the thread reading the view topics: {e}"),

@@ -42,7 +42,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
@@ -105,6 +105,24 @@ pub fn json_lines(batch: &RecordBatch) -> Result<Vec<String>, ArrowError> {
         String::from_utf8(w.into_inner()).map_err(|e| ArrowError::JsonError(e.to_string()))?;
     // JSON escapes newlines inside strings, so every line is one row.
     Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// What the reader has done, for the metrics endpoint (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    /// The member reads other members' units (it has a Kafka view sink).
+    pub enabled: AtomicBool,
+    /// The topics' history is read: the remote units are served.
+    pub ready: AtomicBool,
+    pub records: AtomicU64,
+    /// Records skipped: without walbridge's headers, or not a row of the view.
+    pub skipped: AtomicU64,
+    /// Writes held back until all their records arrive.
+    pub pending_writes: AtomicU64,
+    /// CreateTime (Unix ms) of the newest record read.
+    pub newest_ms: AtomicI64,
+    /// Units read from the topics (this member's own included).
+    pub units: AtomicU64,
 }
 
 /// A write: (run, number), ordered as the unit's writes were made.
@@ -312,9 +330,11 @@ pub(crate) fn read(
     client: ClientConfig,
     topic_prefix: String,
     catalog: Arc<Catalog>,
+    stats: Arc<crate::ProcessorStats>,
     stop: Arc<AtomicBool>,
 ) {
-    if let Err(e) = read_until(client, &topic_prefix, &catalog, &stop) {
+    stats.remote.enabled.store(true, Ordering::Relaxed);
+    if let Err(e) = read_until(client, &topic_prefix, &catalog, &stats.remote, &stop) {
         tracing::error!(error = %e, prefix = %topic_prefix, "reading the other members' units from the view topics stopped; this member's SQL endpoint serves its own units only");
     }
 }
@@ -323,6 +343,7 @@ fn read_until(
     mut client: ClientConfig,
     topic_prefix: &str,
     catalog: &Catalog,
+    stats: &RemoteStats,
     stop: &AtomicBool,
 ) -> Result<(), String> {
     let defs = crate::state::view_defs();
@@ -397,6 +418,10 @@ fn read_until(
             };
             last_record = Instant::now();
             records += 1;
+            stats.records.fetch_add(1, Ordering::Relaxed);
+            if let Some(ms) = m.timestamp().to_millis() {
+                stats.newest_ms.fetch_max(ms, Ordering::Relaxed);
+            }
             let at = (m.topic().to_owned(), m.partition());
             if behind.get(&at).is_some_and(|end| m.offset() + 1 >= *end) {
                 behind.remove(&at);
@@ -406,6 +431,7 @@ fn read_until(
             };
             let Some((unit, write, count)) = tags(m.headers()) else {
                 untagged += 1;
+                stats.skipped.fetch_add(1, Ordering::Relaxed);
                 if untagged == 1 {
                     tracing::warn!(
                         topic = m.topic(),
@@ -423,6 +449,7 @@ fn read_until(
                 Ok(change) => assembler.offer(&unit, write, count, change),
                 Err(e) => {
                     undecodable += 1;
+                    stats.skipped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, undecodable, "a view record that is not a row of the view; skipped (this member's SQL misses it until the key is written again)");
                 }
             }
@@ -437,6 +464,13 @@ fn read_until(
             );
         }
         assembler.publish(catalog);
+        stats.ready.store(assembler.live, Ordering::Relaxed);
+        stats
+            .pending_writes
+            .store(assembler.pending_writes() as u64, Ordering::Relaxed);
+        stats
+            .units
+            .store(assembler.units.len() as u64, Ordering::Relaxed);
     }
     Ok(())
 }

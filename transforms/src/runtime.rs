@@ -87,9 +87,23 @@ pub struct SinkGate {
     /// now rather than at their next turn.
     wanted: AtomicU64,
     wake: tokio::sync::Notify,
+    /// The last epoch the processor closed (each goes to the sinks).
+    closed: AtomicU64,
 }
 
 impl SinkGate {
+    /// The processor closed `epoch`.
+    pub fn closed(&self, epoch: u64) {
+        self.closed.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    /// Epochs closed that not every sink has stored yet.
+    pub fn backlog(&self) -> u64 {
+        self.closed
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.delivered_epoch())
+    }
+
     /// Number of the last epoch every sink stored.
     pub fn delivered_epoch(&self) -> u64 {
         self.delivered.load(Ordering::SeqCst)
@@ -153,9 +167,27 @@ pub struct ProcessorStats {
     pub read_age: crate::freshness::AgeHistogram,
     /// Per change folded: its age once the epoch holding it was published to SQL.
     pub visible_age: crate::freshness::AgeHistogram,
+    /// The units whose processors run here now (`all` for one processor over everything).
+    pub units: Mutex<std::collections::BTreeSet<String>>,
+    /// The sink gate of each unit running here that feeds view sinks.
+    pub gates: Mutex<std::collections::BTreeMap<String, Arc<SinkGate>>>,
+    /// The reader of other members' units ([`crate::remote`]), in a group member.
+    pub remote: crate::remote::RemoteStats,
 }
 
 impl ProcessorStats {
+    /// The most epochs any unit's sinks are behind.
+    pub fn sink_backlog(&self) -> u64 {
+        let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        gates.values().map(|g| g.backlog()).max().unwrap_or(0)
+    }
+
+    /// Why a unit's sinks cannot go on, if one's cannot.
+    pub fn sink_failure(&self) -> Option<String> {
+        let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        gates.values().find_map(|g| g.failure())
+    }
+
     pub fn positions(&self) -> Offsets {
         self.positions
             .lock()
@@ -399,21 +431,34 @@ pub fn run_into(
         .unwrap_or_else(|e| e.into_inner())
         .advance(&restored);
     stats.epoch.store(state.epoch, Ordering::Relaxed);
+    // What the metrics endpoint reads per unit, until the unit's processor ends.
+    let unit = config.unit.name();
+    lock_stats(&stats.units).insert(unit.clone());
+    if let Some(g) = &gate {
+        lock_stats(&stats.gates).insert(unit.clone(), g.clone());
+    }
     let st = stats.clone();
     let handle = tokio::runtime::Handle::current();
     let (c, s, cat) = (config.clone(), stop.clone(), catalog.clone());
     let thread = std::thread::Builder::new()
         .name(format!("walbridge-processors-{}", config.unit.name()))
         .spawn(move || {
-            let mut p = Processor::new(c, handle, state, Until::Stopped(s))?;
-            p.catalog = Some(cat);
-            p.epochs = Some(tx);
-            p.alerts = true;
-            p.checkpoints = true;
-            p.cuts = cuts.into();
-            p.gate = gate;
-            p.stats = st;
-            p.run()
+            let stats = st.clone();
+            let run = || {
+                let mut p = Processor::new(c, handle, state, Until::Stopped(s))?;
+                p.catalog = Some(cat);
+                p.epochs = Some(tx);
+                p.alerts = true;
+                p.checkpoints = true;
+                p.cuts = cuts.into();
+                p.gate = gate;
+                p.stats = st;
+                p.run()
+            };
+            let done = run();
+            lock_stats(&stats.units).remove(&unit);
+            lock_stats(&stats.gates).remove(&unit);
+            done
         })
         .map_err(|e| ProcessError::Checkpoint {
             path: PathBuf::new(),
@@ -426,6 +471,10 @@ pub fn run_into(
         epochs: rx,
         worker: Worker { stop, thread },
     })
+}
+
+fn lock_stats<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads the checkpoint, or a fresh state when there is none.
@@ -1209,6 +1258,9 @@ impl Processor {
         );
         self.stats.epochs.fetch_add(1, Ordering::Relaxed);
         self.stats.epoch.store(self.state.epoch, Ordering::Relaxed);
+        if let Some(gate) = &self.gate {
+            gate.closed(self.state.epoch);
+        }
         self.stats
             .positions
             .lock()
