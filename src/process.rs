@@ -105,6 +105,9 @@ impl Process {
 
 /// One configured sink and where it stands.
 struct Slot {
+    /// The summary rows are still to be put in this mode's shape
+    /// ([`summary_reshape`]), once the replay reaches the sink's position.
+    reshape: bool,
     cfg: ViewSinkConfig,
     /// The share of the views this sink gets (a unit of a group, or all).
     unit: transforms::group::Unit,
@@ -211,6 +214,7 @@ async fn start_fed(
             pending: Vec::new(),
             stored: 0,
             last_write: Instant::now(),
+            reshape: false,
         });
     }
 
@@ -250,11 +254,20 @@ async fn start_fed(
             );
         }
     }
+    // A start without a checkpoint is also how a switch of processors.instances begins: the
+    // sinks that key rows get their summary rows into this mode's shape once the replay is
+    // where they stand (a Parquet lake refuses the switch when it opens instead, since its
+    // changelog cannot take back another mode's rows).
+    if running.restored.0.is_empty() {
+        for slot in &mut slots {
+            slot.reshape = !matches!(slot.cfg, ViewSinkConfig::Parquet { .. });
+        }
+    }
     let driver = (!slots.is_empty()).then(|| {
-        let cfg = cfg.clone();
+        let (cfg, catalog) = (cfg.clone(), catalog.clone());
         let gate = gate.clone();
         tokio::spawn(async move {
-            let r = drive(&cfg, slots, first, epochs, &gate).await;
+            let r = drive(&cfg, &catalog, slots, first, epochs, &gate).await;
             if let Err(e) = &r {
                 gate.fail(format!("{e:#}"));
             }
@@ -451,6 +464,43 @@ fn how_to_empty(s: &ViewSinkConfig, pc: &transforms::ProcessorConfig) -> String 
     }
 }
 
+/// The other mode's summary rows deleted (see `transforms::group::other_mode_scopes`) and
+/// this processor's own upserted, as its latest snapshot holds it: what a sink the other
+/// `processors.instances` mode fed needs once the replay reached its position, where the
+/// epochs it already held were skipped and so never wrote the summary in this mode's shape.
+/// No offsets, so every sink writes it and none moves its position.
+fn summary_reshape(
+    catalog: &Catalog,
+    unit: transforms::group::Unit,
+    partitions: i32,
+) -> anyhow::Result<Epoch> {
+    let def = transforms::state::view_defs()
+        .into_iter()
+        .find(|d| d.name == transforms::state::RECON_SUMMARY)
+        .context("the summary view is defined")?;
+    let key_schema = Arc::new(def.schema.project(&def.key)?);
+    let scopes = transforms::group::other_mode_scopes(unit, partitions);
+    let deletes = RecordBatch::try_new(
+        key_schema,
+        vec![Arc::new(transforms::arrow::array::StringArray::from(
+            scopes,
+        ))],
+    )?;
+    let own = match catalog.snapshot_from(&unit.source(), &def.name) {
+        Some(s) => concat_batches(&def.schema, &s.rows.batches()?)?,
+        None => RecordBatch::new_empty(def.schema.clone()),
+    };
+    Ok(Epoch {
+        number: 0,
+        offsets: Offsets::default(),
+        changes: vec![ViewChanges {
+            view: def.name.clone(),
+            upserts: own,
+            deletes,
+        }],
+    })
+}
+
 /// Every row of every view at the restored checkpoint, as one epoch of upserts.
 fn full_epoch(catalog: &Catalog, source: &str, at: &Offsets) -> anyhow::Result<Epoch> {
     let mut changes = Vec::new();
@@ -481,6 +531,7 @@ const MAX_COALESCED: usize = 256;
 /// Hands every epoch to every sink in order; tells the gate which epoch all of them stored.
 async fn drive(
     cfg: &Config,
+    catalog: &Catalog,
     mut slots: Vec<Slot>,
     first: Vec<Option<Epoch>>,
     mut epochs: mpsc::Receiver<Epoch>,
@@ -521,6 +572,11 @@ async fn drive(
                         let epoch = transforms::view::coalesce(queued)?;
                         latest = epoch.number;
                         for slot in &mut slots {
+                            if slot.reshape && epoch.offsets.covers(&slot.position) {
+                                let e = summary_reshape(catalog, slot.unit, cfg.kafka.partitions)?;
+                                deliver(cfg, slot, &e).await?;
+                                slot.reshape = false;
+                            }
                             if !epoch.offsets.0.is_empty() && slot.position.covers(&epoch.offsets) {
                                 continue;
                             }
@@ -757,12 +813,15 @@ mod tests {
             pending: Vec::new(),
             stored: 0,
             last_write: Instant::now(),
+            reshape: false,
         };
         let gate = Arc::new(SinkGate::default());
         let (tx, rx) = mpsc::channel(64);
         let driver = {
             let gate = gate.clone();
-            tokio::spawn(async move { drive(&cfg, vec![slot], vec![None], rx, &gate).await })
+            tokio::spawn(async move {
+                drive(&cfg, &Catalog::new(), vec![slot], vec![None], rx, &gate).await
+            })
         };
         for n in 1..=10 {
             tx.send(epoch(n)).await.unwrap();

@@ -1129,6 +1129,59 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
         let keys = kafka_sink_keys(&db.brokers, &format!("{}gvt", db.name), view);
         assert_eq!(keys.len(), rows.len(), "view topic {view}");
     }
+
+    // Back to one instance over the same sinks (a switch of processors.instances starts from
+    // no checkpoint): the group's lake is refused, and the read model and the view topics end
+    // with one summary row, `all`, holding the whole view's counts, not it beside the shards'.
+    let fresh = db.dir.join("processors-switch");
+    let switch = |lake: bool| -> PathBuf {
+        let yaml = std::fs::read_to_string(&a_path)
+            .unwrap()
+            .replace("instances: group", "instances: single")
+            .replace(
+                &db.dir.join("processors-group").display().to_string(),
+                &fresh.display().to_string(),
+            );
+        let yaml: String = yaml
+            .lines()
+            .filter(|l| lake || !l.contains("kind: parquet"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let path = db.dir.join(format!("switch-lake-{lake}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let err = process_refused(&switch(true), "one instance over the group's lake");
+    assert!(
+        err.contains("written with processors.instances: group"),
+        "{err}"
+    );
+    let single = Processor::start(&switch(false), &db.dir.join("switch.log"));
+    let want_counts = want_summary.values().next().unwrap()[1..6].to_vec();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rm = postgres_sink_views(&rm_dsn, "views_group_rm").await;
+        let rows = &rm["reconciliation_summary"];
+        let topic = kafka_sink_keys(
+            &db.brokers,
+            &format!("{}gvt", db.name),
+            "reconciliation_summary",
+        );
+        let scopes: Vec<&String> = rows.keys().map(|k| &k[0]).collect();
+        if scopes == ["all"]
+            && rows.values().next().unwrap()[1..6] == want_counts
+            && topic.len() == 1
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the switch the read model's summary is {rows:?} and the topic's keys {:?}",
+            topic.keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    single.stop();
     wb.stop();
 }
 

@@ -64,6 +64,11 @@
 //! (the SQL endpoint does it for the units of its instance). A Parquet sink keeps an offsets
 //! file and file names per unit in the shared directory (`sinks::views::parquet`).
 //!
+//! A switch of `processors.instances` starts from no checkpoint over sinks the other mode fed.
+//! [`share_of`] finds the other mode's positions of the topics read whole, so the replay still
+//! closes an epoch exactly where each sink stands, and the sinks that key rows get the other
+//! mode's summary rows replaced ([`other_mode_scopes`]) once the replay is there.
+//!
 //! # SQL
 //!
 //! A member's catalog holds the units it folds and, with a Kafka view sink configured, every
@@ -183,6 +188,20 @@ impl Unit {
     /// Whether the unit reads every partition of `table`, as other units of the group do too.
     pub fn reads_whole(&self, table: &str) -> bool {
         matches!(self, Unit::Customers(_)) && (READ_WHOLE.contains(&table) || is_rank_table(table))
+    }
+}
+
+/// The `reconciliation_summary` scopes the *other* mode writes to the view sinks: `all` for a
+/// unit of a group, every unit of `partitions` partitions for one processor over everything.
+/// A processor that starts afresh (as after a switch of `processors.instances`) deletes them
+/// from the sinks it feeds, which would otherwise keep the old mode's rows and count every
+/// diff twice for a reader that adds the rows up.
+pub fn other_mode_scopes(unit: Unit, partitions: i32) -> Vec<String> {
+    match unit {
+        Unit::All => (0..partitions)
+            .flat_map(|i| [Unit::Skus(i).name(), Unit::Customers(i).name()])
+            .collect(),
+        _ => vec![Unit::All.summary_scope()],
     }
 }
 
@@ -613,16 +632,25 @@ impl Units {
 /// The positions of the partitions `unit` reads, of a view sink's stored offsets `positions`
 /// (they cover every unit of the group; a unit's processor compares its own with them), under
 /// the topics' own names (see [`to_sink`]).
+///
+/// A sink the other `processors.instances` mode fed stores a topic read whole under the other
+/// names, and its position must still be found, or the replay could not close an epoch exactly
+/// there and would write epochs that straddle it over rows the sink holds at a later state:
+/// - one processor over everything reads a topic the units stored per unit at the least of
+///   their positions (each unit read all of it; from there the replay writes every row that
+///   changed since, so a unit that was further is brought back to where it was); the rank
+///   shares' topic is not its input;
+/// - a unit reads the position one processor stored for the whole topic when it has none of
+///   its own.
 pub fn share_of(
     positions: &crate::view::Offsets,
     topic_prefix: &str,
     unit: Unit,
 ) -> crate::view::Offsets {
-    if unit == Unit::All {
-        return positions.clone();
-    }
     let prefix = format!("{topic_prefix}.");
     let mut share = crate::view::Offsets::default();
+    // A unit's fallback for topics it reads whole: one processor's positions.
+    let mut whole_plain = crate::view::Offsets::default();
     for ((stored, p), o) in &positions.0 {
         let (topic, owner) = match stored.rsplit_once('@') {
             Some((t, owner)) => (t, Some(owner)),
@@ -631,15 +659,29 @@ pub fn share_of(
         let Some(t) = topic.strip_prefix(&prefix) else {
             continue;
         };
-        let whole = unit.reads_whole(t);
-        let mine = if whole {
-            owner == Some(unit.name().as_str())
-        } else {
-            owner.is_none() && unit.reads(t) && unit.reads_partition(t, *p)
-        };
-        if mine {
-            share.0.insert((topic.to_owned(), *p), *o);
+        let key = (topic.to_owned(), *p);
+        if unit == Unit::All {
+            if owner.is_none() || !is_rank_table(t) {
+                let e = share.0.entry(key).or_insert(*o);
+                *e = (*e).min(*o);
+            }
+            continue;
         }
+        match (unit.reads_whole(t), owner) {
+            (true, Some(owner)) if owner == unit.name() => {
+                share.0.insert(key, *o);
+            }
+            (true, None) => {
+                whole_plain.0.insert(key, *o);
+            }
+            (false, None) if unit.reads(t) && unit.reads_partition(t, *p) => {
+                share.0.insert(key, *o);
+            }
+            _ => {}
+        }
+    }
+    for (key, o) in whole_plain.0 {
+        share.0.entry(key).or_insert(o);
     }
     share
 }
@@ -741,6 +783,18 @@ mod tests {
             kafka_properties: Vec::new(),
             unit,
             view_topic_prefix: None,
+        }
+    }
+
+    #[test]
+    fn a_fresh_start_removes_the_other_modes_summary_rows() {
+        assert_eq!(
+            other_mode_scopes(Unit::All, 2),
+            ["skus-0", "customers-0", "skus-1", "customers-1"]
+        );
+        assert_eq!(other_mode_scopes(Unit::Customers(1), 3), ["all"]);
+        for u in [Unit::All, Unit::Skus(0)] {
+            assert!(!other_mode_scopes(u, 3).contains(&u.summary_scope()));
         }
     }
 
@@ -852,6 +906,34 @@ mod tests {
         assert_eq!(share_of(&store, "t", c1), of(c1, 20));
         // Nothing of it is a SKU unit's.
         assert!(share_of(&store, "t", Unit::Skus(0)).0.is_empty());
+
+        // A switch of processors.instances finds the other mode's positions: one processor
+        // over everything reads the units' least (their rank shares are not its input) ...
+        store
+            .0
+            .insert(("t.processors.g.customer-ranks@customers-0".into(), 0), 5);
+        let all = share_of(&store, "t", Unit::All);
+        assert_eq!(all.0[&("t.oms.returns".to_owned(), 0)], 10);
+        assert_eq!(all.0[&("t.oms.returns".to_owned(), 1)], 11);
+        assert_eq!(all.0[&("t.oms.orders".to_owned(), 1)], 22);
+        assert!(
+            all.0
+                .keys()
+                .all(|(t, _)| !t.contains('@') && !t.contains("ranks"))
+        );
+        // ... and a unit reads one processor's position of a topic it reads whole.
+        let single = to_sink(&of(Unit::All, 30), "t", Unit::All);
+        assert_eq!(
+            share_of(&single, "t", c1).0[&("t.oms.returns".to_owned(), 1)],
+            31
+        );
+        let mut both = single.clone();
+        both.0.extend(to_sink(&of(c1, 40), "t", c1).0);
+        assert_eq!(
+            share_of(&both, "t", c1).0[&("t.oms.returns".to_owned(), 1)],
+            41,
+            "its own position first"
+        );
     }
 
     #[test]

@@ -73,6 +73,15 @@ impl ParquetViewSink {
             reason: e.to_string(),
         };
         fs::create_dir_all(dir).map_err(|e| err("cannot create the directory", dir, &e))?;
+        if let Some(other) = other_mode_offsets(dir, &shard) {
+            let mode = if shard.is_empty() { "group" } else { "single" };
+            return Err(err(
+                &format!("the directory holds a lake written with processors.instances: {mode}"),
+                &dir.join(other),
+                &"the changelogs of the two modes do not mix (one cannot take back the other's rows); \
+                  point this sink at a new directory, or remove this one to rewrite it from the topics",
+            ));
+        }
         remove_temp_files(dir, &shard);
         let path = dir.join(offsets_file(&shard));
         let offsets = match fs::read(&path) {
@@ -223,6 +232,22 @@ fn parse_offsets(bytes: &[u8]) -> Result<Offsets, String> {
 
 /// Temp files a crash left (never visible as data: readers skip dot files, and they go here).
 /// `_walbridge_offsets.json`, or `_walbridge_offsets.<shard>.json` (`shard` = `-<shard>`).
+/// The offsets file of the other mode in `dir`, if there is one: a shard's when this sink is
+/// unsharded (`shard` empty), the unsharded one when it is a shard.
+fn other_mode_offsets(dir: &Path, shard: &str) -> Option<String> {
+    if !shard.is_empty() {
+        return dir
+            .join(OFFSETS_FILE)
+            .exists()
+            .then(|| OFFSETS_FILE.to_owned());
+    }
+    fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        (name != OFFSETS_FILE && name.starts_with("_walbridge_offsets.") && name.ends_with(".json"))
+            .then_some(name)
+    })
+}
+
 fn offsets_file(shard: &str) -> String {
     match shard.strip_prefix('-') {
         Some(s) => format!("_walbridge_offsets.{s}.json"),
@@ -369,6 +394,32 @@ mod tests {
                 .collect::<Vec<_>>(),
             [&7]
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_lake_of_one_mode_refuses_the_other() {
+        let dir = std::env::temp_dir().join(format!("walbridge-lake-modes-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        ParquetViewSink::open_shard("lake", &dir, Some("skus-0")).unwrap();
+        fs::write(dir.join("_walbridge_offsets.skus-0.json"), b"[]").unwrap();
+        ParquetViewSink::open_shard("lake", &dir, Some("skus-1")).expect("another shard");
+        let e = ParquetViewSink::open_shard("lake", &dir, None)
+            .err()
+            .expect("one processor over a group's lake")
+            .to_string();
+        assert!(
+            e.contains("_walbridge_offsets.skus-0.json") && e.contains("new directory"),
+            "{e}"
+        );
+        fs::remove_file(dir.join("_walbridge_offsets.skus-0.json")).unwrap();
+        fs::write(dir.join(OFFSETS_FILE), b"[]").unwrap();
+        ParquetViewSink::open_shard("lake", &dir, None).expect("the same mode");
+        let e = ParquetViewSink::open_shard("lake", &dir, Some("skus-0"))
+            .err()
+            .expect("a shard over one processor's lake")
+            .to_string();
+        assert!(e.contains(OFFSETS_FILE), "{e}");
         let _ = fs::remove_dir_all(&dir);
     }
 
