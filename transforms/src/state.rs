@@ -416,8 +416,8 @@ impl State {
         *at = (*at).max(lsn);
     }
 
-    /// Drops every order position (deleted orders' too) that no change still to come can be
-    /// at or before, and returns how many. `partitions` are the orders topic's partitions this
+    /// Drops the positions of deleted orders that no change still to come can be at or
+    /// before, and returns how many. `partitions` are the orders topic's partitions this
     /// processor reads.
     ///
     /// Why that is safe: within one partition the producer writes changes in commit order, so
@@ -425,11 +425,17 @@ impl State {
     /// at *L* or after. With *F* the least such *L* over every partition read, no change to
     /// come is before *F*, so a position before *F* would drop nothing more and can go. A
     /// partition that gave no order change yet this run (e.g. right after a restore) holds
-    /// everything back. One exception to the order: a pipeline restart sends again the changes
-    /// after its confirmed position (at-least-once). Such a re-sent run carries every later
-    /// change of each of its orders too, in order, so an order whose position was dropped is
-    /// overwritten by its own changes again and ends where it was, and the positions they set
-    /// on the way keep dropping the older copies from other partitions as before.
+    /// everything back.
+    ///
+    /// The exception is a pipeline restart, which sends again the changes after its confirmed
+    /// position (at-least-once): re-sent changes are older than *F*. That is why only deleted
+    /// orders lose their position. A re-send carries, per partition, everything after a point,
+    /// in order. An order that is present keeps its position, so every stale copy stays
+    /// dropped. For a deleted order, the last change in every partition it was ever in is a
+    /// delete (a move out of a partition sends one there), and each of those comes again after
+    /// any re-sent create from the same partition, so the order ends deleted. On the way a
+    /// re-sent create may show it again for a moment, as a re-send already does for the other
+    /// tables.
     ///
     /// Without this, every order ever deleted (an archive job purging old orders, say) would
     /// keep its position for good, in memory and in every checkpoint.
@@ -443,9 +449,9 @@ impl State {
             return 0;
         };
         let before = self.order_pos.len();
-        let ckpt = &mut self.ckpt;
+        let (ckpt, orders) = (&mut self.ckpt, &self.orders);
         self.order_pos.retain(|id, (lsn, _)| {
-            let keep = *lsn >= floor;
+            let keep = *lsn >= floor || orders.contains_key(id);
             if !keep && let Some(c) = ckpt {
                 c.orders.insert(*id);
             }
@@ -1470,27 +1476,55 @@ mod tests {
             assert_eq!(s.orders[&7].customer_id, 1, "{name}");
             assert_eq!(s.orders[&7].total_cents, 300, "{name}");
             assert!(!s.orders.contains_key(&9), "{name}");
-            // Both partitions are at LSN 30: the purged order's position went, the moved
-            // order's last one (30, 1) stays, since a change at (30, 0) could still come.
+            // Both partitions are at LSN 30: the purged order's position went; the moved
+            // order is present, so its position stays (a re-sent stale copy stays dropped).
             assert_eq!(s.order_pos.keys().collect::<Vec<_>>(), [&7], "{name}");
-            // Both partitions move on: nothing to come can be before 40.
             s.read_orders_at(0, 40);
             s.read_orders_at(1, 41);
+            assert_eq!(s.forget_order_positions(&[0, 1]), 0, "{name}");
+            // Order 7 is deleted at (42, 0); both partitions go past it: its position goes.
+            s.read_orders_at(0, 42);
+            s.apply_at(&at(7, 42, 0, None).0, Some(0));
+            assert_eq!(
+                s.forget_order_positions(&[0, 1]),
+                0,
+                "{name}: partition 1 is at 41"
+            );
+            s.read_orders_at(1, 50);
+            assert_eq!(
+                s.forget_order_positions(&[0, 1]),
+                0,
+                "{name}: partition 0 is at the delete itself"
+            );
+            s.read_orders_at(0, 45);
             assert_eq!(s.forget_order_positions(&[0, 1]), 1, "{name}");
             assert_eq!(s.order_positions(), 0, "{name}");
+            // A pipeline restart sends partition 0 again from LSN 30: the re-sent create and
+            // then the delete come, and the order ends deleted.
+            for (ev, i) in [&a[1], &at(7, 42, 0, None)] {
+                s.read_orders_at(0, ev.lsn);
+                s.apply_at(ev, Some(*i));
+                s.forget_order_positions(&[0, 1]);
+            }
+            assert!(!s.orders.contains_key(&7), "{name}: after a re-send");
             // The checkpoint's deltas drop them too.
             let mut replica = crate::checkpoint::Replica::new(saved);
             replica.apply(s.take_delta());
-            assert!(replica.to_saved().order_positions.is_empty(), "{name}");
-            assert_eq!(replica.to_saved().orders.len(), 1, "{name}");
+            assert_eq!(
+                replica.to_saved().order_positions.len(),
+                s.order_positions(),
+                "{name}"
+            );
+            assert!(replica.to_saved().orders.is_empty(), "{name}");
         }
         let mut s = State::new(SafetyStock::default());
         s.read_orders_at(2, 15);
-        s.apply_at(&first[0].0, Some(0));
+        s.apply_at(&first[1].0, Some(0));
+        s.apply_at(&first[2].0, Some(0));
         assert_eq!(
             s.forget_order_positions(&[2]),
             1,
-            "one partition read, past LSN 10"
+            "one partition read, past LSN 14"
         );
         assert_eq!(
             s.forget_order_positions(&[]),
