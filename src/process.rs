@@ -254,14 +254,13 @@ async fn start_fed(
             );
         }
     }
-    // A start without a checkpoint is also how a switch of processors.instances begins: the
-    // sinks that key rows get their summary rows into this mode's shape once the replay is
-    // where they stand (a Parquet lake refuses the switch when it opens instead, since its
-    // changelog cannot take back another mode's rows).
-    if running.restored.0.is_empty() {
-        for slot in &mut slots {
-            slot.reshape = !matches!(slot.cfg, ViewSinkConfig::Parquet { .. });
-        }
+    // After a switch of processors.instances the sinks that key rows hold the other mode's
+    // summary rows: they get them in this mode's shape once the replay is where they stand.
+    // On every start, since a stop during the switch's replay may have checkpointed already
+    // (a Parquet lake refuses the switch when it opens instead: its changelog cannot take
+    // back another mode's rows).
+    for slot in &mut slots {
+        slot.reshape = !matches!(slot.cfg, ViewSinkConfig::Parquet { .. });
     }
     let driver = (!slots.is_empty()).then(|| {
         let (cfg, catalog) = (cfg.clone(), catalog.clone());
@@ -573,7 +572,17 @@ async fn drive(
                         latest = epoch.number;
                         for slot in &mut slots {
                             if slot.reshape && epoch.offsets.covers(&slot.position) {
-                                let e = summary_reshape(catalog, slot.unit, cfg.kafka.partitions)?;
+                                // Topics created by hand may have more partitions than
+                                // kafka.partitions; every shard of them goes.
+                                let parts = epoch
+                                    .offsets
+                                    .0
+                                    .keys()
+                                    .map(|(_, p)| p + 1)
+                                    .max()
+                                    .unwrap_or(0)
+                                    .max(cfg.kafka.partitions);
+                                let e = summary_reshape(catalog, slot.unit, parts)?;
                                 deliver(cfg, slot, &e).await?;
                                 slot.reshape = false;
                             }

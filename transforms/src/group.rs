@@ -635,13 +635,13 @@ impl Units {
 ///
 /// A sink the other `processors.instances` mode fed stores a topic read whole under the other
 /// names, and its position must still be found, or the replay could not close an epoch exactly
-/// there and would write epochs that straddle it over rows the sink holds at a later state:
-/// - one processor over everything reads a topic the units stored per unit at the least of
-///   their positions (each unit read all of it; from there the replay writes every row that
-///   changed since, so a unit that was further is brought back to where it was); the rank
-///   shares' topic is not its input;
-/// - a unit reads the position one processor stored for the whole topic when it has none of
-///   its own.
+/// there and would write epochs that straddle it over rows the sink holds at a later state.
+/// Both namings may be there, one of them frozen where the mode that wrote it stopped, and the
+/// sink holds at least the later one, so the larger counts:
+/// - one processor over everything takes the unsharded position, or the least of the units'
+///   (each unit read all of it; from there the replay writes every row that changed since),
+///   whichever is larger; the rank shares' topic is not its input;
+/// - a unit takes its own position or the unsharded one, whichever is larger.
 pub fn share_of(
     positions: &crate::view::Offsets,
     topic_prefix: &str,
@@ -649,8 +649,10 @@ pub fn share_of(
 ) -> crate::view::Offsets {
     let prefix = format!("{topic_prefix}.");
     let mut share = crate::view::Offsets::default();
-    // A unit's fallback for topics it reads whole: one processor's positions.
-    let mut whole_plain = crate::view::Offsets::default();
+    // Topics read whole: the unsharded position, and the units' (least over units for one
+    // processor over everything, the unit's own for a unit).
+    let mut plain = crate::view::Offsets::default();
+    let mut per_unit = crate::view::Offsets::default();
     for ((stored, p), o) in &positions.0 {
         let (topic, owner) = match stored.rsplit_once('@') {
             Some((t, owner)) => (t, Some(owner)),
@@ -660,28 +662,36 @@ pub fn share_of(
             continue;
         };
         let key = (topic.to_owned(), *p);
-        if unit == Unit::All {
-            if owner.is_none() || !is_rank_table(t) {
-                let e = share.0.entry(key).or_insert(*o);
+        let whole = READ_WHOLE.contains(&t) || is_rank_table(t);
+        match (unit, owner) {
+            (Unit::All, Some(_)) if !is_rank_table(t) => {
+                let e = per_unit.0.entry(key).or_insert(*o);
                 *e = (*e).min(*o);
             }
-            continue;
-        }
-        match (unit.reads_whole(t), owner) {
-            (true, Some(owner)) if owner == unit.name() => {
-                share.0.insert(key, *o);
+            (Unit::All, None) => {
+                if whole {
+                    plain.0.insert(key, *o);
+                } else {
+                    share.0.insert(key, *o);
+                }
             }
-            (true, None) => {
-                whole_plain.0.insert(key, *o);
+            (Unit::All, Some(_)) => {}
+            (u, Some(owner)) if whole && owner == u.name() => {
+                per_unit.0.insert(key, *o);
             }
-            (false, None) if unit.reads(t) && unit.reads_partition(t, *p) => {
-                share.0.insert(key, *o);
+            (u, None) if u.reads(t) && u.reads_partition(t, *p) => {
+                if u.reads_whole(t) {
+                    plain.0.insert(key, *o);
+                } else {
+                    share.0.insert(key, *o);
+                }
             }
             _ => {}
         }
     }
-    for (key, o) in whole_plain.0 {
-        share.0.entry(key).or_insert(o);
+    for (key, o) in plain.0.into_iter().chain(per_unit.0) {
+        let e = share.0.entry(key).or_insert(o);
+        *e = (*e).max(o);
     }
     share
 }
@@ -927,13 +937,21 @@ mod tests {
             share_of(&single, "t", c1).0[&("t.oms.returns".to_owned(), 1)],
             31
         );
+        // Switched back and forth: the naming the mode that stopped last wrote is frozen, the
+        // other one is where the sink stands.
+        let returns = |o: &crate::view::Offsets, u: Unit| {
+            share_of(o, "t", u).0[&("t.oms.returns".to_owned(), 1)]
+        };
         let mut both = single.clone();
         both.0.extend(to_sink(&of(c1, 40), "t", c1).0);
-        assert_eq!(
-            share_of(&both, "t", c1).0[&("t.oms.returns".to_owned(), 1)],
-            41,
-            "its own position first"
-        );
+        assert_eq!(returns(&both, c1), 41);
+        assert_eq!(returns(&both, Unit::All), 41);
+        let mut later = to_sink(&of(c1, 40), "t", c1);
+        later
+            .0
+            .extend(to_sink(&of(Unit::All, 50), "t", Unit::All).0);
+        assert_eq!(returns(&later, c1), 51);
+        assert_eq!(returns(&later, Unit::All), 51);
     }
 
     #[test]

@@ -425,6 +425,12 @@ pub fn run_into(
         );
     }
     let gate = sinks.map(|s| s.gate);
+    // The sinks hold the restored epoch (a checkpoint is never ahead of them), so a backlog
+    // counts only the epochs after it.
+    if let Some(g) = &gate {
+        g.delivered(state.epoch);
+        g.closed(state.epoch);
+    }
     stats
         .positions
         .lock()
