@@ -32,13 +32,20 @@
 //!
 //! At start the topics are read as they are up to the ends they had (their compacted history
 //! holds no whole writes), and the remote units appear once every partition was read that far,
-//! or once no record came for [`IDLE_END`] (a partition whose last record compaction removed
-//! never reaches its old end).
+//! or gave no record for [`IDLE_END`] (a partition whose last record compaction removed never
+//! reaches its old end).
+//!
+//! Order per key: a key's records are all in one partition, read in order, and a record is
+//! applied only if it is later there than the one the key holds ([`Assembler`] keeps the
+//! offset per key). So letting a held-back write go after later ones, whatever order the
+//! write ids say (runs are numbered by their owners' clocks), never takes a row back.
 //!
 //! A remote unit lags its owner by the sink's write (an epoch, acknowledged by the broker)
 //! and one fetch. Runs are ordered by their start time, so owners on machines whose clocks
 //! disagree by more than the time a unit takes to move lose the whole-write grouping (never
-//! a row) for the writes that overlap.
+//! a row's order) for the writes that overlap. A unit that moves *to* this member is served
+//! from its checkpoint at once and catches up from there, so for that moment (about a
+//! checkpoint interval of changes) a query may see it older than the topics showed it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -70,8 +77,9 @@ pub fn remote_source(unit: &str) -> String {
 
 pub(crate) const REMOTE_PREFIX: &str = "remote:";
 
-/// With no record at all for this long, the first reading of the topics counts as done.
-pub const IDLE_END: Duration = Duration::from_secs(3);
+/// A partition that gave no record for this long during the first reading of the topics
+/// counts as read to its end.
+pub const IDLE_END: Duration = Duration::from_secs(5);
 
 /// The headers of every record of one write.
 pub fn write_headers(unit: &str, run: u64, number: u64, records: u64) -> OwnedHeaders {
@@ -136,6 +144,8 @@ pub struct Change {
     pub key: Row,
     /// `None`: the key left the view (a tombstone).
     pub row: Option<Row>,
+    /// The record's offset in its partition (every record of a key is in one partition).
+    pub at: i64,
 }
 
 /// A write whose records are still arriving.
@@ -149,13 +159,24 @@ struct Pending {
 #[derive(Debug)]
 struct UnitRows {
     tables: Vec<ViewTable>,
+    /// Per view and key, the offset of the record its row comes from (tombstones' too).
+    applied_at: Vec<HashMap<Row, i64>>,
     applied: WriteId,
     pending: BTreeMap<WriteId, Pending>,
     changed: bool,
 }
 
 impl UnitRows {
+    /// Applies a record unless the key holds a later one: a write held back and let go after
+    /// later records of the same keys (see [`Assembler::offer`]) must not take them back.
     fn apply(&mut self, c: Change) {
+        match self.applied_at[c.view].get_mut(&c.key) {
+            Some(at) if *at >= c.at => return,
+            Some(at) => *at = c.at,
+            None => {
+                self.applied_at[c.view].insert(c.key.clone(), c.at);
+            }
+        }
         self.tables[c.view].set(c.key, c.row);
         self.changed = true;
     }
@@ -192,6 +213,7 @@ impl Assembler {
             .entry(unit.to_owned())
             .or_insert_with(|| UnitRows {
                 tables: defs.iter().cloned().map(ViewTable::new).collect(),
+                applied_at: defs.iter().map(|_| HashMap::new()).collect(),
                 applied: (0, 0),
                 pending: BTreeMap::new(),
                 changed: false,
@@ -252,6 +274,7 @@ struct ViewCodec {
     keys: Decoder,
     rows: Decoder,
     key_of_row: Vec<usize>,
+    def: ViewDef,
 }
 
 impl ViewCodec {
@@ -261,6 +284,7 @@ impl ViewCodec {
             keys: ReaderBuilder::new(key_schema).build_decoder()?,
             rows: ReaderBuilder::new(def.schema.clone()).build_decoder()?,
             key_of_row: def.key.clone(),
+            def: def.clone(),
         })
     }
 
@@ -280,12 +304,28 @@ impl ViewCodec {
     }
 
     /// The change a record says: the row's own key for an upsert (the record key is the same
-    /// columns), the record key for a tombstone.
+    /// columns), the record key for a tombstone. After an error the decoders start afresh: a
+    /// decoder that failed keeps part of the bad record and would fail every record after it.
     fn decode(
         &mut self,
         view: usize,
         key: &[u8],
         value: Option<&[u8]>,
+        at: i64,
+    ) -> Result<Change, ArrowError> {
+        let decoded = self.decode_once(view, key, value, at);
+        if decoded.is_err() {
+            *self = Self::new(&self.def)?;
+        }
+        decoded
+    }
+
+    fn decode_once(
+        &mut self,
+        view: usize,
+        key: &[u8],
+        value: Option<&[u8]>,
+        at: i64,
     ) -> Result<Change, ArrowError> {
         match value {
             Some(v) => {
@@ -295,12 +335,14 @@ impl ViewCodec {
                     view,
                     key,
                     row: Some(row),
+                    at,
                 })
             }
             None => Ok(Change {
                 view,
                 key: Self::one(&mut self.keys, key)?,
                 row: None,
+                at,
             }),
         }
     }
@@ -355,6 +397,7 @@ fn read_until(
     let consumer: BaseConsumer = client
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
         .set("allow.auto.create.topics", "false")
         // How often a quiet topic is asked again (tansu holds a fetch this long): the remote
         // units' freshness beside the broker's own.
@@ -394,10 +437,14 @@ fn read_until(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let mut assembler = Assembler::new(defs);
-    // Partitions not yet read to the end they had at start.
-    let mut behind: HashMap<(String, i32), i64> =
-        ends.into_iter().filter(|(_, end)| *end > 0).collect();
-    let (mut last_record, mut untagged, mut undecodable) = (Instant::now(), 0u64, 0u64);
+    // Partitions not yet read to the end they had at start, and when each last gave a record.
+    let assigned = Instant::now();
+    let mut behind: HashMap<(String, i32), (i64, Instant)> = ends
+        .into_iter()
+        .filter(|(_, end)| *end > 0)
+        .map(|(tp, end)| (tp, (end, assigned)))
+        .collect();
+    let (mut untagged, mut undecodable) = (0u64, 0u64);
     let mut last_error: Option<Instant> = None;
     let began = Instant::now();
     let mut records = 0u64;
@@ -416,15 +463,19 @@ fn read_until(
                     break;
                 }
             };
-            last_record = Instant::now();
             records += 1;
             stats.records.fetch_add(1, Ordering::Relaxed);
             if let Some(ms) = m.timestamp().to_millis() {
                 stats.newest_ms.fetch_max(ms, Ordering::Relaxed);
             }
-            let at = (m.topic().to_owned(), m.partition());
-            if behind.get(&at).is_some_and(|end| m.offset() + 1 >= *end) {
-                behind.remove(&at);
+            if !behind.is_empty() {
+                let at = (m.topic().to_owned(), m.partition());
+                if let Some((end, seen)) = behind.get_mut(&at) {
+                    *seen = Instant::now();
+                    if m.offset() + 1 >= *end {
+                        behind.remove(&at);
+                    }
+                }
             }
             let Some(&view) = topics.get(m.topic()) else {
                 continue;
@@ -445,7 +496,7 @@ fn read_until(
             if unit == crate::group::Unit::All.name() {
                 continue;
             }
-            match codecs[view].decode(view, m.key().unwrap_or_default(), m.payload()) {
+            match codecs[view].decode(view, m.key().unwrap_or_default(), m.payload(), m.offset()) {
                 Ok(change) => assembler.offer(&unit, write, count, change),
                 Err(e) => {
                     undecodable += 1;
@@ -454,7 +505,10 @@ fn read_until(
                 }
             }
         }
-        if !assembler.live && (behind.is_empty() || last_record.elapsed() > IDLE_END) {
+        // A partition whose last records compaction removed never reaches its old end: one
+        // that gave nothing for a while is as far as it goes.
+        behind.retain(|_, (_, seen)| seen.elapsed() < IDLE_END);
+        if !assembler.live && behind.is_empty() {
             assembler.go_live();
             tracing::info!(
                 records,
@@ -511,6 +565,9 @@ mod tests {
     use super::*;
     use crate::table::Cell;
 
+    /// Offsets for the records the tests make, in the order they make them.
+    static NEXT: AtomicI64 = AtomicI64::new(0);
+
     fn assembler() -> (Assembler, Vec<ViewDef>) {
         let defs = crate::state::view_defs();
         (Assembler::new(defs.clone()), defs)
@@ -528,7 +585,9 @@ mod tests {
             r.extend([1, a, 0, 0, a].map(Cell::Int));
             r
         });
-        Change { view, key, row }
+        // Offsets in the order the test makes the records, as one partition would hold them.
+        let at = NEXT.fetch_add(1, Ordering::Relaxed);
+        Change { view, key, row, at }
     }
 
     /// What SQL would read of `stock_availability_by_sku` now: (sku, available) per source.
@@ -604,6 +663,24 @@ mod tests {
     }
 
     #[test]
+    fn a_write_let_go_late_never_takes_a_key_back() {
+        let (mut a, defs) = assembler();
+        let c = Catalog::new();
+        a.go_live();
+        a.offer("skus-0", (10, 1), 1, by_sku(&defs, "A", Some(1)));
+        // Write 2 of run 10 is cut short (its owner died): A = 2 waits.
+        a.offer("skus-0", (10, 2), 2, by_sku(&defs, "A", Some(2)));
+        // The next owner's clock is behind: its run numbers lower, so its writes apply as
+        // they come. A = 3 is later in the partition than A = 2.
+        a.offer("skus-0", (8, 1), 1, by_sku(&defs, "A", Some(3)));
+        // A later run's first write lets run 10's held write go: A stays 3.
+        a.offer("skus-0", (11, 1), 1, by_sku(&defs, "B", Some(4)));
+        a.publish(&c);
+        assert_eq!(seen(&c), rows(&[("A", 3), ("B", 4)]));
+        assert_eq!(a.pending_writes(), 0);
+    }
+
+    #[test]
     fn a_unit_folded_here_hides_its_remote_rows() {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
@@ -666,11 +743,11 @@ mod tests {
             let want_key: Row = def.key.iter().map(|&i| row[i].clone()).collect();
 
             let up = codecs[v]
-                .decode(v, key.as_bytes(), Some(value.as_bytes()))
+                .decode(v, key.as_bytes(), Some(value.as_bytes()), 1)
                 .unwrap();
             assert_eq!(up.row.as_ref(), Some(&row), "{}: {value}", def.name);
             assert_eq!(up.key, want_key, "{}", def.name);
-            let gone = codecs[v].decode(v, key.as_bytes(), None).unwrap();
+            let gone = codecs[v].decode(v, key.as_bytes(), None, 2).unwrap();
             assert_eq!(
                 (gone.key, gone.row),
                 (want_key, None),
@@ -678,8 +755,35 @@ mod tests {
                 def.name
             );
         }
-        assert!(codecs[0].decode(0, b"{}", Some(b"not json")).is_err());
-        assert!(codecs[0].decode(0, b"{}", Some(b"{} {}")).is_err());
+        // A bad record is skipped, and the records after it still decode.
+        let good = {
+            let def = &defs[0];
+            let row: Row = def
+                .schema
+                .fields()
+                .iter()
+                .map(|f| match f.data_type() {
+                    datafusion::arrow::datatypes::DataType::Utf8 => Cell::text("A"),
+                    _ => Cell::Int(1),
+                })
+                .collect();
+            let batch = crate::table::build_batch(&def.schema, &[&row[..]]).unwrap();
+            json_lines(&batch).unwrap().remove(0)
+        };
+        for bad in [
+            &b"not json"[..],
+            b"{} {}",
+            b"{\"sku\": 1",
+            b"{\"sku\": \"A\"}",
+        ] {
+            assert!(codecs[0].decode(0, b"{}", Some(bad), 3).is_err());
+            let ok = codecs[0].decode(0, b"{}", Some(good.as_bytes()), 4);
+            assert!(
+                ok.is_ok(),
+                "after {:?}: {ok:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
