@@ -663,13 +663,7 @@ async fn processor_metrics_show_progress(port: u16, cfg: &walbridge::config::Con
     let topic = format!("{}.wms.stock_levels", cfg.kafka.topic_prefix);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let samples = walbridge::status::parse(&text);
+        let (text, samples) = scrape(port).await;
         let v = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
         let lags: Vec<f64> = samples
             .iter()
@@ -1185,19 +1179,25 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     wb.stop();
 }
 
+/// A processor's `/metrics` page, as text and as samples.
+async fn scrape(port: u16) -> (String, Vec<walbridge::status::Sample>) {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = walbridge::status::parse(&text);
+    (text, samples)
+}
+
 /// Waits until a group member's metrics show it settled (its units' sinks hold every epoch,
 /// the other members' units read from the view topics with no write held back) and returns
 /// how many units it folds.
 async fn member_metrics_settle(port: u16) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let samples = walbridge::status::parse(&text);
+        let (text, samples) = scrape(port).await;
         let v = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
         let units = v("walbridge_processor_units").unwrap_or(0.0);
         if units > 0.0
