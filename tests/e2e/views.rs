@@ -1007,13 +1007,7 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
     let want = checkpoint_views(&one_cfg);
 
     // A's SQL endpoint serves the whole views from its four units.
-    let (client, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={sql_port} user=analyst password=pw dbname=walbridge"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect to the member's SQL endpoint");
-    tokio::spawn(conn);
+    let client = analyst(sql_port).await;
     let summary = &want["reconciliation_summary"];
     assert_eq!(summary.len(), 1);
     let want_summary: Vec<String> = summary.values().next().unwrap()[1..6].to_vec();
@@ -1220,16 +1214,22 @@ async fn member_metrics_settle(port: u16) -> f64 {
     }
 }
 
-/// Every view as a SQL endpoint serves it (text rows, sorted), without the event-time columns
-/// (when a diff opened depends on how a reader interleaved the topics).
-async fn sql_views(port: u16) -> BTreeMap<String, Vec<Vec<String>>> {
+/// A connection to the SQL endpoint on `port` as the tests' analyst.
+async fn analyst(port: u16) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={port} user=analyst password=pw dbname=walbridge"),
         tokio_postgres::NoTls,
     )
     .await
-    .expect("connect to a SQL endpoint");
+    .unwrap_or_else(|e| panic!("connect to the SQL endpoint on port {port}: {e}"));
     tokio::spawn(conn);
+    client
+}
+
+/// Every view as a SQL endpoint serves it (text rows, sorted), without the event-time columns
+/// (when a diff opened depends on how a reader interleaved the topics).
+async fn sql_views(port: u16) -> BTreeMap<String, Vec<Vec<String>>> {
+    let client = analyst(port).await;
     let mut out = BTreeMap::new();
     for def in transforms::state::view_defs() {
         let cols: Vec<String> = def
