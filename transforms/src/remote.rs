@@ -10,12 +10,14 @@
 //!
 //! # Which unit wrote a record
 //!
-//! The sink tags every record with three headers ([`write_headers`]): the unit
+//! The sink tags every record with headers ([`write_headers`]): the unit
 //! (`walbridge.unit`); the write (`walbridge.write`: `<run>.<number>`, where the run is the
 //! moment the unit's sink opened, in ms since the Unix epoch, and the number counts the
-//! run's writes); and how many records the write has over all views
-//! (`walbridge.write.records`). Records of a one-instance processor (unit `all`) belong to no
-//! group and are skipped, as are records without the headers.
+//! run's writes); how many records the write has over all views
+//! (`walbridge.write.records`); and, for a group's unit, the input offsets the write
+//! reflects (`walbridge.write.offsets`: `<topic>:<partition>:<next offset>`, comma-separated,
+//! named as the sink stores them). Records of a one-instance processor (unit `all`) belong to
+//! no group and are skipped, as are records without the first three headers.
 //!
 //! # Why a query sees whole writes
 //!
@@ -43,9 +45,17 @@
 //! A remote unit lags its owner by the sink's write (an epoch, acknowledged by the broker)
 //! and one fetch. Runs are ordered by their start time, so owners on machines whose clocks
 //! disagree by more than the time a unit takes to move lose the whole-write grouping (never
-//! a row's order) for the writes that overlap. A unit that moves *to* this member is served
-//! from its checkpoint at once and catches up from there, so for that moment (about a
-//! checkpoint interval of changes) a query may see it older than the topics showed it.
+//! a row's order) for the writes that overlap.
+//!
+//! # A unit that moves here
+//!
+//! Its processor starts from the unit's last checkpoint, which may be behind what the former
+//! owner wrote to the topics (and this member served). So each remote unit keeps its
+//! *position*: the offsets of the latest write it applied (the largest per partition, so a
+//! write let go late never lowers it). The catalog serves the remote copy until the local
+//! processor's position covers it, then the local one ([`Catalog::snapshots`]): the unit
+//! never steps back to an older state in this member's SQL. Records written before the
+//! offsets header existed give no position, and the local copy is served at once, as before.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -69,6 +79,8 @@ pub const UNIT_HEADER: &str = "walbridge.unit";
 pub const WRITE_HEADER: &str = "walbridge.write";
 /// Header with the number of records of the write, over every view.
 pub const RECORDS_HEADER: &str = "walbridge.write.records";
+/// Header with the input offsets a group unit's write reflects.
+pub const OFFSETS_HEADER: &str = "walbridge.write.offsets";
 
 /// The catalog source under which a unit's rows read from the view topics are published.
 pub fn remote_source(unit: &str) -> String {
@@ -81,9 +93,17 @@ pub(crate) const REMOTE_PREFIX: &str = "remote:";
 /// counts as read to its end.
 pub const IDLE_END: Duration = Duration::from_secs(5);
 
-/// The headers of every record of one write.
-pub fn write_headers(unit: &str, run: u64, number: u64, records: u64) -> OwnedHeaders {
-    OwnedHeaders::new()
+/// The headers of every record of one write. `offsets` (the epoch's, as the sink stores them)
+/// go along for a group's unit only: nobody reads a one-instance processor's back, and the
+/// demo's topics stay lean.
+pub fn write_headers(
+    unit: &str,
+    run: u64,
+    number: u64,
+    records: u64,
+    offsets: &Offsets,
+) -> OwnedHeaders {
+    let headers = OwnedHeaders::new()
         .insert(Header {
             key: UNIT_HEADER,
             value: Some(unit),
@@ -95,7 +115,35 @@ pub fn write_headers(unit: &str, run: u64, number: u64, records: u64) -> OwnedHe
         .insert(Header {
             key: RECORDS_HEADER,
             value: Some(&records.to_string()),
-        })
+        });
+    if unit == crate::group::Unit::All.name() || offsets.0.is_empty() {
+        return headers;
+    }
+    let text = offsets
+        .0
+        .iter()
+        .map(|((t, p), o)| format!("{t}:{p}:{o}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    headers.insert(Header {
+        key: OFFSETS_HEADER,
+        value: Some(&text),
+    })
+}
+
+/// The offsets of an offsets header, under the topics' own names: a topic several units read
+/// whole is stored as `<topic>@<unit>` ([`crate::group::to_sink`]), and the local processor
+/// names it plainly. `None` if the text is not such a list.
+fn parse_offsets(text: &str) -> Option<Offsets> {
+    let mut out = Offsets::default();
+    for part in text.split(',') {
+        let mut it = part.rsplitn(3, ':');
+        let (o, p, t) = (it.next()?, it.next()?, it.next()?);
+        let t = t.rsplit_once('@').map_or(t, |(t, _)| t);
+        out.0
+            .insert((t.to_owned(), p.parse().ok()?), o.parse().ok()?);
+    }
+    Some(out)
 }
 
 /// One JSON object per row, in the batch's column order, nulls explicit: what the Kafka view
@@ -153,6 +201,7 @@ pub struct Change {
 struct Pending {
     expected: u64,
     changes: Vec<Change>,
+    offsets: Offsets,
 }
 
 /// One remote unit's rows and the writes not yet applied.
@@ -164,6 +213,8 @@ struct UnitRows {
     applied: WriteId,
     pending: BTreeMap<WriteId, Pending>,
     changed: bool,
+    /// The input offsets the applied writes reflect, the largest per partition.
+    position: Offsets,
 }
 
 impl UnitRows {
@@ -205,8 +256,16 @@ impl Assembler {
         self.live = true;
     }
 
-    /// Takes one record of `unit`'s write `write`, which has `records` records in all.
-    pub fn offer(&mut self, unit: &str, write: WriteId, records: u64, change: Change) {
+    /// Takes one record of `unit`'s write `write`, which has `records` records in all and
+    /// reflects the input `offsets` (empty if unknown).
+    pub fn offer(
+        &mut self,
+        unit: &str,
+        write: WriteId,
+        records: u64,
+        offsets: &Offsets,
+        change: Change,
+    ) {
         let defs = &self.defs;
         let u = self
             .units
@@ -217,15 +276,18 @@ impl Assembler {
                 applied: (0, 0),
                 pending: BTreeMap::new(),
                 changed: false,
+                position: Offsets::default(),
             });
         if !self.live || write <= u.applied {
             u.apply(change);
             u.applied = u.applied.max(write);
+            u.position.advance(offsets);
             return;
         }
         let p = u.pending.entry(write).or_default();
         p.expected = records;
         p.changes.push(change);
+        p.offsets.advance(offsets);
         if (p.changes.len() as u64) < p.expected {
             return;
         }
@@ -235,6 +297,7 @@ impl Assembler {
             for c in p.changes {
                 u.apply(c);
             }
+            u.position.advance(&p.offsets);
         }
         u.applied = write;
     }
@@ -246,19 +309,25 @@ impl Assembler {
             return;
         }
         for (unit, u) in self.units.iter_mut().filter(|(_, u)| u.changed) {
-            let source = remote_source(unit);
-            for (def, table) in self.defs.iter().zip(u.tables.iter_mut()) {
-                table.forget_changes();
-                catalog.publish_from(
-                    &source,
-                    def,
-                    Snapshot {
-                        epoch: u.applied.1,
-                        offsets: Offsets::default(),
-                        rows: table.published(),
-                    },
-                );
-            }
+            let (epoch, position) = (u.applied.1, &u.position);
+            catalog.publish_epoch(
+                &remote_source(unit),
+                self.defs
+                    .iter()
+                    .zip(u.tables.iter_mut())
+                    .map(|(def, table)| {
+                        table.forget_changes();
+                        (
+                            def,
+                            Snapshot {
+                                epoch,
+                                offsets: position.clone(),
+                                rows: table.published(),
+                            },
+                        )
+                    }),
+                position,
+            );
             u.changed = false;
         }
     }
@@ -348,8 +417,19 @@ impl ViewCodec {
     }
 }
 
-/// The unit, write and record count a record's headers name; `None` without them.
-fn tags<H: Headers>(headers: Option<&H>) -> Option<(String, WriteId, u64)> {
+/// What a record's headers say of its write.
+#[derive(Debug, PartialEq)]
+struct Tags {
+    unit: String,
+    write: WriteId,
+    records: u64,
+    /// Empty when the record has no (readable) offsets header.
+    offsets: Offsets,
+}
+
+/// The unit, write, record count and offsets a record's headers name; `None` without the
+/// first three.
+fn tags<H: Headers>(headers: Option<&H>) -> Option<Tags> {
     let h = headers?;
     let text = |name: &str| {
         h.iter()
@@ -362,7 +442,15 @@ fn tags<H: Headers>(headers: Option<&H>) -> Option<(String, WriteId, u64)> {
     let write = text(WRITE_HEADER)?;
     let (run, number) = write.split_once('.')?;
     let records = text(RECORDS_HEADER)?.parse().ok()?;
-    Some((unit, (run.parse().ok()?, number.parse().ok()?), records))
+    let offsets = text(OFFSETS_HEADER)
+        .and_then(|t| parse_offsets(&t))
+        .unwrap_or_default();
+    Some(Tags {
+        unit,
+        write: (run.parse().ok()?, number.parse().ok()?),
+        records,
+        offsets,
+    })
 }
 
 /// Reads the view topics under `topic_prefix` into `catalog` until `stop` is set (runs on a
@@ -480,7 +568,7 @@ fn read_until(
             let Some(&view) = topics.get(m.topic()) else {
                 continue;
             };
-            let Some((unit, write, count)) = tags(m.headers()) else {
+            let Some(tags) = tags(m.headers()) else {
                 untagged += 1;
                 stats.skipped.fetch_add(1, Ordering::Relaxed);
                 if untagged == 1 {
@@ -493,11 +581,13 @@ fn read_until(
                 }
                 continue;
             };
-            if unit == crate::group::Unit::All.name() {
+            if tags.unit == crate::group::Unit::All.name() {
                 continue;
             }
             match codecs[view].decode(view, m.key().unwrap_or_default(), m.payload(), m.offset()) {
-                Ok(change) => assembler.offer(&unit, write, count, change),
+                Ok(change) => {
+                    assembler.offer(&tags.unit, tags.write, tags.records, &tags.offsets, change)
+                }
                 Err(e) => {
                     undecodable += 1;
                     stats.skipped.fetch_add(1, Ordering::Relaxed);
@@ -617,8 +707,20 @@ mod tests {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
         // History: applied as read, published only once live.
-        a.offer("skus-1", (7, 1), 2, by_sku(&defs, "A", Some(5)));
-        a.offer("skus-1", (7, 1), 2, by_sku(&defs, "B", Some(6)));
+        a.offer(
+            "skus-1",
+            (7, 1),
+            2,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(5)),
+        );
+        a.offer(
+            "skus-1",
+            (7, 1),
+            2,
+            &Offsets::default(),
+            by_sku(&defs, "B", Some(6)),
+        );
         a.publish(&c);
         assert!(seen(&c).is_empty(), "nothing before the history is read");
         a.go_live();
@@ -626,34 +728,88 @@ mod tests {
         assert_eq!(seen(&c), rows(&[("A", 5), ("B", 6)]));
 
         // Write 2 has three records; two came (other partitions lag): not visible yet.
-        a.offer("skus-1", (7, 2), 3, by_sku(&defs, "A", Some(4)));
-        a.offer("skus-1", (7, 2), 3, by_sku(&defs, "B", None));
+        a.offer(
+            "skus-1",
+            (7, 2),
+            3,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(4)),
+        );
+        a.offer(
+            "skus-1",
+            (7, 2),
+            3,
+            &Offsets::default(),
+            by_sku(&defs, "B", None),
+        );
         a.publish(&c);
         assert_eq!(
             seen(&c),
             rows(&[("A", 5), ("B", 6)]),
             "half a write is never seen"
         );
-        a.offer("skus-1", (7, 2), 3, by_sku(&defs, "C", Some(1)));
+        a.offer(
+            "skus-1",
+            (7, 2),
+            3,
+            &Offsets::default(),
+            by_sku(&defs, "C", Some(1)),
+        );
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 4), ("C", 1)]));
         assert_eq!(a.pending_writes(), 0);
 
         // Write 3 lost a record to compaction and never completes; write 4 does, and takes
         // write 3's records in first. A straggler of write 3 then applies as it comes.
-        a.offer("skus-1", (7, 3), 3, by_sku(&defs, "A", Some(3)));
-        a.offer("skus-1", (7, 3), 3, by_sku(&defs, "D", Some(9)));
-        a.offer("skus-1", (7, 4), 1, by_sku(&defs, "A", Some(2)));
+        a.offer(
+            "skus-1",
+            (7, 3),
+            3,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(3)),
+        );
+        a.offer(
+            "skus-1",
+            (7, 3),
+            3,
+            &Offsets::default(),
+            by_sku(&defs, "D", Some(9)),
+        );
+        a.offer(
+            "skus-1",
+            (7, 4),
+            1,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(2)),
+        );
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 2), ("C", 1), ("D", 9)]));
-        a.offer("skus-1", (7, 3), 3, by_sku(&defs, "E", Some(8)));
+        a.offer(
+            "skus-1",
+            (7, 3),
+            3,
+            &Offsets::default(),
+            by_sku(&defs, "E", Some(8)),
+        );
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 2), ("C", 1), ("D", 9), ("E", 8)]));
 
         // The unit's next run (its owner died mid-write): its first complete write releases
         // the dead run's partial write before it.
-        a.offer("skus-1", (7, 5), 2, by_sku(&defs, "F", Some(7)));
-        a.offer("skus-1", (9, 1), 1, by_sku(&defs, "F", Some(6)));
+        a.offer(
+            "skus-1",
+            (7, 5),
+            2,
+            &Offsets::default(),
+            by_sku(&defs, "F", Some(7)),
+        );
+        a.offer(
+            "skus-1",
+            (9, 1),
+            1,
+            &Offsets::default(),
+            by_sku(&defs, "F", Some(6)),
+        );
         a.publish(&c);
         assert_eq!(
             seen(&c),
@@ -667,14 +823,38 @@ mod tests {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
         a.go_live();
-        a.offer("skus-0", (10, 1), 1, by_sku(&defs, "A", Some(1)));
+        a.offer(
+            "skus-0",
+            (10, 1),
+            1,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(1)),
+        );
         // Write 2 of run 10 is cut short (its owner died): A = 2 waits.
-        a.offer("skus-0", (10, 2), 2, by_sku(&defs, "A", Some(2)));
+        a.offer(
+            "skus-0",
+            (10, 2),
+            2,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(2)),
+        );
         // The next owner's clock is behind: its run numbers lower, so its writes apply as
         // they come. A = 3 is later in the partition than A = 2.
-        a.offer("skus-0", (8, 1), 1, by_sku(&defs, "A", Some(3)));
+        a.offer(
+            "skus-0",
+            (8, 1),
+            1,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(3)),
+        );
         // A later run's first write lets run 10's held write go: A stays 3.
-        a.offer("skus-0", (11, 1), 1, by_sku(&defs, "B", Some(4)));
+        a.offer(
+            "skus-0",
+            (11, 1),
+            1,
+            &Offsets::default(),
+            by_sku(&defs, "B", Some(4)),
+        );
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 3), ("B", 4)]));
         assert_eq!(a.pending_writes(), 0);
@@ -685,8 +865,20 @@ mod tests {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
         a.go_live();
-        a.offer("skus-0", (1, 1), 1, by_sku(&defs, "A", Some(1)));
-        a.offer("skus-1", (1, 1), 1, by_sku(&defs, "B", Some(2)));
+        a.offer(
+            "skus-0",
+            (1, 1),
+            1,
+            &Offsets::default(),
+            by_sku(&defs, "A", Some(1)),
+        );
+        a.offer(
+            "skus-1",
+            (1, 1),
+            1,
+            &Offsets::default(),
+            by_sku(&defs, "B", Some(2)),
+        );
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 1), ("B", 2)]));
         // This member folds skus-0 now: its live rows, not the topic's.
@@ -786,13 +978,129 @@ mod tests {
         }
     }
 
+    /// Input offsets `next` of partition 0 of one SKU topic, and `other` of partition 1.
+    fn at(next: i64, other: i64) -> Offsets {
+        let tp = |p| ("t.wms.stock_levels".to_owned(), p);
+        Offsets(BTreeMap::from([(tp(0), next), (tp(1), other)]))
+    }
+
     #[test]
-    fn headers_name_the_unit_the_write_and_its_size() {
-        let h = write_headers("customers-2", 1_763_800_000_000, 17, 3);
+    fn a_unit_that_moved_here_is_served_from_the_topics_until_it_catches_up() {
+        let (mut a, defs) = assembler();
+        let c = Catalog::new();
+        a.go_live();
+        // The former owner's last write: A = 5 at input offsets (20, 20).
+        a.offer(
+            "skus-0",
+            (1, 1),
+            1,
+            &at(20, 20),
+            by_sku(&defs, "A", Some(5)),
+        );
+        a.publish(&c);
+        assert_eq!(seen(&c), rows(&[("A", 5)]));
+
+        // The unit moves here and restarts from its checkpoint, at (12, 12) where A was 3.
+        let def = &defs[1];
+        assert_eq!(def.name, "stock_availability_by_sku");
+        let local = |available: i64, position: Offsets, views: bool| {
+            let mut t = ViewTable::new(def.clone());
+            let ch = by_sku(&defs, "A", Some(available));
+            t.set(ch.key, ch.row);
+            let snap = Snapshot {
+                epoch: 1,
+                offsets: position.clone(),
+                rows: t.published(),
+            };
+            c.publish_epoch("skus-0", views.then_some((def, snap)), &position);
+        };
+        local(3, at(12, 12), true);
+        assert_eq!(
+            seen(&c),
+            rows(&[("A", 5)]),
+            "no step back to the checkpoint"
+        );
+        // Ahead on one partition and behind on the other is not caught up either.
+        local(4, at(25, 19), true);
+        assert_eq!(seen(&c), rows(&[("A", 5)]));
+        // Past the former owner on every partition: the live rows.
+        local(6, at(25, 21), true);
+        assert_eq!(seen(&c), rows(&[("A", 6)]));
+        // Its own writes come back through the topics, behind it: the local copy stays.
+        a.offer(
+            "skus-0",
+            (2, 1),
+            1,
+            &at(25, 21),
+            by_sku(&defs, "A", Some(6)),
+        );
+        a.publish(&c);
+        local(7, at(26, 21), true);
+        assert_eq!(seen(&c), rows(&[("A", 7)]));
+
+        // Another move: the checkpoint is at (30, 30) and the former owner wrote up to (40, 40).
+        c.withdraw("skus-0");
+        a.offer(
+            "skus-0",
+            (3, 1),
+            1,
+            &at(40, 40),
+            by_sku(&defs, "A", Some(8)),
+        );
+        a.publish(&c);
+        local(8, at(30, 30), true);
+        assert_eq!(c.snapshots(&def.name)[0].offsets, at(40, 40));
+        // Quiet epochs (no view changed) carry the local position past the topics' too.
+        local(8, at(41, 41), false);
+        assert_eq!(seen(&c), rows(&[("A", 8)]));
+        assert_eq!(
+            c.snapshots(&def.name)[0].offsets,
+            at(30, 30),
+            "the local copy, with its rows of the last epoch that changed them"
+        );
+    }
+
+    #[test]
+    fn headers_name_the_unit_the_write_its_size_and_its_offsets() {
+        let stored = Offsets(BTreeMap::from([
+            (("t.oms.returns@customers-2".to_owned(), 1), 40),
+            (("t.oms.orders".to_owned(), 2), 7),
+        ]));
+        let h = write_headers("customers-2", 1_763_800_000_000, 17, 3, &stored);
         assert_eq!(
             tags(Some(&h)),
-            Some(("customers-2".into(), (1_763_800_000_000, 17), 3))
+            Some(Tags {
+                unit: "customers-2".into(),
+                write: (1_763_800_000_000, 17),
+                records: 3,
+                offsets: Offsets(BTreeMap::from([
+                    (("t.oms.returns".to_owned(), 1), 40),
+                    (("t.oms.orders".to_owned(), 2), 7),
+                ])),
+            })
         );
+        // A one-instance processor's records are never read back: no offsets.
+        let h = write_headers("all", 1, 1, 1, &stored);
+        assert!(h.iter().all(|x| x.key != OFFSETS_HEADER));
+        // Offsets that do not parse are unknown, the rest of the tags stand.
+        let h = OwnedHeaders::new()
+            .insert(Header {
+                key: UNIT_HEADER,
+                value: Some("skus-0"),
+            })
+            .insert(Header {
+                key: WRITE_HEADER,
+                value: Some("5.6"),
+            })
+            .insert(Header {
+                key: RECORDS_HEADER,
+                value: Some("2"),
+            })
+            .insert(Header {
+                key: OFFSETS_HEADER,
+                value: Some("t.wms.stock_levels:0"),
+            });
+        assert_eq!(tags(Some(&h)).map(|t| t.offsets), Some(Offsets::default()));
         assert_eq!(tags::<OwnedHeaders>(None), None);
         let partial = OwnedHeaders::new().insert(Header {
             key: UNIT_HEADER,

@@ -608,17 +608,20 @@ pub(crate) fn write_checkpoint(path: &Path, saved: &Saved) -> Result<(), Process
 }
 
 fn publish_all(state: &State, catalog: &Catalog, source: &str) -> Result<(), ProcessError> {
-    for v in state.views() {
-        catalog.publish_from(
-            source,
-            &v.def,
-            Snapshot {
-                epoch: state.epoch,
-                offsets: state.offsets.clone(),
-                rows: v.published(),
-            },
-        );
-    }
+    catalog.publish_epoch(
+        source,
+        state.views().iter().map(|v| {
+            (
+                &v.def,
+                Snapshot {
+                    epoch: state.epoch,
+                    offsets: state.offsets.clone(),
+                    rows: v.published(),
+                },
+            )
+        }),
+        &state.offsets,
+    );
     Ok(())
 }
 
@@ -1278,25 +1281,29 @@ impl Processor {
             }
         }
         self.send_rank_share();
+        // A quiet epoch moves the position too: the views reflect the offsets read since.
+        if let Some(catalog) = &self.catalog {
+            let state = &self.state;
+            catalog.publish_epoch(
+                &self.config.unit.source(),
+                out.changes.iter().filter_map(|c| {
+                    let v = state.view(&c.view)?;
+                    Some((
+                        &v.def,
+                        Snapshot {
+                            epoch: state.epoch,
+                            offsets: state.offsets.clone(),
+                            rows: v.published(),
+                        },
+                    ))
+                }),
+                &state.offsets,
+            );
+        }
         // Sinks get quiet epochs too: their stored offsets must keep up with the checkpoint.
         if out.changes.is_empty() && self.gate.is_none() {
             self.observe_published();
             return Ok(());
-        }
-        if let Some(catalog) = &self.catalog {
-            for c in &out.changes {
-                if let Some(v) = self.state.view(&c.view) {
-                    catalog.publish_from(
-                        &self.config.unit.source(),
-                        &v.def,
-                        Snapshot {
-                            epoch: self.state.epoch,
-                            offsets: self.state.offsets.clone(),
-                            rows: v.published(),
-                        },
-                    );
-                }
-            }
         }
         self.observe_published();
         if self.epochs.is_some() {

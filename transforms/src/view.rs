@@ -95,10 +95,43 @@ pub struct Epoch {
 /// keys, so a view is the union of its sources' snapshots (or their [`ViewDef::merge`]).
 /// Each snapshot is consistent on its own; a query over several sources sees each at its own
 /// latest epoch.
+///
+/// A unit a group member folds may also be here as read back from the view topics
+/// ([`crate::remote`]), and exactly one of the two copies is served: the remote one while it
+/// stands further along the unit's input than the local one, the local one from when it has
+/// caught up (see [`Catalog::snapshots`]). Each source's *position* (the input offsets its
+/// views reflect as a whole, quiet epochs included) is set with its views, under the same
+/// lock ([`Catalog::publish_epoch`]), so the choice never pairs a copy's rows with a position
+/// they have not reached.
 #[derive(Debug, Default)]
 pub struct Catalog {
+    inner: RwLock<Published>,
+}
+
+#[derive(Debug, Default)]
+struct Published {
     #[allow(clippy::type_complexity)]
-    views: RwLock<BTreeMap<String, (ViewDef, BTreeMap<String, Arc<Snapshot>>)>>,
+    views: BTreeMap<String, (ViewDef, BTreeMap<String, Arc<Snapshot>>)>,
+    positions: BTreeMap<String, Offsets>,
+}
+
+impl Published {
+    /// Whether the copy of `unit` read from the view topics is served instead of the unit's
+    /// own processor here: it is further along some partition of the unit's input than the
+    /// processor's position. Serving the local copy then would take those rows back to an
+    /// older state than a query may already have seen (a unit that moved here restarts from its
+    /// checkpoint, behind what its former owner wrote). Once the processor covers the remote
+    /// position, it is served; the remote copy cannot pull ahead again, since from then on the
+    /// unit's records in the topics are this processor's own, written after it published them.
+    fn remote_ahead(&self, unit: &str) -> bool {
+        let Some(remote) = self.positions.get(&crate::remote::remote_source(unit)) else {
+            return false;
+        };
+        match self.positions.get(unit) {
+            Some(local) => !local.covers(remote),
+            None => !remote.0.is_empty(),
+        }
+    }
 }
 
 impl Catalog {
@@ -114,8 +147,38 @@ impl Catalog {
 
     /// Replaces `source`'s snapshot of the view as a whole.
     pub fn publish_from(&self, source: &str, def: &ViewDef, snapshot: Snapshot) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        Self::put(&mut inner.views, source, def, snapshot);
+    }
+
+    /// Replaces `source`'s snapshots of these views (the ones an epoch changed, possibly none)
+    /// and sets its position, the input offsets all its views now reflect, in one step.
+    pub fn publish_epoch<'a>(
+        &self,
+        source: &str,
+        views: impl IntoIterator<Item = (&'a ViewDef, Snapshot)>,
+        position: &Offsets,
+    ) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for (def, snapshot) in views {
+            Self::put(&mut inner.views, source, def, snapshot);
+        }
+        match inner.positions.get_mut(source) {
+            Some(p) => p.clone_from(position),
+            None => {
+                inner.positions.insert(source.to_owned(), position.clone());
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn put(
+        views: &mut BTreeMap<String, (ViewDef, BTreeMap<String, Arc<Snapshot>>)>,
+        source: &str,
+        def: &ViewDef,
+        snapshot: Snapshot,
+    ) {
         let snapshot = Arc::new(snapshot);
-        let mut views = self.views.write().unwrap_or_else(|e| e.into_inner());
         match views.get_mut(&def.name) {
             Some(slot) => {
                 slot.1.insert(source.to_owned(), snapshot);
@@ -131,40 +194,51 @@ impl Catalog {
 
     /// Drops every snapshot `source` published (its shard moved to another instance).
     pub fn withdraw(&self, source: &str) {
-        let mut views = self.views.write().unwrap_or_else(|e| e.into_inner());
-        for (_, snaps) in views.values_mut() {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for (_, snaps) in inner.views.values_mut() {
             snaps.remove(source);
         }
+        inner.positions.remove(source);
     }
 
     /// The latest snapshot of a view from the first source (the only one, unless the instances
     /// share partitions), consistent on its own.
     pub fn snapshot(&self, view: &str) -> Option<Arc<Snapshot>> {
-        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
-        views
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .views
             .get(view)
             .and_then(|(_, s)| s.values().next().cloned())
     }
 
     /// The latest snapshot `source` published of a view.
     pub fn snapshot_from(&self, source: &str, view: &str) -> Option<Arc<Snapshot>> {
-        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
-        views.get(view).and_then(|(_, s)| s.get(source).cloned())
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .views
+            .get(view)
+            .and_then(|(_, s)| s.get(source).cloned())
     }
 
-    /// The latest snapshot of a view from every source, except a unit's rows read from the
-    /// view topics ([`crate::remote`]) while the unit's own processor publishes here.
+    /// The latest snapshot of a view from every source, each unit once: of a unit that is
+    /// both folded here and read from the view topics ([`crate::remote`]), the remote copy while
+    /// it is further along, else the local one (see [`Published::remote_ahead`]).
     pub fn snapshots(&self, view: &str) -> Vec<Arc<Snapshot>> {
-        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
-        views
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .views
             .get(view)
             .map(|(_, s)| {
                 s.iter()
-                    .filter(|(source, _)| {
-                        source
-                            .strip_prefix(crate::remote::REMOTE_PREFIX)
-                            .is_none_or(|unit| !s.contains_key(unit))
-                    })
+                    .filter(
+                        |(source, _)| match source.strip_prefix(crate::remote::REMOTE_PREFIX) {
+                            Some(unit) => !s.contains_key(unit) || inner.remote_ahead(unit),
+                            None => {
+                                !(s.contains_key(&crate::remote::remote_source(source))
+                                    && inner.remote_ahead(source))
+                            }
+                        },
+                    )
                     .map(|(_, snap)| snap.clone())
                     .collect()
             })
@@ -173,8 +247,8 @@ impl Catalog {
 
     /// Definitions of every published view, by name.
     pub fn views(&self) -> Vec<ViewDef> {
-        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
-        views.values().map(|(d, _)| d.clone()).collect()
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.views.values().map(|(d, _)| d.clone()).collect()
     }
 }
 

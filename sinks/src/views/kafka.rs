@@ -12,9 +12,10 @@
 //! topics stay Avro under versioned contracts.
 //!
 //! Headers: every record names the unit that wrote it, the write (the sink's run and the
-//! write's number in it) and the write's record count over all views
-//! ([`transforms::remote::write_headers`]), so a group member can read other members' units
-//! back a whole write at a time for its SQL endpoint ([`transforms::remote`]).
+//! write's number in it), the write's record count over all views and, in group mode, the
+//! input offsets the write reflects ([`transforms::remote::write_headers`]), so a group member
+//! can read other members' units back a whole write at a time for its SQL endpoint, and tell
+//! whether a unit that moved to it has caught up with them ([`transforms::remote`]).
 //!
 //! Guarantee: at-least-once. `write` returns after every record of the epoch has its delivery
 //! report (`acks=all`, idempotent producer, so librdkafka's retries neither duplicate nor
@@ -231,6 +232,7 @@ impl ViewSink for KafkaViewSink {
             self.run,
             self.writes,
             total as u64,
+            &epoch.offsets,
         );
         let mut records = 0;
         for changes in &epoch.changes {
