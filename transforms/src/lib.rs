@@ -139,6 +139,9 @@
 //!    **Built** (session 13, [`remote`]): the sink tags each record with its unit and write,
 //!    a member keeps every unit's rows from the topics and applies a write once all its
 //!    records arrived, and its catalog hides a unit's remote rows while it folds the unit.
+//!    Since session 14 the records also carry the write's input offsets, and a unit that
+//!    moved to a member is served from the topics until its processor has caught up with
+//!    them, so it never steps back ([`view::Catalog`]).
 //!
 //! What tansu 0.6 (the broker the tests run on) allows, read in its sources (session 7): classic
 //! consumer groups assign partitions and rebalance on a clean `LeaveGroup` (at least 3 s per
