@@ -331,6 +331,25 @@ fn state_views(state: &transforms::state::State) -> BTreeMap<String, ViewRows> {
 }
 
 /// The read-model tables of a postgres sink, brought to the same canonical text.
+/// The read model's `reconciliation_summary_total` view: its rows as scope and the five counts.
+async fn postgres_summary_total(dsn: &str, schema: &str) -> Vec<Vec<String>> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let sql = format!(
+        "SELECT scope, diffs::text, missing_in_oms::text, missing_in_wms::text, mismatches::text, \
+         units_at_risk::text FROM \"{schema}\".reconciliation_summary_total"
+    );
+    client
+        .query(&sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| (0..6).map(|i| r.get::<_, String>(i)).collect())
+        .collect()
+}
+
 async fn postgres_sink_views(dsn: &str, schema: &str) -> BTreeMap<String, ViewRows> {
     use datafusion::arrow::datatypes::DataType;
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
@@ -1112,6 +1131,14 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
             .collect();
         assert_eq!(sums, want_summary.values().next().unwrap()[1..6], "{what}");
     }
+    // The read model's total view adds the shards' rows up into the one instance's row.
+    let mut want_total = vec!["all".to_owned()];
+    want_total.extend_from_slice(&want_summary.values().next().unwrap()[1..6]);
+    assert_eq!(
+        postgres_summary_total(&rm_dsn, "views_group_rm").await,
+        [want_total.clone()],
+        "the group's read model: reconciliation_summary_total"
+    );
     // The view topics: the latest record per key is every row of the view, tombstones applied.
     for (view, rows) in &whole {
         let keys = kafka_sink_keys(&db.brokers, &format!("{}gvt", db.name), view);
@@ -1160,6 +1187,12 @@ async fn two_processor_instances_in_one_group_hold_the_views_of_one() {
             && rows.values().next().unwrap()[1..6] == want_counts
             && topic.len() == 1
         {
+            // And the total view reads the same over the one row as over the shards' rows.
+            assert_eq!(
+                postgres_summary_total(&rm_dsn, "views_group_rm").await,
+                [want_total],
+                "one instance's read model: reconciliation_summary_total"
+            );
             break;
         }
         assert!(

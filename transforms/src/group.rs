@@ -61,7 +61,7 @@
 //! returns, the rank shares) are stored per unit as `<topic>@<unit>` ([`to_sink`]). Units hold disjoint keys, so their
 //! upserts and deletes never touch one another's rows; the summary is the exception, so each
 //! unit's summary row is keyed by the unit's name (`scope`), and a reader adds the rows up
-//! (the SQL endpoint does it for the units of its instance). A Parquet sink keeps an offsets
+//! (the SQL endpoint does it, and the read model's view `reconciliation_summary_total`). A Parquet sink keeps an offsets
 //! file and file names per unit in the shared directory (`sinks::views::parquet`).
 //!
 //! A switch of `processors.instances` starts from no checkpoint over sinks the other mode fed.

@@ -133,7 +133,8 @@
 //!    (offsets checkpointed, so an epoch that only moved the line still advances the sinks'
 //!    offsets and reaches them). For the summary, within one instance
 //!    ([`state::merge_summaries`], applied by the SQL endpoint over the instance's units); the
-//!    readers of the sinks add its rows up.
+//!    readers of the sinks add its rows up, and the Postgres read model does it for them in
+//!    the view `reconciliation_summary_total` (session 14).
 //! 6. **SQL over all shards.** Each instance serves the whole view by also reading the other
 //!    instances' epochs from the Kafka view sink's compacted topics (which exist already).
 //!    **Built** (session 13, [`remote`]): the sink tags each record with its unit and write,
@@ -150,8 +151,9 @@
 //! no transactional producer. So a two-instance test can cover a clean join and leave on tansu,
 //! but not a kill -9 failover.
 //!
-//! Missing today: the summary's part of 5 (every view sink runs per unit with
-//! `instances: group`, so the sinks hold a summary row per unit to add up). Without a Kafka
+//! Missing today: the summary's part of 5 in the view topics and the lake (every view sink
+//! runs per unit with `instances: group`, so they hold a summary row per unit to add up; a
+//! changelog reader aggregates anyway). Without a Kafka
 //! view sink step 6 has nothing to read, and each member's SQL endpoint serves the units *it*
 //! folds.
 

@@ -197,6 +197,26 @@ pub fn merge_summaries(parts: &[RecordBatch]) -> Result<RecordBatch, ArrowError>
     RecordBatch::try_new(schema, cols)
 }
 
+/// The name of the SQL view over a table of `reconciliation_summary` rows that gives the
+/// whole summary in one row (`scope` = `all`): what [`merge_summaries`] computes, for stores
+/// that hold one row per shard (the Postgres read model in group mode).
+pub const RECON_SUMMARY_TOTAL: &str = "reconciliation_summary_total";
+
+/// The query behind [`RECON_SUMMARY_TOTAL`] over `table` (a quoted, qualified name): counts
+/// added up, the oldest `since`, one row even when the table is empty, as [`merge_summaries`].
+/// The same in either `processors.instances` mode, so readers need not know which one runs.
+pub fn summary_total_sql(table: &str) -> String {
+    let sum = |c: &str| format!("coalesce(sum({c}), 0)::bigint AS {c}");
+    format!(
+        "SELECT 'all'::text AS scope, {}, {}, {}, {}, {}, min(oldest_since) AS oldest_since FROM {table}",
+        sum("diffs"),
+        sum("missing_in_oms"),
+        sum("missing_in_wms"),
+        sum("mismatches"),
+        sum("units_at_risk"),
+    )
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct SkuSums {
     locations: i64,

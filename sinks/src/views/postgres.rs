@@ -7,6 +7,11 @@
 //! statement per view, not a round trip per row), then the epoch's offsets into
 //! `walbridge_offsets` (per sink, topic, partition; only ever moved forward).
 //!
+//! `reconciliation_summary` also gets a SQL view `reconciliation_summary_total`: the whole
+//! summary in one row (`scope` = `all`), added up over the table's rows, so a reader needs not
+//! know that a processor group stores a row per shard
+//! ([`transforms::state::summary_total_sql`]).
+//!
 //! Guarantee: the tables and the offsets commit together, so after a crash the table holds
 //! exactly the epochs up to the stored offsets. On start the sink reads them
 //! ([`ViewSink::committed_offsets`]) and skips every epoch it holds ([`Written::AlreadyHeld`]):
@@ -129,6 +134,11 @@ fn pg_column(field: &Field) -> Option<PgColumn> {
 
 fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// One column's values as an array parameter.
@@ -285,20 +295,33 @@ impl PostgresViewSink {
             .map(|c| format!("{} {}", ident(&c.name), c.sql_type))
             .collect();
         let pk: Vec<String> = keys.iter().map(|k| ident(k)).collect();
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))",
+        // Group members' shards open their sinks at once: the DDL of one schema runs one
+        // transaction at a time (concurrent CREATE … IF NOT EXISTS or CREATE OR REPLACE VIEW
+        // of one name fail with a unique violation or "tuple concurrently updated").
+        let mut sql = format!(
+            "SELECT pg_advisory_xact_lock(hashtext('walbridge view sink ddl ' || {}));
+             CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}));",
+            literal(&self.schema),
             self.table(&changes.view),
             defs.join(", "),
             pk.join(", ")
         );
-        self.client
-            .batch_execute(&sql)
-            .await
-            .map_err(|source| ViewSinkError::Postgres {
-                sink: self.name.clone(),
-                what: format!("cannot create the table of view {}", changes.view),
-                source,
-            })?;
+        if changes.view == transforms::state::RECON_SUMMARY {
+            sql += &format!(
+                "CREATE OR REPLACE VIEW {} AS {};",
+                self.table(transforms::state::RECON_SUMMARY_TOTAL),
+                transforms::state::summary_total_sql(&self.table(&changes.view))
+            );
+        }
+        let err = |source| ViewSinkError::Postgres {
+            sink: self.name.clone(),
+            what: format!("cannot create the table of view {}", changes.view),
+            source,
+        };
+        // A failed statement rolls the transaction back when it drops.
+        let tx = self.client.transaction().await.map_err(err)?;
+        tx.batch_execute(&sql).await.map_err(err)?;
+        tx.commit().await.map_err(err)?;
         self.tables.insert(changes.view.clone(), cols.clone());
         Ok(cols)
     }
