@@ -72,8 +72,11 @@
 //! # SQL
 //!
 //! A member's catalog holds the units it folds and, with a Kafka view sink configured, every
-//! unit as read back from the sink's topics ([`crate::remote`]); the second copy of a unit
-//! folded here is hidden. So each member's SQL endpoint serves the whole views.
+//! unit as read back from the sink's topics ([`crate::remote`]). Of a unit folded here only
+//! one copy is served: the topics' while they stand further along its input than its
+//! processor (a unit that moved here restarts from its checkpoint), the processor's from when
+//! it has caught up. So each member's SQL endpoint serves the whole views, and a unit never
+//! steps back in it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

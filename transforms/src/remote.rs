@@ -53,9 +53,16 @@
 //! owner wrote to the topics (and this member served). So each remote unit keeps its
 //! *position*: the offsets of the latest write it applied (the largest per partition, so a
 //! write let go late never lowers it). The catalog serves the remote copy until the local
-//! processor's position covers it, then the local one ([`Catalog::snapshots`]): the unit
-//! never steps back to an older state in this member's SQL. Records written before the
+//! processor's position covers it, then the local one (the rules, also for a processor that
+//! started before the topics were read, are at `Published::choose` in [`crate::view`]): the
+//! unit never steps back to an older state in this member's SQL. Records written before the
 //! offsets header existed give no position, and the local copy is served at once, as before.
+//!
+//! Limit: the position only grows. A new owner that writes epochs again below it (the Kafka
+//! view sink is at-least-once: its owner died after the broker's ack and before the sink's
+//! position was stored) moves this copy's rows back while the position stays, so for that
+//! moment the copy is served as if it were ahead. The rows are the owner's own, and they move
+//! forward again with its next writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -1058,6 +1065,86 @@ mod tests {
             at(30, 30),
             "the local copy, with its rows of the last epoch that changed them"
         );
+    }
+
+    #[test]
+    fn a_unit_folded_here_before_the_topics_were_read_is_never_taken_back() {
+        let (mut a, defs) = assembler();
+        let c = Catalog::new();
+        let def = &defs[1];
+        let local = |available: i64, position: Offsets| {
+            let mut t = ViewTable::new(def.clone());
+            let ch = by_sku(&defs, "A", Some(available));
+            t.set(ch.key, ch.row);
+            let snap = Snapshot {
+                epoch: 1,
+                offsets: position.clone(),
+                rows: t.published(),
+            };
+            c.publish_epoch("skus-0", [(def, snap)], &position);
+        };
+        let remote = |a: &mut Assembler, write, available, position: Offsets| {
+            a.offer(
+                "skus-0",
+                (1, write),
+                1,
+                &position,
+                by_sku(&defs, "A", Some(available)),
+            );
+            a.publish(&c);
+        };
+        a.go_live();
+
+        // This member starts with the unit at its checkpoint; the topics are not read yet.
+        local(3, at(12, 12));
+        assert_eq!(seen(&c), rows(&[("A", 3)]));
+        // The topics show the former owner's later write, ahead on every partition: served.
+        remote(&mut a, 1, 5, at(20, 20));
+        assert_eq!(seen(&c), rows(&[("A", 5)]));
+        // Until the processor gets there.
+        local(4, at(19, 25));
+        assert_eq!(seen(&c), rows(&[("A", 5)]));
+        local(6, at(20, 25));
+        assert_eq!(seen(&c), rows(&[("A", 6)]));
+
+        // Served already, the processor is not replaced by a copy it is ahead of on some
+        // partition, even if that copy is ahead on another.
+        c.withdraw("skus-0");
+        local(7, at(30, 30));
+        remote(&mut a, 2, 8, at(29, 40));
+        assert_eq!(seen(&c), rows(&[("A", 7)]));
+
+        // A copy from before the input topics were made again names offsets the input no
+        // longer has: once the processor has read its input to the end, it is served.
+        c.withdraw("skus-0");
+        remote(&mut a, 3, 9, at(50_000, 50_000));
+        local(1, at(10, 10));
+        assert_eq!(seen(&c), rows(&[("A", 9)]));
+        c.reached_end("skus-0");
+        assert_eq!(seen(&c), rows(&[("A", 1)]));
+        remote(&mut a, 4, 9, at(60_000, 60_000));
+        assert_eq!(seen(&c), rows(&[("A", 1)]), "and stays served");
+    }
+
+    #[test]
+    fn a_customer_units_offsets_read_back_as_its_processor_names_them() {
+        use crate::group::Unit;
+        // Everything a customer unit reads: its partition of the customer topics, the returns
+        // and the rank shares whole.
+        let unit = Unit::Customers(1);
+        let t = |name: &str, p: i32, o: i64| ((format!("t.{name}"), p), o);
+        let state = Offsets(BTreeMap::from([
+            t("oms.customers", 1, 11),
+            t("oms.orders", 1, 12),
+            t("oms.returns", 0, 3),
+            t("oms.returns", 1, 4),
+            t("oms.returns", 2, 5),
+            t("processors.g.customer-ranks", 0, 6),
+        ]));
+        let stored = crate::group::to_sink(&state, "t", unit);
+        assert_ne!(stored, state, "the returns are stored per unit");
+        let h = write_headers(&unit.name(), 1, 1, 1, &stored);
+        assert_eq!(tags(Some(&h)).map(|t| t.offsets), Some(state));
     }
 
     #[test]

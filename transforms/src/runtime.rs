@@ -625,6 +625,28 @@ fn publish_all(state: &State, catalog: &Catalog, source: &str) -> Result<(), Pro
     Ok(())
 }
 
+/// The end of a partition as the consumer last heard it from the broker (every fetch answer
+/// carries it), without asking the broker again: `None` before an answer for the partition.
+/// rdkafka 0.38 exposes only the asking variant (a round trip per partition, too slow for the
+/// fold's thread), so librdkafka's cached value is read directly.
+fn high_watermark(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`, the topic is a NUL-terminated
+    // string that outlives the call, and librdkafka only writes the two integers.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 /// A message's value and the index of its change in the source transaction.
 type Payload = (Vec<u8>, Option<u32>);
 
@@ -684,6 +706,9 @@ pub(crate) struct Processor {
     schemas: Schemas,
     topics: Vec<(String, usize)>,
     assigned: usize,
+    /// A group unit's processor has read its input to the end once and told the catalog
+    /// ([`Catalog::reached_end`]).
+    reached_end: bool,
     /// The partitions of the orders topic this processor reads.
     orders_parts: Vec<i32>,
     catalog: Option<Arc<Catalog>>,
@@ -776,6 +801,7 @@ impl Processor {
             schemas: Schemas::default(),
             topics,
             assigned: 0,
+            reached_end: false,
             orders_parts: Vec::new(),
             catalog: None,
             epochs: None,
@@ -888,6 +914,8 @@ impl Processor {
         let mut next_epoch = Instant::now() + self.config.epoch_interval;
         // The earliest time an epoch may close because the input is drained.
         let mut next_drain_close = Instant::now();
+        // When a group unit's processor next asks whether it has read its input to the end.
+        let mut next_end_check = Instant::now();
         let mut next_checkpoint = Instant::now() + self.config.checkpoint_interval;
         // When the checkpoint now put off first fell due.
         let mut checkpoint_due: Option<Instant> = None;
@@ -954,6 +982,10 @@ impl Processor {
                 self.at_cuts()?;
             }
             let now = Instant::now();
+            if drained && !self.reached_end && now >= next_end_check {
+                next_end_check = now + Duration::from_millis(100);
+                self.check_reached_end();
+            }
             let on_drain = drained && self.since_epoch > 0 && now >= next_drain_close;
             if now >= next_epoch || on_drain {
                 if self.since_epoch > 0 {
@@ -1102,6 +1134,44 @@ impl Processor {
             }
         }
         Ok(())
+    }
+
+    /// Whether every assigned partition has been folded up to the end the consumer last
+    /// heard of from the broker (its high watermark; unknown before a fetch answered it).
+    fn read_to_end(&self) -> bool {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return false;
+        };
+        let parts = assignment.elements();
+        !parts.is_empty()
+            && parts.iter().all(|e| {
+                high_watermark(&self.consumer, e.topic(), e.partition()).is_some_and(|high| {
+                    let key = (e.topic().to_owned(), e.partition());
+                    self.state.offsets.0.get(&key).copied().unwrap_or(0) >= high
+                })
+            })
+    }
+
+    /// A group unit's processor that has folded and published its input to the end tells the
+    /// catalog once, so a copy of the unit from the view topics that claims offsets past that
+    /// end is not served in its place (see `Published::choose` in [`crate::view`]).
+    fn check_reached_end(&mut self) {
+        let Some(catalog) = &self.catalog else {
+            return;
+        };
+        if self.reached_end
+            || self.config.unit == Unit::All
+            || self.since_epoch > 0
+            || !self.cuts.is_empty()
+            || self.chasing()
+        {
+            return;
+        }
+        if self.read_to_end() {
+            self.reached_end = true;
+            catalog.reached_end(&self.config.unit.source());
+            tracing::debug!(unit = %self.config.unit.name(), "unit read to the end of its input");
+        }
     }
 
     /// True while a partition still waits for the broker to answer at or before its offset.

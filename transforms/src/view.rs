@@ -10,7 +10,7 @@
 //! convention), so a sink that stored an epoch's offsets can tell after a crash which epochs it
 //! already holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use datafusion::arrow::datatypes::SchemaRef;
@@ -97,12 +97,11 @@ pub struct Epoch {
 /// latest epoch.
 ///
 /// A unit a group member folds may also be here as read back from the view topics
-/// ([`crate::remote`]), and exactly one of the two copies is served: the remote one while it
-/// stands further along the unit's input than the local one, the local one from when it has
-/// caught up (see [`Catalog::snapshots`]). Each source's *position* (the input offsets its
-/// views reflect as a whole, quiet epochs included) is set with its views, under the same
-/// lock ([`Catalog::publish_epoch`]), so the choice never pairs a copy's rows with a position
-/// they have not reached.
+/// ([`crate::remote`]), and exactly one of the two copies is served ([`Catalog::snapshots`]).
+/// Each source's *position* (the input offsets its views reflect as a whole, quiet epochs
+/// included) is set with its views, under the same lock ([`Catalog::publish_epoch`]), and the
+/// choice between the copies is made there too ([`Published::choose`]), so a query never
+/// pairs a copy's rows with a position they have not reached.
 #[derive(Debug, Default)]
 pub struct Catalog {
     inner: RwLock<Published>,
@@ -113,23 +112,71 @@ struct Published {
     #[allow(clippy::type_complexity)]
     views: BTreeMap<String, (ViewDef, BTreeMap<String, Arc<Snapshot>>)>,
     positions: BTreeMap<String, Offsets>,
+    /// Units folded here whose copy from the view topics is served instead.
+    remote_served: BTreeSet<String>,
+    /// Units folded here whose processor has read every partition of its input to the end.
+    at_end: BTreeSet<String>,
 }
 
 impl Published {
-    /// Whether the copy of `unit` read from the view topics is served instead of the unit's
-    /// own processor here: it is further along some partition of the unit's input than the
-    /// processor's position. Serving the local copy then would take those rows back to an
-    /// older state than a query may already have seen (a unit that moved here restarts from its
-    /// checkpoint, behind what its former owner wrote). Once the processor covers the remote
-    /// position, it is served; the remote copy cannot pull ahead again, since from then on the
-    /// unit's records in the topics are this processor's own, written after it published them.
-    fn remote_ahead(&self, unit: &str) -> bool {
-        let Some(remote) = self.positions.get(&crate::remote::remote_source(unit)) else {
-            return false;
+    fn set_position(&mut self, source: &str, position: &Offsets) {
+        let first = match self.positions.get_mut(source) {
+            Some(p) => {
+                p.clone_from(position);
+                false
+            }
+            None => {
+                self.positions.insert(source.to_owned(), position.clone());
+                true
+            }
         };
-        match self.positions.get(unit) {
-            Some(local) => !local.covers(remote),
-            None => !remote.0.is_empty(),
+        let unit = match source.strip_prefix(crate::remote::REMOTE_PREFIX) {
+            Some(unit) => unit.to_owned(),
+            None => {
+                // A processor starting here takes over from the topics' copy, if it was served.
+                if first
+                    && self
+                        .positions
+                        .contains_key(&crate::remote::remote_source(source))
+                {
+                    self.remote_served.insert(source.to_owned());
+                }
+                source.to_owned()
+            }
+        };
+        self.choose(&unit);
+    }
+
+    /// Which copy of `unit` is served while both are here. The choice only ever moves to the
+    /// copy that stands at or past the other on every partition of the unit's input, so no
+    /// row a query saw is taken back to an older state:
+    ///
+    /// - A unit that moved here restarts from its checkpoint, behind what its former owner
+    ///   wrote to the topics (and this member served): the remote copy stays served until the
+    ///   processor's position covers it.
+    /// - A processor that started before the topics were read (this member's own start) is
+    ///   served at once; when the remote copy appears strictly ahead of it on every partition,
+    ///   that one is served until the processor catches up. Positions neither of which covers
+    ///   the other leave the choice as it is.
+    /// - Once the processor has read its input to the end, the topics can hold nothing it has
+    ///   not folded (a remote position past that names offsets the input no longer has, e.g.
+    ///   from topics deleted and created again), so it is served from then on.
+    ///
+    /// In a unit's steady state the remote copy is this processor's own writes, made after it
+    /// published them, so it never pulls ahead again.
+    fn choose(&mut self, unit: &str) {
+        let (Some(local), Some(remote)) = (
+            self.positions.get(unit),
+            self.positions.get(&crate::remote::remote_source(unit)),
+        ) else {
+            return;
+        };
+        if self.remote_served.contains(unit) {
+            if local.covers(remote) || self.at_end.contains(unit) {
+                self.remote_served.remove(unit);
+            }
+        } else if remote.covers(local) && remote != local && !self.at_end.contains(unit) {
+            self.remote_served.insert(unit.to_owned());
         }
     }
 }
@@ -163,12 +210,15 @@ impl Catalog {
         for (def, snapshot) in views {
             Self::put(&mut inner.views, source, def, snapshot);
         }
-        match inner.positions.get_mut(source) {
-            Some(p) => p.clone_from(position),
-            None => {
-                inner.positions.insert(source.to_owned(), position.clone());
-            }
-        }
+        inner.set_position(source, position);
+    }
+
+    /// Says that `source`'s processor has read every partition of its input to the end (at
+    /// its current position), see [`Published::choose`].
+    pub fn reached_end(&self, source: &str) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.at_end.insert(source.to_owned());
+        inner.choose(source);
     }
 
     #[allow(clippy::type_complexity)]
@@ -199,6 +249,8 @@ impl Catalog {
             snaps.remove(source);
         }
         inner.positions.remove(source);
+        inner.remote_served.remove(source);
+        inner.at_end.remove(source);
     }
 
     /// The latest snapshot of a view from the first source (the only one, unless the instances
@@ -221,8 +273,8 @@ impl Catalog {
     }
 
     /// The latest snapshot of a view from every source, each unit once: of a unit that is
-    /// both folded here and read from the view topics ([`crate::remote`]), the remote copy while
-    /// it is further along, else the local one (see [`Published::remote_ahead`]).
+    /// both folded here and read from the view topics ([`crate::remote`]), the copy
+    /// [`Published::choose`] picked.
     pub fn snapshots(&self, view: &str) -> Vec<Arc<Snapshot>> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
@@ -232,10 +284,12 @@ impl Catalog {
                 s.iter()
                     .filter(
                         |(source, _)| match source.strip_prefix(crate::remote::REMOTE_PREFIX) {
-                            Some(unit) => !s.contains_key(unit) || inner.remote_ahead(unit),
+                            Some(unit) => {
+                                !s.contains_key(unit) || inner.remote_served.contains(unit)
+                            }
                             None => {
                                 !(s.contains_key(&crate::remote::remote_source(source))
-                                    && inner.remote_ahead(source))
+                                    && inner.remote_served.contains(source.as_str()))
                             }
                         },
                     )
