@@ -330,7 +330,6 @@ fn state_views(state: &transforms::state::State) -> BTreeMap<String, ViewRows> {
         .collect()
 }
 
-/// The read-model tables of a postgres sink, brought to the same canonical text.
 /// The read model's `reconciliation_summary_total` view: its rows as scope and the five counts.
 async fn postgres_summary_total(dsn: &str, schema: &str) -> Vec<Vec<String>> {
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
@@ -350,6 +349,7 @@ async fn postgres_summary_total(dsn: &str, schema: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The read-model tables of a postgres sink, brought to the same canonical text.
 async fn postgres_sink_views(dsn: &str, schema: &str) -> BTreeMap<String, ViewRows> {
     use datafusion::arrow::datatypes::DataType;
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)

@@ -141,6 +141,16 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// The first statement of a transaction that changes the tables of `schema` (quoted): the
+/// shards of a processor group open their sinks at once, and concurrent `CREATE … IF NOT
+/// EXISTS` of one name fail with a unique violation, so such transactions take turns.
+fn ddl_lock(schema: &str) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext('walbridge view sink ddl ' || {}));",
+        literal(schema)
+    )
+}
+
 /// One column's values as an array parameter.
 fn param(col: &PgColumn, array: &ArrayRef) -> Result<Box<dyn ToSql + Sync + Send>, ArrowErr> {
     fn typed<T: Array + 'static>(a: &ArrayRef) -> Result<&T, ArrowErr> {
@@ -203,7 +213,7 @@ impl PostgresViewSink {
             let what = what.to_owned();
             move |source| ViewSinkError::Postgres { sink, what, source }
         };
-        let (client, conn) = tokio_postgres::connect(&settings.dsn, NoTls)
+        let (mut client, conn) = tokio_postgres::connect(&settings.dsn, NoTls)
             .await
             .map_err(pg("cannot connect; check the sink's dsn"))?;
         let sink_name = name.to_owned();
@@ -213,17 +223,25 @@ impl PostgresViewSink {
             }
         });
         let schema = ident(&settings.schema);
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
-                 CREATE TABLE IF NOT EXISTS {schema}.walbridge_offsets (
-                     sink text NOT NULL,
-                     topic text NOT NULL,
-                     partition integer NOT NULL,
-                     next_offset bigint NOT NULL,
-                     updated_at timestamptz NOT NULL DEFAULT now(),
-                     PRIMARY KEY (sink, topic, partition));"
-            ))
+        let tx = client
+            .transaction()
+            .await
+            .map_err(pg("cannot create walbridge_offsets"))?;
+        tx.batch_execute(&format!(
+            "{}
+             CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.walbridge_offsets (
+                 sink text NOT NULL,
+                 topic text NOT NULL,
+                 partition integer NOT NULL,
+                 next_offset bigint NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (sink, topic, partition));",
+            ddl_lock(&schema)
+        ))
+        .await
+        .map_err(pg("cannot create walbridge_offsets"))?;
+        tx.commit()
             .await
             .map_err(pg("cannot create walbridge_offsets"))?;
         let rows = client
@@ -295,33 +313,46 @@ impl PostgresViewSink {
             .map(|c| format!("{} {}", ident(&c.name), c.sql_type))
             .collect();
         let pk: Vec<String> = keys.iter().map(|k| ident(k)).collect();
-        // Group members' shards open their sinks at once: the DDL of one schema runs one
-        // transaction at a time (concurrent CREATE … IF NOT EXISTS or CREATE OR REPLACE VIEW
-        // of one name fail with a unique violation or "tuple concurrently updated").
-        let mut sql = format!(
-            "SELECT pg_advisory_xact_lock(hashtext('walbridge view sink ddl ' || {}));
-             CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}));",
-            literal(&self.schema),
+        let sql = format!(
+            "{} CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}));",
+            ddl_lock(&self.schema),
             self.table(&changes.view),
             defs.join(", "),
             pk.join(", ")
         );
-        if changes.view == transforms::state::RECON_SUMMARY {
-            sql += &format!(
-                "CREATE OR REPLACE VIEW {} AS {};",
-                self.table(transforms::state::RECON_SUMMARY_TOTAL),
-                transforms::state::summary_total_sql(&self.table(&changes.view))
-            );
-        }
-        let err = |source| ViewSinkError::Postgres {
-            sink: self.name.clone(),
-            what: format!("cannot create the table of view {}", changes.view),
-            source,
+        let err = |what: String| {
+            let sink = self.name.clone();
+            move |source| ViewSinkError::Postgres { sink, what, source }
         };
+        let table_err = err(format!("cannot create the table of view {}", changes.view));
+        let table = self.table(&changes.view);
         // A failed statement rolls the transaction back when it drops.
-        let tx = self.client.transaction().await.map_err(err)?;
-        tx.batch_execute(&sql).await.map_err(err)?;
-        tx.commit().await.map_err(err)?;
+        let tx = self.client.transaction().await.map_err(table_err.clone())?;
+        tx.batch_execute(&sql).await.map_err(table_err.clone())?;
+        if changes.view == transforms::state::RECON_SUMMARY {
+            // Created when missing only: replacing it would wait for (and block) every reader.
+            let total = format!(
+                "{}.{}",
+                self.schema,
+                ident(transforms::state::RECON_SUMMARY_TOTAL)
+            );
+            let view_err = err(format!(
+                "cannot create the view {}",
+                transforms::state::RECON_SUMMARY_TOTAL
+            ));
+            let missing: bool = tx
+                .query_one("SELECT to_regclass($1::text) IS NULL", &[&total])
+                .await
+                .map_err(view_err.clone())?
+                .get(0);
+            if missing {
+                let query = transforms::state::summary_total_sql(&table);
+                tx.batch_execute(&format!("CREATE VIEW {total} AS {query}"))
+                    .await
+                    .map_err(view_err)?;
+            }
+        }
+        tx.commit().await.map_err(table_err)?;
         self.tables.insert(changes.view.clone(), cols.clone());
         Ok(cols)
     }
