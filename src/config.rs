@@ -55,6 +55,8 @@ pub struct ProcessorsConfig {
     pub checkpoint_dir: PathBuf,
     pub epoch_interval: Duration,
     pub checkpoint_interval: Duration,
+    /// How long the broker may hold the processors' fetches (`processors.fetch_wait_ms`).
+    pub fetch_wait: Duration,
     pub safety_stock: transforms::SafetyStock,
     pub alerts_topic: Option<String>,
     /// The analysts' SQL endpoint (`processors.sql`); none when absent.
@@ -135,6 +137,7 @@ impl Config {
             checkpoint_dir: p.checkpoint_dir.clone(),
             epoch_interval: p.epoch_interval,
             checkpoint_interval: p.checkpoint_interval,
+            fetch_wait: p.fetch_wait,
             safety_stock: p.safety_stock.clone(),
             alerts_topic: p
                 .alerts_topic
@@ -766,6 +769,11 @@ const KEYS: &[KeySpec] = &[
         "1000",
     ),
     key(
+        "processors.fetch_wait_ms",
+        "an integer number of milliseconds in 0..=5000",
+        "10",
+    ),
+    key(
         "processors.alerts_topic",
         "a Kafka topic name",
         "legacy.alerts.oversell",
@@ -900,6 +908,7 @@ struct RawProcessors {
     checkpoint_dir: Option<S<String>>,
     epoch_interval_ms: Option<S<i64>>,
     checkpoint_interval_ms: Option<S<i64>>,
+    fetch_wait_ms: Option<S<i64>>,
     alerts_topic: Option<S<String>>,
     safety_stock: Option<S<RawSafetyStock>>,
     sql: Option<S<RawSql>>,
@@ -1507,6 +1516,7 @@ impl Validator<'_> {
             100..=3_600_000,
             1000,
         );
+        let fetch_wait = self.int_in(&raw.fetch_wait_ms, "processors.fetch_wait_ms", 0..=5000, 10);
         let alerts_topic = match &raw.alerts_topic {
             None => Some(None),
             Some(t) => self.string(t, "processors.alerts_topic").map(Some),
@@ -1561,6 +1571,7 @@ impl Validator<'_> {
             sinks?,
         );
         let metrics_listen = metrics_listen?;
+        let fetch_wait = fetch_wait?;
         let instances = match &raw.instances {
             None => Instances::Single,
             Some(i) => {
@@ -1581,6 +1592,7 @@ impl Validator<'_> {
             checkpoint_dir,
             epoch_interval: Duration::from_millis(epoch as u64),
             checkpoint_interval: Duration::from_millis(checkpoint as u64),
+            fetch_wait: Duration::from_millis(fetch_wait as u64),
             safety_stock: safety,
             alerts_topic,
             sql,
@@ -2679,6 +2691,34 @@ registry:
                     .contains("\"order_id\" (not in its primary key: id)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_processors_fetch_wait_defaults_to_10_ms_and_is_bounded() {
+        let demo = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml"),
+        )
+        .unwrap();
+        let fetch_wait = |src: &str| {
+            let c =
+                from_str_with_env(src, "pipelines.yaml", &no_env).unwrap_or_else(|e| panic!("{e}"));
+            c.processor_config().unwrap().fetch_wait
+        };
+        assert_eq!(
+            fetch_wait(&demo),
+            Duration::from_millis(2),
+            "the demo's, for tansu"
+        );
+        let line = "  fetch_wait_ms: 2\n";
+        assert!(demo.contains(line));
+        assert_eq!(
+            fetch_wait(&demo.replace(line, "")),
+            Duration::from_millis(10)
+        );
+        let errs = errors_of(&demo.replace(line, "  fetch_wait_ms: 60000\n"));
+        assert_eq!(errs.errors.len(), 1, "{errs}");
+        assert_eq!(errs.errors[0].path, "processors.fetch_wait_ms");
+        assert!(errs.errors[0].message.contains("0..=5000"), "{errs}");
     }
 
     #[test]

@@ -38,9 +38,10 @@
 //! `--floors-only` measures.
 //!
 //! Resolution: SQL visibility is sampled every `--poll-ms` (and one query's own time), so a
-//! figure is late by up to that much; the consumer uses `fetch.wait.max.ms` 10, so its figure
-//! can be late by up to that when the topic is otherwise quiet. Probes are sequential, a few per
-//! second: the p99 of a 60 s run rests on a few hundred probes.
+//! figure is late by up to that much; the consumer uses the processors' `fetch.wait.max.ms`
+//! (`processors.fetch_wait_ms`), which tansu holds in full on every fetch, so its figure, like
+//! the processors', includes up to that much. Probes are sequential, a few per second: the
+//! p99 of a 60 s run rests on a few hundred probes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -150,8 +151,14 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
     client.batch_execute("SET synchronous_commit = on").await?;
 
     let broker = Broker::start()?;
+    // The bench's consumers wait as the processors' do, so the broker hop they time is the
+    // processors' (tansu holds every fetch for the whole wait).
+    let fetch_wait = base
+        .processors
+        .as_ref()
+        .map_or(Duration::from_millis(10), |p| p.fetch_wait);
     if opts.floors_only {
-        return floors_only(opts, &pg, &client, &broker).await;
+        return floors_only(opts, &pg, &client, &broker, fetch_wait).await;
     }
     let cfg = stack_config(base, &pg, &broker, dir)?;
     let pc = cfg
@@ -201,8 +208,8 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         .context("the pipeline did not finish the initial snapshot")?;
     println!("pipeline: snapshot in Kafka after {:.1?}", t.elapsed());
 
-    let consumer = ProbeConsumer::start(&pc.brokers, &topic)?;
-    let broker_probe = BrokerProbe::start(&pc.brokers).await?;
+    let consumer = ProbeConsumer::start(&pc.brokers, &topic, fetch_wait)?;
+    let broker_probe = BrokerProbe::start(&pc.brokers, fetch_wait).await?;
     let wal_probe = match opts.wal_floor {
         true => Some(WalProbe::start(&pg, &client).await?),
         false => None,
@@ -344,9 +351,10 @@ async fn floors_only(
     pg: &Postgres,
     client: &tokio_postgres::Client,
     broker: &Broker,
+    fetch_wait: Duration,
 ) -> anyhow::Result<()> {
     let mut wal = WalProbe::start(pg, client).await?;
-    let mut broker_probe = BrokerProbe::start(&broker.bootstrap()).await?;
+    let mut broker_probe = BrokerProbe::start(&broker.bootstrap(), fetch_wait).await?;
     println!(
         "walbridge is not running; probing the floors for {:?} under the workload",
         opts.duration
@@ -625,7 +633,7 @@ impl Drop for WalProbe {
 
 /// The broker's own latency under the same load, the floor for everything that goes through
 /// it: at each probe's commit a plain producer (linger 0, acks all) sends the probe's number to
-/// a one-partition side topic, and a plain consumer (fetch.wait.max.ms 10, as the processors')
+/// a one-partition side topic, and a plain consumer (fetch.wait.max.ms as the processors')
 /// reports when it arrives.
 struct BrokerProbe {
     producer: rdkafka::producer::FutureProducer,
@@ -636,7 +644,7 @@ struct BrokerProbe {
 impl BrokerProbe {
     const TOPIC: &'static str = "walbridge.bench.broker_probe";
 
-    async fn start(brokers: &str) -> anyhow::Result<BrokerProbe> {
+    async fn start(brokers: &str, fetch_wait: Duration) -> anyhow::Result<BrokerProbe> {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         let admin: AdminClient<_> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
@@ -655,7 +663,7 @@ impl BrokerProbe {
             .set("acks", "all")
             .create()
             .context("creating the broker probe producer")?;
-        let consumer = ProbeConsumer::start_with(brokers, Self::TOPIC, |m| {
+        let consumer = ProbeConsumer::start_with(brokers, Self::TOPIC, fetch_wait, |m| {
             let marker = std::str::from_utf8(m.payload()?)
                 .ok()?
                 .parse::<u64>()
@@ -741,9 +749,9 @@ struct ProbeConsumer {
 }
 
 impl ProbeConsumer {
-    fn start(brokers: &str, topic: &str) -> anyhow::Result<ProbeConsumer> {
+    fn start(brokers: &str, topic: &str, fetch_wait: Duration) -> anyhow::Result<ProbeConsumer> {
         let key = PROBE_SKU.as_bytes();
-        Self::start_with(brokers, topic, move |m| {
+        Self::start_with(brokers, topic, fetch_wait, move |m| {
             // The key is the Avro of (sku, location_code): the SKU's bytes appear as is.
             if !m
                 .key()
@@ -768,6 +776,7 @@ impl ProbeConsumer {
     fn start_with(
         brokers: &str,
         topic: &str,
+        fetch_wait: Duration,
         pick: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<(Lsn, Option<u64>)>
         + Send
         + 'static,
@@ -777,7 +786,7 @@ impl ProbeConsumer {
             .set("group.id", "walbridge-views-bench")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
             .set("auto.offset.reset", "earliest")
             .create()
             .context("creating the probe consumer")?;

@@ -790,6 +790,7 @@ mod tests {
             checkpoint_dir: dir.to_owned(),
             epoch_interval: Duration::from_millis(50),
             checkpoint_interval: Duration::from_secs(1),
+            fetch_wait: Duration::from_millis(10),
             safety_stock: Default::default(),
             alerts_topic: String::new(),
             alerts_partitions: 1,

@@ -216,6 +216,9 @@ pub struct ProcessorConfig {
     pub checkpoint_dir: PathBuf,
     pub epoch_interval: Duration,
     pub checkpoint_interval: Duration,
+    /// `fetch.wait.max.ms` of the consumers that read the input: how long the broker may
+    /// hold a fetch that finds nothing new.
+    pub fetch_wait: Duration,
     pub safety_stock: SafetyStock,
     /// Where oversell alerts go (default `<prefix>.alerts.oversell`).
     pub alerts_topic: String,
@@ -774,10 +777,13 @@ impl Processor {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("allow.auto.create.topics", "false")
-            // tansu holds every fetch for the whole wait, data or not, so this bounds the
+            // tansu holds every fetch for the whole wait, data or not, so this is part of the
             // delay before a change is read; a Kafka broker answers as soon as data arrives and
             // the value only sets how often an idle consumer asks.
-            .set("fetch.wait.max.ms", "10")
+            .set(
+                "fetch.wait.max.ms",
+                config.fetch_wait.as_millis().to_string(),
+            )
             .create()
             .map_err(kafka("creating the consumer"))?;
         let registry = RegistryClient::new(&config.registry_url)?;
