@@ -328,7 +328,14 @@ pub fn join(config: ProcessorConfig, start: Option<StartUnit>) -> Result<Member,
         Some(prefix) => {
             // librdkafka wants a group for any consumer; this one never commits nor joins.
             let mut client = config.client();
-            client.set("group.id", format!("{}.remote-units", config.group_id));
+            client
+                .set("group.id", format!("{}.remote-units", config.group_id))
+                // How often a quiet view topic is asked again (tansu holds a fetch this long):
+                // the other members' units' freshness here, beside the broker's own.
+                .set(
+                    "fetch.wait.max.ms",
+                    config.fetch_wait.as_millis().to_string(),
+                );
             let (prefix, c, st, s) = (prefix.clone(), catalog.clone(), stats.clone(), stop.clone());
             Some(
                 std::thread::Builder::new()

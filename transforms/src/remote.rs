@@ -494,9 +494,6 @@ fn read_until(
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
         .set("allow.auto.create.topics", "false")
-        // How often a quiet topic is asked again (tansu holds a fetch this long): the remote
-        // units' freshness beside the broker's own.
-        .set("fetch.wait.max.ms", "50")
         .create()
         .map_err(|e| format!("cannot create the consumer: {e}"))?;
     // The topics appear when the first unit's sink opens.
