@@ -988,6 +988,28 @@ mod tests {
         Offsets(BTreeMap::from([(tp(0), next), (tp(1), other)]))
     }
 
+    /// An epoch of this member's processor of `skus-0`: `stock_availability_by_sku` with A at
+    /// `available` (or no view changed, a quiet epoch), at `position`.
+    fn publish_local(
+        c: &Catalog,
+        defs: &[ViewDef],
+        available: i64,
+        position: Offsets,
+        views: bool,
+    ) {
+        let def = &defs[1];
+        assert_eq!(def.name, "stock_availability_by_sku");
+        let mut t = ViewTable::new(def.clone());
+        let ch = by_sku(defs, "A", Some(available));
+        t.set(ch.key, ch.row);
+        let snap = Snapshot {
+            epoch: 1,
+            offsets: position.clone(),
+            rows: t.published(),
+        };
+        c.publish_epoch("skus-0", views.then_some((def, snap)), &position);
+    }
+
     #[test]
     fn a_unit_that_moved_here_is_served_from_the_topics_until_it_catches_up() {
         let (mut a, defs) = assembler();
@@ -1006,17 +1028,8 @@ mod tests {
 
         // The unit moves here and restarts from its checkpoint, at (12, 12) where A was 3.
         let def = &defs[1];
-        assert_eq!(def.name, "stock_availability_by_sku");
         let local = |available: i64, position: Offsets, views: bool| {
-            let mut t = ViewTable::new(def.clone());
-            let ch = by_sku(&defs, "A", Some(available));
-            t.set(ch.key, ch.row);
-            let snap = Snapshot {
-                epoch: 1,
-                offsets: position.clone(),
-                rows: t.published(),
-            };
-            c.publish_epoch("skus-0", views.then_some((def, snap)), &position);
+            publish_local(&c, &defs, available, position, views)
         };
         local(3, at(12, 12), true);
         assert_eq!(
@@ -1068,18 +1081,8 @@ mod tests {
     fn a_unit_folded_here_before_the_topics_were_read_is_never_taken_back() {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
-        let def = &defs[1];
-        let local = |available: i64, position: Offsets| {
-            let mut t = ViewTable::new(def.clone());
-            let ch = by_sku(&defs, "A", Some(available));
-            t.set(ch.key, ch.row);
-            let snap = Snapshot {
-                epoch: 1,
-                offsets: position.clone(),
-                rows: t.published(),
-            };
-            c.publish_epoch("skus-0", [(def, snap)], &position);
-        };
+        let local =
+            |available: i64, position: Offsets| publish_local(&c, &defs, available, position, true);
         let remote = |a: &mut Assembler, write, available, position: Offsets| {
             a.offer(
                 "skus-0",

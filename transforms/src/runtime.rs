@@ -60,7 +60,7 @@ use tokio::sync::mpsc;
 pub use crate::group::Unit;
 use crate::input::{self, Schemas, TABLES};
 use crate::state::{Alert, RankShare, SafetyStock, Saved, State};
-use crate::view::{Catalog, Epoch, Offsets, Snapshot};
+use crate::view::{Catalog, Epoch, Offsets, Snapshot, ViewDef};
 
 /// How long replay waits to reach a sink's position before giving the cut up.
 pub const CUT_PATIENCE: Duration = Duration::from_secs(30);
@@ -613,19 +613,22 @@ pub(crate) fn write_checkpoint(path: &Path, saved: &Saved) -> Result<(), Process
 fn publish_all(state: &State, catalog: &Catalog, source: &str) -> Result<(), ProcessError> {
     catalog.publish_epoch(
         source,
-        state.views().iter().map(|v| {
-            (
-                &v.def,
-                Snapshot {
-                    epoch: state.epoch,
-                    offsets: state.offsets.clone(),
-                    rows: v.published(),
-                },
-            )
-        }),
+        state.views().iter().map(|v| snapshot_of(state, v)),
         &state.offsets,
     );
     Ok(())
+}
+
+/// A view as the state holds it now, to publish.
+fn snapshot_of<'a>(state: &State, v: &'a crate::table::ViewTable) -> (&'a ViewDef, Snapshot) {
+    (
+        &v.def,
+        Snapshot {
+            epoch: state.epoch,
+            offsets: state.offsets.clone(),
+            rows: v.published(),
+        },
+    )
 }
 
 /// The end of a partition as the consumer last heard it from the broker (every fetch answer
@@ -1362,17 +1365,9 @@ impl Processor {
             let state = &self.state;
             catalog.publish_epoch(
                 &self.config.unit.source(),
-                out.changes.iter().filter_map(|c| {
-                    let v = state.view(&c.view)?;
-                    Some((
-                        &v.def,
-                        Snapshot {
-                            epoch: state.epoch,
-                            offsets: state.offsets.clone(),
-                            rows: v.published(),
-                        },
-                    ))
-                }),
+                out.changes
+                    .iter()
+                    .filter_map(|c| Some(snapshot_of(state, state.view(&c.view)?))),
                 &state.offsets,
             );
         }
