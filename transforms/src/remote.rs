@@ -684,6 +684,12 @@ mod tests {
         Change { view, key, row, at }
     }
 
+    /// A record of a write whose input offsets are not known (records from before the offsets
+    /// header, or tests about whole writes alone).
+    fn offer(a: &mut Assembler, unit: &str, write: WriteId, records: u64, change: Change) {
+        a.offer(unit, write, records, &Offsets::default(), change)
+    }
+
     /// What SQL would read of `stock_availability_by_sku` now: (sku, available) per source.
     fn seen(c: &Catalog) -> Vec<(String, i64)> {
         let mut out = Vec::new();
@@ -711,20 +717,8 @@ mod tests {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
         // History: applied as read, published only once live.
-        a.offer(
-            "skus-1",
-            (7, 1),
-            2,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(5)),
-        );
-        a.offer(
-            "skus-1",
-            (7, 1),
-            2,
-            &Offsets::default(),
-            by_sku(&defs, "B", Some(6)),
-        );
+        offer(&mut a, "skus-1", (7, 1), 2, by_sku(&defs, "A", Some(5)));
+        offer(&mut a, "skus-1", (7, 1), 2, by_sku(&defs, "B", Some(6)));
         a.publish(&c);
         assert!(seen(&c).is_empty(), "nothing before the history is read");
         a.go_live();
@@ -732,88 +726,34 @@ mod tests {
         assert_eq!(seen(&c), rows(&[("A", 5), ("B", 6)]));
 
         // Write 2 has three records; two came (other partitions lag): not visible yet.
-        a.offer(
-            "skus-1",
-            (7, 2),
-            3,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(4)),
-        );
-        a.offer(
-            "skus-1",
-            (7, 2),
-            3,
-            &Offsets::default(),
-            by_sku(&defs, "B", None),
-        );
+        offer(&mut a, "skus-1", (7, 2), 3, by_sku(&defs, "A", Some(4)));
+        offer(&mut a, "skus-1", (7, 2), 3, by_sku(&defs, "B", None));
         a.publish(&c);
         assert_eq!(
             seen(&c),
             rows(&[("A", 5), ("B", 6)]),
             "half a write is never seen"
         );
-        a.offer(
-            "skus-1",
-            (7, 2),
-            3,
-            &Offsets::default(),
-            by_sku(&defs, "C", Some(1)),
-        );
+        offer(&mut a, "skus-1", (7, 2), 3, by_sku(&defs, "C", Some(1)));
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 4), ("C", 1)]));
         assert_eq!(a.pending_writes(), 0);
 
         // Write 3 lost a record to compaction and never completes; write 4 does, and takes
         // write 3's records in first. A straggler of write 3 then applies as it comes.
-        a.offer(
-            "skus-1",
-            (7, 3),
-            3,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(3)),
-        );
-        a.offer(
-            "skus-1",
-            (7, 3),
-            3,
-            &Offsets::default(),
-            by_sku(&defs, "D", Some(9)),
-        );
-        a.offer(
-            "skus-1",
-            (7, 4),
-            1,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(2)),
-        );
+        offer(&mut a, "skus-1", (7, 3), 3, by_sku(&defs, "A", Some(3)));
+        offer(&mut a, "skus-1", (7, 3), 3, by_sku(&defs, "D", Some(9)));
+        offer(&mut a, "skus-1", (7, 4), 1, by_sku(&defs, "A", Some(2)));
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 2), ("C", 1), ("D", 9)]));
-        a.offer(
-            "skus-1",
-            (7, 3),
-            3,
-            &Offsets::default(),
-            by_sku(&defs, "E", Some(8)),
-        );
+        offer(&mut a, "skus-1", (7, 3), 3, by_sku(&defs, "E", Some(8)));
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 2), ("C", 1), ("D", 9), ("E", 8)]));
 
         // The unit's next run (its owner died mid-write): its first complete write releases
         // the dead run's partial write before it.
-        a.offer(
-            "skus-1",
-            (7, 5),
-            2,
-            &Offsets::default(),
-            by_sku(&defs, "F", Some(7)),
-        );
-        a.offer(
-            "skus-1",
-            (9, 1),
-            1,
-            &Offsets::default(),
-            by_sku(&defs, "F", Some(6)),
-        );
+        offer(&mut a, "skus-1", (7, 5), 2, by_sku(&defs, "F", Some(7)));
+        offer(&mut a, "skus-1", (9, 1), 1, by_sku(&defs, "F", Some(6)));
         a.publish(&c);
         assert_eq!(
             seen(&c),
@@ -827,38 +767,14 @@ mod tests {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
         a.go_live();
-        a.offer(
-            "skus-0",
-            (10, 1),
-            1,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(1)),
-        );
+        offer(&mut a, "skus-0", (10, 1), 1, by_sku(&defs, "A", Some(1)));
         // Write 2 of run 10 is cut short (its owner died): A = 2 waits.
-        a.offer(
-            "skus-0",
-            (10, 2),
-            2,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(2)),
-        );
+        offer(&mut a, "skus-0", (10, 2), 2, by_sku(&defs, "A", Some(2)));
         // The next owner's clock is behind: its run numbers lower, so its writes apply as
         // they come. A = 3 is later in the partition than A = 2.
-        a.offer(
-            "skus-0",
-            (8, 1),
-            1,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(3)),
-        );
+        offer(&mut a, "skus-0", (8, 1), 1, by_sku(&defs, "A", Some(3)));
         // A later run's first write lets run 10's held write go: A stays 3.
-        a.offer(
-            "skus-0",
-            (11, 1),
-            1,
-            &Offsets::default(),
-            by_sku(&defs, "B", Some(4)),
-        );
+        offer(&mut a, "skus-0", (11, 1), 1, by_sku(&defs, "B", Some(4)));
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 3), ("B", 4)]));
         assert_eq!(a.pending_writes(), 0);
@@ -869,20 +785,8 @@ mod tests {
         let (mut a, defs) = assembler();
         let c = Catalog::new();
         a.go_live();
-        a.offer(
-            "skus-0",
-            (1, 1),
-            1,
-            &Offsets::default(),
-            by_sku(&defs, "A", Some(1)),
-        );
-        a.offer(
-            "skus-1",
-            (1, 1),
-            1,
-            &Offsets::default(),
-            by_sku(&defs, "B", Some(2)),
-        );
+        offer(&mut a, "skus-0", (1, 1), 1, by_sku(&defs, "A", Some(1)));
+        offer(&mut a, "skus-1", (1, 1), 1, by_sku(&defs, "B", Some(2)));
         a.publish(&c);
         assert_eq!(seen(&c), rows(&[("A", 1), ("B", 2)]));
         // This member folds skus-0 now: its live rows, not the topic's.
