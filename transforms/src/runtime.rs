@@ -1747,3 +1747,91 @@ pub(crate) fn catch_up(
     p.run()?;
     Ok((p.state, p.undecodable))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group unit's processor with no broker behind it (librdkafka connects on first use).
+    fn processor(rt: &tokio::runtime::Runtime, unit: Unit) -> Processor {
+        let config = ProcessorConfig {
+            brokers: "127.0.0.1:1".into(),
+            topic_prefix: "t".into(),
+            registry_url: "http://127.0.0.1:1".into(),
+            group_id: "g".into(),
+            checkpoint_dir: std::env::temp_dir(),
+            epoch_interval: Duration::from_millis(50),
+            checkpoint_interval: Duration::from_secs(1),
+            fetch_wait: Duration::from_millis(10),
+            safety_stock: Default::default(),
+            alerts_topic: String::new(),
+            alerts_partitions: 1,
+            kafka_properties: Vec::new(),
+            unit,
+            view_topic_prefix: None,
+        };
+        let state = State::new_as(SafetyStock::default(), &unit.name());
+        Processor::new(
+            config,
+            rt.handle().clone(),
+            state,
+            Until::Quiet(Duration::ZERO),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_quiet_epoch_moves_the_units_position_so_it_takes_over_from_the_topics() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut p = processor(&rt, Unit::Skus(0));
+        let catalog = Catalog::new();
+        p.catalog = Some(catalog.clone());
+        let view = crate::state::STOCK_BY_SKU;
+        let def = crate::state::view_defs()
+            .into_iter()
+            .find(|d| d.name == view)
+            .unwrap();
+        // The former owner's last write, as read from the view topics: past the checkpoint.
+        let ahead = Offsets(std::collections::BTreeMap::from([(
+            ("t.wms.stock_levels".to_owned(), 0),
+            40,
+        )]));
+        let rows = crate::table::ViewTable::new(def.clone()).published();
+        catalog.publish_epoch(
+            &crate::remote::remote_source("skus-0"),
+            [(
+                &def,
+                Snapshot {
+                    epoch: 9,
+                    offsets: ahead.clone(),
+                    rows,
+                },
+            )],
+            &ahead,
+        );
+        // The processor starts from its checkpoint (here: nothing read yet).
+        publish_all(&p.state, &catalog, &Unit::Skus(0).source()).unwrap();
+        let restored = p.state.epoch;
+        let served = || catalog.snapshots(view)[0].epoch;
+        assert_eq!(
+            served(),
+            9,
+            "the topics' copy while the processor is behind"
+        );
+        // A first epoch publishes what a fresh state holds (the unit's summary row); the next
+        // one has nothing to publish.
+        p.close_epoch().unwrap();
+        assert_eq!(served(), 9);
+        // It reads up to the former owner's position; no view changes (e.g. only other SKUs'
+        // updates that left the numbers as they were), so the epoch publishes no rows.
+        p.state.offsets = ahead;
+        p.close_epoch().unwrap();
+        assert_eq!(
+            served(),
+            restored,
+            "the processor's copy (its last published rows) once its position got there"
+        );
+    }
+}
