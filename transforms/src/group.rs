@@ -789,22 +789,7 @@ mod tests {
     use super::*;
 
     fn config(dir: &std::path::Path, unit: Unit) -> ProcessorConfig {
-        ProcessorConfig {
-            brokers: String::new(),
-            topic_prefix: "t".into(),
-            registry_url: String::new(),
-            group_id: "g".into(),
-            checkpoint_dir: dir.to_owned(),
-            epoch_interval: Duration::from_millis(50),
-            checkpoint_interval: Duration::from_secs(1),
-            fetch_wait: Duration::from_millis(10),
-            safety_stock: Default::default(),
-            alerts_topic: String::new(),
-            alerts_partitions: 1,
-            kafka_properties: Vec::new(),
-            unit,
-            view_topic_prefix: None,
-        }
+        crate::runtime::tests::config(dir, unit)
     }
 
     #[test]

@@ -1749,17 +1749,18 @@ pub(crate) fn catch_up(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A group unit's processor with no broker behind it (librdkafka connects on first use).
-    fn processor(rt: &tokio::runtime::Runtime, unit: Unit) -> Processor {
-        let config = ProcessorConfig {
+    /// A processor config for tests: topic prefix `t`, group `g`, checkpoints in `dir`, and a
+    /// broker and registry nobody listens at (nothing connects until it is used).
+    pub(crate) fn config(dir: &Path, unit: Unit) -> ProcessorConfig {
+        ProcessorConfig {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: "t".into(),
             registry_url: "http://127.0.0.1:1".into(),
             group_id: "g".into(),
-            checkpoint_dir: std::env::temp_dir(),
+            checkpoint_dir: dir.to_owned(),
             epoch_interval: Duration::from_millis(50),
             checkpoint_interval: Duration::from_secs(1),
             fetch_wait: Duration::from_millis(10),
@@ -1769,7 +1770,12 @@ mod tests {
             kafka_properties: Vec::new(),
             unit,
             view_topic_prefix: None,
-        };
+        }
+    }
+
+    /// A group unit's processor with no broker behind it.
+    fn processor(rt: &tokio::runtime::Runtime, unit: Unit) -> Processor {
+        let config = config(&std::env::temp_dir(), unit);
         let state = State::new_as(SafetyStock::default(), &unit.name());
         Processor::new(
             config,
