@@ -713,7 +713,8 @@ pub(crate) struct Processor {
     topics: Vec<(String, usize)>,
     assigned: usize,
     /// A group unit's processor has read its input to the end once and told the catalog
-    /// ([`Catalog::reached_end`]).
+    /// ([`Catalog::reached_end`]); one processor over everything has nothing to tell, so the
+    /// read loop never asks.
     reached_end: bool,
     /// The partitions of the orders topic this processor reads.
     orders_parts: Vec<i32>,
@@ -790,6 +791,7 @@ impl Processor {
             .create()
             .map_err(kafka("creating the consumer"))?;
         let registry = RegistryClient::new(&config.registry_url)?;
+        let all = config.unit == Unit::All;
         debug_assert_eq!(TABLES[ORDERS], "oms.orders");
         let mut topics: Vec<(String, usize)> = TABLES
             .iter()
@@ -810,7 +812,7 @@ impl Processor {
             schemas: Schemas::default(),
             topics,
             assigned: 0,
-            reached_end: false,
+            reached_end: all,
             orders_parts: Vec::new(),
             catalog: None,
             epochs: None,
@@ -1169,7 +1171,6 @@ impl Processor {
             return;
         };
         if self.reached_end
-            || self.config.unit == Unit::All
             || self.since_epoch > 0
             || !self.cuts.is_empty()
             || self.chasing()
