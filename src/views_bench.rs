@@ -977,6 +977,17 @@ fn print_figures(probes: &[Probe], spike_secs: f64, poll: Duration, wal_floor: b
     let (rest, _) = pick(|p| Some(p.sql?.saturating_sub(p.kafka?)), &all);
     println!("    of which handed → a consumer has it:      {hop}");
     println!("    of which a consumer has it → in SQL:      {rest}");
+    // tansu lists every batch a partition holds on each fetch, so its hop grows with the
+    // topic; the same span by third of the run shows that growth apart from the spike.
+    let end = probes.iter().map(|p| p.at).fold(0.0, f64::max);
+    for third in 0..3 {
+        let (lo, hi) = (end * third as f64 / 3.0, end * (third + 1) as f64 / 3.0);
+        let keep = |p: &Probe| p.at >= lo && (p.at < hi || third == 2);
+        let (hop, _) = pick(|p| Some(p.kafka?.saturating_sub(p.produced?)), &keep);
+        let (ev, _) = pick(from_event, &keep);
+        println!("    {lo:>3.0}–{hi:<3.0} s: hop {hop}");
+        println!("             to SQL {ev}");
+    }
     let verdict = |p: Option<(Duration, Duration)>| match p {
         Some((_, p99)) if p99 <= Duration::from_millis(100) => "met",
         Some(_) => "NOT met",
