@@ -354,7 +354,8 @@ impl TableProvider for ViewTable {
         let mut batches = Vec::new();
         for s in &snapshots {
             // Building the chunks that changed since the last reader happens here, once; a
-            // point lookup reads only their matching rows and leaves them to the next reader.
+            // point lookup reads only matching rows (through the chunks' index when it names
+            // the first key column) and leaves the chunks to the next reader.
             match equal.is_empty() {
                 true => batches.extend(s.rows.batches()?),
                 false => batches.extend(s.rows.batches_where(&equal)?),
