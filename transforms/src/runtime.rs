@@ -1170,11 +1170,7 @@ impl Processor {
         let Some(catalog) = &self.catalog else {
             return;
         };
-        if self.reached_end
-            || self.since_epoch > 0
-            || !self.cuts.is_empty()
-            || self.chasing()
-        {
+        if self.reached_end || self.since_epoch > 0 || !self.cuts.is_empty() || self.chasing() {
             return;
         }
         if self.read_to_end() {
