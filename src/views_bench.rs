@@ -319,6 +319,8 @@ async fn run_in(opts: &LatencyOptions, base: Config, dir: &Path) -> anyhow::Resu
         spike_secs,
         &prober.query_times,
     );
+    // Kafka clients first: a broker gone under them logs errors that read like a failure.
+    drop(prober);
     drop(broker);
     drop(pg);
     Ok(())
