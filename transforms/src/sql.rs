@@ -353,9 +353,10 @@ impl TableProvider for ViewTable {
         };
         let mut batches = Vec::new();
         for s in &snapshots {
-            // Building the chunks that changed since the last reader happens here, once; a
-            // point lookup reads only matching rows (through the chunks' index when it names
-            // the first key column) and leaves the chunks to the next reader.
+            // Building the chunks that changed since the last reader happens here, once. A
+            // point lookup leaves them to the next reader: it reads only the matching rows of
+            // changed chunks, and only matching rows at all when it names the first key column
+            // (the chunks' index).
             match equal.is_empty() {
                 true => batches.extend(s.rows.batches()?),
                 false => batches.extend(s.rows.batches_where(&equal)?),

@@ -121,6 +121,8 @@ type Stored = Arc<[Cell]>;
 /// Rows per chunk. Small enough that an epoch touching a few keys rebuilds a few hundred
 /// rows, large enough that a whole view stays a few hundred batches.
 const CHUNK_ROWS: usize = 512;
+// Positions in a chunk's index are u16.
+const _: () = assert!(CHUNK_ROWS <= 1 << 16);
 
 /// The hasher of view keys: fixed seeds, so the order changes come out in depends only on the
 /// order they were made in (tests and sinks see the same epochs run after run).
@@ -341,9 +343,10 @@ impl ViewTable {
         &mut c.rows[s % CHUNK_ROWS]
     }
 
-    /// Adds slot `s` to, or removes it from, its chunk's index by the key's leading cell.
-    fn lead_index(&mut self, s: u32, key: &[Cell], change: fn(&mut Chunk, u64, u16)) {
-        let Some(lead) = key.first() else {
+    /// Adds slot `s` to, or removes it from, its chunk's index, by `row`'s cell in the first key
+    /// column: the cell lookups compare. (A row's key, so that cell, stays while the key does.)
+    fn lead_index(&mut self, s: u32, row: &[Cell], change: fn(&mut Chunk, u64, u16)) {
+        let Some(lead) = self.def.key.first().and_then(|&i| row.get(i)) else {
             return;
         };
         let s = s as usize;
@@ -387,7 +390,7 @@ impl ViewTable {
                     Some(s) => s,
                     None => {
                         let s = self.new_slot();
-                        self.lead_index(s, &key, Chunk::index);
+                        self.lead_index(s, &row, Chunk::index);
                         self.index.insert(key.clone(), s);
                         s
                     }
@@ -402,8 +405,9 @@ impl ViewTable {
             }
             (None, Some(s)) => {
                 // The slot may stay dirty: it is empty at the take, or holds the next new key.
-                *self.slot_mut(s) = None;
-                self.lead_index(s, &key, Chunk::unindex);
+                if let Some(old) = self.slot_mut(s).take() {
+                    self.lead_index(s, &old, Chunk::unindex);
+                }
                 self.free.push(s);
                 self.index.remove(&key);
                 self.deleted.insert(key);
@@ -722,12 +726,16 @@ mod tests {
                 let row = t.get(&vec![Cell::text(k)]).expect("first key found");
                 assert!(matches!(row[1], Cell::Int(g) if g == *v));
             }
-            let indexed: usize = t.chunks.iter().map(|c| c.lead.len()).sum();
-            assert_eq!(
-                indexed,
-                model.len(),
-                "round {round}: index entries of keys gone"
-            );
+            for (ci, c) in t.chunks.iter().enumerate() {
+                let mut indexed: Vec<(u64, u16)> = c
+                    .rows
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(p, r)| Some((lead_hash(&r.as_ref()?[0]), p as u16)))
+                    .collect();
+                indexed.sort_unstable();
+                assert_eq!(c.lead, indexed, "round {round}: chunk {ci}'s index");
+            }
             let now = t.published();
             for i in (0..6000).step_by(37) {
                 let k = format!("k{i:05}");
